@@ -1,0 +1,254 @@
+"""The wire protocol shared by server, client and restore: data only, importing none of them.
+
+Routes, auth headers, request/response shapes, the manifest of a stored backup, validation of
+names from clients, the upload part-size schedule, and the pair of pure functions that build and
+parse storage keys in the seed's naming (`client1/tank_data_2024-02-13_14:30:00.zfs.gz`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+from zfsmgr.errors import ValidationError
+
+PROTOCOL_VERSION = 1
+
+# Routes (the seed's, plus the upload-session routes that make uploads atomic and resumable).
+HEALTH = "/health"
+UPLOAD = "/upload"  # POST: authorize an upload, open an upload session
+UPLOAD_STREAM = "/upload-stream/"  # POST <id>/<index>: one part; GET <id>: parts held
+UPLOAD_COMMIT = "/upload-stream/{upload_id}/commit"  # POST: verify and make visible
+UPLOAD_ABORT = "/upload-stream/{upload_id}/abort"  # POST: discard
+UPLOAD_PART = "/upload-stream/{upload_id}/{index}"
+UPLOAD_SESSION = "/upload-stream/{upload_id}"
+STATUS = "/status"  # GET
+SNAPSHOTS = "/snapshots"  # GET ?dataset=: the client's manifests, oldest first
+ROTATE = "/rotate"  # POST {"dry_run": bool}
+DOWNLOAD = "/download"  # GET ?key=KEY, honours Range
+ROTATION_POLICY = "/rotation-policy"  # GET
+
+# Authentication: the raw key travels in a header, never in a URL.
+HEADER_CLIENT_ID = "X-Client-ID"
+HEADER_API_KEY = "X-API-Key"
+HEADER_SHA256 = "X-Content-SHA256"  # response header of a part / download: sha256 of the body
+
+STORAGE_TYPES = ("s3", "local", "dir")
+COMPRESSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
+BACKUP_TYPES = ("full", "incremental")
+
+TIMESTAMP_FORMAT = "%Y-%m-%d_%H:%M:%S"
+_TIMESTAMP = r"\d{4}-\d{2}-\d{2}_\d{2}:\d{2}:\d{2}"
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_COMPONENT = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_SNAPSHOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
+_UPLOAD_ID = re.compile(r"^[a-f0-9]{32}$")
+_KEY = re.compile(r"^(?P<client>[^/]+)/(?P<dataset>[A-Za-z0-9_.:-]+)_(?P<ts>" + _TIMESTAMP
+                  + r")(?P<ext>\.zfs(?:\.gz|\.zst)?)$")
+
+
+def _reject(what: str, value: Any, why: str) -> None:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise ValidationError(f"invalid {what} {shown}: {why}")
+
+
+def validate_client_id(value: Any) -> str:
+    """A client id: letters, digits, '.', '_', '-'; 1-64 chars; not starting with a dot."""
+    if not isinstance(value, str) or not _CLIENT_ID.match(value):
+        _reject("client id", value, "use 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def validate_dataset(value: Any) -> str:
+    """A ZFS filesystem name: pool[/child...], components of [A-Za-z0-9_.:-]."""
+    if not isinstance(value, str) or not value or len(value) > 200:
+        _reject("dataset", value, "expected pool/name, at most 200 characters")
+    parts = value.split("/")
+    for part in parts:
+        if not _COMPONENT.match(part) or part in (".", "..") or part.startswith("-"):
+            _reject("dataset", value, "components are letters, digits, '_', '.', ':', '-'")
+    if not parts[0][0].isalpha():
+        _reject("dataset", value, "the pool name must start with a letter")
+    return value
+
+
+def validate_snapshot(value: Any) -> str:
+    """A snapshot's short name (the part after '@')."""
+    if not isinstance(value, str) or not _SNAPSHOT.match(value):
+        _reject("snapshot name", value, "use letters, digits, '_', '.', ':' or '-'")
+    return value
+
+
+def validate_upload_id(value: Any) -> str:
+    """An upload session id as the server makes them (32 hex digits)."""
+    if not isinstance(value, str) or not _UPLOAD_ID.match(value):
+        _reject("upload id", value, "expected 32 hex digits")
+    return value
+
+
+def format_timestamp(moment: datetime) -> str:
+    """The seed's timestamp text, in UTC: 2024-02-13_14:30:00."""
+    return moment.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Inverse of format_timestamp."""
+    if not re.fullmatch(_TIMESTAMP, text or ""):
+        _reject("timestamp", text, "expected YYYY-MM-DD_HH:MM:SS")
+    try:
+        return datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        _reject("timestamp", text, "not a real date and time")
+    raise AssertionError("unreachable")
+
+
+def dataset_token(dataset: str) -> str:
+    """The dataset as it appears in a key: '/' replaced by '_'."""
+    return validate_dataset(dataset).replace("/", "_")
+
+
+@dataclass(frozen=True)
+class StorageKey:
+    """The parts of a storage key."""
+
+    client_id: str
+    dataset_token: str  # the dataset with '/' as '_' (lossy: the manifest has the real name)
+    timestamp: str
+    compression: str
+
+    def __str__(self) -> str:
+        return build_key(self.client_id, self.dataset_token.replace("_", "/", 0),
+                         self.timestamp, self.compression, token=self.dataset_token)
+
+
+def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
+              token: Optional[str] = None) -> str:
+    """`client1/tank_data_2024-02-13_14:30:00.zfs.gz` from its parts (all validated)."""
+    validate_client_id(client_id)
+    token = token if token is not None else dataset_token(dataset)
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", token):
+        _reject("dataset", token, "not usable in a key")
+    parse_timestamp(timestamp)
+    if compression not in COMPRESSIONS:
+        _reject("compression", compression, "expected gzip, zstd or none")
+    return f"{client_id}/{token}_{timestamp}{COMPRESSIONS[compression]}"
+
+
+def parse_key(key: str) -> StorageKey:
+    """Inverse of build_key; rejects anything build_key would not make."""
+    match = _KEY.match(key) if isinstance(key, str) else None
+    if not match:
+        _reject("storage key", key, "expected CLIENT/DATASET_YYYY-MM-DD_HH:MM:SS.zfs[.gz|.zst]")
+    validate_client_id(match.group("client"))
+    parse_timestamp(match.group("ts"))
+    compression = {v: k for k, v in COMPRESSIONS.items()}[match.group("ext")]
+    return StorageKey(match.group("client"), match.group("dataset"), match.group("ts"),
+                      compression)
+
+
+def manifest_key(key: str) -> str:
+    """The key of the manifest stored beside an object."""
+    return key + ".manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What is recorded beside each stored stream, enough to rebuild the catalog."""
+
+    key: str
+    client_id: str
+    dataset: str
+    snapshot: str
+    type: str  # full | incremental
+    parent: Optional[str]  # the parent snapshot's short name, None for a full stream
+    compression: str
+    raw_size: int
+    stored_size: int
+    sha256: str  # of the stored bytes
+    created: str  # ISO 8601 UTC, when the backup was committed
+    snapshot_time: float  # the snapshot's creation, epoch seconds
+    guid: str = ""
+    parent_guid: str = ""
+    raw_send: bool = False  # zfs send -w: encrypted at rest
+    compressed_send: bool = False  # zfs send -c
+    storage_type: str = ""
+    parts: int = 0
+    format: int = PROTOCOL_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready mapping."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        """Build from a mapping, ignoring unknown fields (newer writers)."""
+        known = {f.name for f in fields(cls)}
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValidationError(f"invalid manifest: {exc}") from None
+        parse_key(manifest.key)
+        validate_dataset(manifest.dataset)
+        validate_snapshot(manifest.snapshot)
+        if manifest.parent is not None:
+            validate_snapshot(manifest.parent)
+        if manifest.type not in BACKUP_TYPES:
+            _reject("backup type", manifest.type, "expected full or incremental")
+        return manifest
+
+
+# Upload part sizes grow so that one upload fits any stream up to ~5.8 TiB in 10,000 parts
+# while each part stays small enough to spool: base for the first `every` parts, then double,
+# capped at MAX_PART_SIZE (waitress's body limit is raised just above it).
+MAX_PART_SIZE = 1 << 30
+MIN_S3_PART_SIZE = 5 << 20
+
+
+def part_size(index: int, base: int, every: int, cap: int = MAX_PART_SIZE) -> int:
+    """Size of part `index` (0-based) under the growth schedule."""
+    if index < 0 or base <= 0 or every <= 0:
+        raise ValueError("bad part schedule")
+    return min(cap, base << min(index // every, 40))
+
+
+def schedule_capacity(base: int, every: int, max_parts: int, cap: int = MAX_PART_SIZE) -> int:
+    """Largest stream the schedule can carry in `max_parts` parts."""
+    total, index = 0, 0
+    while index < max_parts:
+        size = part_size(index, base, every, cap)
+        run = min(every - index % every, max_parts - index)
+        total += size * run
+        index += run
+    return total
+
+
+def ok(message: str = "ok", **payload: Any) -> dict:
+    """A success response body."""
+    return {"success": True, "message": message, **payload}
+
+
+def error(message: str, **payload: Any) -> dict:
+    """An error response body."""
+    return {"success": False, "message": message, **payload}
+
+
+def rotation_policy_response(policy: Optional[Mapping[str, int]]) -> dict:
+    """The seed's /rotation-policy body, exactly."""
+    if policy is None:
+        return {"success": True, "message": "No server-managed rotation policy",
+                "rotation_policy": None, "server_managed": False}
+    return {"success": True, "message": "Server-managed rotation policy",
+            "rotation_policy": {k: policy[k] for k in
+                                ("keep_hourly", "keep_daily", "keep_weekly", "keep_monthly")},
+            "server_managed": True}
+
+
+def now_iso() -> str:
+    """Current time, ISO 8601 UTC, seconds."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()

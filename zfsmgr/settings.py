@@ -1,0 +1,243 @@
+"""Settings as a declared table: `.env` in the working directory, overridden by the environment.
+
+Each setting has a name, a converter, a default and a one-line description. `load()` reads them
+once into a frozen `Settings` object that is passed down; nothing mutates `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from zfsmgr.errors import SettingsError
+
+
+def as_bool(text: str) -> bool:
+    """Parse true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def as_port(text: str) -> int:
+    """Parse a TCP port number."""
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise ValueError("a port number between 1 and 65535")
+    return int(text)
+
+
+def as_positive_int(text: str) -> int:
+    """Parse a whole number greater than zero."""
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise ValueError("a whole number greater than 0")
+    return int(text)
+
+
+def as_count(text: str) -> int:
+    """Parse a whole number, zero allowed."""
+    if not text.strip().isdigit():
+        raise ValueError("a whole number (0 or more)")
+    return int(text)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def as_size(text: str) -> int:
+    """Parse a byte size such as 1048576, 64M, 1.5GiB or 100G (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("a size such as 1048576, 64M or 100G")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgtp".index(unit or " "))
+
+
+def as_text(text: str) -> str:
+    """Keep text as it is, trimmed."""
+    return text.strip()
+
+
+def as_compression(text: str) -> str:
+    """COMPRESS: true/false (the seed's form) or gzip, zstd, none."""
+    value = text.strip().lower()
+    if value in ("gzip", "zstd", "none"):
+        return value
+    try:
+        return "gzip" if as_bool(value) else "none"
+    except ValueError:
+        raise ValueError("true, false, gzip, zstd or none") from None
+
+
+def as_level(text: str) -> int:
+    """A compression level 1-19 (gzip uses 1-9)."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 19:
+        raise ValueError("a compression level from 1 to 19")
+    return int(text)
+
+
+def as_storage_type(text: str) -> str:
+    """One of the storage backends, or empty for the server's default."""
+    value = text.strip().lower()
+    if value not in ("", "s3", "local", "dir"):
+        raise ValueError("s3, local or dir")
+    return value
+
+
+def as_url(text: str) -> str:
+    """An http:// or https:// URL without credentials in it."""
+    value = text.strip().rstrip("/")
+    if not re.match(r"^https?://[^/@\s]+(/[^\s]*)?$", value):
+        raise ValueError("a URL such as http://backup-server:8080")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting."""
+
+    name: str
+    convert: Callable[[str], Any]
+    default: Optional[str]  # None: required when a command needs it
+    roles: tuple
+    help: str
+    secret: bool = False
+
+
+SERVER, CLIENT, RESTORE = "server", "client", "restore"
+_ALL = (SERVER, CLIENT, RESTORE)
+
+TABLE = (
+    Setting("S3_ENABLED", as_bool, "false", (SERVER,), "store backups in S3 by default"),
+    Setting("S3_ENDPOINT", as_text, "", (SERVER,), "S3 host[:port], e.g. s3.amazonaws.com"),
+    Setting("S3_ACCESS_KEY", as_text, "", (SERVER,), "S3 access key", secret=True),
+    Setting("S3_SECRET_KEY", as_text, "", (SERVER,), "S3 secret key", secret=True),
+    Setting("S3_BUCKET", as_text, "zfs-snapshots", (SERVER,), "bucket (created if missing)"),
+    Setting("S3_USE_SSL", as_bool, "true", (SERVER,), "use https to reach S3"),
+    Setting("S3_REGION", as_text, "", (SERVER,), "S3 region (empty: ask the server)"),
+    Setting("S3_MAX_PARTS", as_positive_int, "10000", (SERVER,),
+            "the provider's multipart part limit (AWS 10000, some 1000)"),
+    Setting("ZFS_BASE_DATASET", as_text, "", (SERVER,), "dataset under which `local` receives"),
+    Setting("STORAGE_DIR", as_text, "./backups", (SERVER,), "root of the directory store"),
+    Setting("CONFIG_FILE", as_text, "clients.json", (SERVER,), "the clients file"),
+    Setting("METADATA_FILE", as_text, "metadata.json", (SERVER,), "the catalog of backups"),
+    Setting("HOST", as_text, "0.0.0.0", (SERVER,), "address to listen on"),
+    Setting("PORT", as_port, "8080", (SERVER,), "port to listen on"),
+    Setting("PART_SIZE", as_size, "32M", (SERVER,), "first upload part size (grows for big streams)"),
+    Setting("UPLOAD_EXPIRY_HOURS", as_positive_int, "24", (SERVER,),
+            "abandoned uploads are discarded after this many hours"),
+    Setting("AUTO_ROTATE", as_bool, "false", (SERVER,),
+            "delete old backups when an upload would exceed the quota"),
+    Setting("THREADS", as_positive_int, "8", (SERVER,), "request worker threads"),
+    Setting("CLIENT_ID", as_text, None, (CLIENT, RESTORE), "this host's client id"),
+    Setting("API_KEY", as_text, None, (CLIENT, RESTORE), "the raw (unhashed) API key", secret=True),
+    Setting("SERVER_URL", as_url, None, (CLIENT, RESTORE), "e.g. http://backup-server:8080"),
+    Setting("CA_FILE", as_text, "", (CLIENT, RESTORE), "CA bundle for an https server"),
+    Setting("LOCAL_DATASET", as_text, None, (CLIENT,), "the dataset to back up, e.g. tank/data"),
+    Setting("COMPRESS", as_compression, "true", (CLIENT,), "true/false, or gzip, zstd, none"),
+    Setting("COMPRESS_LEVEL", as_level, "1", (CLIENT,), "gzip 1-9 or zstd 1-19"),
+    Setting("STORAGE_TYPE", as_storage_type, "", (CLIENT,), "s3, local or dir (server decides)"),
+    Setting("STATE_DIR", as_text, "", (CLIENT,), "where locks and the cached policy live"),
+    Setting("KEEP_HOURLY", as_count, "24", (CLIENT,), "hourly snapshots to keep locally"),
+    Setting("KEEP_DAILY", as_count, "7", (CLIENT,), "daily snapshots to keep locally"),
+    Setting("KEEP_WEEKLY", as_count, "4", (CLIENT,), "weekly snapshots to keep locally"),
+    Setting("KEEP_MONTHLY", as_count, "12", (CLIENT,), "monthly snapshots to keep locally"),
+)
+
+BY_NAME = {s.name: s for s in TABLE}
+
+
+class Settings:
+    """Frozen, converted settings of one role; `settings.port` reads PORT."""
+
+    def __init__(self, role: str, values: Mapping[str, Any], origin: Mapping[str, str]):
+        object.__setattr__(self, "_role", role)
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_origin", dict(origin))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("settings are read-only")
+
+    def require(self, *names: str) -> None:
+        """Fail with a one-line error when a needed setting is not set."""
+        for name in names:
+            if self._values.get(name) in (None, ""):
+                raise SettingsError(f"{name} is not set: expected {BY_NAME[name].help}"
+                                    f" (in .env or the environment)")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Value of a setting by its name."""
+        return self._values.get(name, default)
+
+
+def default_env_file(cwd: Optional[Path] = None) -> Optional[Path]:
+    """The `.env` of the working directory (not of the calling file, as dotenv would pick)."""
+    path = (cwd or Path.cwd()) / ".env"
+    return path if path.is_file() else None
+
+
+def read_env_file(path: Path) -> dict:
+    """Values of a .env file, without touching os.environ."""
+    from dotenv import dotenv_values
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
+    except OSError as exc:
+        raise SettingsError(f"cannot read env file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"env file {path} is not UTF-8 text") from exc
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def load(role: str, env_file: Optional[str] = None,
+         environ: Optional[Mapping[str, str]] = None,
+         names: Optional[Iterable[str]] = None) -> Settings:
+    """Load the settings of `role` from the env file, then the process environment."""
+    environ = os.environ if environ is None else environ
+    path = Path(env_file) if env_file else default_env_file()
+    if env_file and not Path(env_file).is_file():
+        raise SettingsError(f"env file {env_file} does not exist")
+    from_file = read_env_file(path) if path else {}
+    values, origin = {}, {}
+    wanted = set(names) if names else None
+    for setting in TABLE:
+        if role not in setting.roles or (wanted and setting.name not in wanted):
+            continue
+        raw, where = setting.default, "default"
+        if setting.name in from_file:
+            raw, where = from_file[setting.name], str(path)
+        if setting.name in environ:
+            raw, where = environ[setting.name], "environment"
+        if raw is None:
+            values[setting.name] = None
+        else:
+            try:
+                values[setting.name] = setting.convert(raw)
+            except ValueError as exc:
+                shown = "(hidden)" if setting.secret else repr(raw)
+                raise SettingsError(f"{setting.name}={shown} from {where} is invalid:"
+                                    f" expected {exc}") from None
+        origin[setting.name] = where
+    return Settings(role, values, origin)
+
+
+def describe(role: str) -> str:
+    """The settings table of a role, for `help` output."""
+    lines = []
+    for s in TABLE:
+        if role in s.roles:
+            default = "(required)" if s.default is None else (s.default or '""')
+            lines.append(f"  {s.name:<20} {s.help}  [default: {default}]")
+    return "\n".join(lines)
