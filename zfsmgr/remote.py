@@ -1,0 +1,161 @@
+"""Talking to the backup server: JSON calls, streamed part uploads, ranged downloads.
+
+Used by both `client` and `restore`. The raw API key travels only in a header.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import ssl
+import sys
+import urllib.parse
+from typing import Any, Dict, Iterable, Optional
+
+from zfsmgr import protocol
+from zfsmgr.errors import ServerUnreachable, ZfsmgrError
+
+
+class ServerError(ZfsmgrError):
+    """The server answered with an error status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"server refused ({status}): {message}")
+        self.status, self.server_message = status, message
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying (server-side trouble, not a refusal)."""
+        return self.status >= 500 and self.status != 501
+
+
+_warned = set()
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Download:
+    """An open download: read(n), headers, close()."""
+
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
+        self.conn, self.response = conn, response
+        self.headers = response.headers
+
+    def read(self, size: int) -> bytes:
+        return self.response.read(size)
+
+    def close(self) -> None:
+        self.response.close()
+        self.conn.close()
+
+
+class ServerClient:
+    """One server, one client identity."""
+
+    def __init__(self, url: str, client_id: str, api_key: str, ca_file: str = "",
+                 timeout: float = 120.0):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ZfsmgrError(f"SERVER_URL {url!r} is not an http(s) URL")
+        self.url, self.scheme, self.host = url, parsed.scheme, parsed.hostname
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.prefix = parsed.path.rstrip("/")
+        self.client_id, self._key, self.timeout = client_id, api_key, timeout
+        self._context = None
+        if self.scheme == "https":
+            self._context = ssl.create_default_context(cafile=ca_file or None)
+        elif not _is_loopback(self.host) and self.host not in _warned:
+            _warned.add(self.host)
+            sys.stderr.write(f"zfsmgr: warning: {url} is plain http: the API key and backups"
+                             " travel unencrypted\n")
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self._context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        headers = {protocol.HEADER_CLIENT_ID: self.client_id, protocol.HEADER_API_KEY: self._key,
+                   "User-Agent": "zfsmgr", "Accept": "application/json"}
+        headers.update(extra or {})
+        return headers
+
+    def _send(self, method: str, path: str, body: Any = None,
+              headers: Optional[Dict[str, str]] = None, chunked: bool = False):
+        conn = self._connect()
+        try:
+            conn.request(method, self.prefix + path, body=body, headers=self._headers(headers),
+                         encode_chunked=chunked)
+            return conn, conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise ZfsmgrError(f"cannot verify the certificate of {self.url}:"
+                                  f" {exc.verify_message} (set CA_FILE for a private CA)") from None
+            raise ServerUnreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") \
+                from None
+
+    @staticmethod
+    def _decode(response: http.client.HTTPResponse) -> dict:
+        raw = response.read(1 << 24)
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError:
+            data = {"success": False, "message": raw[:200].decode("utf-8", "replace").strip()}
+        if response.status >= 400 or not data.get("success", False):
+            raise ServerError(response.status, str(data.get("message") or response.reason))
+        return data
+
+    def call(self, method: str, path: str, payload: Optional[dict] = None,
+             query: Optional[Dict[str, str]] = None) -> dict:
+        """A JSON request; returns the decoded success body or raises ServerError."""
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        body = json.dumps(payload).encode() if payload is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn, response = self._send(method, path, body, headers)
+        try:
+            return self._decode(response)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
+        finally:
+            conn.close()
+
+    def put_part(self, upload_id: str, index: int, chunks: Iterable[bytes]) -> dict:
+        """Stream one upload part (chunked transfer, bounded memory)."""
+        path = protocol.UPLOAD_PART.format(upload_id=upload_id, index=index)
+        conn, response = self._send("POST", path, chunks,
+                                    {"Content-Type": "application/octet-stream"}, chunked=True)
+        try:
+            return self._decode(response)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
+        finally:
+            conn.close()
+
+    def download(self, key: str, offset: int = 0) -> Download:
+        """Open the stored stream of `key` from byte `offset`."""
+        path = protocol.DOWNLOAD + "?" + urllib.parse.urlencode({"key": key})
+        conn, response = self._send("GET", path, headers={"Range": f"bytes={offset}-"}
+                                    if offset else None)
+        if response.status >= 400:
+            try:
+                self._decode(response)
+            finally:
+                conn.close()
+        return Download(conn, response)
+
+    def ping(self) -> None:
+        """Fail with ServerUnreachable unless /health answers."""
+        conn, response = self._send("GET", protocol.HEALTH)
+        response.read(65536)
+        conn.close()

@@ -1,0 +1,1 @@
+"""The backup server: HTTP API, authentication, catalog, upload sessions."""

@@ -1,0 +1,260 @@
+"""The HTTP API (bottle): routes of zfsmgr.protocol, JSON in and out, errors mapped once."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import time
+from typing import Callable, Dict, Optional
+
+import bottle
+
+from zfsmgr import protocol
+from zfsmgr.errors import ValidationError, ZfsmgrError
+from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
+from zfsmgr.server.clients import ClientConfig, Forbidden, Unauthorized
+from zfsmgr.server.context import ServerContext
+from zfsmgr.server.uploads import Conflict
+from zfsmgr.storage.base import CHUNK, NotFound, QuotaExceeded, StorageError
+
+log = logging.getLogger("zfsmgr.server")
+
+STATUS_OF = (  # most specific first
+    (ValidationError, 400), (Unauthorized, 401), (Forbidden, 403), (NotFound, 404),
+    (Conflict, 409), (QuotaExceeded, 413), (StorageError, 503), (ZfsmgrError, 500))
+
+
+def _json(status: int, body: dict) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(body), status=status,
+                               headers={"Content-Type": "application/json"})
+
+
+class _Body:
+    """A store reader as a WSGI iterable that is closed when the response ends."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __iter__(self):
+        while True:
+            chunk = self.reader.read(CHUNK)
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def make_app(ctx: ServerContext) -> bottle.Bottle:
+    """The WSGI application of one server."""
+    app = bottle.Bottle(catchall=False)
+
+    def handler(auth: bool = True) -> Callable:
+        def wrap(func: Callable) -> Callable:
+            @functools.wraps(func)
+            def run(*args, **kwargs):
+                started, client_id, status = time.monotonic(), "-", 500
+                try:
+                    client = None
+                    if auth:
+                        client = authenticate()
+                        client_id = client.client_id
+                    result = func(client, *args, **kwargs)
+                    status = result.status_code if isinstance(result, bottle.HTTPResponse) \
+                        else 200
+                    return result
+                except ZfsmgrError as exc:
+                    status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
+                    if status >= 500:
+                        log.error("%s %s: %s", bottle.request.method, bottle.request.path, exc)
+                    return _json(status, protocol.error(str(exc)))
+                except Exception as exc:  # never a traceback to the client
+                    log.exception("internal error on %s", bottle.request.path)
+                    return _json(500, protocol.error(f"internal server error: {type(exc).__name__}"))
+                finally:
+                    log.info("%s %s %s client=%s %.3fs", bottle.request.method,
+                             bottle.request.path, status, client_id, time.monotonic() - started)
+            return run
+        return wrap
+
+    def authenticate() -> ClientConfig:
+        request = bottle.request
+        client_id = request.get_header(HEADER_CLIENT_ID)
+        key = request.get_header(HEADER_API_KEY)
+        if client_id is None and request.path == protocol.ROTATION_POLICY:
+            client_id, key = request.query.get("client_id"), request.query.get("api_key")
+        if not client_id or not key:
+            raise Unauthorized(f"send the {HEADER_CLIENT_ID} and {HEADER_API_KEY} headers")
+        return ctx.clients.authenticate(client_id, key)
+
+    def body_json() -> dict:
+        length = bottle.request.content_length
+        if length > 65536:
+            raise ValidationError("request body too large")
+        try:
+            data = json.loads(bottle.request.environ["wsgi.input"].read(length) or b"{}")
+        except ValueError:
+            raise ValidationError("request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise ValidationError("request body must be a JSON object")
+        return data
+
+    @app.get(protocol.HEALTH)
+    @handler(auth=False)
+    def health(_):
+        checks = ctx.health()
+        healthy = all(c["ok"] for c in checks.values())
+        return _json(200 if healthy else 503, {
+            "success": healthy, "message": "ok" if healthy else "storage unreachable",
+            "status": "healthy" if healthy else "degraded", "version": ctx.version,
+            "storage": checks})
+
+    @app.post(protocol.UPLOAD)
+    @handler()
+    def upload(client):
+        request = body_json()
+        store = ctx.store_for(client, request.get("storage_type") or "")
+        estimate = request.get("estimated_size")
+        if isinstance(estimate, int) and estimate > 0:
+            ctx.make_room(client, estimate, None)
+        session = ctx.uploads.open(client, store, request)
+        log.info("upload %s opened: client=%s key=%s type=%s estimate=%s", session.upload_id,
+                 client.client_id, session.key, session.type, session.estimated_size)
+        return protocol.ok("upload authorized", upload_id=session.upload_id, key=session.key,
+                           storage_type=session.storage_type, part_size=session.part_base,
+                           part_growth_every=session.part_every,
+                           max_part_size=protocol.MAX_PART_SIZE)
+
+    @app.get(protocol.UPLOAD_SESSION.replace("{upload_id}", "<upload_id>"))
+    @handler()
+    def upload_state(client, upload_id):
+        session = ctx.uploads.get(client.client_id, upload_id)
+        parts = ctx.store_named(session.storage_type).staged_parts(upload_id)
+        return protocol.ok("upload open", upload_id=upload_id, key=session.key,
+                           part_size=session.part_base, part_growth_every=session.part_every,
+                           parts=[p.__dict__ for p in parts],
+                           received=sum(p.size for p in parts))
+
+    @app.post(protocol.UPLOAD_COMMIT.replace("{upload_id}", "<upload_id>"))
+    @handler()
+    def commit(client, upload_id):
+        started = time.monotonic()
+        session = ctx.uploads.get(client.client_id, upload_id)
+        store = ctx.store_named(session.storage_type)
+        try:
+            manifest = ctx.uploads.commit(client, store, session, body_json())
+        except ZfsmgrError as exc:
+            log.warning("upload %s failed: client=%s dataset=%s: %s", upload_id,
+                        client.client_id, session.dataset, exc)
+            raise
+        log.info("upload %s committed: client=%s dataset=%s key=%s size=%d in %.1fs",
+                 upload_id, client.client_id, manifest.dataset, manifest.key,
+                 manifest.stored_size, time.monotonic() - started)
+        return protocol.ok("backup stored", manifest=manifest.to_dict())
+
+    @app.post(protocol.UPLOAD_ABORT.replace("{upload_id}", "<upload_id>"))
+    @handler()
+    def abort(client, upload_id):
+        session = ctx.uploads.get(client.client_id, upload_id)
+        ctx.uploads.abort(session, ctx.store_named(session.storage_type))
+        log.info("upload %s aborted by client=%s", upload_id, client.client_id)
+        return protocol.ok("upload discarded")
+
+    @app.post(protocol.UPLOAD_PART.replace("{upload_id}", "<upload_id>")
+              .replace("{index}", "<index:int>"))
+    @handler()
+    def part(client, upload_id, index):
+        session = ctx.uploads.get(client.client_id, upload_id)
+        store = ctx.store_named(session.storage_type)
+        size = bottle.request.content_length
+        info = ctx.uploads.put_part(client, store, session, index,
+                                    bottle.request.environ["wsgi.input"], size)
+        response = _json(200, protocol.ok("part stored", **info.__dict__))
+        response.set_header(HEADER_SHA256, info.sha256)
+        return response
+
+    @app.get(protocol.STATUS)
+    @handler()
+    def status(client):
+        return protocol.ok("status", **ctx.status(client))
+
+    @app.get(protocol.SNAPSHOTS)
+    @handler()
+    def snapshots(client):
+        dataset = bottle.request.query.get("dataset") or None
+        if dataset:
+            protocol.validate_dataset(dataset)
+        found = [m.to_dict() for m in ctx.catalog.list(client.client_id)
+                 if dataset is None or m.dataset == dataset]
+        return protocol.ok(f"{len(found)} backups", snapshots=found)
+
+    @app.get(protocol.DOWNLOAD)
+    @handler()
+    def download(client):
+        key = bottle.request.query.get("key") or ""
+        parsed = protocol.parse_key(key)
+        if parsed.client_id != client.client_id:
+            raise NotFound(f"no backup {key}")
+        try:
+            manifest = ctx.catalog.find(client.client_id, key)
+        except KeyError:
+            raise NotFound(f"no backup {key}") from None
+        offset = _range_start(bottle.request.get_header("Range"))
+        if offset and offset >= manifest.stored_size:
+            return _json(416, protocol.error(f"range starts past the end of {key}"))
+        reader, length = ctx.store_named(manifest.storage_type or ctx.default_kind(client)
+                                         ).open(manifest, offset)
+        headers: Dict[str, str] = {"Content-Type": "application/octet-stream",
+                                   "X-Compression": manifest.compression,
+                                   HEADER_SHA256: manifest.sha256,
+                                   "X-Stored-Size": str(manifest.stored_size)}
+        if manifest.storage_type == "local":  # a fresh full send, not the stored bytes
+            headers.update({"X-Compression": "none", HEADER_SHA256: "", "X-Stored-Size": ""})
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        status = 200
+        if offset and manifest.storage_type != "local":
+            status = 206
+            headers["Content-Range"] = f"bytes {offset}-{manifest.stored_size - 1}/" \
+                                       f"{manifest.stored_size}"
+        log.info("download client=%s key=%s offset=%d", client.client_id, key, offset)
+        return bottle.HTTPResponse(_Body(reader), status=status, headers=headers)
+
+    @app.post(protocol.ROTATE)
+    @handler()
+    def rotate(client):
+        request = body_json()
+        return protocol.ok("rotation", **ctx.rotate(client, dry_run=bool(request.get("dry_run"))))
+
+    @app.get(protocol.ROTATION_POLICY)
+    @handler()
+    def rotation_policy(client):
+        policy = client.rotation_policy.to_mapping() if client.rotation_policy else None
+        return protocol.rotation_policy_response(policy)
+
+    def not_found(error):
+        bottle.response.content_type = "application/json"
+        return json.dumps(protocol.error(f"no route {bottle.request.method}"
+                                         f" {bottle.request.path}"))
+
+    def method_not_allowed(error):
+        bottle.response.content_type = "application/json"
+        return json.dumps(protocol.error(f"{bottle.request.method} is not allowed on"
+                                         f" {bottle.request.path}"))
+
+    app.error_handler = {404: not_found, 405: method_not_allowed,
+                         500: lambda e: json.dumps(protocol.error("internal server error"))}
+    app.default_error_handler = lambda e: json.dumps(protocol.error(str(e.body or e.status)))
+    return app
+
+
+def _range_start(header: Optional[str]) -> int:
+    if not header:
+        return 0
+    match = re.fullmatch(r"bytes=(\d+)-", header.strip())
+    if not match:
+        raise ValidationError("only Range: bytes=N- is supported")
+    return int(match.group(1))

@@ -1,0 +1,126 @@
+"""`zfsmgr server …`: serve, add-client, reindex."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from zfsmgr import settings as config
+from zfsmgr.settings import as_size
+
+log = logging.getLogger("zfsmgr.server")
+
+HELP = """commands:
+  serve (default)     run the backup server (HOST, PORT)
+  add-client NAME [--quota SIZE] [--storage s3|local|dir] [--dataset DS]
+                      add a client with a new random key to CONFIG_FILE; prints the key once
+  reindex             rebuild METADATA_FILE from the manifests in storage
+  help                this text"""
+
+
+def add_parser(sub) -> None:
+    """Register `server` and its commands."""
+    parser = sub.add_parser("server", help="run the backup server or manage it",
+                            description="The backup server.", epilog=HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the server")
+    add = commands.add_parser("add-client", help="add a client")
+    add.add_argument("name")
+    add.add_argument("--quota", type=_size, default=0, help="e.g. 100G (default: none)")
+    add.add_argument("--storage", choices=("s3", "local", "dir"), default="")
+    add.add_argument("--dataset", default="")
+    commands.add_parser("reindex", help="rebuild the catalog from storage")
+    commands.add_parser("help", help="show the commands")
+    parser.set_defaults(run=run, group_parser=parser)
+
+
+def _size(text: str) -> int:
+    try:
+        return as_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+
+
+def run(args, env_file) -> int:
+    """Dispatch a server command."""
+    command = args.command or "serve"
+    if command == "help":
+        args.group_parser.print_help()
+        return 0
+    settings = config.load(config.SERVER, env_file)
+    if command == "add-client":
+        from zfsmgr.server.clients import add_client
+
+        key = add_client(settings.config_file, args.name, args.quota, args.storage,
+                         args.dataset)
+        print(f"added client {args.name} to {settings.config_file}")
+        print(f"API_KEY={key}")
+        print("(shown once: put it in the client's .env; the server keeps only its SHA-256)")
+        return 0
+    from zfsmgr.server.context import ServerContext
+
+    ctx = ServerContext(settings)
+    if command == "reindex":
+        return reindex(ctx)
+    return serve(ctx)
+
+
+def reindex(ctx) -> int:
+    """Rebuild the catalog from every configured store."""
+    manifests = []
+    for kind in ctx.configured_kinds():
+        found = list(ctx.store_named(kind).manifests())
+        print(f"{kind}: {len(found)} backups")
+        manifests += found
+    count = ctx.catalog.replace(manifests)
+    print(f"catalog {ctx.catalog.path} rebuilt: {count} backups")
+    return 0
+
+
+def serve(ctx) -> int:
+    """Run waitress until SIGTERM/SIGINT; expire abandoned uploads in the background."""
+    import waitress
+    from waitress.server import create_server
+
+    from zfsmgr.protocol import MAX_PART_SIZE
+    from zfsmgr.server.app import make_app
+
+    s = ctx.settings
+    kind = ctx.default_kind()
+    ctx.store_named(kind)  # fail early when the default store is unusable
+    server = create_server(make_app(ctx), host=s.host, port=s.port, threads=s.threads,
+                           max_request_body_size=MAX_PART_SIZE + (1 << 20),
+                           channel_timeout=300, ident="zfsmgr")
+    stop = threading.Event()
+
+    def shutdown(signum, _frame):
+        log.info("signal %d: shutting down (open uploads stay resumable)", signum)
+        stop.set()
+        server.close()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    threading.Thread(target=_janitor, args=(ctx, stop), daemon=True).start()
+    log.info("zfsmgr %s listening on %s:%d, default storage %s (waitress %s)", ctx.version,
+             s.host, server.effective_port, kind, getattr(waitress, "__version__", ""))
+    print(f"zfsmgr server listening on http://{s.host}:{server.effective_port}",
+          file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except (OSError, ValueError):
+        if not stop.is_set():
+            raise
+    return 0
+
+
+def _janitor(ctx, stop: threading.Event) -> None:
+    while not stop.wait(600):
+        try:
+            ctx.uploads.expire(ctx.stores())
+        except Exception as exc:  # keep serving; say why cleanup failed
+            log.warning("cleanup of abandoned uploads failed: %s", exc)
+

@@ -1,0 +1,170 @@
+"""Everything a running server holds: settings, clients, catalog, stores, uploads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from zfsmgr import __version__
+from zfsmgr.errors import ZfsmgrError
+from zfsmgr.server.catalog import Catalog
+from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
+from zfsmgr.server.rotation import RotationPlan, plan_rotation
+from zfsmgr.server.uploads import Uploads
+from zfsmgr.settings import Settings
+from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
+
+log = logging.getLogger("zfsmgr.server")
+
+
+class ServerContext:
+    """The state shared by all requests of one server process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.version = __version__
+        self.clients = ClientRegistry(settings.config_file)
+        self.catalog = Catalog(settings.metadata_file)
+        self.uploads = Uploads(str(Path(settings.metadata_file).absolute()) + ".uploads",
+                               self.catalog, settings.part_size, settings.s3_max_parts,
+                               settings.upload_expiry_hours * 3600.0)
+        self._stores: Dict[str, Store] = {}
+        self._lock = threading.Lock()
+
+    def configured_kinds(self) -> List[str]:
+        """Backends this server has settings for."""
+        kinds = ["dir"]
+        if self.settings.s3_enabled or self.settings.s3_endpoint:
+            kinds.append("s3")
+        if self.settings.zfs_base_dataset:
+            kinds.append("local")
+        return kinds
+
+    def default_kind(self, client: Optional[ClientConfig] = None) -> str:
+        """The client's storage_type, else S3, else local ZFS when usable, else dir."""
+        if client and client.storage_type:
+            return client.storage_type
+        if self.settings.s3_enabled:
+            return "s3"
+        if self.settings.zfs_base_dataset:
+            try:
+                self.store_named("local").check()
+                return "local"
+            except (StorageError, ZfsmgrError):
+                pass
+        return "dir"
+
+    def store_named(self, kind: str) -> Store:
+        """The store of one kind, created and checked on first use."""
+        with self._lock:
+            if kind not in self._stores:
+                self._stores[kind] = self._make(kind)
+            return self._stores[kind]
+
+    def _make(self, kind: str) -> Store:
+        s = self.settings
+        if kind == "dir":
+            from zfsmgr.storage.directory import DirectoryStore
+
+            store: Store = DirectoryStore(s.storage_dir)
+        elif kind == "s3":
+            from zfsmgr.storage.s3 import S3Store
+
+            store = S3Store(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket,
+                            s.s3_use_ssl, s.s3_region)
+        elif kind == "local":
+            from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir)
+        else:
+            raise StorageError(f"unknown storage type {kind!r}")
+        store.check()
+        return store
+
+    def store_for(self, client: ClientConfig, requested: str) -> Store:
+        """The store a client's upload goes to; a client may not pick another one."""
+        kind = self.default_kind(client)
+        if requested and requested != kind:
+            raise Forbidden(f"the server stores {client.client_id}'s backups in {kind};"
+                            f" STORAGE_TYPE={requested} does not match")
+        return self.store_named(kind)
+
+    def stores(self) -> Dict[str, Store]:
+        """Every store created so far."""
+        with self._lock:
+            return dict(self._stores)
+
+    def health(self) -> Dict[str, dict]:
+        """Reachability of every configured backend."""
+        checks = {}
+        for kind in self.configured_kinds():
+            try:
+                store = self.store_named(kind)
+                store.check()
+                checks[kind] = {"ok": True}
+            except (StorageError, ZfsmgrError) as exc:
+                with self._lock:
+                    self._stores.pop(kind, None)
+                checks[kind] = {"ok": False, "error": str(exc)}
+        return checks
+
+    def status(self, client: ClientConfig) -> dict:
+        """Usage and backups of one client, per dataset."""
+        backups = self.catalog.list(client.client_id)
+        datasets: Dict[str, dict] = {}
+        for m in backups:
+            entry = datasets.setdefault(m.dataset, {"snapshot_count": 0, "used_bytes": 0})
+            entry["snapshot_count"] += 1
+            entry["used_bytes"] += m.stored_size
+            entry["last_backup"] = m.created
+            entry["latest_snapshot"] = m.snapshot
+        used = sum(m.stored_size for m in backups)
+        quota = client.max_size_bytes
+        return {"client_id": client.client_id, "storage_type": self.default_kind(client),
+                "used_bytes": used, "quota_bytes": quota,
+                "free_bytes": max(0, quota - used) if quota else None,
+                "snapshot_count": len(backups),
+                "last_backup": max((m.created for m in backups), default=None),
+                "datasets": datasets,
+                "rotation_policy": client.rotation_policy.to_mapping()
+                if client.rotation_policy else None,
+                "max_incrementals": client.max_incrementals,
+                "max_chain_age_days": client.max_chain_age_days}
+
+    def rotate(self, client: ClientConfig, dry_run: bool = False,
+               needed: int = 0, keep: Optional[str] = None) -> dict:
+        """Apply the client's retention to its stored backups (and free `needed` bytes)."""
+        backups = self.catalog.list(client.client_id)
+        plan: RotationPlan = plan_rotation(backups, client.rotation_policy, time.time(),
+                                           quota=client.max_size_bytes, needed=needed,
+                                           keep=keep)
+        if not dry_run:
+            for manifest in plan.delete:
+                store = self.store_named(manifest.storage_type or self.default_kind(client))
+                self.catalog.remove(client.client_id, manifest.key)
+                store.delete(manifest)
+                log.info("rotation deleted %s (client=%s): %s", manifest.key,
+                         client.client_id, plan.reasons[manifest.key])
+        return {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
+                "kept": [m.key for m in plan.keep], "reasons": plan.reasons,
+                "freed_bytes": sum(m.stored_size for m in plan.delete),
+                "enough": plan.enough}
+
+    def make_room(self, client: ClientConfig, needed: int, parent_key: Optional[str]) -> None:
+        """With AUTO_ROTATE, delete old backups until `needed` bytes fit, else refuse."""
+        if not client.max_size_bytes:
+            return
+        used = self.catalog.used_bytes(client.client_id)
+        if used + needed <= client.max_size_bytes:
+            return
+        if not self.settings.auto_rotate:
+            raise QuotaExceeded(f"quota exceeded for {client.client_id}: used {used} + needed"
+                                f" {needed} bytes > quota {client.max_size_bytes} bytes")
+        result = self.rotate(client, needed=needed, keep=parent_key)
+        if not result["enough"]:
+            raise QuotaExceeded(f"quota exceeded for {client.client_id}: rotation freed"
+                                f" {result['freed_bytes']} bytes but {needed} more are needed"
+                                f" (quota {client.max_size_bytes} bytes)")

@@ -1,0 +1,99 @@
+"""Which stored backups the server deletes: retention plus quota, never breaking a chain.
+
+Pure: given the manifests, the policy and `now`, it returns what to delete and why. An
+incremental depends on its parent, so nothing another kept backup needs is ever deleted; on the
+`local` ZFS store a snapshot depends on nothing (downloads are full sends), so any may go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from zfsmgr.protocol import Manifest
+from zfsmgr.retention import Item, RetentionPolicy, plan
+
+
+@dataclass
+class RotationPlan:
+    """The outcome: kept and deleted manifests, a reason per key, and whether quota fits."""
+
+    keep: List[Manifest] = field(default_factory=list)
+    delete: List[Manifest] = field(default_factory=list)
+    reasons: Dict[str, str] = field(default_factory=dict)
+    enough: bool = True
+
+
+def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
+    """The key of the backup this one is an incremental on (None: full or local)."""
+    if manifest.type != "incremental" or manifest.storage_type == "local":
+        return None
+    for other in backups:
+        if other.dataset == manifest.dataset and other.snapshot == manifest.parent:
+            return other.key
+    return None
+
+
+def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], now: float,
+                  quota: int = 0, needed: int = 0, keep: Optional[str] = None) -> RotationPlan:
+    """Retention first; then, to fit `needed` bytes in `quota`, whole oldest chains."""
+    policy = policy or RetentionPolicy()
+    by_key = {m.key: m for m in backups}
+    parents = {m.key: parent_key(m, backups) for m in backups}
+    newest = {}
+    for m in backups:
+        if m.dataset not in newest or m.snapshot_time >= by_key[newest[m.dataset]].snapshot_time:
+            newest[m.dataset] = m.key
+    items = []
+    for dataset_backups in _group(backups).values():
+        items += [Item(m.key, m.snapshot_time, None, parents[m.key],
+                       protected=m.key == keep or m.key == newest[m.dataset])
+                  for m in dataset_backups]
+    result = RotationPlan()
+    decisions = {}
+    for dataset_backups in _group(backups).values():  # retention per dataset
+        names = {m.key for m in dataset_backups}
+        for d in plan([i for i in items if i.name in names], policy, now):
+            decisions[d.name] = d
+    doomed = {k for k, d in decisions.items() if not d.keep}
+    result.reasons = {k: d.reason for k, d in decisions.items()}
+    if quota:
+        used = sum(m.stored_size for m in backups if m.key not in doomed)
+        children: Dict[str, List[str]] = {}
+        for key, parent in parents.items():
+            if parent:
+                children.setdefault(parent, []).append(key)
+        for root in sorted((m for m in backups if not parents[m.key]),
+                           key=lambda m: m.snapshot_time):
+            if used + needed <= quota:
+                break
+            chain = _descendants(root.key, children)
+            if any(by_key[k].key == keep or newest[by_key[k].dataset] == k for k in chain):
+                continue
+            for k in chain - doomed:
+                used -= by_key[k].stored_size
+                doomed.add(k)
+                result.reasons[k] = "old chain removed to free quota"
+        result.enough = used + needed <= quota
+    # children before parents, so a chain is never left without its base mid-way
+    order = sorted(backups, key=lambda m: -m.snapshot_time)
+    result.delete = [m for m in order if m.key in doomed]
+    result.keep = [m for m in backups if m.key not in doomed]
+    return result
+
+
+def _group(backups: List[Manifest]) -> Dict[str, List[Manifest]]:
+    groups: Dict[str, List[Manifest]] = {}
+    for m in backups:
+        groups.setdefault(m.dataset, []).append(m)
+    return groups
+
+
+def _descendants(root: str, children: Dict[str, List[str]]) -> set:
+    found, todo = set(), [root]
+    while todo:
+        key = todo.pop()
+        if key not in found:
+            found.add(key)
+            todo += children.get(key, [])
+    return found

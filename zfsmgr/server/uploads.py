@@ -1,0 +1,295 @@
+"""Upload sessions: authorize, stage parts, verify, commit atomically, abort, expire.
+
+A session is a small JSON file on the server's disk; the parts themselves are staged by the
+client's store (so S3 uploads never sit on the server's disk). A backup becomes visible only
+when `commit` has checked the sha256 of everything staged against the client's declaration,
+stored it at its key with its manifest, and recorded it in the catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Dict, List, Optional, Tuple
+
+from zfsmgr import protocol
+from zfsmgr.errors import ZfsmgrError
+from zfsmgr.protocol import Manifest
+from zfsmgr.server.catalog import Catalog
+from zfsmgr.server.clients import ClientConfig
+from zfsmgr.storage.base import CHUNK, NotFound, PartInfo, QuotaExceeded, Store
+from zfsmgr.storage.directory import write_atomic
+
+log = logging.getLogger("zfsmgr.server.uploads")
+
+
+class Conflict(ZfsmgrError):
+    """The request contradicts the state of the upload or the catalog (409)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """An open upload."""
+
+    upload_id: str
+    client_id: str
+    key: str
+    storage_type: str
+    dataset: str
+    snapshot: str
+    type: str
+    parent: Optional[str]
+    compression: str
+    guid: str
+    parent_guid: str
+    raw_send: bool
+    compressed_send: bool
+    snapshot_time: float
+    estimated_size: int
+    part_base: int
+    part_every: int
+    created: float
+
+
+class _Tee:
+    """Feeds what the store reads from a part into a running hash copy."""
+
+    def __init__(self, source: BinaryIO, hasher):
+        self.source, self.hasher = source, hasher
+
+    def read(self, size: int = CHUNK) -> bytes:
+        data = self.source.read(size)
+        self.hasher.update(data)
+        return data
+
+
+class Uploads:
+    """All upload sessions of one server."""
+
+    def __init__(self, folder: str, catalog: Catalog, part_base: int, max_parts: int,
+                 expiry_seconds: float):
+        self.folder = Path(folder)
+        self.catalog = catalog
+        self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
+        self._lock = threading.Lock()
+        self._running: Dict[str, Tuple[int, object]] = {}  # upload_id -> (next index, sha256)
+        self._session_locks: Dict[str, threading.Lock] = {}
+
+    def _path(self, upload_id: str) -> Path:
+        return self.folder / f"{protocol.validate_upload_id(upload_id)}.json"
+
+    def _session_lock(self, upload_id: str) -> threading.Lock:
+        with self._lock:
+            return self._session_locks.setdefault(upload_id, threading.Lock())
+
+    def schedule(self, storage_type: str, estimate: int) -> Tuple[int, int]:
+        """(base part size, growth interval) that carries `estimate` bytes comfortably."""
+        base = max(self.part_base, protocol.MIN_S3_PART_SIZE if storage_type == "s3" else 1)
+        every = max(1, self.max_parts // 10)
+        while estimate and base < protocol.MAX_PART_SIZE and protocol.schedule_capacity(
+                base, every, self.max_parts) < 2 * estimate:
+            base *= 2
+        return base, every
+
+    def open(self, client: ClientConfig, store: Store, request: dict) -> Session:
+        """Validate an upload request and open its session."""
+        dataset = protocol.validate_dataset(request.get("dataset"))
+        if client.dataset and dataset != client.dataset:
+            raise Conflict(f"client {client.client_id} may only back up {client.dataset}")
+        snapshot = protocol.validate_snapshot(request.get("snapshot"))
+        kind = request.get("type", "full")
+        if kind not in protocol.BACKUP_TYPES:
+            raise protocol.ValidationError("type must be full or incremental")
+        parent = request.get("parent")
+        if kind == "incremental":
+            parent = protocol.validate_snapshot(parent)
+            if not any(m.dataset == dataset and m.snapshot == parent
+                       for m in self.catalog.list(client.client_id)):
+                raise Conflict(f"the base {dataset}@{parent} of this incremental is not on"
+                               " the server: send a full backup")
+        else:
+            parent = None
+        compression = request.get("compression", "gzip")
+        if compression not in protocol.COMPRESSIONS:
+            raise protocol.ValidationError("compression must be gzip, zstd or none")
+        snapshot_time = request.get("snapshot_time")
+        if not isinstance(snapshot_time, (int, float)) or snapshot_time <= 0:
+            raise protocol.ValidationError("snapshot_time must be epoch seconds")
+        stamp = time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime(snapshot_time))
+        key = protocol.build_key(client.client_id, dataset, stamp, compression)
+        if any(m.key == key for m in self.catalog.list(client.client_id)):
+            raise Conflict(f"a backup stored as {key} already exists")
+        estimate = request.get("estimated_size") or 0
+        if not isinstance(estimate, int) or estimate < 0:
+            raise protocol.ValidationError("estimated_size must be a whole number of bytes")
+        self.check_quota(client, estimate)
+        for other in self.sessions(client.client_id):  # a retry replaces a stale session
+            if other.key == key:
+                self.abort(other, store)
+        base, every = self.schedule(store.kind, estimate)
+        session = Session(
+            upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,
+            storage_type=store.kind, dataset=dataset, snapshot=snapshot, type=kind,
+            parent=parent, compression=compression, guid=str(request.get("guid", "")),
+            parent_guid=str(request.get("parent_guid", "") or ""),
+            raw_send=bool(request.get("raw_send")),
+            compressed_send=bool(request.get("compressed_send")),
+            snapshot_time=float(snapshot_time), estimated_size=estimate,
+            part_base=base, part_every=every, created=time.time())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
+        return session
+
+    def check_quota(self, client: ClientConfig, needed: int, staged: int = 0) -> None:
+        """Raise QuotaExceeded if `needed` more bytes do not fit the client's quota."""
+        if not client.max_size_bytes:
+            return
+        used = self.catalog.used_bytes(client.client_id)
+        if used + staged + needed > client.max_size_bytes:
+            raise QuotaExceeded(
+                f"quota exceeded for {client.client_id}: used {used} + in progress {staged}"
+                f" + needed {needed} bytes > quota {client.max_size_bytes} bytes")
+
+    def get(self, client_id: str, upload_id: str) -> Session:
+        """An open session of this client (NotFound for anyone else's)."""
+        try:
+            data = json.loads(self._path(upload_id).read_bytes())
+        except (FileNotFoundError, ValueError):
+            raise NotFound(f"no open upload {upload_id}") from None
+        session = Session(**data)
+        if session.client_id != client_id:
+            raise NotFound(f"no open upload {upload_id}")
+        return session
+
+    def sessions(self, client_id: Optional[str] = None) -> List[Session]:
+        """Open sessions (of one client)."""
+        found = []
+        for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
+            try:
+                session = Session(**json.loads(path.read_bytes()))
+            except (ValueError, TypeError):
+                continue
+            if client_id is None or session.client_id == client_id:
+                found.append(session)
+        return found
+
+    def put_part(self, client: ClientConfig, store: Store, session: Session, index: int,
+                 body: BinaryIO, size: int) -> PartInfo:
+        """Stage one part; parts arrive in order, and the last one may be sent again."""
+        limit = protocol.part_size(index, session.part_base, session.part_every)
+        if size > limit:
+            raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
+        if size <= 0:
+            raise protocol.ValidationError("a part must not be empty")
+        with self._session_lock(session.upload_id):
+            parts = store.staged_parts(session.upload_id)
+            staged = sum(p.size for p in parts[:index])
+            try:
+                self.check_quota(client, size, staged)
+            except QuotaExceeded:
+                self.abort(session, store)
+                raise
+            running = self._running.get(session.upload_id)
+            hasher = None
+            if index == len(parts) and (index == 0 or (running and running[0] == index)):
+                hasher = running[1].copy() if running else hashlib.sha256()
+                body = _Tee(body, hasher)
+            part = store.stage_part(session.upload_id, index, body, size)
+            if hasher is not None:
+                self._running[session.upload_id] = (index + 1, hasher)
+            else:
+                self._running.pop(session.upload_id, None)
+            self._touch(session)
+            return part
+
+    def _touch(self, session: Session) -> None:
+        path = self._path(session.upload_id)
+        try:
+            path.touch()
+        except FileNotFoundError:
+            raise NotFound(f"upload {session.upload_id} was aborted") from None
+
+    def _digest(self, store: Store, session: Session, parts: List[PartInfo]) -> str:
+        running = self._running.get(session.upload_id)
+        if running and running[0] == len(parts):
+            return running[1].hexdigest()
+        hasher = hashlib.sha256()  # after a restart: read back what is staged
+        for part in parts:
+            stream = store.read_staged(session.upload_id, part.index)
+            try:
+                for chunk in iter(lambda: stream.read(CHUNK), b""):
+                    hasher.update(chunk)
+            finally:
+                stream.close()
+        return hasher.hexdigest()
+
+    def commit(self, client: ClientConfig, store: Store, session: Session,
+               request: dict) -> Manifest:
+        """Verify the staged stream against the client's sha256 and size, then publish it."""
+        sha256, stored_size = request.get("sha256"), request.get("stored_size")
+        raw_size = request.get("raw_size", 0)
+        if not isinstance(sha256, str) or len(sha256) != 64:
+            raise protocol.ValidationError("sha256 must be 64 hex digits")
+        if not isinstance(stored_size, int) or not isinstance(raw_size, int):
+            raise protocol.ValidationError("stored_size and raw_size must be whole numbers")
+        with self._session_lock(session.upload_id):
+            parts = store.staged_parts(session.upload_id)
+            total = sum(p.size for p in parts)
+            if not parts or total != stored_size:
+                raise Conflict(f"the server holds {total} bytes in {len(parts)} parts,"
+                               f" the client sent {stored_size}")
+            digest = self._digest(store, session, parts)
+            if digest != sha256.lower():
+                self.abort(session, store)
+                raise Conflict(f"sha256 mismatch for {session.key}: server computed {digest},"
+                               f" client declared {sha256}; the upload was discarded")
+            self.check_quota(client, total)
+            manifest = Manifest(
+                key=session.key, client_id=session.client_id, dataset=session.dataset,
+                snapshot=session.snapshot, type=session.type, parent=session.parent,
+                compression=session.compression, raw_size=raw_size, stored_size=total,
+                sha256=digest, created=protocol.now_iso(), snapshot_time=session.snapshot_time,
+                guid=session.guid, parent_guid=session.parent_guid, raw_send=session.raw_send,
+                compressed_send=session.compressed_send, storage_type=store.kind,
+                parts=len(parts))
+            manifest = store.commit(session.upload_id, manifest)
+            self.catalog.add(manifest)
+            self._forget(session)
+            return manifest
+
+    def _forget(self, session: Session) -> None:
+        self._running.pop(session.upload_id, None)
+        try:
+            self._path(session.upload_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def abort(self, session: Session, store: Store) -> None:
+        """Discard an upload and everything staged for it."""
+        store.discard(session.upload_id)
+        self._forget(session)
+
+    def expire(self, stores: Dict[str, Store], now: Optional[float] = None) -> List[str]:
+        """Abort sessions idle longer than the expiry, and staged data with no session."""
+        now = time.time() if now is None else now
+        expired = []
+        for session in self.sessions():
+            idle = now - self._path(session.upload_id).stat().st_mtime
+            if idle > self.expiry and session.storage_type in stores:
+                self.abort(session, stores[session.storage_type])
+                expired.append(session.upload_id)
+        live = {s.upload_id for s in self.sessions()}
+        for store in stores.values():
+            for upload_id, stamp in store.staged_uploads():
+                if upload_id not in live and now - stamp > self.expiry:
+                    store.discard(upload_id)
+                    expired.append(upload_id)
+        for upload_id in expired:
+            log.info("expired abandoned upload %s", upload_id)
+        return expired

@@ -1,0 +1,104 @@
+"""The Store interface every backend implements, and what it returns.
+
+A Store keeps committed backup streams under storage keys, with a manifest beside each, and
+stages the parts of uploads in progress so that they survive a server restart. Contracts:
+- `stage_part` is durable when it returns and idempotent for the same index and bytes;
+- nothing staged is visible through `open`/`manifests` until `commit` returns;
+- `commit` writes the object first and the manifest last, so a manifest always has its object;
+- a missing key raises NotFound; any other failure raises StorageError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, List, Optional, Tuple
+
+from zfsmgr.errors import ZfsmgrError
+from zfsmgr.protocol import Manifest
+
+CHUNK = 1 << 20
+
+
+class StorageError(ZfsmgrError):
+    """The storage backend failed or is unreachable."""
+
+
+class NotFound(StorageError):
+    """No object or upload under that name."""
+
+
+class QuotaExceeded(StorageError):
+    """A part would take the client past its quota."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One staged part of an upload."""
+
+    index: int
+    size: int
+    sha256: str
+
+
+class HashingReader:
+    """Wraps a stream: counts and hashes what is read, refusing more than `limit` bytes."""
+
+    def __init__(self, source: BinaryIO, limit: int):
+        self.source, self.limit = source, limit
+        self.size, self.hash = 0, hashlib.sha256()
+
+    def read(self, size: int = CHUNK) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        data = self.source.read(min(size, self.limit - self.size)) if self.size < self.limit \
+            else b""
+        self.size += len(data)
+        self.hash.update(data)
+        return data
+
+
+class Store(ABC):
+    """Where backups live. Keys are built by zfsmgr.protocol.build_key and already validated."""
+
+    kind = ""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError unless the backend is reachable and writable."""
+
+    @abstractmethod
+    def stage_part(self, upload_id: str, index: int, source: BinaryIO, size: int) -> PartInfo:
+        """Store part `index` (the next one, or a resend of the last) read from `source`."""
+
+    @abstractmethod
+    def staged_parts(self, upload_id: str) -> List[PartInfo]:
+        """The parts staged so far, in order (empty for an unknown upload)."""
+
+    @abstractmethod
+    def read_staged(self, upload_id: str, index: int) -> BinaryIO:
+        """Read back one staged part (to verify a commit after a restart)."""
+
+    @abstractmethod
+    def commit(self, upload_id: str, manifest: Manifest) -> Manifest:
+        """Assemble the staged parts at manifest.key, write the manifest beside it, return it."""
+
+    @abstractmethod
+    def discard(self, upload_id: str) -> None:
+        """Remove everything staged for an upload; unknown uploads are ignored."""
+
+    @abstractmethod
+    def staged_uploads(self) -> List[Tuple[str, float]]:
+        """(upload_id, last-modified epoch) of every upload with staged data."""
+
+    @abstractmethod
+    def open(self, manifest: Manifest, offset: int = 0) -> Tuple[BinaryIO, Optional[int]]:
+        """The stored stream from `offset`, and its remaining length if known."""
+
+    @abstractmethod
+    def manifests(self, client_id: Optional[str] = None) -> Iterator[Manifest]:
+        """Every manifest in storage (of one client), read from storage alone."""
+
+    @abstractmethod
+    def delete(self, manifest: Manifest) -> None:
+        """Remove a committed backup: manifest first, then its object."""

@@ -1,0 +1,217 @@
+"""The directory store: objects as files under STORAGE_DIR, written atomically.
+
+Uploads stage into STORAGE_DIR/.uploads/<id>/ (one data file appended part by part, and a parts
+list written atomically after each part), so a restarted server finds them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO, List, Optional, Tuple
+
+from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
+from zfsmgr.storage.base import (CHUNK, HashingReader, NotFound, PartInfo, StorageError, Store)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` via a temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Staging:
+    """Upload parts staged on the server's own disk (used by `dir` and `local`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def folder(self, upload_id: str) -> Path:
+        return self.root / validate_upload_id(upload_id)
+
+    def parts(self, upload_id: str) -> List[PartInfo]:
+        listing = self.folder(upload_id) / "parts.json"
+        try:
+            parts = [PartInfo(**p) for p in json.loads(listing.read_bytes())]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError) as exc:
+            raise StorageError(f"staged parts of upload {upload_id} are unreadable: {exc}")
+        return parts
+
+    def stage(self, upload_id: str, index: int, source: BinaryIO, size: int) -> PartInfo:
+        folder = self.folder(upload_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = self.parts(upload_id)
+        if index < len(parts) - 1 or index > len(parts):
+            raise StorageError(f"part {index} out of order: {len(parts)} parts are staged")
+        if index == len(parts) - 1:
+            parts.pop()  # a resend of the last part replaces it
+        offset = sum(p.size for p in parts)
+        reader = HashingReader(source, size)
+        with open(folder / "data", "ab") as out:
+            out.truncate(offset)  # drop a torn write of a part that was never recorded
+            out.seek(offset)
+            while True:
+                chunk = reader.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if reader.size != size:
+            raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
+        part = PartInfo(index, size, reader.hash.hexdigest())
+        parts.append(part)
+        write_atomic(folder / "parts.json", json.dumps([p.__dict__ for p in parts]).encode())
+        return part
+
+    def read(self, upload_id: str, index: int) -> BinaryIO:
+        parts = self.parts(upload_id)
+        if not 0 <= index < len(parts):
+            raise NotFound(f"upload {upload_id} has no part {index}")
+        stream = open(self.folder(upload_id) / "data", "rb")
+        stream.seek(sum(p.size for p in parts[:index]))
+        return _Limited(stream, parts[index].size)
+
+    def data_path(self, upload_id: str) -> Path:
+        data = self.folder(upload_id) / "data"
+        if not data.exists():
+            raise NotFound(f"upload {upload_id} has no staged data")
+        os.truncate(data, sum(p.size for p in self.parts(upload_id)))
+        return data
+
+    def discard(self, upload_id: str) -> None:
+        shutil.rmtree(self.folder(upload_id), ignore_errors=True)
+
+    def uploads(self) -> List[Tuple[str, float]]:
+        if not self.root.is_dir():
+            return []
+        return [(p.name, p.stat().st_mtime) for p in self.root.iterdir() if p.is_dir()]
+
+
+class _Limited:
+    """A file object limited to `size` bytes; closes the file at the end."""
+
+    def __init__(self, stream: BinaryIO, size: int):
+        self.stream, self.left = stream, size
+
+    def read(self, size: int = CHUNK) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        data = self.stream.read(min(size, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class DirectoryStore(Store):
+    """Backups as files: ROOT/<client>/<name>.zfs.gz with <name>.zfs.gz.manifest.json."""
+
+    kind = "dir"
+
+    def __init__(self, root: str):
+        self.root = Path(root).absolute()
+        self.staging = Staging(self.root / ".uploads")
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents or ".uploads" in path.parts:
+            raise StorageError(f"key {key!r} escapes the store")
+        return path
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"directory store {self.root} is not writable: {exc}") from exc
+
+    def stage_part(self, upload_id, index, source, size):
+        try:
+            return self.staging.stage(upload_id, index, source, size)
+        except OSError as exc:
+            raise StorageError(f"cannot stage part {index}: {exc.strerror}") from exc
+
+    def staged_parts(self, upload_id):
+        return self.staging.parts(upload_id)
+
+    def read_staged(self, upload_id, index):
+        return self.staging.read(upload_id, index)
+
+    def commit(self, upload_id, manifest):
+        target = self._path(manifest.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = self.staging.data_path(upload_id)
+        with open(data, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(data, target)
+        fsync_dir(target.parent)
+        write_atomic(self._path(manifest_key(manifest.key)),
+                     json.dumps(manifest.to_dict(), indent=1).encode())
+        self.staging.discard(upload_id)
+        return manifest
+
+    def discard(self, upload_id):
+        self.staging.discard(upload_id)
+
+    def staged_uploads(self):
+        return self.staging.uploads()
+
+    def open(self, manifest, offset=0):
+        path = self._path(manifest.key)
+        try:
+            stream = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{manifest.key} is missing from the directory store") from None
+        size = os.fstat(stream.fileno()).st_size
+        stream.seek(offset)
+        return stream, max(0, size - offset)
+
+    def manifests(self, client_id=None):
+        folders = [self.root / client_id] if client_id else [
+            p for p in sorted(self.root.iterdir()) if p.is_dir() and p.name != ".uploads"] \
+            if self.root.is_dir() else []
+        for folder in folders:
+            for path in sorted(folder.glob("*.manifest.json")) if folder.is_dir() else []:
+                try:
+                    yield Manifest.from_dict(json.loads(path.read_bytes()))
+                except (ValueError, OSError) as exc:
+                    raise StorageError(f"manifest {path} is unreadable: {exc}") from exc
+
+    def delete(self, manifest):
+        for key in (manifest_key(manifest.key), manifest.key):
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+        fsync_dir(self._path(manifest.key).parent)
+
+    def object_size(self, key: str) -> Optional[int]:
+        """Size of a stored object, None when absent (for tests and verify)."""
+        path = self._path(key)
+        return path.stat().st_size if path.exists() else None
+

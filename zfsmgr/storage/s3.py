@@ -1,0 +1,196 @@
+"""The S3 store (AWS, MinIO, SeaweedFS, B2, Wasabi) through the minio client.
+
+Upload parts are staged as objects under `.zfsmgr-uploads/<id>/`, each written with bounded
+memory; `commit` composes them server-side (UploadPartCopy) into the final key, so an object of
+any size appears at its key at once, and nothing of it travels through the server twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Optional
+
+from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
+from zfsmgr.storage.base import CHUNK, HashingReader, NotFound, PartInfo, StorageError, Store
+
+log = logging.getLogger("zfsmgr.storage.s3")
+STAGING = ".zfsmgr-uploads/"
+S3_PART = 16 << 20  # minio buffers one part of this size in memory while uploading
+
+
+def _client(endpoint: str, access_key: str, secret_key: str, secure: bool, region: str):
+    from minio import Minio  # imported late: only S3 users pay for it
+
+    for scheme in ("https://", "http://"):
+        if endpoint.startswith(scheme):
+            endpoint, secure = endpoint[len(scheme):], scheme == "https://"
+    return Minio(endpoint.rstrip("/"), access_key=access_key, secret_key=secret_key,
+                 secure=secure, region=region or None)
+
+
+class _Body:
+    """A minio/urllib3 response as a closable reader."""
+
+    def __init__(self, response):
+        self.response = response
+
+    def read(self, size: int = CHUNK) -> bytes:
+        return self.response.read(CHUNK if size is None or size < 0 else size)
+
+    def close(self) -> None:
+        self.response.close()
+        self.response.release_conn()
+
+
+class S3Store(Store):
+    """Backups as objects `<client>/<name>.zfs.gz` with `<name>.zfs.gz.manifest.json`."""
+
+    kind = "s3"
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = True, region: str = ""):
+        if not endpoint:
+            raise StorageError("S3_ENDPOINT is not set")
+        self.bucket = bucket
+        self.client = _client(endpoint, access_key, secret_key, secure, region)
+        self._ready = False
+
+    def _call(self, what: str, func, *args, **kwargs):
+        from minio.error import MinioException, S3Error
+
+        try:
+            return func(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchUpload"):
+                raise NotFound(f"{what}: {exc.code}") from None
+            raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
+        except (MinioException, OSError, ValueError) as exc:
+            raise StorageError(f"S3 {what} failed: {exc}") from None
+        except Exception as exc:  # urllib3 errors on an unreachable endpoint
+            raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}") from None
+
+    def check(self) -> None:
+        if not self._call("bucket check", self.client.bucket_exists, self.bucket):
+            self._call("bucket create", self.client.make_bucket, self.bucket)
+            log.info("created bucket %s", self.bucket)
+        self._ready = True
+
+    def _part_key(self, upload_id: str, index: int) -> str:
+        return f"{STAGING}{validate_upload_id(upload_id)}/part-{index:06d}"
+
+    def _list_key(self, upload_id: str) -> str:
+        return f"{STAGING}{validate_upload_id(upload_id)}/parts.json"
+
+    def _put_small(self, key: str, data: bytes) -> None:
+        self._call(f"put {key}", self.client.put_object, self.bucket, key, io.BytesIO(data),
+                   len(data), content_type="application/json")
+
+    def _get_small(self, key: str) -> bytes:
+        response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
+        try:
+            return response.read(1 << 20)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def stage_part(self, upload_id, index, source, size):
+        parts = self.staged_parts(upload_id)
+        if index < len(parts) - 1 or index > len(parts):
+            raise StorageError(f"part {index} out of order: {len(parts)} parts are staged")
+        parts = parts[:index]
+        reader = HashingReader(source, size)
+        self._call(f"upload of part {index}", self.client.put_object, self.bucket,
+                   self._part_key(upload_id, index), reader, size,
+                   part_size=S3_PART, num_parallel_uploads=1)
+        part = PartInfo(index, size, reader.hash.hexdigest())
+        self._put_small(self._list_key(upload_id),
+                        json.dumps([p.__dict__ for p in parts + [part]]).encode())
+        return part
+
+    def staged_parts(self, upload_id):
+        try:
+            return [PartInfo(**p) for p in json.loads(self._get_small(self._list_key(upload_id)))]
+        except NotFound:
+            return []
+
+    def read_staged(self, upload_id, index):
+        return _Body(self._call("read of a staged part", self.client.get_object, self.bucket,
+                                self._part_key(upload_id, index)))
+
+    def commit(self, upload_id, manifest):
+        from minio.commonconfig import ComposeSource
+
+        parts = self.staged_parts(upload_id)
+        if not parts:
+            raise StorageError(f"upload {upload_id} has no parts to commit")
+        sources = [ComposeSource(self.bucket, self._part_key(upload_id, p.index)) for p in parts]
+        self._call(f"compose of {manifest.key}", self.client.compose_object, self.bucket,
+                   manifest.key, sources)
+        self._put_small(manifest_key(manifest.key),
+                        json.dumps(manifest.to_dict(), indent=1).encode())
+        self.discard(upload_id)
+        return manifest
+
+    def discard(self, upload_id):
+        from minio.deleteobjects import DeleteObject
+
+        prefix = f"{STAGING}{validate_upload_id(upload_id)}/"
+        names = [o.object_name for o in self._call("list", self.client.list_objects,
+                                                   self.bucket, prefix=prefix, recursive=True)]
+        names.sort(key=lambda n: n.endswith("parts.json"))  # the listing goes last
+        if names:
+            errors = self._call("delete", self.client.remove_objects, self.bucket,
+                                [DeleteObject(n) for n in names])
+            for err in errors:
+                raise StorageError(f"S3 delete of {err.name} failed: {err.message}")
+        self._abort_multipart(prefix)
+
+    def _abort_multipart(self, prefix: str) -> None:
+        """Abort incomplete multipart uploads left by a part interrupted mid-way."""
+        result = self._call("multipart listing", self.client._list_multipart_uploads,
+                            self.bucket, prefix=prefix)
+        for upload in result.uploads:
+            self._call("multipart abort", self.client._abort_multipart_upload, self.bucket,
+                       upload.object_name, upload.upload_id)
+
+    def staged_uploads(self):
+        latest = {}
+        for obj in self._call("list", self.client.list_objects, self.bucket, prefix=STAGING,
+                              recursive=True):
+            upload_id = obj.object_name[len(STAGING):].split("/", 1)[0]
+            stamp = obj.last_modified.timestamp() if obj.last_modified else 0.0
+            latest[upload_id] = max(latest.get(upload_id, 0.0), stamp)
+        return sorted(latest.items())
+
+    def open(self, manifest, offset=0):
+        response = self._call(f"download of {manifest.key}", self.client.get_object,
+                              self.bucket, manifest.key, offset=offset)
+        length = response.headers.get("Content-Length")
+        return _Body(response), int(length) if length and length.isdigit() else None
+
+    def manifests(self, client_id=None):
+        prefix = f"{client_id}/" if client_id else ""
+        for obj in self._call("list", self.client.list_objects, self.bucket, prefix=prefix,
+                              recursive=True):
+            name = obj.object_name
+            if name.startswith(STAGING) or not name.endswith(".manifest.json"):
+                continue
+            try:
+                yield Manifest.from_dict(json.loads(self._get_small(name)))
+            except ValueError as exc:
+                raise StorageError(f"manifest {name} is unreadable: {exc}") from exc
+
+    def delete(self, manifest):
+        for key in (manifest_key(manifest.key), manifest.key):
+            self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
+
+    def object_size(self, key: str) -> Optional[int]:
+        """Size of a stored object, None when absent."""
+        try:
+            return self._call("stat", self.client.stat_object, self.bucket, key).size
+        except NotFound:
+            return None
+
+
