@@ -1,0 +1,1 @@
+"""The ZFS-host side: snapshot, send, track the incremental base, rotate."""

@@ -1,0 +1,285 @@
+"""`client backup`: snapshot, stream `zfs send` → compress → server in parts, commit, mark base.
+
+Memory stays bounded: the stream passes in 1 MiB chunks, parts go out with chunked transfer.
+A dropped connection or a restarted server is retried with backoff; the deterministic stream is
+regenerated and the parts the server already holds are skipped after checking their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterator, List, Optional
+
+from zfsmgr import protocol
+from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, find_base,
+                                mark_base)
+from zfsmgr.compress import compressor
+from zfsmgr.errors import ServerUnreachable, UsageError, ZfsmgrError
+from zfsmgr.progress import Progress, human
+from zfsmgr.remote import ServerClient, ServerError
+from zfsmgr.zfs import Features, Snapshot, Zfs
+
+log = logging.getLogger("zfsmgr.client")
+CHUNK = 1 << 20
+RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
+
+
+class StreamChanged(ZfsmgrError):
+    """The regenerated stream does not match what the server holds: start over."""
+
+
+@dataclass
+class Result:
+    """What one backup did."""
+
+    key: str
+    type: str
+    raw_size: int
+    stored_size: int
+    seconds: float
+    snapshot: str
+
+
+class _Counter:
+    """Counts raw bytes coming out of `zfs send`."""
+
+    def __init__(self, source):
+        self.source, self.count = source, 0
+
+    def read(self, size: int) -> bytes:
+        data = self.source.read(size)
+        self.count += len(data)
+        return data
+
+
+def new_snapshot_name(zfs: Zfs, dataset: str, now: Optional[datetime] = None) -> str:
+    """`DS@zfsmgr_<UTC stamp>`, one second later if that name is taken."""
+    moment = now or datetime.now(timezone.utc)
+    taken = {s.short for s in zfs.snapshots(dataset)}
+    while True:
+        name = BACKUP_PREFIX + protocol.format_timestamp(moment)
+        if name not in taken:
+            return f"{dataset}@{name}"
+        moment = datetime.fromtimestamp(moment.timestamp() + 1, timezone.utc)
+
+
+class Backup:
+    """One backup run of one dataset."""
+
+    def __init__(self, api: ServerClient, zfs: Zfs, dataset: str, compression: str, level: int,
+                 storage_type: str = "", progress: Optional[Callable[..., Progress]] = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.api, self.zfs, self.dataset = api, zfs, protocol.validate_dataset(dataset)
+        self.compression, self.level, self.storage_type = compression, level, storage_type
+        self.make_progress = progress or (lambda label, total: Progress(label, total))
+        self.sleep = sleep
+
+    def server_backups(self) -> List[dict]:
+        """The server's manifests for this dataset."""
+        return self.api.call("GET", protocol.SNAPSHOTS, query={"dataset": self.dataset})[
+            "snapshots"]
+
+    def choose_base(self, mode: str, features: Features, on_server: List[dict]
+                    ) -> Optional[Base]:
+        """The base to send from, after checking it against the server's catalog."""
+        if mode == "full":
+            return None
+        base = find_base(self.zfs, self.dataset, features)
+        problem = None
+        if base is None:
+            problem = f"no incremental base for {self.dataset}: run a full backup first"
+        elif not any(m["snapshot"] == base.snapshot and (not m.get("guid")
+                     or m["guid"] == base.guid) for m in on_server):
+            problem = (f"the base {base.name} is not in the server's catalog"
+                       " (deleted or rotated there)")
+        if problem is None:
+            return base
+        if mode == "incremental":
+            raise UsageError(problem)
+        if base is not None:
+            log.warning("%s; sending a full backup", problem)
+        return None
+
+    def chain_too_long(self, on_server: List[dict], status: dict) -> bool:
+        """True when the server's chain limits say the next backup must be full."""
+        limit, age = status.get("max_incrementals") or 0, status.get("max_chain_age_days") or 0
+        if not on_server or not (limit or age):
+            return False
+        since_full = 0
+        for manifest in reversed(on_server):
+            if manifest["type"] == "full":
+                if age and time.time() - manifest["snapshot_time"] > age * 86400:
+                    return True
+                break
+            since_full += 1
+        return bool(limit) and since_full >= limit
+
+    def cleanup_stale(self, features: Features, on_server: List[dict]) -> None:
+        """Adopt or remove backup snapshots left by an interrupted run."""
+        base = find_base(self.zfs, self.dataset, features)
+        stored = {(m["snapshot"], m.get("guid")) for m in on_server}
+        for snap in backup_snapshots(self.zfs, self.dataset):
+            if snap.prop("base") == "yes" or (base and snap.short <= base.snapshot):
+                continue
+            if (snap.short, snap.guid) in stored:
+                log.info("adopting %s: the server committed it", snap.name)
+                mark_base(self.zfs, self.dataset, snap, features)
+            else:
+                log.info("removing %s left by an interrupted backup", snap.name)
+                self.zfs.destroy(snap.name)
+
+    def run(self, mode: str = "auto") -> Result:
+        """Run the backup: 'auto', 'full' or 'incremental'."""
+        if not self.zfs.exists(self.dataset):
+            raise UsageError(f"dataset {self.dataset} does not exist")
+        features = self.zfs.features(self.dataset)
+        on_server = self.server_backups()
+        self.cleanup_stale(features, on_server)
+        if mode == "auto" and self.chain_too_long(on_server, self.api.call("GET",
+                                                                           protocol.STATUS)):
+            log.info("the chain reached the server's limit: sending a full backup")
+            mode = "full"
+        base = self.choose_base(mode, features, on_server)
+        name = new_snapshot_name(self.zfs, self.dataset)
+        self.zfs.snapshot(name, {"kind": "backup"})
+        snap = next(s for s in self.zfs.snapshots(self.dataset, PROPS) if s.name == name)
+        try:
+            result = self._upload(snap, base, features)
+        except BaseException:
+            self.zfs.destroy(name)  # no stray snapshot: the next run starts clean
+            raise
+        mark_base(self.zfs, self.dataset, snap, features)
+        return result
+
+    def _request(self, snap: Snapshot, base: Optional[Base], features: Features,
+                 codec: str) -> dict:
+        estimate = None
+        if features.send_estimate:
+            estimate = self.zfs.estimate(snap.name, base.name if base else None,
+                                         raw=features.raw_send)
+        if estimate is None and base is None:
+            estimate = int(self.zfs.get(snap.name, "referenced"))
+        return {"dataset": self.dataset, "snapshot": snap.short,
+                "type": "incremental" if base else "full",
+                "parent": base.snapshot if base else None, "compression": codec,
+                "guid": snap.guid, "parent_guid": base.guid if base else "",
+                "raw_send": features.raw_send, "compressed_send": False,
+                "snapshot_time": snap.creation, "estimated_size": estimate or 0,
+                "storage_type": self.storage_type}
+
+    def _upload(self, snap: Snapshot, base: Optional[Base], features: Features) -> Result:
+        codec = "none" if features.raw_send else self.compression  # ciphertext won't shrink
+        request = self._request(snap, base, features, codec)
+        session = self.api.call("POST", protocol.UPLOAD, request)
+        started = time.monotonic()
+        attempt, restarted = 0, False
+        while True:
+            try:
+                held = [] if attempt == 0 else self.api.call(
+                    "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
+                )["parts"]
+                raw, stored, digest = self._stream(snap, base, features, codec, session, held,
+                                                   request["estimated_size"])
+                manifest = self.api.call(
+                    "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
+                    {"sha256": digest, "raw_size": raw, "stored_size": stored})["manifest"]
+                return Result(manifest["key"], manifest["type"], raw, stored,
+                              time.monotonic() - started, snap.name)
+            except StreamChanged as exc:
+                if restarted:
+                    raise
+                log.warning("%s: starting the upload again", exc)
+                self._abort(session)
+                session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
+                                                            request), 0, True
+            except (ServerUnreachable, ServerError) as exc:
+                transient = isinstance(exc, ServerUnreachable) or exc.transient
+                if not transient or attempt >= len(RETRY_DELAYS):
+                    if not transient:
+                        self._abort(session)
+                    raise
+                delay = RETRY_DELAYS[attempt]
+                attempt += 1
+                log.warning("%s; retry %d in %ds", exc, attempt, delay)
+                self.sleep(delay)
+            except BaseException:
+                self._abort(session)
+                raise
+
+    def _abort(self, session: dict) -> None:
+        try:
+            self.api.call("POST", protocol.UPLOAD_ABORT.format(upload_id=session["upload_id"]))
+        except ZfsmgrError as exc:
+            log.info("could not abort upload %s: %s", session["upload_id"], exc)
+
+    def _stream(self, snap, base, features, codec, session, held, estimate):
+        """Send the whole stream once, skipping (and checking) parts the server holds."""
+        total = hashlib.sha256()
+        progress = self.make_progress(f"backup {snap.name}", estimate or None)
+        with self.zfs.send(snap.name, base.name if base else None,
+                           raw=features.raw_send) as send:
+            counted = _Counter(send)
+            with compressor(codec, counted, level=self.level) as stream:
+                index, stored = 0, 0
+                while True:
+                    size = protocol.part_size(index, session["part_size"],
+                                              session["part_growth_every"])
+                    if index < len(held):
+                        part = hashlib.sha256()
+                        for chunk in _take(stream, held[index]["size"]):
+                            part.update(chunk)
+                            total.update(chunk)
+                            stored += len(chunk)
+                        if part.hexdigest() != held[index]["sha256"]:
+                            raise StreamChanged(f"part {index} regenerated differently")
+                    else:
+                        first = stream.read(min(CHUNK, size))
+                        if not first:
+                            break
+                        part = hashlib.sha256()
+                        sent = [0]
+
+                        def body(first=first, size=size, part=part, sent=sent) -> Iterator[bytes]:
+                            for chunk in _chain(first, _take(stream, size - len(first))):
+                                part.update(chunk)
+                                total.update(chunk)
+                                sent[0] += len(chunk)
+                                progress.update(counted.count)
+                                yield chunk
+
+                        answer = self.api.put_part(session["upload_id"], index, body())
+                        stored += sent[0]
+                        if answer.get("sha256") != part.hexdigest() or answer["size"] != sent[0]:
+                            raise ServerError(502, f"part {index} arrived damaged")
+                    index += 1
+                    progress.update(counted.count)
+        progress.finish()
+        return counted.count, stored, total.hexdigest()
+
+
+def _take(stream, size: int) -> Iterator[bytes]:
+    """Up to `size` bytes of `stream`, in chunks."""
+    left = size
+    while left > 0:
+        chunk = stream.read(min(CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def summary(result: Result) -> str:
+    """The one line cron mails."""
+    rate = result.raw_size / max(result.seconds, 1e-6)
+    return (f"backup {result.snapshot}: {result.type}, {human(result.raw_size)} sent as"
+            f" {human(result.stored_size)} in {result.seconds:.1f}s ({human(rate)}/s)"
+            f" -> {result.key}")

@@ -1,0 +1,66 @@
+"""Typed snapshots (hourly/daily/weekly/monthly) and their local rotation.
+
+Only zfsmgr's own typed snapshots are ever destroyed: never a user's snapshot, never the backup
+base, never a snapshot with a hold or a clone. Which ones go is decided by zfsmgr.retention.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import List, Optional, Tuple
+
+from zfsmgr import protocol
+from zfsmgr.retention import SNAPSHOT_TYPES, Item, RetentionPolicy, plan
+from zfsmgr.zfs import Zfs, ZfsError
+
+PROPS = ("kind", "base")
+
+
+def typed_name(dataset: str, kind: str, now: Optional[datetime] = None) -> str:
+    """`DS@zfsmgr_daily_2024-02-13_14:30:00`: recognisable and sortable."""
+    stamp = protocol.format_timestamp(now or datetime.now(timezone.utc))
+    return f"{dataset}@zfsmgr_{kind}_{stamp}"
+
+
+def create(zfs: Zfs, dataset: str, kind: str) -> str:
+    """Create one typed snapshot."""
+    if kind not in SNAPSHOT_TYPES:
+        raise protocol.ValidationError(f"snapshot type must be one of {', '.join(SNAPSHOT_TYPES)}")
+    name = typed_name(dataset, kind)
+    if zfs.exists(name):
+        raise ZfsError(["zfs", "snapshot", name], 1, f"snapshot {name} already exists")
+    zfs.snapshot(name, {"kind": kind})
+    return name
+
+
+def rotation_plan(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES,
+                  now: Optional[float] = None) -> List[Tuple[str, bool, str]]:
+    """(snapshot, keep, reason) for zfsmgr's typed snapshots of the given kinds."""
+    snaps = [s for s in zfs.snapshots(dataset, PROPS)
+             if s.prop("kind") in kinds and s.short.startswith("zfsmgr_")]
+    items = [Item(s.name, float(s.creation), s.prop("kind"),
+                  protected=s.userrefs > 0 or s.prop("base") == "yes") for s in snaps]
+    held = {s.name: s.userrefs for s in snaps}
+    decisions = plan(items, policy, time.time() if now is None else now)
+    out = []
+    for d in decisions:
+        reason = d.reason
+        if d.reason == "protected":
+            reason = "held" if held[d.name] else "backup base"
+        out.append((d.name, d.keep, reason))
+    return out
+
+
+def rotate(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES,
+           dry_run: bool = False) -> List[Tuple[str, bool, str]]:
+    """Destroy what the plan drops (unless dry_run); a clone or new hold skips the snapshot."""
+    result = []
+    for name, keep, reason in rotation_plan(zfs, dataset, policy, kinds):
+        if not keep and not dry_run:
+            try:
+                zfs.destroy(name)
+            except ZfsError as exc:
+                keep, reason = True, f"kept: destroy failed ({exc.stderr.splitlines()[-1]})"
+        result.append((name, keep, reason))
+    return result
