@@ -31,6 +31,7 @@ HELP = """commands:
 def add_parser(sub) -> None:
     """Register `client` and its commands."""
     parser = sub.add_parser("client", help="back up this host", description="The ZFS host side.",
+                            usage="zfsmgr client COMMAND [--json] [--dry-run]",
                             epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in ("backup", "backup-full", "backup-incremental"):

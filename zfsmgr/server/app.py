@@ -245,9 +245,12 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         return json.dumps(protocol.error(f"{bottle.request.method} is not allowed on"
                                          f" {bottle.request.path}"))
 
-    app.error_handler = {404: not_found, 405: method_not_allowed,
-                         500: lambda e: json.dumps(protocol.error("internal server error"))}
-    app.default_error_handler = lambda e: json.dumps(protocol.error(str(e.body or e.status)))
+    def other_error(error):
+        bottle.response.content_type = "application/json"
+        return json.dumps(protocol.error(str(error.body or error.status)))
+
+    app.error_handler.update({404: not_found, 405: method_not_allowed})
+    app.default_error_handler = other_error
     return app
 
 

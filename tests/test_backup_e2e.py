@@ -1,0 +1,205 @@
+"""Backups end to end on real parts: zfs-fuse dataset -> client -> server process -> store."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import time
+
+import pytest
+
+import rig
+
+pytestmark = [pytest.mark.zfs]
+
+
+def client_env(server, dataset, **extra):
+    return {**server.client_env, "LOCAL_DATASET": dataset, **extra}
+
+
+def stored_bytes(server, key):
+    """The stored object of `key`, from the directory store or S3."""
+    if server.s3:
+        client = server.s3["seaweed"].client()
+        response = client.get_object(server.s3["bucket"], key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+    return (server.storage_dir / key).read_bytes()
+
+
+def receive(stream: bytes, target: str):
+    subprocess.run(["zfs", "recv", "-u", "-F", target], input=stream, check=True,
+                   capture_output=True)
+
+
+def files_of(pool, dataset):
+    """The files of a dataset (mounted at its mountpoint)."""
+    subprocess.run(["zfs", "set", f"mountpoint={pool.dir}/check-{dataset.replace('/', '_')}",
+                    dataset], check=True)
+    subprocess.run(["zfs", "mount", dataset], capture_output=True)
+    mountpoint = pool.mountpoint(dataset)
+    return rig.tree_digest(mountpoint)
+
+
+@pytest.fixture
+def local_base(pool):
+    base = f"{pool.name}/backupbase"
+    subprocess.run(["zfs", "create", "-o", "mountpoint=none", base], check=True)
+    return base
+
+
+@pytest.mark.parametrize("storage", ["dir", pytest.param("s3", marks=pytest.mark.s3), "local"])
+def test_full_and_incrementals_restore_with_gunzip_and_zfs_recv(storage, pool, server_factory,
+                                                                run_zfsmgr, request):
+    base = request.getfixturevalue("local_base") if storage == "local" else ""
+    server = server_factory(storage, base_dataset=base)
+    dataset = pool.create("data")
+    mnt = pool.mountpoint(dataset)
+    expected = []
+    for round_ in range(3):
+        expected.append(rig.write_files(mnt, seed=round_, count=3))
+        done = run_zfsmgr(["client", "backup"], env=client_env(server, dataset), check=True)
+        assert "backup " in done.stdout and ("full" if round_ == 0 else "incremental") in done.stdout
+        time.sleep(1.1)  # distinct snapshot timestamps
+    status = json.loads(run_zfsmgr(["client", "status", "--json"],
+                                   env=client_env(server, dataset), check=True).stdout)
+    assert status["snapshot_count"] == 3
+    manifests = json.loads(run_zfsmgr(["client", "status", "--json"],
+                                      env=client_env(server, dataset)).stdout)["datasets"]
+    assert manifests[dataset]["snapshot_count"] == 3
+    listing = _snapshots(server)
+    assert [m["type"] for m in listing] == ["full", "incremental", "incremental"]
+    assert listing[1]["parent"] == listing[0]["snapshot"]
+    target = f"{pool.name}/restored"
+    for i, manifest in enumerate(listing):
+        if storage == "local":
+            snap = manifest["extra"]["zfs_snapshot"]
+            stream = subprocess.run(["zfs", "send"] + (["-i", listing[i - 1]["extra"][
+                "zfs_snapshot"].split("@")[1]] if i else []) + [snap], capture_output=True,
+                check=True).stdout
+        else:
+            data = stored_bytes(server, manifest["key"])
+            assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+            assert len(data) == manifest["stored_size"]
+            stream = gzip.decompress(data)  # a plain gzip file: gunzip restores it
+            assert len(stream) == manifest["raw_size"]
+        receive(stream, target)
+        assert files_of(pool, target) == expected[i]
+        subprocess.run(["zfs", "umount", target], capture_output=True)
+
+
+def _snapshots(server):
+    import urllib.request
+
+    request = urllib.request.Request(server.url + "/snapshots", headers={
+        "X-Client-ID": server.client_env["CLIENT_ID"], "X-API-Key": server.client_env["API_KEY"]})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())["snapshots"]
+
+
+def test_hold_branch_keeps_only_the_committed_base(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=1, count=1)
+    run_zfsmgr(["client", "backup"], env=client_env(server, dataset), check=True)
+    time.sleep(1.1)
+    run_zfsmgr(["client", "backup"], env=client_env(server, dataset), check=True)
+    snaps = rig.sh("zfs", "list", "-H", "-o", "name,userrefs", "-t", "snapshot", "-r",
+                   dataset).split("\n")
+    snaps = [s.split("\t") for s in snaps if s]
+    assert len(snaps) == 1, snaps  # the previous base was released and destroyed
+    assert snaps[0][1] == "1"  # the new base is held
+    out = run_zfsmgr(["client", "bookmarks", "--json"], env=client_env(server, dataset),
+                     check=True).stdout
+    bases = json.loads(out)
+    assert [b["name"] for b in bases] == [snaps[0][0]] and bases[0]["type"] == "held snapshot"
+
+
+def test_incremental_without_base_fails_and_auto_falls_back(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = client_env(server, dataset)
+    failed = run_zfsmgr(["client", "backup-incremental"], env=env)
+    assert failed.returncode == 2 and "no incremental base" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    # the server loses its catalog entry: the client notices and sends a full backup
+    (server.workdir / "metadata.json").write_text('{"version": 1, "backups": {}}')
+    time.sleep(1.1)
+    again = run_zfsmgr(["client", "backup"], env=env, check=True)
+    assert ": full," in again.stdout
+    assert "not in the server's catalog" in again.stderr
+
+
+def test_failing_zfs_send_commits_nothing(pool, server_factory, run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    fake = tmp_path / "zfs"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = send ]; then /usr/sbin/zfs \"$@\" | head -c 1000;"
+                    " echo 'cannot send: I/O error' >&2; exit 1; fi\nexec /usr/sbin/zfs \"$@\"\n")
+    fake.chmod(0o755)
+    env = client_env(server, dataset, ZFSMGR_ZFS=str(fake))
+    failed = rig.subprocess.run([rig.sys.executable, "-I", "-S", str(rig.PYZ), "client",
+                                 "backup"], capture_output=True, text=True,
+                                env=rig.clean_env(env))
+    assert failed.returncode == 1, failed.stderr
+    assert "zfs send" in failed.stderr and "I/O error" in failed.stderr
+    assert _snapshots(server) == []
+    assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+    assert not list((server.storage_dir).rglob("*.zfs.gz"))
+
+
+def test_lock_refuses_a_second_run(pool, server_factory, run_zfsmgr):
+    import fcntl
+    import os
+
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = client_env(server, dataset)
+    state = server.client_env["STATE_DIR"]
+    os.makedirs(state, exist_ok=True)
+    fd = os.open(f"{state}/lock-{dataset.replace('/', '_')}", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        second = run_zfsmgr(["client", "backup"], env=env)
+    finally:
+        os.close(fd)
+    assert second.returncode == 3 and "another zfsmgr run" in second.stderr
+
+
+def test_server_killed_mid_upload_then_resumed(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir", env={"PART_SIZE": "256K"})
+    dataset = pool.create("data")
+    expected = rig.write_files(pool.mountpoint(dataset), seed=7, count=12, size=400_000)
+    env = client_env(server, dataset, COMPRESS="false")
+    proc = rig.subprocess.Popen([rig.sys.executable, "-I", "-S", str(rig.PYZ), "client",
+                                 "backup"], env=rig.clean_env(env), stdout=rig.subprocess.PIPE,
+                                stderr=rig.subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and "part stored" not in _parts_logged(server):
+        time.sleep(0.05)
+    server.kill()
+    assert _snapshots_after_restart(server) == []  # nothing partial is visible
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "retry" in err
+    listing = _snapshots(server)
+    assert len(listing) == 1
+    data = (server.storage_dir / listing[0]["key"]).read_bytes()
+    receive(data, f"{pool.name}/back")
+    assert files_of(pool, f"{pool.name}/back") == expected
+
+
+def _parts_logged(server):
+    log = server.log()
+    return "part stored" if log.count("/upload-stream/") >= 3 else ""
+
+
+def _snapshots_after_restart(server):
+    server.start()
+    return _snapshots(server)
