@@ -81,7 +81,7 @@ def entries() -> dict:
                 if name.endswith((".so", ".pyd", ".dylib")):
                     sys.exit(f"build_zipapp: compiled file {name} in {pin}")
                 files[name] = wheel.read(name)
-    init = files["minio/__init__.py"].decode()
+    init = files["minio/__init__.py"].decode()  # novermin (bytes, not str)
     if MINIO_ADMIN_IMPORT not in init:
         sys.exit("build_zipapp: minio/__init__.py changed; review the MinioAdmin workaround")
     files["minio/__init__.py"] = init.replace(MINIO_ADMIN_IMPORT, "").encode()

@@ -156,7 +156,8 @@ class Seaweed:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        raise RuntimeError("SeaweedFS did not start: " + (self.dir / "weed.log").read_text()[-2000:])
+        log = (self.dir / "weed.log").read_text()[-2000:]
+        raise RuntimeError("SeaweedFS did not start: " + log)
 
     @property
     def endpoint(self):

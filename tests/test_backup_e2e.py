@@ -64,7 +64,8 @@ def test_full_and_incrementals_restore_with_gunzip_and_zfs_recv(storage, pool, s
     for round_ in range(3):
         expected.append(rig.write_files(mnt, seed=round_, count=3))
         done = run_zfsmgr(["client", "backup"], env=client_env(server, dataset), check=True)
-        assert "backup " in done.stdout and ("full" if round_ == 0 else "incremental") in done.stdout
+        kind = "full" if round_ == 0 else "incremental"
+        assert "backup " in done.stdout and kind in done.stdout
         time.sleep(1.1)  # distinct snapshot timestamps
     status = json.loads(run_zfsmgr(["client", "status", "--json"],
                                    env=client_env(server, dataset), check=True).stdout)

@@ -73,7 +73,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                     return _json(status, protocol.error(str(exc)))
                 except Exception as exc:  # never a traceback to the client
                     log.exception("internal error on %s", bottle.request.path)
-                    return _json(500, protocol.error(f"internal server error: {type(exc).__name__}"))
+                    return _json(500, protocol.error(
+                        f"internal server error: {type(exc).__name__}"))
                 finally:
                     log.info("%s %s %s client=%s %.3fs", bottle.request.method,
                              bottle.request.path, status, client_id, time.monotonic() - started)

@@ -124,4 +124,3 @@ def _janitor(ctx, stop: threading.Event) -> None:
             ctx.uploads.expire(ctx.stores())
         except Exception as exc:  # keep serving; say why cleanup failed
             log.warning("cleanup of abandoned uploads failed: %s", exc)
-

@@ -214,4 +214,3 @@ class DirectoryStore(Store):
         """Size of a stored object, None when absent (for tests and verify)."""
         path = self._path(key)
         return path.stat().st_size if path.exists() else None
-

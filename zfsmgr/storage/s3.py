@@ -192,5 +192,3 @@ class S3Store(Store):
             return self._call("stat", self.client.stat_object, self.bucket, key).size
         except NotFound:
             return None
-
-

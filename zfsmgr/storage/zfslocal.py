@@ -164,4 +164,3 @@ def _create_container(zfs: Zfs, name: str) -> None:
     from zfsmgr.zfs import run
 
     run([zfs.zfs, "create", "-p", "-o", "mountpoint=none", "-o", "canmount=off", name])
-
