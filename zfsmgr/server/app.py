@@ -50,7 +50,8 @@ class _Body:
 
 def make_app(ctx: ServerContext) -> bottle.Bottle:
     """The WSGI application of one server."""
-    app = bottle.Bottle(catchall=False)
+    app = bottle.Bottle()
+    app.config["catchall"] = False
 
     def handler(auth: bool = True) -> Callable:
         def wrap(func: Callable) -> Callable:

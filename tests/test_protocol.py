@@ -1,0 +1,108 @@
+"""Pure tests: storage keys, name validation, part schedule, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from zfsmgr import protocol, settings
+from zfsmgr.errors import SettingsError, ValidationError
+
+
+@pytest.mark.parametrize("client,dataset,stamp,codec", [
+    ("client1", "tank/data", "2024-02-13_14:30:00", "gzip"),
+    ("web-01.example", "pool", "1999-12-31_23:59:59", "zstd"),
+    ("a", "tank/a_b/c:d.e-f", "2030-01-01_00:00:00", "none"),
+])
+def test_key_round_trip(client, dataset, stamp, codec):
+    key = protocol.build_key(client, dataset, stamp, codec)
+    parsed = protocol.parse_key(key)
+    assert (parsed.client_id, parsed.dataset_token, parsed.timestamp, parsed.compression) == (
+        client, dataset.replace("/", "_"), stamp, codec)
+    assert protocol.build_key(parsed.client_id, "", parsed.timestamp, parsed.compression,
+                              token=parsed.dataset_token) == key
+
+
+def test_seed_example_key():
+    assert protocol.build_key("client1", "tank/data", "2024-02-13_14:30:00", "gzip") == \
+        "client1/tank_data_2024-02-13_14:30:00.zfs.gz"
+
+
+@pytest.mark.parametrize("key", [
+    "../client1/tank_data_2024-02-13_14:30:00.zfs.gz", "/etc/passwd",
+    "client1/../../x_2024-02-13_14:30:00.zfs.gz", "client1/tank_data_2024-13-45_14:30:00.zfs.gz",
+    "client1/tank\x00_2024-02-13_14:30:00.zfs.gz", "client1/tank_data.zfs.gz", "", None,
+    "client1/sub/tank_2024-02-13_14:30:00.zfs.gz", "clïent/tank_2024-02-13_14:30:00.zfs.gz"])
+def test_parse_key_rejects_anything_build_would_not_make(key):
+    with pytest.raises(ValidationError):
+        protocol.parse_key(key)
+
+
+@pytest.mark.parametrize("bad", ["", "..", ".hidden", "a/b", "x" * 65, "a b", "a\x00", "é", None,
+                                 "-rf"])
+def test_client_id_validation(bad):
+    with pytest.raises(ValidationError):
+        protocol.validate_client_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "/tank", "tank/", "tank//a", "tank/../etc", "1tank",
+                                 "tank@snap", "tank#bm", "tank/-o", "tank/a b", "x" * 201])
+def test_dataset_validation(bad):
+    with pytest.raises(ValidationError):
+        protocol.validate_dataset(bad)
+
+
+def test_part_schedule_carries_5_tib_within_aws_limits():
+    assert protocol.schedule_capacity(32 << 20, 1000, 10000) >= 5 << 40
+    assert max(protocol.part_size(i, 32 << 20, 1000) for i in range(10000)) <= \
+        protocol.MAX_PART_SIZE
+    assert protocol.part_size(0, 1 << 20, 2) == 1 << 20
+    assert protocol.part_size(2, 1 << 20, 2) == 2 << 20
+    assert protocol.part_size(4, 1 << 20, 2) == 4 << 20
+
+
+def test_rotation_policy_response_is_the_seeds():
+    body = protocol.rotation_policy_response(
+        {"keep_hourly": 24, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12})
+    assert body == {"success": True, "message": "Server-managed rotation policy",
+                    "rotation_policy": {"keep_hourly": 24, "keep_daily": 7, "keep_weekly": 4,
+                                        "keep_monthly": 12}, "server_managed": True}
+
+
+def test_settings_env_file_then_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("PORT=9000\nS3_ENABLED=yes\nS3_SECRET_KEY=hush\n")
+    loaded = settings.load("server", environ={"PORT": "9100"})
+    assert loaded.port == 9100 and loaded.s3_enabled is True and loaded.s3_secret_key == "hush"
+    other = tmp_path / "other.env"
+    other.write_text("PORT=9200\n")
+    assert settings.load("server", str(other), environ={}).port == 9200
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("PORT", "abc", "PORT='abc'"), ("S3_USE_SSL", "maybe", "S3_USE_SSL"),
+    ("PART_SIZE", "lots", "PART_SIZE")])
+def test_bad_setting_is_one_line_naming_the_key(key, value, expect, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        settings.load("server", environ={key: value})
+    assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_secret_values_are_not_echoed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        settings.load("client", environ={"SERVER_URL": "http://user:pw@host"})
+    assert "pw" not in str(err.value) or "SERVER_URL" in str(err.value)
+
+
+def test_missing_required_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = settings.load("client", environ={})
+    with pytest.raises(SettingsError, match="LOCAL_DATASET is not set"):
+        loaded.require("LOCAL_DATASET")
+
+
+def test_sizes():
+    assert settings.as_size("64M") == 64 << 20
+    assert settings.as_size("1.5GiB") == 3 << 29
+    assert settings.as_size("100") == 100
