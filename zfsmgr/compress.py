@@ -1,0 +1,347 @@
+"""Streaming codecs for snapshot streams: parallel deterministic gzip, zstd via the binary, none."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+
+CODECS = ("gzip", "zstd", "none")
+_EXTENSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
+
+# 1 MiB blocks: as fast as 4 MiB on the benchmark and a quarter of the memory per in-flight block.
+DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_GZIP_LEVEL = 1
+DEFAULT_ZSTD_LEVEL = 3
+_CHUNK = 1 << 16  # input read size for the decompressor and the zstd feeder
+
+
+def extension(codec: str) -> str:
+    """Return the object-name suffix for codec ("gzip" -> ".zfs.gz")."""
+    _check_codec(codec)
+    return _EXTENSIONS[codec]
+
+
+def zstd_available() -> bool:
+    """Return True when a `zstd` binary is on PATH."""
+    return shutil.which("zstd") is not None
+
+
+def _check_codec(codec: str) -> None:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+
+
+def _read_bytes(source, size: int) -> bytes:
+    """Read up to size bytes from source as bytes; b"" only at EOF ('' is accepted as EOF)."""
+    data = source.read(size)
+    if data == "":
+        return b""
+    if not isinstance(data, (bytes, bytearray, memoryview)):  # None: a non-blocking source
+        raise TypeError(f"source.read() returned {type(data).__name__}, not bytes")
+    return data if type(data) is bytes else bytes(data)
+
+
+def _read_full(source, size: int) -> bytes:
+    """Read exactly size bytes unless EOF comes first (pipes return short reads)."""
+    parts, got = [], 0
+    while got < size:
+        data = _read_bytes(source, size - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Reader:
+    """Shared file-like plumbing: sized reads only, context manager."""
+
+    def close(self) -> None:
+        """Release resources; the source is not closed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @staticmethod
+    def _check_size(size) -> int:
+        if size is None or size < 0:
+            raise ValueError("read() needs a size: whole-stream reads are not allowed")
+        return size
+
+
+class _Passthrough(_Reader):
+    """Pass the source through unchanged (codec "none")."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self.raw_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to size bytes of the source; b"" at EOF."""
+        data = _read_bytes(self._source, size) if self._check_size(size) else b""
+        self.raw_bytes += len(data)
+        return data
+
+
+def _gzip_member(block: bytes, level: int) -> bytes:
+    """Compress one block into a complete gzip member (mtime 0, no name)."""
+    deflater = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return deflater.compress(block) + deflater.flush()
+
+
+class GzipBlockCompressor(_Reader):
+    """Compress a byte stream into independent gzip members, one per block, on `threads` threads."""
+
+    def __init__(self, source, level: int = DEFAULT_GZIP_LEVEL,
+                 block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None) -> None:
+        if not -1 <= level <= 9:
+            raise ValueError(f"gzip level must be between 0 and 9, not {level}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, not {block_size}")
+        threads = threads if threads is not None else (os.cpu_count() or 1)
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self._source = source
+        self._level = level
+        self._block_size = block_size
+        self.max_in_flight = threads * 2
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="gzip-block")
+        self._pending: collections.deque[Future] = collections.deque()
+        self._buffer = b""
+        self._offset = 0
+        self._blocks = 0
+        self._source_eof = False
+        self._error: BaseException | None = None
+        self.raw_bytes = 0  # uncompressed bytes read from the source so far
+
+    @property
+    def in_flight(self) -> int:
+        """Number of blocks read from the source whose output has not been handed out yet."""
+        return len(self._pending)
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to size compressed bytes (at most one block's rest); b"" at EOF."""
+        self._check_size(size)
+        if self._error is not None:
+            raise self._error
+        if size == 0:
+            return b""
+        try:
+            while self._offset >= len(self._buffer):
+                self._fill()
+                if not self._pending:
+                    self._shutdown()
+                    return b""
+                self._buffer = self._pending.popleft().result()
+                self._offset = 0
+        except BaseException as exc:
+            self._error = exc
+            self.close()
+            raise
+        data = self._buffer[self._offset:self._offset + size]
+        self._offset += len(data)
+        return data
+
+    def _fill(self) -> None:
+        """Read and submit blocks until max_in_flight are queued or the source ends."""
+        while len(self._pending) < self.max_in_flight and not self._source_eof:
+            block = _read_full(self._source, self._block_size)
+            self._source_eof = len(block) < self._block_size
+            if not block and self._blocks:
+                break
+            # An empty input still yields one empty member: gunzip rejects a zero-byte file.
+            self.raw_bytes += len(block)
+            self._blocks += 1
+            self._pending.append(self._executor.submit(_gzip_member, block, self._level))
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def close(self) -> None:
+        """Stop the workers and drop queued blocks; the source is not closed."""
+        if self._error is None:
+            self._error = ValueError("read from a closed GzipBlockCompressor")
+        self._pending.clear()
+        self._buffer = b""
+        self._shutdown()
+
+
+class GzipDecompressor(_Reader):
+    """Read plain bytes from a (multi-member) gzip source in bounded chunks."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self._inflater = zlib.decompressobj(31)
+        self._input = b""
+        self._source_eof = False
+        self._in_member = False
+        self._members = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to size decompressed bytes; b"" at EOF; ValueError on bad or cut input."""
+        self._check_size(size)
+        while size:
+            if not self._input and not self._source_eof:
+                self._input = _read_bytes(self._source, _CHUNK)
+                self._source_eof = not self._input
+            if self._source_eof and not self._input and not self._in_member:
+                if not self._members:
+                    raise ValueError("truncated gzip stream")  # empty source
+                return b""
+            self._in_member = self._in_member or bool(self._input)
+            try:
+                # max_length bounds the output, so a small input cannot expand without limit.
+                out = self._inflater.decompress(self._input, size)
+            except zlib.error as exc:
+                raise ValueError(f"not a gzip stream: {exc}") from exc
+            if self._inflater.eof:
+                self._input = self._inflater.unused_data
+                self._inflater = zlib.decompressobj(31)
+                self._in_member = False
+                self._members += 1
+            else:
+                self._input = self._inflater.unconsumed_tail
+                if not out and not self._input and self._source_eof:
+                    raise ValueError("truncated gzip stream")
+            if out:
+                return out
+        return b""
+
+
+def _write_all(pipe, data: bytes) -> bool:
+    """Write all of data to an unbuffered pipe; False if the reading end has gone away."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[pipe.write(view):]
+    except BrokenPipeError:
+        return False  # the child exited; its exit status says why
+    return True
+
+
+class _ProcessFilter(_Reader):
+    """Run argv with the source fed to stdin from a thread; read() returns its stdout."""
+
+    def __init__(self, argv: list[str], source) -> None:
+        self._argv = argv
+        self._source = source
+        self._feed_error: BaseException | None = None
+        self._error: BaseException | None = None
+        self._stderr_tail = bytearray()
+        self._finished = False
+        self.raw_bytes = 0  # bytes fed to the child so far
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {shlex.join(argv)}: {exc}") from exc
+        self._feeder = threading.Thread(target=self._feed, name="zstd-feed", daemon=True)
+        self._drainer = threading.Thread(target=self._drain, name="zstd-stderr", daemon=True)
+        self._feeder.start()
+        self._drainer.start()
+
+    def _feed(self) -> None:
+        stdin = self._proc.stdin
+        try:
+            while True:
+                data = _read_bytes(self._source, _CHUNK)
+                if not data:
+                    break
+                self.raw_bytes += len(data)
+                if not _write_all(stdin, data):
+                    break
+        except Exception as exc:  # noqa: BLE001 - handed to the reading thread by _finish()
+            self._feed_error = exc
+            self._proc.kill()  # the child must not end its output cleanly on a partial input
+        finally:
+            stdin.close()  # unbuffered: nothing to flush, so no BrokenPipeError here
+
+    def _drain(self) -> None:
+        for data in iter(lambda: self._proc.stderr.read(_CHUNK), b""):
+            self._stderr_tail += data
+            del self._stderr_tail[:-4096]
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to size bytes of the child's output; b"" at EOF; RuntimeError if it failed."""
+        self._check_size(size)
+        if self._error is not None:
+            raise self._error
+        if self._finished or not size:
+            return b""
+        data = self._proc.stdout.read(size)
+        if not data:
+            self._finished = True
+            returncode = self._reap()
+            if self._feed_error is not None:
+                self._error = self._feed_error
+            elif returncode != 0:
+                tail = self._stderr_tail.decode("utf-8", "replace").strip()
+                self._error = RuntimeError(
+                    f"{shlex.join(self._argv)} exited with {returncode}: {tail}")
+            if self._error is not None:
+                raise self._error
+        return data
+
+    def _reap(self) -> int:
+        returncode = self._proc.wait()
+        self._feeder.join()
+        self._drainer.join()
+        self._proc.stdout.close()
+        self._proc.stderr.close()
+        return returncode
+
+    def close(self) -> None:
+        """Kill the child if it still runs and reap it; the source is not closed."""
+        if not self._finished:
+            self._finished = True
+            self._proc.kill()  # no-op once it has exited; it is reaped below either way
+            self._reap()
+
+
+class ZstdCompressor(_ProcessFilter):
+    """Compress the source with the system `zstd` binary; read() returns zstd frames."""
+
+    def __init__(self, source, level: int = DEFAULT_ZSTD_LEVEL, threads: int | None = None) -> None:
+        if not 1 <= level <= 19:
+            raise ValueError(f"zstd level must be between 1 and 19, not {level}")
+        super().__init__(["zstd", "-q", "-c", f"-{level}", f"-T{threads or 0}"], source)
+
+
+class ZstdDecompressor(_ProcessFilter):
+    """Decompress a zstd source with the system `zstd` binary."""
+
+    def __init__(self, source) -> None:
+        super().__init__(["zstd", "-q", "-d", "-c"], source)
+
+
+def compressor(codec: str, source, level: int | None = None, threads: int | None = None):
+    """Return a reader of source compressed with codec ("none": passed through)."""
+    _check_codec(codec)
+    levels = {} if level is None else {"level": level}
+    if codec == "gzip":
+        return GzipBlockCompressor(source, threads=threads, **levels)
+    if codec == "zstd":
+        return ZstdCompressor(source, threads=threads, **levels)
+    return _Passthrough(source)
+
+
+def decompressor(codec: str, source):
+    """Return a reader of the plain bytes of source, which is compressed with codec."""
+    _check_codec(codec)
+    if codec == "gzip":
+        return GzipDecompressor(source)
+    if codec == "zstd":
+        return ZstdDecompressor(source)
+    return _Passthrough(source)
