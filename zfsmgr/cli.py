@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -56,6 +57,11 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM: unwind like Ctrl-C so no half backup, stray snapshot or lock stays behind."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one zfsmgr command; return its exit status (never raises, never a traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -68,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stdout if args.group else sys.stderr)
         return ExitStatus.OK if args.group else ExitStatus.USAGE
     _logging(args.verbose)
+    if args.group != "server":  # the server handles SIGTERM itself (graceful shutdown)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.run(args, args.env_file))
     except ZfsmgrError as exc:

@@ -1,0 +1,152 @@
+"""The client under interruption, over TLS, and S3 uploads whose parts grow."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import rig
+from zfsmgr.errors import ZfsmgrError
+from zfsmgr.progress import Progress
+from zfsmgr.remote import ServerClient
+
+pytestmark = [pytest.mark.zfs]
+
+
+def _snapshots(dataset):
+    out = rig.sh("zfs", "list", "-H", "-o", "name,userrefs", "-t", "snapshot", "-r", dataset)
+    return [line.split("\t") for line in out.splitlines() if line]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, server_factory,
+                                                                  run_zfsmgr):
+    server = server_factory("dir", env={"PART_SIZE": "128K"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=3, count=20, size=400_000)
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "gzip",
+           "COMPRESS_LEVEL": "9"}
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and server.log().count("/upload-stream/") < 2:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert _snapshots(dataset) == []  # the new snapshot was destroyed
+    assert not list(server.storage_dir.rglob("*.zfs.gz"))
+    assert not [p for p in (server.storage_dir / ".uploads").glob("*")] if (
+        server.storage_dir / ".uploads").exists() else True
+    done = run_zfsmgr(["client", "backup"], env=env, check=True)
+    assert ": full," in done.stdout
+
+
+def test_s3_upload_with_tiny_growing_parts(pool, server_factory, run_zfsmgr):
+    # PART_SIZE 5M (S3's minimum) and S3_MAX_PARTS=20: parts double every 2 parts
+    server = server_factory("s3", env={"PART_SIZE": "5M", "S3_MAX_PARTS": "20"})
+    dataset = pool.create("data")
+    mnt = pool.mountpoint(dataset)
+    import os
+
+    (mnt / "big").write_bytes(os.urandom(24 << 20))
+    os.sync()
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "false"}
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    api = ServerClient(server.url, env["CLIENT_ID"], env["API_KEY"])
+    manifest = api.call("GET", "/snapshots")["snapshots"][0]
+    assert manifest["parts"] == 4  # 5 + 5 + 10 + the rest (> 4 MiB)
+    download = api.download(manifest["key"])
+    data = b"".join(iter(lambda: download.read(1 << 20), b""))
+    download.close()
+    subprocess.run(["zfs", "recv", "-u", f"{pool.name}/copy"], input=data, check=True)
+    client = server.s3["seaweed"].client()
+    staged = list(client.list_objects(server.s3["bucket"], prefix=".zfsmgr-uploads/",
+                                      recursive=True))
+    assert staged == []  # staging objects removed after compose
+
+
+def test_server_sigterm_keeps_uploads_resumable(pool, server_factory):
+    server = server_factory("dir")
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    session = api.call("POST", "/upload", {"dataset": "tank/data", "snapshot": "s1",
+                                           "type": "full", "compression": "none",
+                                           "snapshot_time": 1700000000})
+    api.put_part(session["upload_id"], 0, [b"x" * 1000])
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    server.start()
+    state = api.call("GET", f"/upload-stream/{session['upload_id']}")
+    assert state["received"] == 1000 and len(state["parts"]) == 1
+    assert api.call("GET", "/status")["snapshot_count"] == 0
+
+
+def test_progress_line_on_a_tty_and_silence_otherwise():
+    stream = io.StringIO()
+    progress = Progress("backup x", total=1000, stream=stream, live=True)
+    progress.last -= 1
+    progress.update(500)
+    progress.finish()
+    assert "backup x: 500 B" in stream.getvalue() and "50%" in stream.getvalue()
+    quiet = io.StringIO()
+    progress = Progress("backup x", total=1000, stream=quiet, live=False)
+    progress.update(500)
+    progress.finish()
+    assert quiet.getvalue() == ""
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An https server with a self-signed certificate answering /status."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, dict(self.headers)))
+            body = json.dumps({"success": True, "message": "ok"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://localhost:{httpd.server_address[1]}", cert, seen
+    httpd.shutdown()
+
+
+def test_https_verifies_certificates_and_keeps_the_key_out_of_urls(tls_server):
+    url, cert, seen = tls_server
+    with pytest.raises(ZfsmgrError, match="CA_FILE"):
+        ServerClient(url, "c1", "raw-secret").call("GET", "/status")
+    assert ServerClient(url, "c1", "raw-secret", ca_file=str(cert)).call("GET", "/status")
+    path, headers = seen[-1]
+    assert "raw-secret" not in path and headers["X-API-Key"] == "raw-secret"
+
+
+def test_plain_http_to_a_remote_host_warns_once(capsys):
+    ServerClient("http://192.0.2.10:8080", "c1", "k")
+    ServerClient("http://192.0.2.10:8080", "c1", "k")
+    ServerClient("http://127.0.0.1:8080", "c1", "k")
+    assert capsys.readouterr().err.count("plain http") == 1
