@@ -371,11 +371,13 @@ def test_zstd_close_mid_stream_reaps_the_child():
     assert source.bytes_read < 1 << 30
 
 
-def test_zstd_bad_level_is_refused():
+def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="zstd level"):
         ZstdCompressor(io.BytesIO(b""), level=25)
     with pytest.raises(ValueError, match="gzip level"):
         GzipBlockCompressor(io.BytesIO(b""), level=11)
+    with pytest.raises(ValueError, match="threads"):
+        GzipBlockCompressor(io.BytesIO(b""), threads=0)
 
 
 def test_none_is_a_passthrough():

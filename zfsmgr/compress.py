@@ -103,7 +103,7 @@ class GzipBlockCompressor(_Reader):
 
     def __init__(self, source, level: int = DEFAULT_GZIP_LEVEL,
                  block_size: int = DEFAULT_BLOCK_SIZE, threads: int | None = None) -> None:
-        if not -1 <= level <= 9:
+        if not 0 <= level <= 9:
             raise ValueError(f"gzip level must be between 0 and 9, not {level}")
         if block_size < 1:
             raise ValueError(f"block_size must be positive, not {block_size}")
