@@ -155,24 +155,33 @@ class Backup:
         mark_base(self.zfs, self.dataset, snap, features)
         return result
 
+    def _compressed(self, features: Features) -> bool:
+        """Send blocks as the pool stores them (-c) when it compresses: no double work."""
+        if not hasattr(self, "_use_c"):
+            self._use_c = features.compressed_send and not features.raw_send and \
+                self.zfs.get(self.dataset, "compression") not in ("off", "-")
+        return self._use_c
+
     def _request(self, snap: Snapshot, base: Optional[Base], features: Features,
                  codec: str) -> dict:
         estimate = None
         if features.send_estimate:
             estimate = self.zfs.estimate(snap.name, base.name if base else None,
-                                         raw=features.raw_send)
+                                         raw=features.raw_send,
+                                         compressed=self._compressed(features))
         if estimate is None and base is None:
             estimate = int(self.zfs.get(snap.name, "referenced"))
         return {"dataset": self.dataset, "snapshot": snap.short,
                 "type": "incremental" if base else "full",
                 "parent": base.snapshot if base else None, "compression": codec,
                 "guid": snap.guid, "parent_guid": base.guid if base else "",
-                "raw_send": features.raw_send, "compressed_send": False,
+                "raw_send": features.raw_send, "compressed_send": self._compressed(features),
                 "snapshot_time": snap.creation, "estimated_size": estimate or 0,
                 "storage_type": self.storage_type}
 
     def _upload(self, snap: Snapshot, base: Optional[Base], features: Features) -> Result:
-        codec = "none" if features.raw_send else self.compression  # ciphertext won't shrink
+        # ciphertext won't shrink, and -c blocks are compressed already
+        codec = "none" if features.raw_send or self._compressed(features) else self.compression
         request = self._request(snap, base, features, codec)
         session = self.api.call("POST", protocol.UPLOAD, request)
         started = time.monotonic()
@@ -220,8 +229,8 @@ class Backup:
         """Send the whole stream once, skipping (and checking) parts the server holds."""
         total = hashlib.sha256()
         progress = self.make_progress(f"backup {snap.name}", estimate or None)
-        with self.zfs.send(snap.name, base.name if base else None,
-                           raw=features.raw_send) as send:
+        with self.zfs.send(snap.name, base.name if base else None, raw=features.raw_send,
+                           compressed=self._compressed(features)) as send:
             counted = _Counter(send)
             with compressor(codec, counted, level=self.level) as stream:
                 index, stored = 0, 0
