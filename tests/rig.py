@@ -186,6 +186,7 @@ def clean_env(extra=None) -> dict:
 
 
 def run_zfsmgr(args, env=None, cwd=None, check=False, timeout=300, input=None):
+    WORK.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-I", "-S", str(PYZ), *args], capture_output=True,
                           text=True, env=clean_env(env), cwd=cwd or WORK, timeout=timeout,
                           input=input)

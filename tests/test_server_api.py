@@ -75,10 +75,10 @@ def upload(app, client, data, dataset="tank/data", when=1700000000):
 
 def test_wrong_key_unknown_client_and_disabled(server):
     _, app = server
-    assert call(app, "GET", "/status", headers={"X-Client-ID": "alice",
-                                                 "X-API-Key": "nope"})[0] == 401
-    assert call(app, "GET", "/status", headers={"X-Client-ID": "mallory",
-                                                 "X-API-Key": "x"})[0] == 401
+    wrong = {"X-Client-ID": "alice", "X-API-Key": "nope"}
+    assert call(app, "GET", "/status", headers=wrong)[0] == 401
+    unknown = {"X-Client-ID": "mallory", "X-API-Key": "x"}
+    assert call(app, "GET", "/status", headers=unknown)[0] == 401
     assert call(app, "GET", "/status")[0] == 401
     code, body, headers = call(app, "GET", "/status", headers=auth("carol"))
     assert code == 403 and json.loads(body)["success"] is False

@@ -90,5 +90,5 @@ def list_bases(zfs: Zfs, dataset: str, features: Features) -> List[dict]:
                   for b in zfs.bookmarks(dataset) if b.short.startswith(BACKUP_PREFIX)]
     found += [{"name": s.name, "type": "held snapshot", "guid": s.guid, "created": s.creation,
                "holds": s.userrefs}
-              for s in zfs.snapshots(dataset, PROPS) if s.prop("base") == "yes"]
+              for s in zfs.snapshots(dataset, PROPS) if s.prop("base") == "yes" and s.userrefs]
     return sorted(found, key=lambda e: e["created"])

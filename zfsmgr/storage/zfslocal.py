@@ -10,15 +10,17 @@ snapshot, which stay valid whatever older snapshots rotation has removed.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from zfsmgr.compress import decompressor
 from zfsmgr.protocol import Manifest, dataset_token
 from zfsmgr.storage.base import CHUNK, NotFound, StorageError, Store
 from zfsmgr.storage.directory import Staging
-from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError
+from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, run
 
+log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
 
 
@@ -49,12 +51,34 @@ class ZfsLocalStore(Store):
         if not base:
             raise StorageError("ZFS_BASE_DATASET is not set")
         self.base, self.zfs = base, zfs or Zfs()
+        self._resumable: Optional[bool] = None
         self.staging = Staging(Path(staging_dir) / ".uploads-local")
 
     def check(self) -> None:
         if not self.zfs.exists(self.base):
             raise StorageError(f"ZFS_BASE_DATASET {self.base} does not exist")
         self.staging.root.mkdir(parents=True, exist_ok=True)
+        if self._resumable is None:
+            self._resumable = self.zfs.features(self.base).resumable_recv
+            self.abandon_partial(self.base, recursive=True)
+
+    def abandon_partial(self, root: str, recursive: bool = False) -> List[str]:
+        """`zfs recv -A` every partially received dataset under `root` (an interrupted commit).
+
+        The staged stream is still on disk, so a commit is simply received again; a resume
+        token would need the client's `zfs send -t`, which the staging protocol makes moot.
+        """
+        if not self._resumable or not self.zfs.exists(root):
+            return []
+        found = self.zfs._get([root], ["receive_resume_token"],
+                              recursive_depth=4 if recursive else 0)
+        cleared = []
+        for name, props in found.items():
+            if "@" not in name and props.get("receive_resume_token", "-") not in ("-", ""):
+                run([self.zfs.zfs, "recv", "-A", name])
+                log.info("discarded the partial receive into %s (recv -A)", name)
+                cleared.append(name)
+        return cleared
 
     def stage_part(self, upload_id, index, source, size):
         return self.staging.stage(upload_id, index, source, size)
@@ -103,9 +127,12 @@ class ZfsLocalStore(Store):
             if self.zfs.get(target, MANIFEST_PROP) not in ("-", ""):
                 raise StorageError(f"{target} already holds a committed backup")
             self.zfs.destroy(target)
+        chain = target.split("@", 1)[0]
+        self.abandon_partial(chain)
         data = self.staging.data_path(upload_id)
         try:
-            with open(data, "rb") as raw, self.zfs.receive(target, force=True) as recv:
+            with open(data, "rb") as raw, self.zfs.receive(
+                    target, force=True, resumable=bool(self._resumable)) as recv:
                 stream = decompressor(manifest.compression, raw)
                 while True:
                     chunk = stream.read(CHUNK)
@@ -113,6 +140,7 @@ class ZfsLocalStore(Store):
                         break
                     recv.write(chunk)
         except ZfsError as exc:
+            self.abandon_partial(chain)
             raise StorageError(f"cannot receive {manifest.key} into {target}: {exc}") from exc
         except ValueError as exc:
             raise StorageError(f"cannot receive {manifest.key}: {exc}") from exc
@@ -161,6 +189,4 @@ class ZfsLocalStore(Store):
 
 
 def _create_container(zfs: Zfs, name: str) -> None:
-    from zfsmgr.zfs import run
-
     run([zfs.zfs, "create", "-p", "-o", "mountpoint=none", "-o", "canmount=off", name])

@@ -1,0 +1,221 @@
+"""zfsmgr on real OpenZFS 2.3: bookmarks, estimates, raw and compressed sends, recv -s/-A.
+
+Runs inside the VM tier (tests/openzfs/run-tier.sh); the server and client are the .pyz the host
+built, started as real processes, exactly as on a user's machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import rig  # noqa: E402
+
+
+def sh(*argv, input=None):
+    proc = subprocess.run(list(argv), capture_output=True, input=input)
+    assert proc.returncode == 0, f"{argv}: {proc.stderr.decode()}"
+    return proc.stdout.decode()
+
+
+def write(folder, seed, size=300_000):
+    return rig.write_files(Path(folder), seed=seed, count=2, size=size)
+
+
+def mounted_files(dataset):
+    if sh("zfs", "get", "-H", "-o", "value", "mounted", dataset).strip() != "yes":
+        sh("zfs", "mount", dataset)
+    return rig.tree_digest(Path(sh("zfs", "get", "-H", "-o", "value", "mountpoint",
+                                   dataset).strip()))
+
+
+def backup(run_zfsmgr, server, dataset, *extra, check=True):
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    result = run_zfsmgr(["client", *(extra or ("backup",))], env=env, check=check)
+    time.sleep(1.1)
+    return result
+
+
+def listing(server):
+    from zfsmgr.remote import ServerClient
+
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    return api, api.call("GET", "/snapshots")["snapshots"]
+
+
+def receive_stored(server, api, manifests, target, key_load=None):
+    """Download every stored stream and receive it with plain zfs recv (gunzip if gzip)."""
+    for m in manifests:
+        download = api.download(m["key"])
+        data = b"".join(iter(lambda: download.read(1 << 20), b""))
+        download.close()
+        assert hashlib.sha256(data).hexdigest() == m["sha256"]
+        stream = gzip.decompress(data) if m["compression"] == "gzip" else data
+        sh("zfs", "recv", "-u", "-F", target, input=stream)
+
+
+def test_bookmark_is_the_base_and_survives_destroying_the_snapshot(openzfs_pool, server_factory,
+                                                                   run_zfsmgr):
+    server = server_factory("dir")
+    dataset = f"{openzfs_pool}/data"
+    sh("zfs", "create", dataset)
+    mnt = f"{openzfs_pool.mountpoint}/data"
+    expected = [write(mnt, 1)]
+    backup(run_zfsmgr, server, dataset)
+    bases = json.loads(backup(run_zfsmgr, server, dataset, "bookmarks", "--json").stdout)
+    assert [b["type"] for b in bases] == ["bookmark"], bases
+    sent = bases[0]["name"].replace("#", "@")
+    assert sh("zfs", "get", "-H", "-o", "value", "userrefs", sent).strip() == "0"  # no hold
+    sh("zfs", "destroy", sent)  # local rotation may destroy it: the bookmark carries the chain
+    expected.append(write(mnt, 2))
+    out = backup(run_zfsmgr, server, dataset).stdout
+    assert ": incremental," in out, out
+    api, manifests = listing(server)
+    assert [m["type"] for m in manifests] == ["full", "incremental"]
+    target = f"{openzfs_pool}/restored"
+    receive_stored(server, api, manifests, target)
+    assert mounted_files(target) == expected[-1]
+    bases = json.loads(backup(run_zfsmgr, server, dataset, "bookmarks", "--json").stdout)
+    assert len(bases) == 1 and bases[0]["name"].endswith(manifests[-1]["snapshot"])
+
+
+def test_send_estimate_feeds_the_quota_check(openzfs_pool, server_factory, run_zfsmgr):
+    server = server_factory("dir", quota=200_000)
+    dataset = f"{openzfs_pool}/data"
+    sh("zfs", "create", "-o", "compression=off", dataset)
+    write(f"{openzfs_pool.mountpoint}/data", 3, size=400_000)
+    refused = backup(run_zfsmgr, server, dataset, check=False)
+    assert refused.returncode == 1, refused.stderr
+    assert "quota exceeded" in refused.stderr and "needed" in refused.stderr
+    assert "estimate=0" not in server.log()
+    line = next(x for x in server.log().splitlines() if "upload" in x and "estimate=" in x) \
+        if "estimate=" in server.log() else ""
+    assert line == "" or int(line.rsplit("estimate=", 1)[1].split()[0]) > 400_000
+    assert sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+
+
+def test_encrypted_dataset_is_sent_raw_and_restores_without_the_key(openzfs_pool,
+                                                                    server_factory,
+                                                                    run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    keyfile = tmp_path / "key"
+    keyfile.write_text("correct horse battery staple\n")
+    dataset = f"{openzfs_pool}/secret"
+    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase",
+       "-o", f"keylocation=file://{keyfile}", dataset)
+    mnt = f"{openzfs_pool.mountpoint}/secret"
+    marker = b"PLAINTEXT-MARKER-" * 4096
+    Path(mnt, "plain.txt").write_bytes(marker)
+    expected = [rig.tree_digest(Path(mnt))]
+    backup(run_zfsmgr, server, dataset)
+    expected.append(write(mnt, 4))
+    expected[-1] = rig.tree_digest(Path(mnt))
+    backup(run_zfsmgr, server, dataset)
+    api, manifests = listing(server)
+    assert all(m["raw_send"] and m["compression"] == "none" for m in manifests)
+    stored = (server.storage_dir / manifests[0]["key"]).read_bytes()
+    assert b"PLAINTEXT-MARKER" not in stored  # ciphertext at rest
+    target = f"{openzfs_pool}/copy"
+    receive_stored(server, api, manifests, target)
+    assert sh("zfs", "get", "-H", "-o", "value", "keystatus", target).strip() == "unavailable"
+    sh("zfs", "load-key", "-L", f"file://{keyfile}", target)
+    assert mounted_files(target) == expected[-1]
+
+
+def test_compressed_send_is_not_compressed_twice(openzfs_pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    dataset = f"{openzfs_pool}/lz4"
+    sh("zfs", "create", "-o", "compression=lz4", dataset)
+    mnt = f"{openzfs_pool.mountpoint}/lz4"
+    Path(mnt, "text").write_bytes(b"compressible line of text\n" * 200_000)
+    expected = rig.tree_digest(Path(mnt))
+    backup(run_zfsmgr, server, dataset)
+    api, manifests = listing(server)
+    m = manifests[0]
+    assert m["compressed_send"] is True and m["compression"] == "none"
+    assert m["key"].endswith(".zfs")
+    assert m["stored_size"] < 5_200_000 // 4  # lz4 blocks as stored, not re-expanded
+    target = f"{openzfs_pool}/back"
+    receive_stored(server, api, manifests, target)
+    assert mounted_files(target) == expected
+
+
+def test_local_store_discards_an_interrupted_receive_with_recv_A(openzfs_pool, tmp_path):
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    base = f"{openzfs_pool}/srv"
+    sh("zfs", "create", "-o", "mountpoint=none", base)
+    source = f"{openzfs_pool}/src"
+    sh("zfs", "create", source)
+    write(f"{openzfs_pool.mountpoint}/src", 5, size=2_000_000)
+    sh("zfs", "snapshot", f"{source}@s1")
+    stream = subprocess.run(["zfs", "send", f"{source}@s1"], capture_output=True,
+                            check=True).stdout
+    chain = f"{base}/c1/tank_data/s1"
+    sh("zfs", "create", "-p", "-o", "mountpoint=none", f"{base}/c1/tank_data")
+    # a server killed mid-commit leaves a partially received dataset with a resume token
+    proc = subprocess.run(["zfs", "recv", "-s", "-u", f"{chain}@s1"],
+                          input=stream[:len(stream) // 2], capture_output=True)
+    assert proc.returncode != 0
+    token = sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip()
+    assert token not in ("-", "")
+    store = ZfsLocalStore(base, str(tmp_path))
+    store.check()  # at startup: recv -A of abandoned partial receives
+    assert subprocess.run(["zfs", "list", chain], capture_output=True).returncode != 0 or \
+        sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip() == "-"
+    # and the same upload can now be committed
+    from zfsmgr.protocol import Manifest
+    import io
+
+    upload_id = uuid.uuid4().hex
+    data = gzip.compress(stream, 1, mtime=0)
+    store.stage_part(upload_id, 0, io.BytesIO(data), len(data))
+    m = store.commit(upload_id, Manifest(
+        key="c1/tank_data_2024-02-13_14:30:00.zfs.gz", client_id="c1", dataset="tank/data",
+        snapshot="s1", type="full", parent=None, compression="gzip", raw_size=len(stream),
+        stored_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        created="2024-02-13T14:30:00+00:00", snapshot_time=1.0, storage_type="local"))
+    assert m.extra["zfs_snapshot"] == f"{chain}@s1"
+
+
+def test_backup_rotate_restore_cycle_with_local_store_on_openzfs(openzfs_pool, server_factory,
+                                                                 run_zfsmgr):
+    base = f"{openzfs_pool}/backups"
+    sh("zfs", "create", "-o", "mountpoint=none", base)
+    policy = {"keep_hourly": 1, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+    server = server_factory("local", base_dataset=base, rotation_policy=policy)
+    dataset = f"{openzfs_pool}/data"
+    sh("zfs", "create", dataset)
+    mnt = f"{openzfs_pool.mountpoint}/data"
+    expected = []
+    for seed in range(3):
+        expected.append(write(mnt, 10 + seed))
+        backup(run_zfsmgr, server, dataset)
+    api, manifests = listing(server)
+    assert [m["type"] for m in manifests] == ["full", "incremental", "incremental"]
+    out = backup(run_zfsmgr, server, dataset, "rotate-remote").stdout
+    assert "deleted 2 backups" in out, out  # local ZFS: any snapshot may go
+    api, left = listing(server)
+    assert len(left) == 1 and left[0]["snapshot"] == manifests[-1]["snapshot"]
+    target = f"{openzfs_pool}/restored"
+    download = api.download(left[0]["key"])  # a full send of the kept snapshot
+    data = b"".join(iter(lambda: download.read(1 << 20), b""))
+    download.close()
+    sh("zfs", "recv", "-u", target, input=data)
+    assert mounted_files(target) == expected[-1]
+    # and the chain continues: the next backup is an incremental on the kept snapshot
+    expected.append(write(mnt, 20))
+    assert ": incremental," in backup(run_zfsmgr, server, dataset).stdout
+
+
+def test_vm_python_runs_the_pyz_with_no_site_packages():
+    out = subprocess.run([sys.executable, "-I", "-S", str(rig.PYZ), "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("zfsmgr ")
