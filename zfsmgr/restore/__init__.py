@@ -1,0 +1,1 @@
+"""Restore: list, restore chains, save, mount, verify."""

@@ -1,0 +1,236 @@
+"""Receiving stored streams into ZFS: verified while they stream, undone when they fail.
+
+`zfs recv` completes as soon as it has read the end record of a stream, so checking the sha256
+after the last write would be too late. `receive_stream` always withholds the last chunk it has
+decompressed until every stored byte has been read and matches the manifest: a damaged or
+truncated object never reaches its end record, and `zfs recv` is killed instead.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from zfsmgr.compress import decompressor
+from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.protocol import Manifest, validate_dataset
+from zfsmgr.restore.listing import snapshot_id
+from zfsmgr.restore.stream import CHUNK, Progress, StoredStream
+from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError, run
+
+# What `zfs recv` says about a stream that is damaged rather than refused.
+_STREAM_TROUBLE = re.compile(r"invalid|checksum|corrupt|truncat|bad magic|unexpected end",
+                             re.IGNORECASE)
+
+StreamOpener = Callable[[Manifest, str], StoredStream]
+
+
+def _write(recv: StreamingCommand, data: bytes, source: StoredStream) -> None:
+    """Write to `zfs recv`; when it died of a damaged stream, blame the object by name."""
+    try:
+        recv.write(data)
+    except ZfsError as exc:
+        if _STREAM_TROUBLE.search(exc.stderr):
+            _blame_object(source)
+        raise
+
+
+def _blame_object(source: StoredStream) -> None:
+    """Raise IntegrityError if the rest of `source` proves that its bytes are damaged."""
+    if source.verifiable:
+        source.drain()
+        source.check()
+
+
+def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool) -> None:
+    """Feed one stored stream into `zfs recv -u [-F] dest`, checked as it passes."""
+    plain = _decoder(source)
+    recv = zfs.receive(dest, force=force, unmounted=True)
+    try:
+        pending = b""
+        while True:
+            try:
+                chunk = plain.read(CHUNK)
+            except (ValueError, RuntimeError) as exc:  # the codec rejected the stored bytes
+                plain.close()
+                _blame_object(source)
+                raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
+            if not chunk:
+                break
+            if pending:
+                _write(recv, pending, source)
+            pending = chunk
+        source.check()  # before the last chunk: a bad object must not complete the receive
+        if pending:
+            _write(recv, pending, source)
+        recv.finish()
+    except BaseException as exc:
+        recv.kill()
+        plain.close()
+        source.close()
+        if isinstance(exc, ZfsError):
+            raise ZfsmgrError(f"cannot receive {source.key} into {dest}:"
+                              f" {_zfs_message(exc)}") from exc
+        raise
+
+
+def _decoder(source: StoredStream):
+    """The plain stream of `source` (zstd needs its binary)."""
+    try:
+        return decompressor(source.compression, source)
+    except (ValueError, RuntimeError) as exc:
+        source.close()
+        raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
+
+
+def _zfs_message(exc: ZfsError) -> str:
+    lines = [line for line in exc.stderr.splitlines() if line.strip()]
+    return " ".join(lines[-2:]) or str(exc)
+
+
+def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest],
+                  dest: str) -> None:
+    """Receive every stream of `chain` into `dest` in order (`recv -F` after the first)."""
+    for index, manifest in enumerate(chain, start=1):
+        label = f"[{index}/{len(chain)}] {snapshot_id(manifest.key)}"
+        source = open_stream(manifest, label)
+        try:
+            receive_stream(zfs, source, dest, force=index > 1)
+        except BaseException:
+            if source.progress is not None:
+                source.progress.finish("failed")
+            raise
+        if source.progress is not None:
+            source.progress.finish("received")
+
+
+# zfs-fuse finishes an aborted receive in its daemon a moment after `zfs recv` is killed; until
+# then the half-received clone keeps the dataset busy ("dataset already exists" on a snapshot).
+_TRANSIENT = re.compile(r"busy|already exists|dependent clones", re.IGNORECASE)
+
+
+def destroy_patiently(zfs: Zfs, name: str, recursive: bool = False, attempts: int = 20,
+                      delay: float = 0.25) -> None:
+    """Destroy `name` if it exists, retrying for a few seconds while zfs calls it busy."""
+    for attempt in range(attempts):
+        if not zfs.exists(name):
+            return
+        try:
+            zfs.destroy(name, recursive=recursive)
+            return
+        except ZfsError as exc:
+            if attempt == attempts - 1 or not _TRANSIENT.search(exc.stderr):
+                raise
+        time.sleep(delay)
+
+
+class Target:
+    """The dataset a restore lands in, and what the restore created on the way.
+
+    A new target is received into directly (its missing parents are created with
+    `zfs create -p`). An existing one is replaced only with `force`, and only after the whole
+    chain has been received and verified under a temporary sibling name, so a failed restore
+    leaves the existing dataset as it was. `undo()` destroys everything this restore created.
+    """
+
+    def __init__(self, zfs: Zfs, name: str, force: bool = False):
+        self.zfs, self.name, self.force = zfs, validate_dataset(name), force
+        self.receive_into = name
+        self.replacing = False
+        self.created: list[str] = []  # datasets made here, parents first
+
+    def check(self) -> None:
+        """Refuse a target this restore may not use (changes nothing)."""
+        if "/" not in self.name:
+            raise UsageError(f"{self.name} is a pool's root dataset: restore into a dataset"
+                             f" below it, such as {self.name}/restored")
+        pool = self.name.split("/")[0]
+        if not self.zfs.exists(pool):
+            raise ZfsmgrError(f"cannot restore into {self.name}: there is no pool {pool}")
+        if self.zfs.exists(self.name) and not self.force:
+            raise ZfsmgrError(f"{self.name} already exists: use --force to replace it"
+                              " (it is left untouched)")
+
+    def prepare(self) -> str:
+        """Check the target and create what it needs; return the dataset to receive into."""
+        self.check()
+        if self.zfs.exists(self.name):
+            self.replacing = True
+            self.receive_into = f"{self.name}-zfsmgr-restore-{secrets.token_hex(3)}"
+            return self.receive_into
+        missing = []
+        parent = self.name.rsplit("/", 1)[0]
+        while "/" in parent and not self.zfs.exists(parent):
+            missing.append(parent)
+            parent = parent.rsplit("/", 1)[0]
+        if missing:
+            run([self.zfs.zfs, "create", "-p", missing[0]])
+            self.created.extend(reversed(missing))
+        return self.receive_into
+
+    def received(self) -> None:
+        """Note that `receive_into` is about to exist, so undo() removes it."""
+        if self.receive_into not in self.created:
+            self.created.append(self.receive_into)
+
+    def commit(self) -> None:
+        """Put the received dataset in place (replacing the old one with --force)."""
+        if not self.replacing:
+            return
+        destroy_patiently(self.zfs, self.name, recursive=True)  # fails with clones or holds
+        try:
+            run([self.zfs.zfs, "rename", self.receive_into, self.name])
+        except ZfsError as exc:
+            self.created.remove(self.receive_into)  # the only copy now: keep it
+            raise ZfsmgrError(f"{self.name} was replaced by the restore, but renaming"
+                              f" {self.receive_into} to {self.name} failed"
+                              f" ({_zfs_message(exc)}): rename it by hand") from exc
+
+    def undo(self) -> None:
+        """Destroy what this restore created, newest first; report what could not be."""
+        for name in reversed(self.created):
+            try:
+                destroy_patiently(self.zfs, name, recursive=name == self.receive_into)
+            except ZfsError as exc:
+                sys.stderr.write(f"zfsmgr: warning: could not remove {name}: {exc}\n")
+        self.created.clear()
+
+    def mount(self) -> str | None:
+        """Mount the restored dataset where it would mount anyway; a warning text on failure."""
+        props = self.zfs._get([self.name], ["canmount", "mountpoint", "mounted"])[self.name]
+        if props.get("canmount") != "on" or props.get("mountpoint") in ("none", "legacy", "-"):
+            return None
+        if props.get("mounted") == "yes":
+            return None
+        try:
+            run([self.zfs.zfs, "mount", self.name])
+        except ZfsError as exc:
+            return (f"{self.name} is restored but not mounted ({_zfs_message(exc)}):"
+                    " see `zfsmgr restore mount`")
+        return None
+
+
+def restore_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest],
+                  target: Target) -> None:
+    """Receive `chain` into `target`; on any failure remove everything it created."""
+    dest = target.prepare()
+    try:
+        target.received()
+        receive_chain(zfs, open_stream, chain, dest)
+        target.commit()
+    except BaseException:
+        target.undo()
+        raise
+    warning = target.mount()
+    if warning:
+        sys.stderr.write(f"zfsmgr: warning: {warning}\n")
+
+
+def progress_opener(client, stream=None) -> StreamOpener:
+    """Open each stream of a chain with a progress line on `stream` (stderr by default)."""
+    def open_stream(manifest: Manifest, label: str) -> StoredStream:
+        return StoredStream(client, manifest, progress=Progress(label, stream=stream))
+    return open_stream

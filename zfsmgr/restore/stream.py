@@ -1,0 +1,207 @@
+"""One stored stream coming down from the server: resumed when the connection breaks, counted
+and hashed as it passes, checked against its manifest at the end. Plus the progress line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from zfsmgr.errors import IntegrityError, ServerUnreachable, ZfsmgrError
+from zfsmgr.protocol import HEADER_SHA256, Manifest
+from zfsmgr.remote import ServerClient, ServerError
+from zfsmgr.restore.listing import human_size
+
+CHUNK = 1 << 20
+RETRIES = 5  # reconnections in a row without a byte in between
+BACKOFF = 0.5  # seconds before the first reconnection; doubles each time
+
+
+class Progress:
+    """Bytes and rate of one transfer: a `\\r` line on a terminal, else one summary line."""
+
+    def __init__(self, label: str, total: int | None = None,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+        self.label, self.total, self.clock = label, total, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.started, self._shown = 0, clock(), 0.0
+
+    def _rate(self, now: float) -> str:
+        return f"{human_size(int(self.done / max(now - self.started, 1e-6)))}/s"
+
+    def advance(self, count: int) -> None:
+        """Count `count` more bytes; redraw the terminal line at most four times a second."""
+        self.done += count
+        now = self.clock()
+        if self.tty and now - self._shown >= 0.25:
+            self._shown = now
+            of = f" of {human_size(self.total)}" if self.total else ""
+            self.stream.write(f"\r{self.label}: {human_size(self.done)}{of}"
+                              f" {self._rate(now)}\x1b[K")
+            self.stream.flush()
+
+    def finish(self, outcome: str = "done") -> None:
+        """Print the summary line."""
+        now = self.clock()
+        line = (f"{self.label}: {outcome}, {human_size(self.done)} in"
+                f" {now - self.started:.1f}s ({self._rate(now)})")
+        self.stream.write(("\r" + line + "\x1b[K\n") if self.tty else line + "\n")
+        self.stream.flush()
+
+
+class StoredStream:
+    """The stored bytes of one backup, read in order with `read(n)`.
+
+    A connection that breaks (error, or end of body before the recorded size) is reopened with
+    `Range: bytes=N-` from the byte reached, up to `retries` times in a row with a doubling
+    backoff. `check()` at the end raises IntegrityError naming the key unless the bytes had the
+    recorded size and sha256. Downloads from `local` storage carry neither (they are a fresh
+    `zfs send`); those are left to zfs's own stream checksums.
+    """
+
+    def __init__(self, client: ServerClient, manifest: Manifest, progress: Progress | None = None,
+                 retries: int = RETRIES, backoff: float = BACKOFF,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.client, self.manifest, self.progress = client, manifest, progress
+        self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        self.offset, self.hash, self.eof = 0, hashlib.sha256(), False
+        self.key = manifest.key
+        self.local = manifest.storage_type == "local"
+        self._failures = 0  # in a row, without a byte in between
+        self._body = self._open_retrying(None)
+        headers = self._body.headers
+        self.compression = headers.get("X-Compression") or manifest.compression
+        sha = headers.get(HEADER_SHA256)
+        self.expected_sha = (sha if sha is not None else manifest.sha256).strip().lower()
+        stored = (headers.get("X-Stored-Size") or "").strip()
+        self.size: int | None = int(stored) if stored.isdigit() else (
+            None if self.local else manifest.stored_size)
+        self._check_length(self._body)
+        if progress is not None and progress.total is None:
+            progress.total = self.size
+
+    def _open(self):
+        try:
+            body = self.client.download(self.key, self.offset)
+        except ServerError as exc:
+            if exc.status in (404, 416):
+                raise IntegrityError(f"{self.key} is missing from the server's storage:"
+                                     f" {exc.server_message}") from None
+            raise
+        status = body.response.status
+        expected = (206, 200) if self.local else (206,)  # local: the server skips in the send
+        if (status not in expected) if self.offset else (status != 200):
+            body.close()
+            raise ZfsmgrError(f"download of {self.key} from byte {self.offset}: unexpected"
+                              f" HTTP status {status}")
+        if status == 206:
+            start = (body.headers.get("Content-Range") or "").split(" ")[-1].split("-")[0]
+            if start != str(self.offset):
+                body.close()
+                raise ZfsmgrError(f"download of {self.key}: asked for byte {self.offset}, the"
+                                  f" server answered {body.headers.get('Content-Range')!r}")
+        return body
+
+    def _check_length(self, body) -> None:
+        """A body whose length contradicts the recorded size means the object was changed."""
+        length = (body.headers.get("Content-Length") or "").strip()
+        if self.size is not None and length.isdigit() and self.offset + int(length) != self.size:
+            body.close()
+            raise IntegrityError(f"{self.key} is damaged: the server holds"
+                                 f" {self.offset + int(length)} bytes, the manifest records"
+                                 f" {self.size}")
+
+    def read(self, size: int = CHUNK) -> bytes:
+        """Up to `size` stored bytes; b"" once the whole object has been read."""
+        if self.eof or size == 0:
+            return b""
+        while True:
+            if self._body is None:  # closed by the caller: carry on from the byte reached
+                self._body = self._open_retrying(None)
+                self._check_length(self._body)
+            failure: BaseException | None = None
+            try:
+                data = self._body.read(size)
+            except (OSError, http.client.HTTPException) as exc:
+                data, failure = b"", exc
+            if data:
+                self._failures = 0
+                return self._count(data)
+            if failure is None and (self.size is None or self.offset >= self.size):
+                self.eof = True
+                self.close()
+                return b""
+            self.close()
+            self._body = self._open_retrying(failure or "connection closed early")
+            self._check_length(self._body)
+
+    def _count(self, data: bytes) -> bytes:
+        self.offset += len(data)
+        self.hash.update(data)
+        if self.size is not None and self.offset > self.size:
+            raise IntegrityError(f"{self.key} is damaged: the server sent more than the"
+                                 f" {self.size} bytes the manifest records")
+        if self.progress is not None:
+            self.progress.advance(len(data))
+        return data
+
+    def _open_retrying(self, failure):
+        """(Re)open the download at `offset`, through transient trouble, with backoff."""
+        while True:
+            if failure is not None:
+                self._failures += 1
+                if self._failures > self.retries:
+                    raise ServerUnreachable(f"download of {self.key} failed at byte"
+                                            f" {self.offset} after {self.retries} retries:"
+                                            f" {failure}")
+                self.sleep(self.backoff * 2 ** (self._failures - 1))
+            try:
+                return self._open()
+            except ServerUnreachable as exc:
+                failure = exc
+            except ServerError as exc:
+                if not exc.transient:
+                    raise
+                failure = exc
+
+    def damage(self) -> str | None:
+        """Why the bytes read do not match the manifest (None if they do); call at the end."""
+        if self.size is not None and self.offset != self.size:
+            return f"{self.offset} bytes where the manifest records {self.size}"
+        digest = self.hash.hexdigest()
+        if self.expected_sha and digest != self.expected_sha:
+            return f"sha256 {digest} where the manifest records {self.expected_sha}"
+        return None
+
+    def check(self) -> None:
+        """Raise IntegrityError naming the key unless all was read and matches the manifest."""
+        if not self.eof:
+            raise IntegrityError(f"{self.key}: the stream ended at byte {self.offset} before"
+                                 " the end of the stored object")
+        problem = self.damage()
+        if problem:
+            raise IntegrityError(f"{self.key} is damaged: {problem}")
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the object, discarding it."""
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether the server gave a checksum to compare the bytes with."""
+        return bool(self.expected_sha)
+
+    def close(self) -> None:
+        """Drop the connection (reading again reconnects)."""
+        if self._body is not None:
+            try:
+                self._body.close()
+            except OSError:
+                pass
+            self._body = None
