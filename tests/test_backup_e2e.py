@@ -204,3 +204,13 @@ def _parts_logged(server):
 def _snapshots_after_restart(server):
     server.start()
     return _snapshots(server)
+
+
+def test_backups_in_quick_succession_get_distinct_keys(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = client_env(server, dataset)
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    run_zfsmgr(["client", "backup-full"], env=env, check=True)  # no pause in between
+    keys = [m["key"] for m in _snapshots(server)]
+    assert len(keys) == 2 and len(set(keys)) == 2

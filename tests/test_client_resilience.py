@@ -94,11 +94,13 @@ def test_server_sigterm_keeps_uploads_resumable(pool, server_factory):
 
 def test_progress_line_on_a_tty_and_silence_otherwise():
     stream = io.StringIO()
-    progress = Progress("backup x", total=1000, stream=stream, live=True)
-    progress.last -= 1
+    ticks = iter([0.0, 2.0, 3.0])
+    progress = Progress("backup x", total=1000, stream=stream, live=True,
+                        clock=lambda: next(ticks))
     progress.update(500)
     progress.finish()
-    assert "backup x: 500 B" in stream.getvalue() and "50%" in stream.getvalue()
+    shown = stream.getvalue()
+    assert "backup x: 500 B of 1000 B at 250 B/s, 50%, ETA 2s" in shown
     quiet = io.StringIO()
     progress = Progress("backup x", total=1000, stream=quiet, live=False)
     progress.update(500)

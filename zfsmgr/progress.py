@@ -1,48 +1,67 @@
-"""Progress for people (a live line on a TTY) and for cron (one summary line)."""
+"""Progress for people (a live line on a TTY) and for cron (one summary line at most)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
+
+_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 
 
 def human(size: float) -> str:
-    """1536 -> '1.5 KB' (powers of 1024, the seed's units)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} PB"
+    """Bytes as the seed shows them, in powers of 1024: `512 B`, `1.2 GB`."""
+    value, unit = float(size), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    return f"{int(size)} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
 
 
 class Progress:
-    """Prints `bytes, rate, ETA` at most twice a second when stderr is a TTY."""
+    """Bytes, rate and ETA of one transfer: a `\\r` line on a terminal, redrawn at most four
+    times a second; `finish(outcome)` prints one summary line, `finish()` just clears."""
 
     def __init__(self, label: str, total: Optional[int] = None,
-                 stream: Optional[TextIO] = None, live: Optional[bool] = None):
-        self.label, self.total = label, total
-        self.stream = stream or sys.stderr
-        self.live = self.stream.isatty() if live is None else live
-        self.started = self.last = time.monotonic()
-        self.done = 0
+                 stream: Optional[TextIO] = None, live: Optional[bool] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.label, self.total, self.clock = label, total, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)()) if live is None \
+            else live
+        self.done, self.started, self._shown = 0, clock(), float("-inf")
+
+    def _rate(self, now: float) -> float:
+        return self.done / max(now - self.started, 1e-6)
+
+    def advance(self, count: int) -> None:
+        """Count `count` more bytes."""
+        self.update(self.done + count)
 
     def update(self, done: int) -> None:
-        """Record bytes done; redraw if due."""
+        """Record the bytes done so far; redraw the line when due."""
         self.done = done
-        now = time.monotonic()
-        if self.live and now - self.last >= 0.5:
-            self.last = now
-            rate = done / max(now - self.started, 1e-6)
-            line = f"{self.label}: {human(done)} at {human(rate)}/s"
+        now = self.clock()
+        if self.live and now - self._shown >= 0.25:
+            self._shown = now
+            rate = self._rate(now)
+            line = f"{self.label}: {human(done)}"
+            if self.total:
+                line += f" of {human(self.total)}"
+            line += f" at {human(rate)}/s"
             if self.total and rate > 0 and done <= self.total:
                 line += f", {done * 100 // self.total}%, ETA {int((self.total - done) / rate)}s"
-            self.stream.write("\r" + line.ljust(78)[:120])
+            self.stream.write(f"\r{line}\x1b[K")
             self.stream.flush()
 
-    def finish(self) -> float:
-        """Clear the live line; return seconds elapsed."""
-        if self.live:
-            self.stream.write("\r" + " " * 78 + "\r")
-            self.stream.flush()
-        return time.monotonic() - self.started
+    def finish(self, outcome: Optional[str] = None) -> float:
+        """End the line: print `label: outcome, bytes in time (rate)` if given; seconds taken."""
+        now = self.clock()
+        if outcome is not None:
+            line = (f"{self.label}: {outcome}, {human(self.done)} in {now - self.started:.1f}s"
+                    f" ({human(self._rate(now))}/s)")
+            self.stream.write(f"\r{line}\x1b[K\n" if self.live else line + "\n")
+        elif self.live:
+            self.stream.write("\r\x1b[K")
+        self.stream.flush()
+        return now - self.started

@@ -48,6 +48,7 @@ class Download:
     def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
         self.conn, self.response = conn, response
         self.headers = response.headers
+        self.status = response.status
 
     def read(self, size: int) -> bytes:
         return self.response.read(size)

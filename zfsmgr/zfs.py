@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import IO, Dict, Iterable, List, Optional, Sequence
 
@@ -162,8 +163,9 @@ class Zfs:
     def __init__(self, zfs: str = "zfs", zpool: str = "zpool"):
         self.zfs, self.zpool = zfs, zpool
 
-    def _get(self, targets: Sequence[str], props: Iterable[str], recursive_depth: int = 0
-             ) -> Dict[str, Dict[str, str]]:
+    def props(self, targets: Sequence[str], props: Iterable[str],
+              recursive_depth: int = 0) -> Dict[str, Dict[str, str]]:
+        """Raw property values by name: {target: {prop: value}} (`-` when unset)."""
         argv = [self.zfs, "get", "-Hp"]
         if recursive_depth:
             argv += ["-r", "-d", str(recursive_depth)]
@@ -184,7 +186,7 @@ class Zfs:
 
     def get(self, name: str, prop: str) -> str:
         """One property's raw value."""
-        return self._get([name], [prop])[name][prop]
+        return self.props([name], [prop])[name][prop]
 
     def set(self, name: str, prop: str, value: str) -> None:
         """Set a property."""
@@ -194,7 +196,7 @@ class Zfs:
         """Snapshots of one dataset (not its children), oldest first."""
         props = ["guid", "createtxg", "creation", "userrefs"] + [
             PROPERTY_PREFIX + p for p in user_props]
-        found = self._get([dataset], props, recursive_depth=1)
+        found = self.props([dataset], props, recursive_depth=1)
         snaps = [Snapshot(name, v["guid"], int(v["createtxg"]), int(v["creation"]),
                           int(v["userrefs"]) if v.get("userrefs", "-").isdigit() else 0,
                           {k: v.get(k, "-") for k in props[4:]})
@@ -221,17 +223,16 @@ class Zfs:
         run(argv + [name])
 
     def destroy(self, name: str, recursive: bool = False) -> None:
-        """Destroy a dataset/snapshot/bookmark, retrying once for zfs-fuse's busy mounts."""
+        """Destroy a dataset/snapshot/bookmark, retrying a few seconds while zfs says busy."""
         argv = [self.zfs, "destroy"] + (["-r"] if recursive else []) + [name]
-        try:
-            run(argv)
-        except ZfsError as exc:
-            if "busy" not in exc.stderr:
-                raise
-            import time
-
-            time.sleep(0.3)
-            run(argv)
+        for delay in (0.2, 0.5, 1.0, 2.0, None):  # zfs-fuse settles a killed recv/mount late
+            try:
+                run(argv)
+                return
+            except ZfsError as exc:
+                if delay is None or not ("busy" in exc.stderr or "already exists" in exc.stderr):
+                    raise
+                time.sleep(delay)
 
     def hold(self, snapshot: str, tag: str = HOLD_TAG) -> None:
         """Put a user hold on a snapshot."""

@@ -144,6 +144,7 @@ class Backup:
             log.info("the chain reached the server's limit: sending a full backup")
             mode = "full"
         base = self.choose_base(mode, features, on_server)
+        self._wait_for_a_new_second(on_server)
         name = new_snapshot_name(self.zfs, self.dataset)
         self.zfs.snapshot(name, {"kind": "backup"})
         snap = next(s for s in self.zfs.snapshots(self.dataset, PROPS) if s.name == name)
@@ -161,6 +162,13 @@ class Backup:
             self._use_c = features.compressed_send and not features.raw_send and \
                 self.zfs.get(self.dataset, "compression") not in ("off", "-")
         return self._use_c
+
+    def _wait_for_a_new_second(self, on_server: List[dict]) -> None:
+        """Keys carry the snapshot's creation second: never reuse one (a quick re-run)."""
+        latest = max([s.creation for s in self.zfs.snapshots(self.dataset)]
+                     + [int(m["snapshot_time"]) for m in on_server], default=0)
+        while time.time() < latest + 1:
+            self.sleep(latest + 1 - time.time() + 0.01)
 
     def _request(self, snap: Snapshot, base: Optional[Base], features: Features,
                  codec: str) -> dict:

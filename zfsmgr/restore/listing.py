@@ -10,22 +10,14 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
 from zfsmgr.errors import UsageError
+from zfsmgr.progress import human
 from zfsmgr.protocol import COMPRESSIONS, Manifest, parse_key, parse_timestamp
 
 Numbered = list[tuple[int, Manifest]]
-_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 HEADER = ("#", "Snapshot ID", "Timestamp", "Size", "Type", "Dataset")
 
 
-def human_size(size: int) -> str:
-    """Bytes as the seed shows them, in powers of 1024: `512 B`, `1.2 GB`."""
-    value, unit = float(size), 0
-    while value >= 1024 and unit < len(_UNITS) - 1:
-        value /= 1024
-        unit += 1
-    if unit == 0:
-        return f"{int(size)} B"
-    return f"{value:.1f} {_UNITS[unit]}"
+human_size = human  # the seed's units, shared with progress lines
 
 
 def snapshot_id(key: str) -> str:

@@ -20,7 +20,7 @@ def mount(zfs: Zfs, dataset: str, mountpoint: str) -> str:
     what = f"cannot mount {dataset} on {path}"
     if not zfs.exists(dataset):
         raise ZfsmgrError(f"{what}: there is no dataset {dataset}")
-    props = zfs._get([dataset], ["type", "canmount", "mountpoint", "mounted"])[dataset]
+    props = zfs.props([dataset], ["type", "canmount", "mountpoint", "mounted"])[dataset]
     if props.get("type") != "filesystem":
         raise ZfsmgrError(f"{what}: it is a {props.get('type')}, not a filesystem")
     if props.get("mounted") == "yes" and props.get("mountpoint") == path:

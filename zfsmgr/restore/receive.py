@@ -200,7 +200,7 @@ class Target:
 
     def mount(self) -> str | None:
         """Mount the restored dataset where it would mount anyway; a warning text on failure."""
-        props = self.zfs._get([self.name], ["canmount", "mountpoint", "mounted"])[self.name]
+        props = self.zfs.props([self.name], ["canmount", "mountpoint", "mounted"])[self.name]
         if props.get("canmount") != "on" or props.get("mountpoint") in ("none", "legacy", "-"):
             return None
         if props.get("mounted") == "yes":

@@ -6,52 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from zfsmgr.errors import IntegrityError, ServerUnreachable, ZfsmgrError
 from zfsmgr.protocol import HEADER_SHA256, Manifest
 from zfsmgr.remote import ServerClient, ServerError
-from zfsmgr.restore.listing import human_size
+from zfsmgr.progress import Progress
 
 CHUNK = 1 << 20
 RETRIES = 5  # reconnections in a row without a byte in between
 BACKOFF = 0.5  # seconds before the first reconnection; doubles each time
-
-
-class Progress:
-    """Bytes and rate of one transfer: a `\\r` line on a terminal, else one summary line."""
-
-    def __init__(self, label: str, total: int | None = None,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
-        self.label, self.total, self.clock = label, total, clock
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.done, self.started, self._shown = 0, clock(), 0.0
-
-    def _rate(self, now: float) -> str:
-        return f"{human_size(int(self.done / max(now - self.started, 1e-6)))}/s"
-
-    def advance(self, count: int) -> None:
-        """Count `count` more bytes; redraw the terminal line at most four times a second."""
-        self.done += count
-        now = self.clock()
-        if self.tty and now - self._shown >= 0.25:
-            self._shown = now
-            of = f" of {human_size(self.total)}" if self.total else ""
-            self.stream.write(f"\r{self.label}: {human_size(self.done)}{of}"
-                              f" {self._rate(now)}\x1b[K")
-            self.stream.flush()
-
-    def finish(self, outcome: str = "done") -> None:
-        """Print the summary line."""
-        now = self.clock()
-        line = (f"{self.label}: {outcome}, {human_size(self.done)} in"
-                f" {now - self.started:.1f}s ({self._rate(now)})")
-        self.stream.write(("\r" + line + "\x1b[K\n") if self.tty else line + "\n")
-        self.stream.flush()
 
 
 class StoredStream:

@@ -70,8 +70,8 @@ class ZfsLocalStore(Store):
         """
         if not self._resumable or not self.zfs.exists(root):
             return []
-        found = self.zfs._get([root], ["receive_resume_token"],
-                              recursive_depth=4 if recursive else 0)
+        found = self.zfs.props([root], ["receive_resume_token"],
+                               recursive_depth=4 if recursive else 0)
         cleared = []
         for name, props in found.items():
             if "@" not in name and props.get("receive_resume_token", "-") not in ("-", ""):
@@ -102,7 +102,7 @@ class ZfsLocalStore(Store):
         """Every snapshot under `root` with its guid and manifest property."""
         if not self.zfs.exists(root):
             return {}
-        found = self.zfs._get([root], ["guid", MANIFEST_PROP], recursive_depth=3)
+        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=3)
         return {name: props for name, props in found.items() if "@" in name}
 
     def _chain_for(self, manifest: Manifest) -> str:
