@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -166,3 +167,25 @@ def test_directory_store_keys_cannot_escape(tmp_path):
     for key in ("../x", "/etc/passwd", "c1/../../x", ".uploads/abc"):
         with pytest.raises(StorageError):
             store._path(key)
+
+
+def test_expiry_discards_abandoned_uploads_and_incomplete_multipart(backend, tmp_path):
+    from zfsmgr.server.catalog import Catalog
+    from zfsmgr.server.uploads import Uploads
+
+    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
+                      10000, expiry_seconds=3600)
+    orphan = uuid.uuid4().hex  # staged data whose session file was lost
+    backend.stage_part(orphan, 0, io.BytesIO(b"x" * 1000), 1000)
+    pending = None
+    if backend.kind == "s3":  # a part upload that died half way: only a multipart upload
+        from zfsmgr.storage.s3 import STAGING
+
+        pending = uuid.uuid4().hex
+        key = f"{STAGING}{pending}/part-000000"
+        backend.client._create_multipart_upload(backend.bucket, key, {})
+    assert orphan in dict(backend.staged_uploads())
+    assert uploads.expire({backend.kind: backend}) == []  # young: kept
+    expired = uploads.expire({backend.kind: backend}, now=time.time() + 7200)
+    assert orphan in expired and (pending is None or pending in expired)
+    assert backend.staged_uploads() == []

@@ -119,8 +119,12 @@ def serve(ctx) -> int:
 
 
 def _janitor(ctx, stop: threading.Event) -> None:
-    while not stop.wait(600):
+    """Discard abandoned uploads now and every ten minutes."""
+    ctx.store_named(ctx.default_kind())
+    while True:
         try:
             ctx.uploads.expire(ctx.stores())
         except Exception as exc:  # keep serving; say why cleanup failed
             log.warning("cleanup of abandoned uploads failed: %s", exc)
+        if stop.wait(600):
+            return

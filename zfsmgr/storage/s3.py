@@ -162,6 +162,12 @@ class S3Store(Store):
             upload_id = obj.object_name[len(STAGING):].split("/", 1)[0]
             stamp = obj.last_modified.timestamp() if obj.last_modified else 0.0
             latest[upload_id] = max(latest.get(upload_id, 0.0), stamp)
+        pending = self._call("multipart listing", self.client._list_multipart_uploads,
+                             self.bucket, prefix=STAGING)
+        for upload in pending.uploads:  # a part whose upload died before completing
+            upload_id = upload.object_name[len(STAGING):].split("/", 1)[0]
+            stamp = upload.initiated_time.timestamp() if upload.initiated_time else 0.0
+            latest[upload_id] = max(latest.get(upload_id, 0.0), stamp)
         return sorted(latest.items())
 
     def open(self, manifest, offset=0):

@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""zfsmgr throughput and memory benchmark (a script, not a test): prints figures, asserts nothing.
+
+    python3 tests/bench/bench.py [--size 1G] [--rss-sizes 1G,4G] [--skip-gzip-ref]
+
+Needs root, zfs-fuse and the built dist/zfsmgr.pyz. For each case it prints MiB/s of the raw
+`zfs send` stream, the ratio to that case's baseline measured in the same run, and the peak RSS
+of the client and server processes (sampled from /proc every 20 ms, children included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+import rig  # noqa: E402
+from zfsmgr.compress import GzipBlockCompressor  # noqa: E402
+from zfsmgr.settings import as_size  # noqa: E402
+
+MIB = 1 << 20
+
+
+def tree_rss(pid: int) -> int:
+    """RSS in bytes of a process and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return total
+
+
+class PeakRss(threading.Thread):
+    """Samples the RSS of a process tree until stopped; .peak is the maximum seen."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.join()
+        return self.peak
+
+
+def mixed_file(path: Path, size: int, seed: int = 1) -> None:
+    """1/3 random, 1/3 zeros, 1/3 text-like, interleaved in 1 MiB blocks."""
+    rng = random.Random(seed)
+    words = [b"zfs", b"snapshot", b"backup", b"dataset", b"pool", b"stream", b"block"]
+    text = b" ".join(rng.choice(words) for _ in range(MIB // 5))[:MIB]
+    with open(path, "wb") as out:
+        for i in range(size // MIB):
+            out.write((rng.randbytes(MIB), bytes(MIB), text)[i % 3])
+
+
+def timed(argv, **kwargs) -> float:
+    start = time.monotonic()
+    subprocess.run(argv, check=True, **kwargs)
+    return time.monotonic() - start
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return nbytes / MIB / max(seconds, 1e-9)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.rows = args, []
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        rig.WORK = self.work
+        rig.ensure_zfs_daemon()
+        self.pool = rig.Pool("zbench")
+        subprocess.run(["zpool", "destroy", self.pool.name], check=True)
+        need = max(as_size(s) for s in args.rss_sizes.split(",")) * 3 + (2 << 30)
+        subprocess.run(["truncate", "-s", str(need), str(self.pool.image)], check=True)
+        subprocess.run(["zpool", "create", "-o", "cachefile=none", "-O", "atime=off",
+                        "-O", "compression=off", "-m", str(self.pool.mnt), self.pool.name,
+                        str(self.pool.image)], check=True)
+
+    def row(self, case, nbytes, seconds, baseline=None, client_rss=None, server_rss=None):
+        mibs = rate(nbytes, seconds)
+        self.rows.append({"case": case, "MiB/s": round(mibs, 1),
+                          "ratio": round(mibs / baseline, 2) if baseline else None,
+                          "client_rss_MiB": round(client_rss / MIB, 1) if client_rss else None,
+                          "server_rss_MiB": round(server_rss / MIB, 1) if server_rss else None})
+        r = self.rows[-1]
+        print(f"{case:<46} {r['MiB/s']:>8} MiB/s  ratio {r['ratio'] or '-':>5}  client"
+              f" {r['client_rss_MiB'] or '-':>6} MiB  server {r['server_rss_MiB'] or '-':>6} MiB",
+              flush=True)
+        return mibs
+
+    def dataset(self, name: str, size: int) -> str:
+        ds = f"{self.pool.name}/{name}"
+        subprocess.run(["zfs", "create", ds], check=True)
+        mixed_file(self.pool.mountpoint(ds) / "data", size, seed=len(name))
+        os.sync()
+        subprocess.run(["zfs", "snapshot", f"{ds}@bench"], check=True)
+        return ds
+
+    def server(self, clients=1, name="srv"):
+        workdir = self.work / name
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir()
+        keys = {f"c{i}": f"key-{i}-{os.urandom(8).hex()}" for i in range(clients)}
+        (workdir / "clients.json").write_text(json.dumps([
+            {"client_id": c, "api_key": hashlib.sha256(k.encode()).hexdigest(),
+             "storage_type": "dir", "enabled": True} for c, k in keys.items()]))
+        env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1",
+               "STORAGE_DIR": str(workdir / "store")}
+        return rig.ServerProcess(workdir, env).start(), keys
+
+    def backup(self, server, keys, datasets, compress):
+        """Run one `client backup-full` per dataset at once; (seconds, client peak RSS)."""
+        procs, samplers = [], []
+        start = time.monotonic()
+        for (client, key), ds in zip(keys.items(), datasets):
+            env = rig.clean_env({"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url,
+                                 "LOCAL_DATASET": ds, "COMPRESS": compress,
+                                 "STATE_DIR": str(server.workdir / f"state-{client}")})
+            p = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client",
+                                  "backup-full"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            procs.append(p)
+            samplers.append(PeakRss(p.pid))
+            samplers[-1].start()
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise SystemExit(f"backup failed: {err}")
+        seconds = time.monotonic() - start
+        return seconds, max(s.finish() for s in samplers)
+
+    def run(self):
+        size = as_size(self.args.size)
+        cores = os.cpu_count() or 1
+        print(f"# zfsmgr benchmark: {size // MIB} MiB mixed stream, {cores} cores,"
+              f" {time.strftime('%Y-%m-%d %H:%M')}")
+        ds = self.dataset("one", size)
+        stream = self.work / "stream.bin"
+        with open(stream, "wb") as out:
+            subprocess.run(["zfs", "send", f"{ds}@bench"], stdout=out, check=True)
+        raw = stream.stat().st_size
+
+        # gzip: the all-cores zlib limit, and pigz / gzip for reference
+        start = time.monotonic()
+        with open(stream, "rb") as src, GzipBlockCompressor(src, 1, threads=cores) as comp:
+            while comp.read(MIB):
+                pass
+        limit = self.row(f"zlib -1 on {cores} cores, one process (limit)", raw,
+                         time.monotonic() - start)
+        if shutil.which("pigz"):
+            with open(stream, "rb") as src:
+                self.row(f"pigz -p{cores} -1 (reference)", raw,
+                         timed(["pigz", f"-p{cores}", "-1"], stdin=src,
+                               stdout=subprocess.DEVNULL), limit)
+        if not self.args.skip_gzip_ref:
+            with open(stream, "rb") as src:
+                self.row("gzip -1 (reference)", raw,
+                         timed(["gzip", "-1"], stdin=src, stdout=subprocess.DEVNULL), limit)
+        server, keys = self.server()
+        sampler = PeakRss(server.proc.pid)
+        sampler.start()
+        seconds, client_rss = self.backup(server, dict(list(keys.items())[:1]), [ds], "gzip")
+        self.row("backup gzip -> server -> dir store", raw, seconds, limit, client_rss,
+                 sampler.finish())
+
+        # uncompressed: against cat > file (+ fsync, as the store does) on the same disk
+        copy = self.work / "copy.bin"
+        start = time.monotonic()
+        with open(stream, "rb") as src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst, MIB)
+            dst.flush()
+            os.fsync(dst.fileno())
+        cat = self.row("cat stream > file, fsync (baseline)", raw, time.monotonic() - start)
+        copy.unlink()
+        server2, keys2 = self.server(name="srv-none")
+        sampler = PeakRss(server2.proc.pid)
+        sampler.start()
+        seconds, client_rss = self.backup(server2, keys2, [ds], "none")
+        self.row("backup uncompressed -> server -> dir store", raw, seconds, cat, client_rss,
+                 sampler.finish())
+        server2.stop()
+
+        # restore: against gunzip -c stored | zfs recv
+        stored = next((server.workdir / "store").rglob("*.zfs.gz"))
+        start = time.monotonic()
+        gunzip = subprocess.Popen(["gunzip", "-c", str(stored)], stdout=subprocess.PIPE)
+        subprocess.run(["zfs", "recv", "-u", f"{self.pool.name}/base1"], stdin=gunzip.stdout,
+                       check=True)
+        gunzip.wait()
+        base = self.row("gunzip -c stored | zfs recv (baseline)", raw, time.monotonic() - start)
+        client, key = next(iter(keys.items()))
+        env = rig.clean_env({"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url})
+        start = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "restore", "restore",
+                              "1", f"{self.pool.name}/restored"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sampler = PeakRss(p.pid)
+        sampler.start()
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"restore failed: {err}")
+        self.row("zfsmgr restore (download, verify, recv)", raw, time.monotonic() - start, base,
+                 sampler.finish())
+        server.stop()
+
+        # four clients at once against one
+        quarter = max(MIB * 3, size // 4 // (3 * MIB) * 3 * MIB)
+        sets = [self.dataset(f"q{i}", quarter) for i in range(4)]
+        qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
+                for d in sets]
+        server4, keys4 = self.server(clients=4, name="srv4")
+        seconds, _ = self.backup(server4, dict(list(keys4.items())[:1]), sets[:1], "gzip")
+        one = self.row("one client, 1/4 size, gzip", qraw[0], seconds)
+        server4.stop()
+        server4, keys4 = self.server(clients=4, name="srv4b")
+        sampler = PeakRss(server4.proc.pid)
+        sampler.start()
+        seconds, client_rss = self.backup(server4, keys4, sets, "gzip")
+        self.row("four clients at once, aggregate", sum(qraw), seconds, one, client_rss,
+                 sampler.finish())
+        server4.stop()
+
+        # peak RSS does not grow with the stream
+        for text in self.args.rss_sizes.split(","):
+            n = as_size(text)
+            big = self.dataset(f"rss{n // MIB}", n)
+            srv, k = self.server(name=f"srv-rss{n // MIB}")
+            sampler = PeakRss(srv.proc.pid)
+            sampler.start()
+            seconds, client_rss = self.backup(srv, k, [big], "gzip")
+            self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
+                     sampler.finish())
+            srv.stop()
+        return self.rows
+
+    def close(self):
+        self.pool.destroy()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1G", help="stream size for the throughput cases")
+    parser.add_argument("--rss-sizes", default="1G,4G", help="stream sizes for peak RSS")
+    parser.add_argument("--skip-gzip-ref", action="store_true", help="skip slow gzip -1")
+    parser.add_argument("--workdir", default="/var/tmp/zfsmgr-bench")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    if not rig.PYZ.exists():
+        subprocess.run([sys.executable, str(rig.ROOT / "build_zipapp.py")], check=True)
+    bench = Bench(args)
+    try:
+        rows = bench.run()
+    finally:
+        bench.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
