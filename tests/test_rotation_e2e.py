@@ -181,3 +181,44 @@ def test_chain_limit_makes_the_next_backup_full(pool, server_factory, run_zfsmgr
         kinds.append(out.split(": ", 1)[1].split(",", 1)[0])
         time.sleep(1.1)
     assert kinds == ["full", "incremental", "incremental", "full"]
+
+
+def test_long_history_with_rotations_keeps_every_listed_snapshot_restorable(pool,
+                                                                            server_factory):
+    policy = {"keep_hourly": 0, "keep_daily": 4, "keep_weekly": 2, "keep_monthly": 1}
+    server = server_factory("dir", rotation_policy=policy)
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    dataset = pool.create("long")
+    mnt = pool.mountpoint(dataset)
+    digests, count, chain_length = {}, 24, 6
+    start = time.time() - count * 86400
+    for i in range(count):
+        digests[f"s{i}"] = rig.write_files(mnt, seed=200 + i, count=1, size=30_000)
+        rig.sh("zfs", "snapshot", f"{dataset}@s{i}")
+        parent = None if i % chain_length == 0 else f"s{i - 1}"
+        argv = ["zfs", "send"] + (["-i", f"{dataset}@{parent}"] if parent else []) + [
+            f"{dataset}@s{i}"]
+        stream = subprocess.run(argv, capture_output=True, check=True).stdout
+        upload_stream(api, dataset, f"s{i}", gzip.compress(stream, 1, mtime=0),
+                      start + i * 86400, parent)
+        if i % 5 == 4:  # rotations in between
+            api.call("POST", protocol.ROTATE, {"dry_run": False})
+    api.call("POST", protocol.ROTATE, {"dry_run": False})
+    left = api.call("GET", protocol.SNAPSHOTS)["snapshots"]
+    names = [m["snapshot"] for m in left]
+    # 4 days + 2 weeks + 1 month, plus the bases those need; the rest went whole
+    assert f"s{count - 1}" in names and 6 <= len(names) < count, names
+    by_snap = {m["snapshot"]: m for m in left}
+    for m in left:  # every chain is whole
+        assert m["parent"] is None or m["parent"] in by_snap
+    status = api.call("GET", protocol.STATUS)
+    assert status["used_bytes"] == sum(m["stored_size"] for m in left) == sum(
+        p.stat().st_size for p in server.storage_dir.rglob("*.zfs.gz"))
+    target = f"{pool.name}/check"
+    for m in left:
+        restore_chain(api, pool, left, m["key"], target)
+        clone = f"{pool.name}/view"
+        rig.sh("zfs", "clone", "-o", f"mountpoint={pool.dir}/view", f"{target}@{m['snapshot']}",
+               clone)
+        assert rig.tree_digest(pool.dir / "view") == digests[m["snapshot"]], m["snapshot"]
+        rig.sh("zfs", "destroy", clone)
