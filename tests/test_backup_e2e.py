@@ -214,3 +214,26 @@ def test_backups_in_quick_succession_get_distinct_keys(pool, server_factory, run
     run_zfsmgr(["client", "backup-full"], env=env, check=True)  # no pause in between
     keys = [m["key"] for m in _snapshots(server)]
     assert len(keys) == 2 and len(set(keys)) == 2
+
+
+def test_zstd_backup_is_a_plain_zstd_file(pool, server_factory, run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    expected = rig.write_files(pool.mountpoint(dataset), seed=11, count=2)
+    env = client_env(server, dataset, COMPRESS="zstd", COMPRESS_LEVEL="3")
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    manifest = _snapshots(server)[0]
+    assert manifest["key"].endswith(".zfs.zst") and manifest["compression"] == "zstd"
+    stream = subprocess.run(["zstd", "-d", "-c", str(server.storage_dir / manifest["key"])],
+                            capture_output=True, check=True).stdout
+    receive(stream, f"{pool.name}/z")
+    assert files_of(pool, f"{pool.name}/z") == expected
+    # without a zstd binary on the host, the client says so and uses gzip
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("zfs", "zpool"):
+        (bin_dir / tool).symlink_to(f"/usr/sbin/{tool}")
+    rig.write_files(pool.mountpoint(dataset), seed=12, count=1)
+    done = run_zfsmgr(["client", "backup"], env={**env, "PATH": str(bin_dir)}, check=True)
+    assert "no zstd binary" in done.stderr
+    assert _snapshots(server)[-1]["compression"] == "gzip"

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Optional
 from zfsmgr import protocol
 from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, find_base,
                                 mark_base)
-from zfsmgr.compress import compressor
+from zfsmgr.compress import compressor, zstd_available
 from zfsmgr.errors import ServerUnreachable, UsageError, ZfsmgrError
 from zfsmgr.progress import Progress, human
 from zfsmgr.remote import ServerClient, ServerError
@@ -190,6 +190,9 @@ class Backup:
     def _upload(self, snap: Snapshot, base: Optional[Base], features: Features) -> Result:
         # ciphertext won't shrink, and -c blocks are compressed already
         codec = "none" if features.raw_send or self._compressed(features) else self.compression
+        if codec == "zstd" and not zstd_available():
+            log.warning("COMPRESS=zstd but this host has no zstd binary: using gzip")
+            codec = "gzip"
         request = self._request(snap, base, features, codec)
         session = self.api.call("POST", protocol.UPLOAD, request)
         started = time.monotonic()
