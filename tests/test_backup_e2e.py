@@ -174,17 +174,18 @@ def test_lock_refuses_a_second_run(pool, server_factory, run_zfsmgr):
 
 
 def test_server_killed_mid_upload_then_resumed(pool, server_factory, run_zfsmgr):
-    server = server_factory("dir", env={"PART_SIZE": "256K"})
+    server = server_factory("dir", env={"PART_SIZE": "64K"})
     dataset = pool.create("data")
-    expected = rig.write_files(pool.mountpoint(dataset), seed=7, count=12, size=400_000)
+    expected = rig.write_files(pool.mountpoint(dataset), seed=7, count=30, size=1_000_000)
     env = client_env(server, dataset, COMPRESS="false")
     proc = rig.subprocess.Popen([rig.sys.executable, "-I", "-S", str(rig.PYZ), "client",
                                  "backup"], env=rig.clean_env(env), stdout=rig.subprocess.PIPE,
                                 stderr=rig.subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and "part stored" not in _parts_logged(server):
-        time.sleep(0.05)
+        time.sleep(0.01)
     server.kill()
+    assert "committed" not in server.log()  # really killed mid-upload
     assert _snapshots_after_restart(server) == []  # nothing partial is visible
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

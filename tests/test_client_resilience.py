@@ -32,7 +32,7 @@ def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, ser
                                                                   run_zfsmgr):
     server = server_factory("dir", env={"PART_SIZE": "128K"})
     dataset = pool.create("data")
-    rig.write_files(pool.mountpoint(dataset), seed=3, count=20, size=400_000)
+    rig.write_files(pool.mountpoint(dataset), seed=3, count=40, size=500_000)
     env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "gzip",
            "COMPRESS_LEVEL": "9"}
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],

@@ -11,7 +11,7 @@ import json
 import ssl
 import sys
 import urllib.parse
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from zfsmgr import protocol
 from zfsmgr.errors import ServerUnreachable, ZfsmgrError
@@ -56,6 +56,16 @@ class Download:
     def close(self) -> None:
         self.response.close()
         self.conn.close()
+
+
+def _framed(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Chunked transfer encoding without copying each chunk (http.client's concatenates)."""
+    for chunk in chunks:
+        if chunk:
+            yield b"%X\r\n" % len(chunk)
+            yield chunk
+            yield b"\r\n"
+    yield b"0\r\n\r\n"
 
 
 class ServerClient:
@@ -132,16 +142,31 @@ class ServerClient:
             conn.close()
 
     def put_part(self, upload_id: str, index: int, chunks: Iterable[bytes]) -> dict:
-        """Stream one upload part (chunked transfer, bounded memory)."""
+        """Stream one upload part (chunked transfer, bounded memory); its answer."""
+        return self.send_part(upload_id, index, chunks)()
+
+    def send_part(self, upload_id: str, index: int, chunks: Iterable[bytes]
+                  ) -> Callable[[], dict]:
+        """Send one part's body now; the returned function waits for the server's answer
+        (so the next part can go out while the server stores this one)."""
         path = protocol.UPLOAD_PART.format(upload_id=upload_id, index=index)
-        conn, response = self._send("POST", path, chunks,
-                                    {"Content-Type": "application/octet-stream"}, chunked=True)
+        conn = self._connect()
         try:
-            return self._decode(response)
+            conn.request("POST", self.prefix + path, body=_framed(chunks), headers=self._headers({
+                "Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked"}))
         except (OSError, http.client.HTTPException) as exc:
-            raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
-        finally:
             conn.close()
+            raise ServerUnreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") \
+                from None
+
+        def answer() -> dict:
+            try:
+                return self._decode(conn.getresponse())
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
+            finally:
+                conn.close()
+        return answer
 
     def download(self, key: str, offset: int = 0) -> Download:
         """Open the stored stream of `key` from byte `offset`."""

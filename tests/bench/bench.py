@@ -94,7 +94,12 @@ class Bench:
         rig.ensure_zfs_daemon()
         self.pool = rig.Pool("zbench")
         subprocess.run(["zpool", "destroy", self.pool.name], check=True)
-        need = max(as_size(s) for s in args.rss_sizes.split(",")) * 3 + (2 << 30)
+        need = max(as_size(s) for s in args.rss_sizes.split(",")) * 2 + as_size(args.size) * 6
+        self.replay = self.work / "zfs-replay"  # `zfs send` replays the saved real stream
+        self.replay.write_text("#!/bin/sh\nif [ \"$1\" = send ] && [ -n \"$BENCH_STREAM\" ];"
+                               " then exec cat \"$BENCH_STREAM\"; fi\nexec zfs \"$@\"\n")
+        self.replay.chmod(0o755)
+        self.stream = None
         subprocess.run(["truncate", "-s", str(need), str(self.pool.image)], check=True)
         subprocess.run(["zpool", "create", "-o", "cachefile=none", "-O", "atime=off",
                         "-O", "compression=off", "-m", str(self.pool.mnt), self.pool.name,
@@ -140,6 +145,8 @@ class Bench:
             env = rig.clean_env({"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url,
                                  "LOCAL_DATASET": ds, "COMPRESS": compress,
                                  "STATE_DIR": str(server.workdir / f"state-{client}")})
+            if self.stream and not self.args.live_send:
+                env.update({"ZFSMGR_ZFS": str(self.replay), "BENCH_STREAM": str(self.stream)})
             p = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client",
                                   "backup-full"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
@@ -163,6 +170,10 @@ class Bench:
         with open(stream, "wb") as out:
             subprocess.run(["zfs", "send", f"{ds}@bench"], stdout=out, check=True)
         raw = stream.stat().st_size
+        self.row("zfs send > /dev/null (zfs-fuse, for reference)", raw,
+                 timed(["zfs", "send", f"{ds}@bench"], stdout=subprocess.DEVNULL))
+        if not self.args.live_send:
+            self.stream = stream  # the client's `zfs send` replays it: zfsmgr's own speed
 
         # gzip: the all-cores zlib limit, and pigz / gzip for reference
         start = time.monotonic()
@@ -228,6 +239,9 @@ class Bench:
         server.stop()
 
         # four clients at once against one
+        self.stream = None  # four real sends at once
+        for name in ("base1", "restored"):
+            subprocess.run(["zfs", "destroy", "-r", f"{self.pool.name}/{name}"])
         quarter = max(MIB * 3, size // 4 // (3 * MIB) * 3 * MIB)
         sets = [self.dataset(f"q{i}", quarter) for i in range(4)]
         qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
@@ -255,6 +269,7 @@ class Bench:
             self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
                      sampler.finish())
             srv.stop()
+            subprocess.run(["zfs", "destroy", "-r", big])
         return self.rows
 
     def close(self):
@@ -269,6 +284,9 @@ def main() -> int:
     parser.add_argument("--rss-sizes", default="1G,4G", help="stream sizes for peak RSS")
     parser.add_argument("--skip-gzip-ref", action="store_true", help="skip slow gzip -1")
     parser.add_argument("--workdir", default="/var/tmp/zfsmgr-bench")
+    parser.add_argument("--live-send", action="store_true",
+                        help="read zfs-fuse's own send (slow, CPU-hungry) instead of replaying"
+                             " the saved real stream")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if not rig.PYZ.exists():

@@ -2,13 +2,17 @@
 
 Memory stays bounded: the stream passes in 1 MiB chunks, parts go out with chunked transfer.
 A dropped connection or a restarted server is retried with backoff; the deterministic stream is
-regenerated and the parts the server already holds are skipped after checking their sha256.
+regenerated and the parts the server already holds are skipped after checking their CRC-32
+(the sha256 of the whole stream is verified by the server at commit).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import zlib
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +25,7 @@ from zfsmgr.compress import compressor, zstd_available
 from zfsmgr.errors import ServerUnreachable, UsageError, ZfsmgrError
 from zfsmgr.progress import Progress, human
 from zfsmgr.remote import ServerClient, ServerError
+from zfsmgr.storage.base import crc32_hex
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
@@ -42,6 +47,54 @@ class Result:
     stored_size: int
     seconds: float
     snapshot: str
+
+
+class ReadAhead:
+    """Reads `source` on a thread into a bounded queue of chunks, so compression goes on
+    while the main thread waits for the server (a part's answer, a slow network)."""
+
+    def __init__(self, source, limit: int = 16 << 20, chunk: int = CHUNK):
+        self.source, self.chunk = source, chunk
+        self.queue: "queue.Queue" = queue.Queue(maxsize=max(1, limit // chunk))
+        self.buffer, self.done, self.stopped = b"", False, threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                data = self.source.read(self.chunk)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as exc:  # handed to the reader
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes; b"" at the end; re-raises the source's error."""
+        while not self.buffer and not self.done:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            if not item:
+                self.done = True
+            self.buffer = item
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def close(self) -> None:
+        """Stop the thread; one blocked on the source ends when that source is killed."""
+        self.stopped.set()
+        self.thread.join(timeout=0.5)
 
 
 class _Counter:
@@ -243,42 +296,65 @@ class Backup:
         with self.zfs.send(snap.name, base.name if base else None, raw=features.raw_send,
                            compressed=self._compressed(features)) as send:
             counted = _Counter(send)
-            with compressor(codec, counted, level=self.level) as stream:
-                index, stored = 0, 0
-                while True:
-                    size = protocol.part_size(index, session["part_size"],
-                                              session["part_growth_every"])
-                    if index < len(held):
-                        part = hashlib.sha256()
-                        for chunk in _take(stream, held[index]["size"]):
-                            part.update(chunk)
-                            total.update(chunk)
-                            stored += len(chunk)
-                        if part.hexdigest() != held[index]["sha256"]:
-                            raise StreamChanged(f"part {index} regenerated differently")
-                    else:
-                        first = stream.read(min(CHUNK, size))
-                        if not first:
-                            break
-                        part = hashlib.sha256()
-                        sent = [0]
-
-                        def body(first=first, size=size, part=part, sent=sent) -> Iterator[bytes]:
-                            for chunk in _chain(first, _take(stream, size - len(first))):
-                                part.update(chunk)
-                                total.update(chunk)
-                                sent[0] += len(chunk)
-                                progress.update(counted.count)
-                                yield chunk
-
-                        answer = self.api.put_part(session["upload_id"], index, body())
-                        stored += sent[0]
-                        if answer.get("sha256") != part.hexdigest() or answer["size"] != sent[0]:
-                            raise ServerError(502, f"part {index} arrived damaged")
-                    index += 1
-                    progress.update(counted.count)
+            with compressor(codec, counted, level=self.level) as compressed:
+                stream = ReadAhead(compressed)
+                try:
+                    index, stored = self._send_parts(stream, session, held, total, counted,
+                                                     progress)
+                finally:
+                    stream.close()
         progress.finish()
         return counted.count, stored, total.hexdigest()
+
+    def _send_parts(self, stream, session, held, total, counted, progress):
+        """Upload the stream part by part, skipping (after checking) parts the server holds.
+
+        Two parts are in flight: part n+1 is sent while the server stores part n. Each answer
+        must confirm the size sent; the sha256 of the whole stream is checked at commit.
+        """
+        index, stored, pending, sizes = 0, 0, None, []
+
+        def check(number: int, answer, size: int) -> None:
+            reply = answer()
+            if reply.get("size") != size:
+                raise ServerError(502, f"part {number} arrived damaged ({reply.get('size')}"
+                                       f" of {size} bytes)")
+            sizes.append(size)
+
+        while True:
+            size = protocol.part_size(index, session["part_size"],
+                                      session["part_growth_every"])
+            if index < len(held):
+                crc, size_seen = 0, 0
+                for chunk in _take(stream, held[index]["size"]):
+                    crc = zlib.crc32(chunk, crc)
+                    total.update(chunk)
+                    size_seen += len(chunk)
+                stored += size_seen
+                if crc32_hex(crc) != held[index]["crc32"] or size_seen != held[index]["size"]:
+                    raise StreamChanged(f"part {index} regenerated differently")
+            else:
+                first = stream.read(min(CHUNK, size))
+                if not first:
+                    break
+                sent = [0]
+
+                def body(first=first, size=size, sent=sent) -> Iterator[bytes]:
+                    for chunk in _chain(first, _take(stream, size - len(first))):
+                        total.update(chunk)
+                        sent[0] += len(chunk)
+                        progress.update(counted.count)
+                        yield chunk
+
+                answer = self.api.send_part(session["upload_id"], index, body())
+                if pending is not None:
+                    check(*pending)
+                pending = (index, answer, sent[0])
+            index += 1
+            progress.update(counted.count)
+        if pending is not None:
+            check(*pending)
+        return index, stored + sum(sizes)
 
 
 def _take(stream, size: int) -> Iterator[bytes]:

@@ -174,9 +174,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         size = bottle.request.content_length
         info = ctx.uploads.put_part(client, store, session, index,
                                     bottle.request.environ["wsgi.input"], size)
-        response = _json(200, protocol.ok("part stored", **info.__dict__))
-        response.set_header(HEADER_SHA256, info.sha256)
-        return response
+        return _json(200, protocol.ok("part stored", **info.__dict__))
 
     @app.get(protocol.STATUS)
     @handler()

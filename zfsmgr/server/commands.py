@@ -95,7 +95,8 @@ def serve(ctx) -> int:
     ctx.store_named(kind)  # fail early when the default store is unusable
     server = create_server(make_app(ctx), host=s.host, port=s.port, threads=s.threads,
                            max_request_body_size=MAX_PART_SIZE + (1 << 20),
-                           channel_timeout=300, ident="zfsmgr")
+                           channel_timeout=300, ident="zfsmgr",
+                           recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
     stop = threading.Event()
 
     def shutdown(signum, _frame):

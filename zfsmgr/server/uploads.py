@@ -79,14 +79,14 @@ class Uploads:
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._running: Dict[str, Tuple[int, object]] = {}  # upload_id -> (next index, sha256)
-        self._session_locks: Dict[str, threading.Lock] = {}
+        self._session_locks: Dict[str, threading.Condition] = {}
 
     def _path(self, upload_id: str) -> Path:
         return self.folder / f"{protocol.validate_upload_id(upload_id)}.json"
 
-    def _session_lock(self, upload_id: str) -> threading.Lock:
+    def _session_lock(self, upload_id: str) -> threading.Condition:
         with self._lock:
-            return self._session_locks.setdefault(upload_id, threading.Lock())
+            return self._session_locks.setdefault(upload_id, threading.Condition())
 
     def schedule(self, storage_type: str, estimate: int) -> Tuple[int, int]:
         """(base part size, growth interval) that carries `estimate` bytes comfortably."""
@@ -187,8 +187,9 @@ class Uploads:
             raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
         if size <= 0:
             raise protocol.ValidationError("a part must not be empty")
-        with self._session_lock(session.upload_id):
-            parts = store.staged_parts(session.upload_id)
+        turn = self._session_lock(session.upload_id)
+        with turn:
+            parts = self._wait_for_turn(turn, store, session, index)
             staged = sum(p.size for p in parts[:index])
             try:
                 self.check_quota(client, size, staged)
@@ -206,7 +207,19 @@ class Uploads:
             else:
                 self._running.pop(session.upload_id, None)
             self._touch(session)
+            turn.notify_all()
             return part
+
+    def _wait_for_turn(self, turn: threading.Condition, store: Store, session: Session,
+                       index: int, timeout: float = 300.0) -> List[PartInfo]:
+        """Parts may arrive pipelined (two in flight): part n waits until n-1 is staged."""
+        deadline = time.monotonic() + timeout
+        while True:
+            parts = store.staged_parts(session.upload_id)
+            left = deadline - time.monotonic()
+            if index <= len(parts) or left <= 0:
+                return parts
+            turn.wait(min(left, 5.0))
 
     def _touch(self, session: Session) -> None:
         path = self._path(session.upload_id)

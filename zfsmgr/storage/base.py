@@ -2,7 +2,8 @@
 
 A Store keeps committed backup streams under storage keys, with a manifest beside each, and
 stages the parts of uploads in progress so that they survive a server restart. Contracts:
-- `stage_part` is durable when it returns and idempotent for the same index and bytes;
+- `stage_part` survives a server restart when it returns (a power loss may lose it: the
+  sha256 check at commit then refuses the upload) and is idempotent for the same index and bytes;
 - nothing staged is visible through `open`/`manifests` until `commit` returns;
 - `commit` writes the object first and the manifest last, so a manifest always has its object;
 - a missing key raises NotFound; any other failure raises StorageError.
@@ -10,7 +11,7 @@ stages the parts of uploads in progress so that they survive a server restart. C
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, List, Optional, Tuple
@@ -39,23 +40,34 @@ class PartInfo:
 
     index: int
     size: int
-    sha256: str
+    crc32: str  # 8 hex digits: enough to tell whether a regenerated part is the same bytes;
+    # the sha256 of the whole stream is what commit verifies
 
 
-class HashingReader:
-    """Wraps a stream: counts and hashes what is read, refusing more than `limit` bytes."""
+def crc32_hex(value: int) -> str:
+    """A CRC-32 as 8 hex digits."""
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+class CountingReader:
+    """Wraps a stream: counts and CRC-32s what is read, refusing more than `limit` bytes."""
 
     def __init__(self, source: BinaryIO, limit: int):
         self.source, self.limit = source, limit
-        self.size, self.hash = 0, hashlib.sha256()
+        self.size, self.crc = 0, 0
 
     def read(self, size: int = CHUNK) -> bytes:
         size = CHUNK if size is None or size < 0 else size
         data = self.source.read(min(size, self.limit - self.size)) if self.size < self.limit \
             else b""
         self.size += len(data)
-        self.hash.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         return data
+
+    @property
+    def crc32(self) -> str:
+        """The CRC-32 of what was read, as 8 hex digits."""
+        return crc32_hex(self.crc)
 
 
 class Store(ABC):

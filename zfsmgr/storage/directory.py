@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Tuple
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, HashingReader, NotFound, PartInfo, StorageError, Store)
+from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store)
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,16 +26,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` via a temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `path` via a temp file and rename; with `durable`, fsync file and directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -68,7 +71,7 @@ class Staging:
         if index == len(parts) - 1:
             parts.pop()  # a resend of the last part replaces it
         offset = sum(p.size for p in parts)
-        reader = HashingReader(source, size)
+        reader = CountingReader(source, size)
         with open(folder / "data", "ab") as out:
             out.truncate(offset)  # drop a torn write of a part that was never recorded
             out.seek(offset)
@@ -77,13 +80,15 @@ class Staging:
                 if not chunk:
                     break
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         if reader.size != size:
             raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
-        part = PartInfo(index, size, reader.hash.hexdigest())
+        part = PartInfo(index, size, reader.crc32)
         parts.append(part)
-        write_atomic(folder / "parts.json", json.dumps([p.__dict__ for p in parts]).encode())
+        # Not fsync'd per part (that stalled every upload): a process crash keeps the page
+        # cache; after a power loss a stale part fails the sha256 check at commit, the upload is
+        # discarded and sent again. Nothing unverified is ever committed; commit fsyncs.
+        write_atomic(folder / "parts.json", json.dumps([p.__dict__ for p in parts]).encode(),
+                     durable=False)
         return part
 
     def read(self, upload_id: str, index: int) -> BinaryIO:

@@ -13,7 +13,7 @@ import logging
 from typing import Optional
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import CHUNK, HashingReader, NotFound, PartInfo, StorageError, Store
+from zfsmgr.storage.base import CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store
 
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
@@ -100,11 +100,11 @@ class S3Store(Store):
         if index < len(parts) - 1 or index > len(parts):
             raise StorageError(f"part {index} out of order: {len(parts)} parts are staged")
         parts = parts[:index]
-        reader = HashingReader(source, size)
+        reader = CountingReader(source, size)
         self._call(f"upload of part {index}", self.client.put_object, self.bucket,
                    self._part_key(upload_id, index), reader, size,
                    part_size=S3_PART, num_parallel_uploads=1)
-        part = PartInfo(index, size, reader.hash.hexdigest())
+        part = PartInfo(index, size, reader.crc32)
         self._put_small(self._list_key(upload_id),
                         json.dumps([p.__dict__ for p in parts + [part]]).encode())
         return part
