@@ -152,3 +152,48 @@ def test_plain_http_to_a_remote_host_warns_once(capsys):
     ServerClient("http://192.0.2.10:8080", "c1", "k")
     ServerClient("http://127.0.0.1:8080", "c1", "k")
     assert capsys.readouterr().err.count("plain http") == 1
+
+
+def test_a_client_killed_outright_is_cleaned_up_by_the_next_run(pool, server_factory,
+                                                                run_zfsmgr):
+    server = server_factory("dir", env={"PART_SIZE": "64K"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=5, count=30, size=500_000)
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none"}
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and server.log().count("/upload-stream/") < 3:
+        time.sleep(0.01)
+    proc.kill()  # like a reboot: no chance to clean up
+    proc.wait()
+    assert "committed" not in server.log()
+    stray = _snapshots(dataset)
+    assert len(stray) == 1 and stray[0][1] == "0"  # left behind, not held
+    stray_guid = rig.sh("zfs", "get", "-H", "-o", "value", "guid", stray[0][0]).strip()
+    done = run_zfsmgr(["client", "backup"], env=env, check=True)
+    assert ": full," in done.stdout
+    left = _snapshots(dataset)
+    assert len(left) == 1 and left[0][1] == "1"  # only the new, committed, held base
+    assert rig.sh("zfs", "get", "-H", "-o", "value", "guid", left[0][0]).strip() != stray_guid
+    api = ServerClient(server.url, env["CLIENT_ID"], env["API_KEY"])
+    assert len(api.call("GET", "/snapshots")["snapshots"]) == 1
+
+
+def test_add_client_prints_the_key_once_and_stores_only_its_hash(run_zfsmgr, tmp_path):
+    added = run_zfsmgr(["server", "add-client", "web1", "--quota", "100G", "--storage", "dir"],
+                       env={"CONFIG_FILE": str(tmp_path / "clients.json")}, check=True)
+    key = added.stdout.split("API_KEY=", 1)[1].split()[0]
+    entry = json.loads((tmp_path / "clients.json").read_text())[0]
+    assert entry["client_id"] == "web1" and entry["max_size_bytes"] == 100 << 30
+    assert key not in (tmp_path / "clients.json").read_text()
+    import hashlib
+
+    assert entry["api_key"] == hashlib.sha256(key.encode()).hexdigest()
+    again = run_zfsmgr(["server", "add-client", "web1"],
+                       env={"CONFIG_FILE": str(tmp_path / "clients.json")})
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = run_zfsmgr(["server", "add-client", "../evil"],
+                     env={"CONFIG_FILE": str(tmp_path / "clients.json")})
+    assert bad.returncode == 2 and "invalid client id" in bad.stderr
