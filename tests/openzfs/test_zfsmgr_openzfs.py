@@ -204,12 +204,12 @@ def test_backup_rotate_restore_cycle_with_local_store_on_openzfs(openzfs_pool, s
     assert "deleted 2 backups" in out, out  # local ZFS: any snapshot may go
     api, left = listing(server)
     assert len(left) == 1 and left[0]["snapshot"] == manifests[-1]["snapshot"]
-    target = f"{openzfs_pool}/restored"
-    download = api.download(left[0]["key"])  # a full send of the kept snapshot
-    data = b"".join(iter(lambda: download.read(1 << 20), b""))
-    download.close()
-    sh("zfs", "recv", "-u", target, input=data)
+    target = f"{openzfs_pool}/restored/data"  # the restore tool creates the parent
+    restored = run_zfsmgr(["restore", "latest", target], env=server.client_env)
+    assert restored.returncode == 0, restored.stderr
     assert mounted_files(target) == expected[-1]
+    verified = run_zfsmgr(["restore", "verify", "--all"], env=server.client_env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     # and the chain continues: the next backup is an incremental on the kept snapshot
     expected.append(write(mnt, 20))
     assert ": incremental," in backup(run_zfsmgr, server, dataset).stdout
