@@ -18,7 +18,7 @@ from zfsmgr.compress import decompressor
 from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
-from zfsmgr.restore.stream import CHUNK, Progress, StoredStream
+from zfsmgr.restore.stream import CHUNK, Progress, StoredStream, reported
 from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError, run
 
 # What `zfs recv` says about a stream that is damaged rather than refused.
@@ -96,15 +96,8 @@ def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest]
     """Receive every stream of `chain` into `dest` in order (`recv -F` after the first)."""
     for index, manifest in enumerate(chain, start=1):
         label = f"[{index}/{len(chain)}] {snapshot_id(manifest.key)}"
-        source = open_stream(manifest, label)
-        try:
+        with reported(open_stream(manifest, label), "received") as source:
             receive_stream(zfs, source, dest, force=index > 1)
-        except BaseException:
-            if source.progress is not None:
-                source.progress.finish("failed")
-            raise
-        if source.progress is not None:
-            source.progress.finish("received")
 
 
 # zfs-fuse finishes an aborted receive in its daemon a moment after `zfs recv` is killed; until

@@ -21,7 +21,7 @@ from zfsmgr.compress import compressor, decompressor
 from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.protocol import COMPRESSIONS, Manifest
 from zfsmgr.restore.receive import StreamOpener
-from zfsmgr.restore.stream import CHUNK, StoredStream
+from zfsmgr.restore.stream import CHUNK, StoredStream, reported
 
 _BY_SUFFIX = ((".zfs.gz", "gzip"), (".zfs.zst", "zstd"), (".gz", "gzip"), (".zst", "zstd"),
               (".zfs", "none"))
@@ -107,15 +107,9 @@ def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
         for index, (manifest, name) in enumerate(items, start=1):
             temp = _temp_for(Path(name))
             temps.append(temp)
-            source = open_stream(manifest, f"[{index}/{len(items)}] {name}")
-            try:
+            label = f"[{index}/{len(items)}] {name}"
+            with reported(open_stream(manifest, label), "saved") as source:
                 size = write_stream(source, temp, codec or manifest.compression)
-            except BaseException:
-                if source.progress is not None:
-                    source.progress.finish("failed")
-                raise
-            if source.progress is not None:
-                source.progress.finish("saved")
             results.append((name, size))
         for temp, (_, name) in zip(temps, items):
             os.replace(temp, name)

@@ -4,10 +4,11 @@ and hashed as it passes, checked against its manifest at the end. Plus the progr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from zfsmgr.errors import IntegrityError, ServerUnreachable, ZfsmgrError
 from zfsmgr.protocol import HEADER_SHA256, Manifest
@@ -170,3 +171,16 @@ class StoredStream:
             except OSError:
                 pass
             self._body = None
+
+
+@contextlib.contextmanager
+def reported(source: "StoredStream", outcome: str) -> Iterator["StoredStream"]:
+    """Close a stream's progress line with `outcome`, or with "failed" if the block raises."""
+    try:
+        yield source
+    except BaseException:
+        if source.progress is not None:
+            source.progress.finish("failed")
+        raise
+    if source.progress is not None:
+        source.progress.finish(outcome)
