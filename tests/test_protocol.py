@@ -19,7 +19,7 @@ def test_key_round_trip(client, dataset, stamp, codec):
     assert (parsed.client_id, parsed.dataset_token, parsed.timestamp, parsed.compression) == (
         client, dataset.replace("/", "_"), stamp, codec)
     assert protocol.build_key(parsed.client_id, "", parsed.timestamp, parsed.compression,
-                              token=parsed.dataset_token) == key
+                              token=parsed.dataset_token) == key == str(parsed)
 
 
 def test_seed_example_key():

@@ -122,8 +122,8 @@ class StorageKey:
     compression: str
 
     def __str__(self) -> str:
-        return build_key(self.client_id, self.dataset_token.replace("_", "/", 0),
-                         self.timestamp, self.compression, token=self.dataset_token)
+        return build_key(self.client_id, "", self.timestamp, self.compression,
+                         token=self.dataset_token)
 
 
 def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
