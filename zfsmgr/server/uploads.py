@@ -293,7 +293,10 @@ class Uploads:
         now = time.time() if now is None else now
         expired = []
         for session in self.sessions():
-            idle = now - self._path(session.upload_id).stat().st_mtime
+            try:
+                idle = now - self._path(session.upload_id).stat().st_mtime
+            except FileNotFoundError:  # committed or aborted meanwhile
+                continue
             if idle > self.expiry and session.storage_type in stores:
                 self.abort(session, stores[session.storage_type])
                 expired.append(session.upload_id)
