@@ -22,6 +22,7 @@ UPLOAD = "/upload"  # POST: authorize an upload, open an upload session
 UPLOAD_STREAM = "/upload-stream/"  # POST <id>/<index>: one part; GET <id>: parts held
 UPLOAD_COMMIT = "/upload-stream/{upload_id}/commit"  # POST: verify and make visible
 UPLOAD_ABORT = "/upload-stream/{upload_id}/abort"  # POST: discard
+UPLOAD_RESUME = "/upload-stream/{upload_id}/resume"  # POST {"token", "from_part"}: send -t
 UPLOAD_PART = "/upload-stream/{upload_id}/{index}"
 UPLOAD_SESSION = "/upload-stream/{upload_id}"
 STATUS = "/status"  # GET

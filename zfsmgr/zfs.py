@@ -299,6 +299,22 @@ class Zfs:
         """Start `zfs send`; read the stream from the returned context manager."""
         return StreamingCommand(self.send_argv(snapshot, base, raw, compressed), "r")
 
+    def send_resume(self, token: str) -> StreamingCommand:
+        """Start `zfs send -t token`: the rest of an interrupted stream, flags included."""
+        return StreamingCommand([self.zfs, "send", "-t", token], "r")
+
+    def resumed_bytes(self, token: str) -> int:
+        """How many bytes of the stream the receiver already has, from `send -nvt` (0: unknown)."""
+        proc = subprocess.run([self.zfs, "send", "-nv", "-t", token], capture_output=True)
+        for line in (proc.stdout + proc.stderr).decode("utf-8", "replace").splitlines():
+            name, _, value = line.strip().partition(" = ")
+            if name == "bytes":
+                try:
+                    return int(value.strip(), 0)
+                except ValueError:
+                    return 0
+        return 0
+
     def receive(self, target: str, force: bool = False, unmounted: bool = True,
                 resumable: bool = False) -> StreamingCommand:
         """Start `zfs recv` into `target`; write the stream to the returned context manager."""

@@ -1,4 +1,5 @@
-"""zfsmgr on real OpenZFS 2.3: bookmarks, estimates, raw and compressed sends, recv -s/-A.
+"""zfsmgr on real OpenZFS 2.3: bookmarks, estimates, raw and compressed sends, resumed
+receives (`recv -s` + `send -t`) and discarded ones (`recv -A`).
 
 Runs inside the VM tier (tests/openzfs/run-tier.sh); the server and client are the .pyz the host
 built, started as real processes, exactly as on a user's machine.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pytest  # noqa: E402
 import rig  # noqa: E402
 
 
@@ -147,42 +151,196 @@ def test_compressed_send_is_not_compressed_twice(openzfs_pool, server_factory, r
     assert mounted_files(target) == expected
 
 
-def test_local_store_discards_an_interrupted_receive_with_recv_A(openzfs_pool, tmp_path):
+def _local_store(pool, tmp_path):
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-    base = f"{openzfs_pool}/srv"
+    base = f"{pool}/srv"
     sh("zfs", "create", "-o", "mountpoint=none", base)
-    source = f"{openzfs_pool}/src"
+    store = ZfsLocalStore(base, str(tmp_path))
+    store.check()
+    return store, base
+
+
+def _full_stream(pool, seed):
+    source = f"{pool}/src{seed}"
     sh("zfs", "create", source)
-    write(f"{openzfs_pool.mountpoint}/src", 5, size=2_000_000)
+    write(f"{pool.mountpoint}/src{seed}", seed, size=3_000_000)
     sh("zfs", "snapshot", f"{source}@s1")
     stream = subprocess.run(["zfs", "send", f"{source}@s1"], capture_output=True,
                             check=True).stdout
-    chain = f"{base}/c1/tank_data/s1"
-    sh("zfs", "create", "-p", "-o", "mountpoint=none", f"{base}/c1/tank_data")
-    # a server killed mid-commit leaves a partially received dataset with a resume token
-    proc = subprocess.run(["zfs", "recv", "-s", "-u", f"{chain}@s1"],
-                          input=stream[:len(stream) // 2], capture_output=True)
-    assert proc.returncode != 0
-    token = sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip()
-    assert token not in ("-", "")
-    store = ZfsLocalStore(base, str(tmp_path))
-    store.check()  # at startup: recv -A of abandoned partial receives
-    assert subprocess.run(["zfs", "list", chain], capture_output=True).returncode != 0 or \
-        sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip() == "-"
-    # and the same upload can now be committed
+    return source, stream
+
+
+def _manifest(data, stream):
     from zfsmgr.protocol import Manifest
+
+    return Manifest(key="c1/tank_data_2024-02-13_14:30:00.zfs.gz", client_id="c1",
+                    dataset="tank/data", snapshot="s1", type="full", parent=None,
+                    compression="gzip", raw_size=len(stream), stored_size=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(), created="2024-02-13T14:30:00+00:00",
+                    snapshot_time=1.0, storage_type="local")
+
+
+def _stage(store, upload_id, data, first=0, part=256 << 10):
     import io
 
-    upload_id = uuid.uuid4().hex
+    pieces = [data[i:i + part] for i in range(0, len(data), part)]
+    for number, piece in enumerate(pieces, first):
+        store.stage_part(upload_id, number, io.BytesIO(piece), len(piece))
+    return len(pieces)
+
+
+def _kill_receive(target):
+    """What a dying server does to its `zfs recv`: it stops mid-stream."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"recv" in argv and target.encode() in argv:
+            os.kill(int(cmdline.parent.name), signal.SIGKILL)
+    dataset = target.split("@")[0]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        probe = subprocess.run(["zfs", "get", "-H", "-o", "value", "receive_resume_token",
+                                dataset], capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() not in ("-", ""):
+            return probe.stdout.strip()
+        time.sleep(0.2)
+    raise AssertionError(f"no resume token on {dataset}")
+
+
+def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tmp_path):
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    store, base = _local_store(openzfs_pool, tmp_path)
+    source, stream = _full_stream(openzfs_pool, 5)
     data = gzip.compress(stream, 1, mtime=0)
-    store.stage_part(upload_id, 0, io.BytesIO(data), len(data))
-    m = store.commit(upload_id, Manifest(
-        key="c1/tank_data_2024-02-13_14:30:00.zfs.gz", client_id="c1", dataset="tank/data",
-        snapshot="s1", type="full", parent=None, compression="gzip", raw_size=len(stream),
-        stored_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-        created="2024-02-13T14:30:00+00:00", snapshot_time=1.0, storage_type="local"))
-    assert m.extra["zfs_snapshot"] == f"{chain}@s1"
+    upload_id = uuid.uuid4().hex
+    store.begin(upload_id, _manifest(data, stream))
+    half = _stage(store, upload_id, data[:len(data) // 2])
+    time.sleep(2)  # let zfs take what was handed over
+    chain = f"{base}/c1/tank_data/s1"
+    token = _kill_receive(f"{chain}@s1")
+    # the server restarts: its startup sweep keeps the partial receive an upload owns
+    restarted = ZfsLocalStore(base, str(tmp_path))
+    restarted.check()
+    assert restarted.resume_token(upload_id) == token
+    assert len(restarted.staged_parts(upload_id)) == half
+    restarted.resume(upload_id, token, half)
+    rest = subprocess.run(["zfs", "send", "-t", token], capture_output=True, check=True).stdout
+    assert 0 < len(rest) < len(stream)  # only what the receive did not have
+    rest = gzip.compress(rest, 1, mtime=0)
+    _stage(restarted, upload_id, rest, first=half)
+    stored = restarted.commit(upload_id, _manifest(data, stream))
+    assert stored.extra == {"zfs_snapshot": f"{chain}@s1", "resumed_at_part": half}
+    assert sh("zfs", "get", "-H", "-o", "value", "guid", f"{chain}@s1") == \
+        sh("zfs", "get", "-H", "-o", "value", "guid", f"{source}@s1")
+    assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip() == "-"
+    sh("zfs", "set", f"mountpoint={openzfs_pool.mountpoint}/received", chain)
+    assert mounted_files(chain) == rig.tree_digest(Path(f"{openzfs_pool.mountpoint}/src5"))
+
+
+def test_local_store_discards_an_abandoned_receive_with_recv_A(openzfs_pool, tmp_path):
+    from zfsmgr.server.catalog import Catalog
+    from zfsmgr.server.uploads import Uploads
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    store, base = _local_store(openzfs_pool, tmp_path)
+    _, stream = _full_stream(openzfs_pool, 6)
+    data = gzip.compress(stream, 1, mtime=0)
+    upload_id = uuid.uuid4().hex
+    store.begin(upload_id, _manifest(data, stream))
+    _stage(store, upload_id, data[:len(data) // 2])
+    time.sleep(2)
+    chain = f"{base}/c1/tank_data/s1"
+    _kill_receive(f"{chain}@s1")
+    # the client never comes back: expiry discards the upload and its partial receive
+    restarted = ZfsLocalStore(base, str(tmp_path))
+    restarted.check()
+    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
+                      10000, expiry_seconds=60)
+    assert uploads.expire({"local": restarted}, now=time.time() + 120) == [upload_id]
+    assert subprocess.run(["zfs", "list", chain], capture_output=True).returncode != 0
+    assert restarted.staged_uploads() == []
+    # a partial receive no upload owns (its state was lost) goes at startup
+    other = f"{base}/c1/tank_data/s9"
+    proc = subprocess.run(["zfs", "recv", "-s", "-u", f"{other}@s1"],
+                          input=stream[:len(stream) // 2], capture_output=True)
+    assert proc.returncode != 0
+    assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", other).strip() != "-"
+    ZfsLocalStore(base, str(tmp_path)).check()
+    assert subprocess.run(["zfs", "list", other], capture_output=True).returncode != 0
+
+
+SLOW_SEND = """#!/usr/bin/python3
+import os, subprocess, sys, time
+zfs = "/usr/sbin/zfs" if os.path.exists("/usr/sbin/zfs") else "/sbin/zfs"
+args = sys.argv[1:]
+if OLD and args[:1] == ["get"] and "encryption" in args:  # as zfs-fuse answers
+    sys.exit("bad property list: invalid property 'encryption'")
+if args[:1] != ["send"] or "-t" in args or any(a.startswith("-n") for a in args):
+    os.execv(zfs, [zfs] + args)
+proc = subprocess.Popen([zfs] + args, stdout=subprocess.PIPE)
+started, sent = time.monotonic(), 0
+for chunk in iter(lambda: proc.stdout.read(1 << 18), b""):
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+    sent += len(chunk)
+    time.sleep(max(0.0, sent / RATE - (time.monotonic() - started)))
+sys.exit(proc.wait())
+"""
+
+
+@pytest.mark.parametrize("client_zfs", ["openzfs", "without-send-t"])
+def test_server_killed_mid_receive_is_resumed_with_send_t(client_zfs, openzfs_pool,
+                                                          server_factory, tmp_path):
+    """The server keeps a resumable receive; a client whose zfs cannot `send -t` (zfs-fuse,
+    old releases) has it discarded and sends the stream again."""
+    base = f"{openzfs_pool}/backups"
+    sh("zfs", "create", "-o", "mountpoint=none", base)
+    server = server_factory("local", base_dataset=base)
+    dataset = f"{openzfs_pool}/big"
+    sh("zfs", "create", dataset)
+    expected = rig.write_files(Path(f"{openzfs_pool.mountpoint}/big"), seed=31, count=4,
+                               size=12_000_000)
+    slow = tmp_path / "zfs"  # the client's first send trickles, so the kill lands mid-stream
+    slow.write_text(SLOW_SEND.replace("RATE", str(4 << 20)).replace(
+        "OLD", str(client_zfs != "openzfs")))
+    slow.chmod(0o755)
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "ZFSMGR_ZFS": str(slow)}
+    client = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                              env=rig.clean_env(env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    states = server.storage_dir / ".uploads-local"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        held = [json.loads(p.read_text()) for p in states.glob("*.json")] \
+            if states.is_dir() else []
+        if held and len(held[0]["parts"]) >= 6:
+            break
+        time.sleep(0.1)
+    time.sleep(1)
+    server.kill()
+    assert "committed" not in server.log()
+    server.start()
+    out, err = client.communicate(timeout=600)
+    assert client.returncode == 0, err
+    if client_zfs == "openzfs":
+        assert "resuming the server's receive with zfs send -t" in err, err
+        assert "resumes with zfs send -t" in server.log()
+    else:
+        assert "has no send -t: starting the upload again" in err, err
+        assert "resumes with zfs send -t" not in server.log()
+    assert ": full," in out
+    assert sh("zfs", "get", "-H", "-r", "-o", "value", "receive_resume_token", base).split() \
+        == ["-"] * len(sh("zfs", "list", "-H", "-r", "-o", "name", base).split())
+    target = f"{openzfs_pool}/restored/big"
+    restored = subprocess.run([sys.executable, "-I", "-S", str(rig.PYZ), "restore", "latest",
+                               target], env=rig.clean_env(server.client_env),
+                              capture_output=True, text=True)
+    assert restored.returncode == 0, restored.stderr
+    assert mounted_files(target) == expected
 
 
 def test_backup_rotate_restore_cycle_with_local_store_on_openzfs(openzfs_pool, server_factory,

@@ -252,11 +252,18 @@ class Backup:
         attempt, restarted = 0, False
         while True:
             try:
-                held = [] if attempt == 0 else self.api.call(
-                    "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
-                )["parts"]
-                raw, stored, digest = self._stream(snap, base, features, codec, session, held,
-                                                   request["estimated_size"])
+                state = {"parts": []} if attempt == 0 else self.api.call(
+                    "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
+                if state.get("resume_token"):
+                    raw, stored, digest = self._resume(state, features, codec, session,
+                                                       request["estimated_size"])
+                else:
+                    send = self.zfs.send(snap.name, base.name if base else None,
+                                         raw=features.raw_send,
+                                         compressed=self._compressed(features))
+                    raw, stored, digest = self._stream(
+                        send, f"backup {snap.name}", codec, session, state["parts"], 0,
+                        request["estimated_size"])
                 manifest = self.api.call(
                     "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
                     {"sha256": digest, "raw_size": raw, "stored_size": stored})["manifest"]
@@ -289,30 +296,49 @@ class Backup:
         except ZfsmgrError as exc:
             log.info("could not abort upload %s: %s", session["upload_id"], exc)
 
-    def _stream(self, snap, base, features, codec, session, held, estimate):
-        """Send the whole stream once, skipping (and checking) parts the server holds."""
+    def _resume(self, state: dict, features: Features, codec: str, session: dict,
+                estimate: int):
+        """The server's receive was interrupted and kept its state: continue it with
+        `zfs send -t`, or start the upload again where this host's zfs cannot."""
+        token, first = state["resume_token"], len(state["parts"])
+        if not features.resumable_recv:
+            raise StreamChanged("the server holds a partial receive, but this host's zfs has"
+                                " no send -t")
+        self.api.call("POST", protocol.UPLOAD_RESUME.format(upload_id=session["upload_id"]),
+                      {"token": token, "from_part": first})
+        done = self.zfs.resumed_bytes(token)
+        log.info("resuming the server's receive with zfs send -t (%s already received)",
+                 human(done))
+        raw, stored, digest = self._stream(
+            self.zfs.send_resume(token), f"backup {self.dataset} (resumed)", codec, session,
+            [], first, max(0, estimate - done))
+        return done + raw, stored, digest
+
+    def _stream(self, send, label, codec, session, held, first, estimate):
+        """Send the stream of `send` once as parts from `first` on, skipping (and checking)
+        the parts the server holds; returns (raw bytes, stored bytes, sha256 of those)."""
         total = hashlib.sha256()
-        progress = self.make_progress(f"backup {snap.name}", estimate or None)
-        with self.zfs.send(snap.name, base.name if base else None, raw=features.raw_send,
-                           compressed=self._compressed(features)) as send:
+        progress = self.make_progress(label, estimate or None)
+        with send:
             counted = _Counter(send)
             with compressor(codec, counted, level=self.level) as compressed:
                 stream = ReadAhead(compressed)
                 try:
-                    index, stored = self._send_parts(stream, session, held, total, counted,
-                                                     progress)
+                    stored = self._send_parts(stream, session, held, first, total, counted,
+                                              progress)
                 finally:
                     stream.close()
         progress.finish()
         return counted.count, stored, total.hexdigest()
 
-    def _send_parts(self, stream, session, held, total, counted, progress):
-        """Upload the stream part by part, skipping (after checking) parts the server holds.
+    def _send_parts(self, stream, session, held, first, total, counted, progress):
+        """Upload the stream as parts `first`, first+1, ..., skipping (after checking) the
+        parts the server holds.
 
         Two parts are in flight: part n+1 is sent while the server stores part n. Each answer
         must confirm the size sent; the sha256 of the whole stream is checked at commit.
         """
-        index, stored, pending, sizes = 0, 0, None, []
+        index, stored, pending, sizes = first, 0, None, []
 
         def check(number: int, answer, size: int) -> None:
             reply = answer()
@@ -354,7 +380,7 @@ class Backup:
             progress.update(counted.count)
         if pending is not None:
             check(*pending)
-        return index, stored + sum(sizes)
+        return stored + sum(sizes)
 
 
 def _take(stream, size: int) -> Iterator[bytes]:

@@ -134,11 +134,23 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler()
     def upload_state(client, upload_id):
         session = ctx.uploads.get(client.client_id, upload_id)
-        parts = ctx.store_named(session.storage_type).staged_parts(upload_id)
+        store = ctx.store_named(session.storage_type)
+        parts = store.staged_parts(upload_id)
         return protocol.ok("upload open", upload_id=upload_id, key=session.key,
                            part_size=session.part_base, part_growth_every=session.part_every,
                            parts=[p.__dict__ for p in parts],
-                           received=sum(p.size for p in parts))
+                           received=sum(p.size for p in parts),
+                           resume_token=store.resume_token(upload_id))
+
+    @app.post(protocol.UPLOAD_RESUME.replace("{upload_id}", "<upload_id>"))
+    @handler()
+    def resume(client, upload_id):
+        session = ctx.uploads.get(client.client_id, upload_id)
+        session = ctx.uploads.resume(ctx.store_named(session.storage_type), session,
+                                     body_json())
+        log.info("upload %s: client=%s resumes with zfs send -t from part %d", upload_id,
+                 client.client_id, session.segment)
+        return protocol.ok("send the resumed stream", from_part=session.segment)
 
     @app.post(protocol.UPLOAD_COMMIT.replace("{upload_id}", "<upload_id>"))
     @handler()

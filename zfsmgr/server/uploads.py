@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
@@ -55,6 +55,7 @@ class Session:
     part_base: int
     part_every: int
     created: float
+    segment: int = 0  # the first part of the stream the commit verifies (after a send -t)
 
 
 class _Tee:
@@ -144,6 +145,24 @@ class Uploads:
             part_base=base, part_every=every, created=time.time())
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
+        try:
+            store.begin(session.upload_id, _manifest(session, store, raw_size=0, stored_size=0,
+                                                     sha256="", parts=0))
+        except BaseException:
+            self.abort(session, store)
+            raise
+        return session
+
+    def resume(self, store: Store, session: Session, request: dict) -> Session:
+        """The client continues an interrupted receive with `zfs send -t`, from a given part."""
+        token, from_part = request.get("token"), request.get("from_part")
+        if not isinstance(token, str) or not token or not isinstance(from_part, int):
+            raise protocol.ValidationError("resume needs the token and from_part")
+        with self._session_lock(session.upload_id):
+            store.resume(session.upload_id, token, from_part)
+            session = replace(session, segment=from_part)
+            write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
+            self._running[session.upload_id] = (from_part, hashlib.sha256())
         return session
 
     def check_quota(self, client: ClientConfig, needed: int, staged: int = 0) -> None:
@@ -233,7 +252,7 @@ class Uploads:
         if running and running[0] == len(parts):
             return running[1].hexdigest()
         hasher = hashlib.sha256()  # after a restart: read back what is staged
-        for part in parts:
+        for part in parts[session.segment:]:
             stream = store.read_staged(session.upload_id, part.index)
             try:
                 for chunk in iter(lambda: stream.read(CHUNK), b""):
@@ -253,24 +272,20 @@ class Uploads:
             raise protocol.ValidationError("stored_size and raw_size must be whole numbers")
         with self._session_lock(session.upload_id):
             parts = store.staged_parts(session.upload_id)
+            sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
+            if len(parts) <= session.segment or sent != stored_size:
+                raise Conflict(f"the server holds {sent} bytes in"
+                               f" {len(parts) - session.segment} parts, the client sent"
+                               f" {stored_size}")
             total = sum(p.size for p in parts)
-            if not parts or total != stored_size:
-                raise Conflict(f"the server holds {total} bytes in {len(parts)} parts,"
-                               f" the client sent {stored_size}")
             digest = self._digest(store, session, parts)
             if digest != sha256.lower():
                 self.abort(session, store)
                 raise Conflict(f"sha256 mismatch for {session.key}: server computed {digest},"
                                f" client declared {sha256}; the upload was discarded")
             self.check_quota(client, total)
-            manifest = Manifest(
-                key=session.key, client_id=session.client_id, dataset=session.dataset,
-                snapshot=session.snapshot, type=session.type, parent=session.parent,
-                compression=session.compression, raw_size=raw_size, stored_size=total,
-                sha256=digest, created=protocol.now_iso(), snapshot_time=session.snapshot_time,
-                guid=session.guid, parent_guid=session.parent_guid, raw_send=session.raw_send,
-                compressed_send=session.compressed_send, storage_type=store.kind,
-                parts=len(parts))
+            manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
+                                 sha256=digest, parts=len(parts))
             manifest = store.commit(session.upload_id, manifest)
             self.catalog.add(manifest)
             self._forget(session)
@@ -309,3 +324,14 @@ class Uploads:
         for upload_id in expired:
             log.info("expired abandoned upload %s", upload_id)
         return expired
+
+
+def _manifest(session: Session, store: Store, **sizes) -> Manifest:
+    """The manifest of a session's backup, with the given sizes, sha256 and part count."""
+    return Manifest(
+        key=session.key, client_id=session.client_id, dataset=session.dataset,
+        snapshot=session.snapshot, type=session.type, parent=session.parent,
+        compression=session.compression, created=protocol.now_iso(),
+        snapshot_time=session.snapshot_time, guid=session.guid,
+        parent_guid=session.parent_guid, raw_send=session.raw_send,
+        compressed_send=session.compressed_send, storage_type=store.kind, **sizes)

@@ -87,6 +87,17 @@ class Store(ABC):
     def staged_parts(self, upload_id: str) -> List[PartInfo]:
         """The parts staged so far, in order (empty for an unknown upload)."""
 
+    def begin(self, upload_id: str, manifest: Manifest) -> None:
+        """An upload opens (its manifest lacks sizes and sha256): prepare, or refuse early."""
+
+    def resume_token(self, upload_id: str) -> Optional[str]:
+        """A `zfs send -t` token to continue an interrupted upload from, where the store has one."""
+        return None
+
+    def resume(self, upload_id: str, token: str, from_part: int) -> None:
+        """The client sends `zfs send -t token` as parts from `from_part` on."""
+        raise StorageError(f"{self.kind} storage does not resume from zfs resume tokens")
+
     @abstractmethod
     def read_staged(self, upload_id: str, index: int) -> BinaryIO:
         """Read back one staged part (to verify a commit after a restart)."""

@@ -5,23 +5,33 @@ Each chain (a full stream and the incrementals on it) lives in its own dataset
 an older chain. The manifest is kept as a user property of the received snapshot, so the
 catalog can be rebuilt from the pool alone. Downloads are full `zfs send` streams of the
 snapshot, which stay valid whatever older snapshots rotation has removed.
+
+Uploads are not staged: each part is piped into a live `zfs recv` as it arrives (see
+receiver.py), and a small JSON file per upload records the target and the parts taken. Where
+the pool supports it the receive is `recv -s`: if the server dies mid-stream, the state of the
+upload offers the target's `receive_resume_token`, the client answers with `zfs send -t`, and
+the receive continues where zfs stopped. Without resumable receive (or once an upload is
+abandoned) the partial receive is dropped (`recv -A`) and the stream is sent again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from zfsmgr.compress import decompressor
-from zfsmgr.protocol import Manifest, dataset_token
-from zfsmgr.storage.base import CHUNK, NotFound, StorageError, Store
-from zfsmgr.storage.directory import Staging
+from zfsmgr.protocol import Manifest, dataset_token, validate_upload_id
+from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
+                                 Store)
+from zfsmgr.storage.directory import write_atomic
+from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, run
 
 log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
+NO_TOKEN = ("-", "")
 
 
 class _SendBody:
@@ -52,48 +62,196 @@ class ZfsLocalStore(Store):
             raise StorageError("ZFS_BASE_DATASET is not set")
         self.base, self.zfs = base, zfs or Zfs()
         self._resumable: Optional[bool] = None
-        self.staging = Staging(Path(staging_dir) / ".uploads-local")
+        self.state_dir = Path(staging_dir) / ".uploads-local"
+        self._live: Dict[str, LiveReceive] = {}
 
     def check(self) -> None:
         if not self.zfs.exists(self.base):
             raise StorageError(f"ZFS_BASE_DATASET {self.base} does not exist")
-        self.staging.root.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         if self._resumable is None:
             self._resumable = self.zfs.features(self.base).resumable_recv
-            self.abandon_partial(self.base, recursive=True)
+            owned = {_dataset(state["target"]) for state in self._states().values()}
+            self.abandon_partial(self.base, recursive=True, keep=owned)
 
-    def abandon_partial(self, root: str, recursive: bool = False) -> List[str]:
-        """`zfs recv -A` every partially received dataset under `root` (an interrupted commit).
-
-        The staged stream is still on disk, so a commit is simply received again; a resume
-        token would need the client's `zfs send -t`, which the staging protocol makes moot.
-        """
+    def abandon_partial(self, root: str, recursive: bool = False,
+                        keep: frozenset = frozenset()) -> List[str]:
+        """`zfs recv -A` every partially received dataset under `root` not in `keep`."""
         if not self._resumable or not self.zfs.exists(root):
             return []
         found = self.zfs.props([root], ["receive_resume_token"],
                                recursive_depth=4 if recursive else 0)
         cleared = []
         for name, props in found.items():
-            if "@" not in name and props.get("receive_resume_token", "-") not in ("-", ""):
-                run([self.zfs.zfs, "recv", "-A", name])
-                log.info("discarded the partial receive into %s (recv -A)", name)
-                cleared.append(name)
+            if "@" in name or name in keep or props.get("receive_resume_token",
+                                                        "-") in NO_TOKEN:
+                continue
+            run([self.zfs.zfs, "recv", "-A", name])
+            log.info("discarded the partial receive into %s (recv -A)", name)
+            cleared.append(name)
         return cleared
 
+    # -- upload state: one small JSON file per upload --------------------------------------
+
+    def _state_path(self, upload_id: str) -> Path:
+        return self.state_dir / f"{validate_upload_id(upload_id)}.json"
+
+    def _state(self, upload_id: str) -> dict:
+        try:
+            return json.loads(self._state_path(upload_id).read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"no upload {upload_id} on the local store") from None
+        except ValueError as exc:
+            raise StorageError(f"state of upload {upload_id} is unreadable: {exc}") from None
+
+    def _save(self, upload_id: str, state: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._state_path(upload_id), json.dumps(state).encode(), durable=False)
+
+    def _states(self) -> Dict[str, dict]:
+        found = {}
+        for path in self.state_dir.glob("*.json") if self.state_dir.is_dir() else []:
+            try:
+                found[path.stem] = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def _token(self, target: str) -> Optional[str]:
+        dataset = _dataset(target)
+        if not self._resumable or not self.zfs.exists(dataset):
+            return None
+        token = self.zfs.get(dataset, "receive_resume_token")
+        return None if token in NO_TOKEN else token
+
+    # -- the upload protocol ---------------------------------------------------------------
+
+    def begin(self, upload_id: str, manifest: Manifest) -> None:
+        """Choose the receiving dataset now, so a stream with no base fails before any part."""
+        container = self._container(manifest)
+        if not self.zfs.exists(container):
+            _create_container(self.zfs, container)
+        target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
+        if self.zfs.exists(target):  # left by a commit that died before its manifest
+            if self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
+                raise StorageError(f"{target} already holds a committed backup")
+            self.zfs.destroy(target)
+        self.abandon_partial(_dataset(target))  # a stale receive of an older session
+        self._save(upload_id, {"target": target, "compression": manifest.compression,
+                               "parts": [], "segment": 0, "resuming": False})
+
     def stage_part(self, upload_id, index, source, size):
-        return self.staging.stage(upload_id, index, source, size)
+        state = self._state(upload_id)
+        parts = [PartInfo(**p) for p in state["parts"]]
+        if index < len(parts):  # a resend of a part the receive already took
+            reader = CountingReader(source, size)
+            for _ in iter(lambda: reader.read(CHUNK), b""):
+                pass
+            if (reader.size, reader.crc32) != (parts[index].size, parts[index].crc32):
+                raise StorageError(f"part {index} differs from the part already received")
+            return parts[index]
+        if index > len(parts):
+            raise StorageError(f"part {index} out of order: {len(parts)} parts were received")
+        live = self._live.get(upload_id)
+        if live is None or not live.alive:
+            live = self._start(upload_id, state, index)
+        reader = CountingReader(source, size)
+        try:
+            for chunk in iter(lambda: reader.read(CHUNK), b""):
+                live.write(chunk)
+            if reader.size != size:
+                raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
+        except BaseException:
+            self._stop(upload_id)  # part of a part went in: only the resume token can tell
+            raise
+        part = PartInfo(index, size, reader.crc32)
+        state["parts"].append(part.__dict__)
+        self._save(upload_id, state)
+        return part
+
+    def _start(self, upload_id: str, state: dict, index: int) -> LiveReceive:
+        """Start the receive: from the beginning, or resuming from the token."""
+        self._stop(upload_id)
+        if state["resuming"] and index == state["segment"]:
+            state["resuming"] = False
+            self._save(upload_id, state)
+            log.info("upload %s: resuming the receive into %s from its resume token",
+                     upload_id, state["target"])
+        elif index != 0:
+            raise StorageError(f"the receive of upload {upload_id} was interrupted:"
+                               " ask for its state and resume or start again")
+        live = LiveReceive(self.zfs, state["target"], state["compression"],
+                           resumable=bool(self._resumable))
+        self._live[upload_id] = live
+        return live
+
+    def _stop(self, upload_id: str) -> None:
+        live = self._live.pop(upload_id, None)
+        if live is not None:
+            live.kill()
 
     def staged_parts(self, upload_id):
-        return self.staging.parts(upload_id)
+        try:
+            state = self._state(upload_id)
+        except NotFound:
+            return []
+        live = self._live.get(upload_id)
+        if state["parts"] and not state["resuming"] and (live is None or not live.alive) \
+                and not self._token(state["target"]):
+            self._stop(upload_id)  # the receive died and left nothing to resume: start over
+            self.abandon_partial(_dataset(state["target"]))
+            state.update(parts=[], segment=0)
+            self._save(upload_id, state)
+            log.info("upload %s: the interrupted receive cannot be resumed; it starts over",
+                     upload_id)
+        return [PartInfo(**p) for p in state["parts"]]
+
+    def resume_token(self, upload_id: str) -> Optional[str]:
+        live = self._live.get(upload_id)
+        if live is not None and live.alive:
+            return None
+        try:
+            state = self._state(upload_id)
+        except NotFound:
+            return None
+        return None if state["resuming"] else self._token(state["target"])
+
+    def resume(self, upload_id: str, token: str, from_part: int) -> None:
+        state = self._state(upload_id)
+        if from_part != len(state["parts"]):
+            raise StorageError(f"the resumed stream must start at part {len(state['parts'])}")
+        if self.resume_token(upload_id) != token:
+            raise StorageError(f"{token[:16]}... is not the resume token of upload {upload_id}")
+        self._stop(upload_id)
+        state.update(segment=from_part, resuming=True)
+        self._save(upload_id, state)
 
     def read_staged(self, upload_id, index):
-        return self.staging.read(upload_id, index)
+        raise NotFound(f"upload {upload_id}: the local store keeps no copy of received parts")
 
     def discard(self, upload_id):
-        self.staging.discard(upload_id)
+        self._stop(upload_id)
+        try:
+            state = self._state(upload_id)
+        except NotFound:
+            return
+        target = state["target"]
+        try:
+            self.abandon_partial(_dataset(target))
+            # zfs may have finished the receive before the commit refused it: no leak
+            if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) in NO_TOKEN:
+                self._destroy(target)
+        except ZfsError as exc:
+            log.warning("upload %s: %s", upload_id, exc)
+        try:
+            os.unlink(self._state_path(upload_id))
+        except FileNotFoundError:
+            pass
 
     def staged_uploads(self):
-        return self.staging.uploads()
+        if not self.state_dir.is_dir():
+            return []
+        return [(p.stem, p.stat().st_mtime) for p in self.state_dir.glob("*.json")]
 
     def _container(self, manifest: Manifest) -> str:
         return f"{self.base}/{manifest.client_id}/{dataset_token(manifest.dataset)}"
@@ -119,35 +277,22 @@ class ZfsLocalStore(Store):
                            " is not on the server: send a full backup")
 
     def commit(self, upload_id, manifest):
-        container = self._container(manifest)
-        if not self.zfs.exists(container):
-            _create_container(self.zfs, container)
-        target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
-        if self.zfs.exists(target):  # left by a commit that died before its manifest
-            if self.zfs.get(target, MANIFEST_PROP) not in ("-", ""):
-                raise StorageError(f"{target} already holds a committed backup")
-            self.zfs.destroy(target)
-        chain = target.split("@", 1)[0]
-        self.abandon_partial(chain)
-        data = self.staging.data_path(upload_id)
+        state = self._state(upload_id)
+        target = state["target"]
+        live = self._live.get(upload_id)
+        if live is None:
+            raise StorageError(f"the receive of upload {upload_id} was interrupted:"
+                               " ask for its state and resume or start again")
         try:
-            with open(data, "rb") as raw, self.zfs.receive(
-                    target, force=True, resumable=bool(self._resumable)) as recv:
-                stream = decompressor(manifest.compression, raw)
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
-                    recv.write(chunk)
-        except ZfsError as exc:
-            self.abandon_partial(chain)
-            raise StorageError(f"cannot receive {manifest.key} into {target}: {exc}") from exc
-        except ValueError as exc:
-            raise StorageError(f"cannot receive {manifest.key}: {exc}") from exc
-        stored = Manifest.from_dict({**manifest.to_dict(),
-                                     "extra": {**manifest.extra, "zfs_snapshot": target}})
+            live.finish()
+        finally:
+            self._live.pop(upload_id, None)
+        extra = {**manifest.extra, "zfs_snapshot": target}
+        if state["segment"]:
+            extra["resumed_at_part"] = state["segment"]
+        stored = Manifest.from_dict({**manifest.to_dict(), "extra": extra})
         self.zfs.set(target, MANIFEST_PROP, json.dumps(stored.to_dict(), separators=(",", ":")))
-        self.staging.discard(upload_id)
+        os.unlink(self._state_path(upload_id))
         return stored
 
     def _located(self, manifest: Manifest) -> str:
@@ -177,7 +322,10 @@ class ZfsLocalStore(Store):
                     raise StorageError(f"manifest on {name} is unreadable: {exc}") from exc
 
     def delete(self, manifest):
-        target = self._located(manifest)
+        self._destroy(self._located(manifest))
+
+    def _destroy(self, target: str) -> None:
+        """Destroy a snapshot, and its chain dataset once no snapshot is left in it."""
         self.zfs.destroy(target)
         chain = target.split("@", 1)[0]
         if not [s for s in self._snapshots(chain) if s.startswith(chain + "@")]:
@@ -186,6 +334,11 @@ class ZfsLocalStore(Store):
     def object_size(self, key: str) -> Optional[int]:
         """Not meaningful for ZFS: the stream is regenerated on download."""
         return None
+
+
+def _dataset(target: str) -> str:
+    """The dataset that holds a receive's partial state: the target without its snapshot."""
+    return target.split("@", 1)[0]
 
 
 def _create_container(zfs: Zfs, name: str) -> None:

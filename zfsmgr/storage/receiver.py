@@ -1,0 +1,124 @@
+"""A live `zfs recv` fed from an upload's parts as they arrive (the `local` store's pipeline).
+
+Part requests hand their bytes to a bounded queue; one thread per upload decompresses them and
+writes the stream into `zfs recv`. Nothing is staged on disk, so a local-pool server needs no
+scratch space the size of the stream, and memory stays at the queue's few MiB. A receive that
+dies (zfs refused the stream, the server was killed) is reported on the next write or at
+`finish`; with `recv -s` its progress survives as the target's `receive_resume_token`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Optional
+
+from zfsmgr.compress import decompressor
+from zfsmgr.storage.base import CHUNK, StorageError
+from zfsmgr.zfs import Zfs
+
+QUEUE_CHUNKS = 8  # bytes handed over but not yet decompressed: at most 8 MiB per upload
+
+
+class Feed:
+    """A bounded byte queue between the part requests (writers) and the receive thread."""
+
+    def __init__(self, limit: int = QUEUE_CHUNKS):
+        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=limit)
+        self.buffer, self.offset, self.ended = b"", 0, False
+        self.abandoned = threading.Event()
+
+    def put(self, data: Optional[bytes], alive) -> None:
+        """Queue `data` (None ends the stream); gives up when `alive()` turns false."""
+        while not self.abandoned.is_set():
+            try:
+                self.queue.put(data, timeout=0.2)
+                return
+            except queue.Full:
+                if not alive():
+                    break
+        raise StorageError("the receive stopped before it took all the data")
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes; b"" once the stream ended (or was abandoned)."""
+        while self.offset >= len(self.buffer) and not self.ended:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.abandoned.is_set():
+                    self.ended = True
+                continue
+            if item is None:
+                self.ended = True
+            else:
+                self.buffer, self.offset = item, 0
+        data = self.buffer[self.offset:self.offset + size]  # copies only what is returned
+        self.offset += len(data)
+        return data
+
+
+class LiveReceive:
+    """`zfs recv [-s] -u target` on a thread, fed through a Feed."""
+
+    def __init__(self, zfs: Zfs, target: str, codec: str, resumable: bool):
+        self.target, self.codec = target, codec
+        self.feed = Feed()
+        self.raw_bytes = 0  # decompressed bytes written into zfs recv
+        self.error: Optional[BaseException] = None
+        self.command = zfs.receive(target, resumable=resumable)
+        self.thread = threading.Thread(target=self._run, name=f"recv {target}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            stream = decompressor(self.codec, self.feed)
+            try:
+                for chunk in iter(lambda: stream.read(CHUNK), b""):
+                    if self.feed.abandoned.is_set():
+                        raise StorageError(f"the receive into {self.target} was abandoned")
+                    self.command.write(chunk)
+                    self.raw_bytes += len(chunk)
+            finally:
+                stream.close()
+            if self.feed.abandoned.is_set():
+                raise StorageError(f"the receive into {self.target} was abandoned")
+            self.command.finish()
+        except BaseException as exc:  # reported to the writer or at finish()
+            self.error = exc
+            self.command.kill()
+            self.feed.abandoned.set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the receive can still take data."""
+        return self.error is None and self.thread.is_alive()
+
+    def write(self, data: bytes) -> None:
+        """Hand `data` to the receive; raises StorageError once it has failed."""
+        self._raise()
+        try:
+            self.feed.put(data, lambda: self.thread.is_alive())
+        except StorageError:
+            self.thread.join(timeout=5)
+            self._raise()
+            raise
+
+    def finish(self) -> None:
+        """End the stream and wait until zfs has received it all; raise if it failed."""
+        if self.thread.is_alive():
+            self.feed.put(None, lambda: self.thread.is_alive())
+        self.thread.join()
+        self._raise()
+
+    def kill(self) -> None:
+        """Stop the receive (zfs keeps a resume token where `recv -s` was used)."""
+        self.feed.abandoned.set()
+        self.command.kill()
+        self.thread.join(timeout=30)
+
+    def _raise(self) -> None:
+        if self.error is None:
+            return
+        if isinstance(self.error, StorageError):
+            raise self.error
+        raise StorageError(f"cannot receive into {self.target}: {self.error}")
