@@ -197,3 +197,30 @@ def test_add_client_prints_the_key_once_and_stores_only_its_hash(run_zfsmgr, tmp
     bad = run_zfsmgr(["server", "add-client", "../evil"],
                      env={"CONFIG_FILE": str(tmp_path / "clients.json")})
     assert bad.returncode == 2 and "invalid client id" in bad.stderr
+
+
+def test_an_answer_cut_off_by_a_dying_server_is_retried_not_refused():
+    """A 200 whose body never fully arrives is a broken connection (retried), not a refusal."""
+    import socket
+
+    from zfsmgr.errors import ServerUnreachable
+    from zfsmgr.remote import ServerClient
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_half():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50\r\n\r\n{\"success\": tr")
+        conn.close()
+
+    thread = threading.Thread(target=answer_half)
+    thread.start()
+    api = ServerClient(f"http://127.0.0.1:{listener.getsockname()[1]}", "c1", "k")
+    with pytest.raises(ServerUnreachable, match="broke"):
+        api.call("GET", "/status")
+    thread.join()
+    listener.close()

@@ -118,6 +118,8 @@ class ServerClient:
     @staticmethod
     def _decode(response: http.client.HTTPResponse) -> dict:
         raw = response.read(1 << 24)
+        if response.length:  # read(n) returns short at EOF instead of raising IncompleteRead
+            raise http.client.IncompleteRead(raw, response.length)
         try:
             data = json.loads(raw or b"{}")
         except ValueError:
@@ -176,6 +178,8 @@ class ServerClient:
         if response.status >= 400:
             try:
                 self._decode(response)
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
             finally:
                 conn.close()
         return Download(conn, response)
