@@ -8,6 +8,7 @@ import io
 import random
 import shutil
 import subprocess
+import zlib
 
 import pytest
 
@@ -156,6 +157,186 @@ def test_gzip_member_headers_carry_no_time_or_name():
         assert blob[pos:pos + 3] == b"\x1f\x8b\x08"
         assert blob[pos + 3] == 0  # FLG: no FNAME, FCOMMENT, FEXTRA
         assert blob[pos + 4:pos + 8] == b"\0\0\0\0"  # MTIME 0
+
+
+SEGMENT, PROBE = compress._SEGMENT_SIZE, compress._PROBE_SIZE
+BLOCK = 4 * SEGMENT  # several segments per block, so a block can switch between stored and deflated
+
+
+def random_data(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def text_data(size: int, seed: int = 0) -> bytes:
+    """Log lines with varying numbers: level 1 shrinks them to about 40%."""
+    rng, lines, total = random.Random(seed), [], 0
+    words = [b"send", b"recv", b"tank/data", b"snapshot", b"error", b"resumed", b"txg", b"scrub"]
+    while total < size:
+        line = b"2024-05-%02d %02d:%02d:%02d host%d %s %s id=%d bytes=%d\n" % (
+            rng.randint(1, 28), rng.randint(0, 23), rng.randint(0, 59), rng.randint(0, 59),
+            rng.randint(1, 9), rng.choice(words), rng.choice(words), rng.randint(0, 10**6),
+            rng.randint(0, 10**9))
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)[:size]
+
+
+def striped_runs(size: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Runs of random, text and zeros of uneven lengths, so changes fall inside segments."""
+    rng, runs, total = random.Random(seed), [], 0
+    while total < size:
+        run = min(rng.randint(1000, 3 * SEGMENT), size - total)
+        runs.append((("random", "text", "zeros")[len(runs) % 3], run))
+        total += run
+    return runs
+
+
+def striped_data(size: int, seed: int = 0) -> bytes:
+    makers = {"random": random_data, "text": text_data, "zeros": lambda n, seed: bytes(n)}
+    return b"".join(makers[kind](run, seed=i) for i, (kind, run) in
+                    enumerate(striped_runs(size, seed)))
+
+
+def gzip_dc(data: bytes) -> bytes:
+    done = subprocess.run(["gzip", "-dc"], input=data, capture_output=True, check=True)
+    return done.stdout
+
+
+def plain_level_1_size(data: bytes, block_size: int) -> int:
+    """Size of the same blocks as whole-block zlib level 1 members (the output before probing)."""
+    return sum(len(gzip.compress(data[pos:pos + block_size], 1, mtime=0))
+               for pos in range(0, len(data), block_size))
+
+
+class CountingDeflaters:
+    """Stands in for zlib.compressobj and counts the bytes every deflater is given."""
+
+    def __init__(self) -> None:
+        self.fed = []
+        self._real = zlib.compressobj
+
+    def __call__(self, *args, **kwargs):
+        deflater, fed = self._real(*args, **kwargs), self.fed
+
+        class Counted:
+            def compress(self, data):
+                fed.append(len(data))
+                return deflater.compress(data)
+
+            def flush(self, *mode):
+                return deflater.flush(*mode)
+
+        return Counted()
+
+
+def assert_stored(blob: bytes, data: bytes, start: int) -> int:
+    """Assert the segment at start is in blob as a 4 KiB probe and a verbatim stored rest."""
+    rest = data[start + PROBE:start + SEGMENT]
+    size = len(rest).to_bytes(2, "little")
+    stored = b"\0" + size + (len(rest) ^ 0xFFFF).to_bytes(2, "little")  # BFINAL=0, BTYPE=00
+    assert stored + rest in blob, f"segment at {start} is not stored"
+    return blob.index(stored + rest)
+
+
+@pytest.mark.parametrize("kind", ["random", "text", "striped"])
+@pytest.mark.parametrize("size", [
+    0, 1, PROBE - 1, PROBE, PROBE + 1, SEGMENT - 1, SEGMENT, SEGMENT + PROBE + 1,
+    BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + SEGMENT + 777,
+])
+def test_gzip_probed_round_trip(kind, size):
+    maker = {"random": random_data, "text": text_data, "striped": striped_data}[kind]
+    data = maker(size, seed=size)
+    blob = gzip_compress(data, block_size=BLOCK, threads=2)
+    assert read_all(GzipDecompressor(io.BytesIO(blob))) == data
+    assert gzip_dc(blob) == data
+    assert len(member_offsets(blob)) == max(1, -(-size // BLOCK))
+    assert gzip_compress(data, block_size=BLOCK, threads=1) == blob
+
+
+def test_gzip_probed_is_deterministic_at_the_default_block_size():
+    data = striped_data(3 * 1024 * 1024 + 4321, seed=31)
+    first = gzip_compress(data)
+    assert gzip_compress(data) == first
+    assert gzip_compress(data, threads=1) == first
+    with GzipBlockCompressor(TrickleSource(data), threads=2) as comp:
+        assert read_all(comp, size=4097) == first
+    assert gzip_dc(first) == data
+
+
+def test_random_segments_are_stored_not_deflated(monkeypatch):
+    data = random_data(3 * BLOCK + 1000, seed=37)
+    counter = CountingDeflaters()
+    monkeypatch.setattr(zlib, "compressobj", counter)
+    blob = gzip_compress(data, block_size=BLOCK, threads=2)
+    monkeypatch.undo()
+    segments = -(-len(data) // SEGMENT)
+    assert sum(counter.fed) <= segments * PROBE  # only the probes went through deflate
+    assert len(blob) <= len(data) + 24 * segments + 32 * 4  # a few header bytes a segment
+    assert len(blob) <= plain_level_1_size(data, BLOCK)
+    last = -1
+    for start in range(0, 3 * BLOCK, SEGMENT):
+        pos = assert_stored(blob, data, start)
+        assert pos > last
+        last = pos
+    assert gzip.decompress(blob) == data
+
+
+def test_block_switches_between_deflated_and_stored(monkeypatch):
+    text = text_data(100_000, seed=41)
+    data = text + random_data(1024 * 1024 - 100_000, seed=43)  # one default-size block
+    counter = CountingDeflaters()
+    monkeypatch.setattr(zlib, "compressobj", counter)
+    blob = gzip_compress(data, threads=1)
+    monkeypatch.undo()
+    assert len(member_offsets(blob)) == 1
+    # Segment 1 (text, then random) shrank and segment 2 (random) did not: from 3 on, stored.
+    assert sum(counter.fed) <= 3 * SEGMENT + 13 * PROBE
+    for start in range(3 * SEGMENT, len(data), SEGMENT):
+        assert_stored(blob, data, start)
+    assert len(blob) < len(data) - 100_000 // 2
+    # And back: zeros after random are deflated again from the next segment on.
+    data = random_data(70_000, seed=47) + bytes(1024 * 1024 - 70_000)
+    blob = gzip_compress(data, threads=1)
+    assert len(blob) < 70_000 + 2 * SEGMENT  # stored: segment 0 and the rest of segment 1
+    assert gzip_dc(blob) == data
+
+
+def test_compressible_data_still_compresses():
+    data = text_data(2 * 1024 * 1024 + 99, seed=53)
+    blob = gzip_compress(data)
+    assert len(blob) < 0.5 * len(data)
+    # Probing and the sync flush every segment cost almost nothing on compressible data.
+    assert len(blob) <= 1.005 * plain_level_1_size(data, compress.DEFAULT_BLOCK_SIZE)
+    assert gzip.decompress(blob) == data
+
+
+def test_compression_lost_where_random_data_ends_is_at_most_a_segment():
+    size = 2 * 1024 * 1024 + 99
+    data = striped_data(size, seed=61)
+    blob = gzip_compress(data)
+    random_runs = sum(kind == "random" for kind, _ in striped_runs(size, seed=61))
+    assert random_runs > 5
+    plain = plain_level_1_size(data, compress.DEFAULT_BLOCK_SIZE)
+    # After random data ends, the rest of its segment is stored; the next one is probed anew.
+    assert len(blob) <= plain + random_runs * SEGMENT
+    assert len(blob) < 0.75 * len(data)
+    assert gzip.decompress(blob) == data
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_gzip_every_level_round_trips(level):
+    data = striped_data(BLOCK + 3 * SEGMENT + 5, seed=59)
+    blob = gzip_compress(data, level=level, block_size=BLOCK, threads=2)
+    assert gzip_dc(blob) == data
+    assert read_all(GzipDecompressor(io.BytesIO(blob))) == data
+    zlib_header = gzip.compress(b"", level, mtime=0)[:10]
+    for pos in member_offsets(blob):
+        assert blob[pos:pos + 9] == zlib_header[:9]  # XFL says fastest or best as zlib does
+        assert blob[pos + 9] in (3, zlib_header[9])  # OS: Unix
+    if level == 0:
+        assert len(blob) > len(data)  # level 0 stores even what compresses
+    else:
+        assert len(blob) < 0.8 * len(data)
 
 
 def test_str_eof_from_source_is_accepted():

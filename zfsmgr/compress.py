@@ -1,4 +1,29 @@
-"""Streaming codecs for snapshot streams: parallel deterministic gzip, zstd via the binary, none."""
+"""Streaming codecs for snapshot streams: parallel deterministic gzip, zstd via the binary, none.
+
+gzip output is one independent member per block, so it is a pure function of the input bytes,
+the block size and the level (resumed uploads regenerate it and compare part CRCs), and plain
+`gunzip` reads it. zlib level 1 spends almost full CPU on random, encrypted or already compressed
+data (~40 MiB/s a core) and then emits stored blocks anyway, so a member is built in 64 KiB
+segments, each as one or more deflate blocks of a single deflate stream:
+
+- after a segment that shrank, the next one goes on through the same deflater (window kept);
+- otherwise only its first 4 KiB are deflated, as a probe; if the probe shrank below 98% of its
+  size the rest is deflated too, else the rest is written as a stored block (memcpy + CRC-32).
+
+Every segment ends with a sync flush (byte-aligned, stream not ended), which is what lets stored
+blocks and a fresh deflater follow; it costs ~0.05% on text. Measured against plain level 1 on
+1 MiB blocks, one core, zlib 1.2.13 (speed-up and size change; "runs" are multi-MiB runs of
+random, text and zeros; "files" are real png, gz, whl and zip files):
+  segment/probe   random         text         runs           files
+  1 MiB/32 KiB    25x, -0.02%    1x, -0.03%   2.9x, +3.7%    2.7x, +1.0%
+  256 KiB/16 KiB  18x, -0.02%    1x, -0.05%   2.7x, +1.0%    2.4x, +0.9%
+  64 KiB/4 KiB    15x, -0.01%    1x, -0.04%   2.7x, +0.2%    2.6x, +0.7%
+The loss is the stored rest of the segment in which incompressible data ends, hence small
+segments; a 4 KiB probe keeps the cost on incompressible data at 1/16 of deflating it. Random and
+compressed data probe at 1.00 or more; on the files a threshold of 0.97 was 1.4x faster than 0.98
+but 0.4% larger, and 0.98 still deflates data that saves 2% or more. Text deflates ~2% slower.
+Level 0 is left to zlib as before: all stored.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +31,7 @@ import collections
 import os
 import shlex
 import shutil
+import struct
 import subprocess
 import threading
 import zlib
@@ -19,6 +45,12 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_GZIP_LEVEL = 1
 DEFAULT_ZSTD_LEVEL = 3
 _CHUNK = 1 << 16  # input read size for the decompressor and the zstd feeder
+# Unit of the stored-or-deflated choice in a gzip member; its rest after the probe must fit in
+# one stored block (at most 65535 bytes).
+_SEGMENT_SIZE = 64 * 1024
+_PROBE_SIZE = 4 * 1024  # deflated first to tell whether a segment is worth deflating
+_STORE_RATIO = 0.98  # deflated output at least this share of the input: store instead
+_FINAL_EMPTY_STORED = b"\x01\x00\x00\xff\xff"  # ends a deflate stream that ended byte-aligned
 
 
 def extension(codec: str) -> str:
@@ -93,9 +125,51 @@ class _Passthrough(_Reader):
 
 
 def _gzip_member(block: bytes, level: int) -> bytes:
-    """Compress one block into a complete gzip member (mtime 0, no name)."""
-    deflater = zlib.compressobj(level, zlib.DEFLATED, 31)
-    return deflater.compress(block) + deflater.flush()
+    """Compress one block into a complete gzip member (mtime 0, no name); see the module doc."""
+    if level == 0:
+        deflater = zlib.compressobj(0, zlib.DEFLATED, 31)
+        return deflater.compress(block) + deflater.flush()
+    view = memoryview(block)
+    parts = [_gzip_header(level)]
+    deflater = None  # goes on after a segment that shrank; None: probe the next segment
+    for pos in range(0, len(view), _SEGMENT_SIZE):
+        segment = view[pos:pos + _SEGMENT_SIZE]
+        if deflater is None:
+            deflater = _probe_segment(segment, level, parts)
+        else:
+            out = _deflate(deflater, segment)
+            parts.append(out)
+            if len(out) >= _STORE_RATIO * len(segment):
+                deflater = None
+    parts.append(_FINAL_EMPTY_STORED if deflater is None else deflater.flush())
+    parts.append(struct.pack("<II", zlib.crc32(block), len(block) & 0xFFFFFFFF))
+    return b"".join(parts)
+
+
+def _gzip_header(level: int) -> bytes:
+    """The member header zlib writes on Unix for level: no name, mtime 0, XFL from the level."""
+    xfl = 4 if level == 1 else 2 if level == 9 else 0
+    return bytes((0x1F, 0x8B, zlib.DEFLATED, 0, 0, 0, 0, 0, xfl, 3))
+
+
+def _deflate(deflater, data) -> bytes:
+    """Deflate data and flush to a byte boundary without ending the deflate stream."""
+    return deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
+
+
+def _probe_segment(segment: memoryview, level: int, parts: list):
+    """Append segment to parts, stored unless its first _PROBE_SIZE bytes shrink when deflated;
+    return the deflater to go on with, or None when the segment was stored."""
+    deflater = zlib.compressobj(level, zlib.DEFLATED, -15)
+    head, rest = segment[:_PROBE_SIZE], segment[_PROBE_SIZE:]
+    parts.append(_deflate(deflater, head))
+    if len(parts[-1]) >= _STORE_RATIO * len(head):
+        if rest:  # one stored block (RFC 1951 3.2.4): BFINAL=0 and BTYPE=00, LEN, NLEN, bytes
+            parts += [struct.pack("<BHH", 0, len(rest), len(rest) ^ 0xFFFF), rest]
+        return None
+    if rest:
+        parts.append(_deflate(deflater, rest))
+    return deflater
 
 
 class GzipBlockCompressor(_Reader):
