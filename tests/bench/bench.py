@@ -11,15 +11,19 @@ of the client and server processes (sampled from /proc every 20 ms, children inc
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -73,6 +77,35 @@ def mixed_file(path: Path, size: int, seed: int = 1) -> None:
     with open(path, "wb") as out:
         for i in range(size // MIB):
             out.write((rng.randbytes(MIB), bytes(MIB), text)[i % 3])
+
+
+def text_file(path: Path, size: int, seed: int = 2) -> None:
+    """Compressible text only (16 different 1 MiB blocks in turn): no segment is stored."""
+    rng = random.Random(seed)
+    words = [b"zfs", b"snapshot", b"backup", b"dataset", b"pool", b"stream", b"block"]
+    blocks = [b"".join(b"%s %s %d\n" % (rng.choice(words), rng.choice(words), n)
+                       for n in range(i * 60000, (i + 1) * 60000))[:MIB] for i in range(16)]
+    with open(path, "wb") as out:
+        for i in range(size // MIB):
+            out.write(blocks[i % 16])
+
+
+def zlib_limit(path: Path, cores: int) -> float:
+    """Seconds for plain zlib level 1 (one gzip member per MiB) on all cores in one process."""
+    def member(block: bytes) -> int:
+        deflater = zlib.compressobj(1, zlib.DEFLATED, 31)
+        return len(deflater.compress(block) + deflater.flush())
+
+    start = time.monotonic()
+    with open(path, "rb") as src, ThreadPoolExecutor(cores) as pool:
+        pending: collections.deque = collections.deque()
+        for block in iter(lambda: src.read(MIB), b""):
+            pending.append(pool.submit(member, block))
+            if len(pending) >= 2 * cores:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
+    return time.monotonic() - start
 
 
 def timed(argv, **kwargs) -> float:
@@ -175,13 +208,15 @@ class Bench:
         if not self.args.live_send:
             self.stream = stream  # the client's `zfs send` replays it: zfsmgr's own speed
 
-        # gzip: the all-cores zlib limit, and pigz / gzip for reference
+        # gzip: the all-cores zlib limit, zfsmgr's compressor alone, pigz / gzip for reference
+        limit = self.row(f"zlib -1 on {cores} cores, one process (limit)", raw,
+                         zlib_limit(stream, cores))
         start = time.monotonic()
         with open(stream, "rb") as src, GzipBlockCompressor(src, 1, threads=cores) as comp:
             while comp.read(MIB):
                 pass
-        limit = self.row(f"zlib -1 on {cores} cores, one process (limit)", raw,
-                         time.monotonic() - start)
+        self.row("zfsmgr gzip alone (stores what won't shrink)", raw, time.monotonic() - start,
+                 limit)
         if shutil.which("pigz"):
             with open(stream, "rb") as src:
                 self.row(f"pigz -p{cores} -1 (reference)", raw,
@@ -191,27 +226,57 @@ class Bench:
             with open(stream, "rb") as src:
                 self.row("gzip -1 (reference)", raw,
                          timed(["gzip", "-1"], stdin=src, stdout=subprocess.DEVNULL), limit)
+        # each pair alternates baseline and backup `--repeat` times; rows show the medians
         server, keys = self.server()
         sampler = PeakRss(server.proc.pid)
         sampler.start()
-        seconds, client_rss = self.backup(server, dict(list(keys.items())[:1]), [ds], "gzip")
-        self.row("backup gzip -> server -> dir store", raw, seconds, limit, client_rss,
-                 sampler.finish())
+        one_key = dict(list(keys.items())[:1])
+        limits, runs = [], []
+        for _ in range(self.args.repeat):
+            limits.append(zlib_limit(stream, cores))
+            runs.append(self.backup(server, one_key, [ds], "gzip"))
+        limit = self.row(f"zlib -1 limit, median of {len(limits)}", raw,
+                         statistics.median(limits))
+        self.row("backup gzip -> server -> dir store", raw, statistics.median(r[0] for r in runs),
+                 limit, max(r[1] for r in runs), sampler.finish())
+        if self.stream:  # and on a stream where every segment is worth deflating
+            text = self.work / "text.bin"
+            text_file(text, size // 2)
+            server_text, keys_text = self.server(name="srv-text")
+            mixed, self.stream = self.stream, text
+            limits, runs = [], []
+            for _ in range(self.args.repeat):
+                limits.append(zlib_limit(text, cores))
+                runs.append(self.backup(server_text, keys_text, [ds], "gzip"))
+            self.stream = mixed
+            text_limit = self.row("zlib -1 limit, text-only stream", size // 2,
+                                  statistics.median(limits))
+            self.row("backup gzip, text-only stream", size // 2,
+                     statistics.median(r[0] for r in runs), text_limit)
+            server_text.stop()
+            shutil.rmtree(server_text.workdir, ignore_errors=True)
+            text.unlink()
 
         # uncompressed: against cat > file (+ fsync, as the store does) on the same disk
         copy = self.work / "copy.bin"
-        start = time.monotonic()
-        with open(stream, "rb") as src, open(copy, "wb") as dst:
-            shutil.copyfileobj(src, dst, MIB)
-            dst.flush()
-            os.fsync(dst.fileno())
-        cat = self.row("cat stream > file, fsync (baseline)", raw, time.monotonic() - start)
-        copy.unlink()
         server2, keys2 = self.server(name="srv-none")
         sampler = PeakRss(server2.proc.pid)
         sampler.start()
-        seconds, client_rss = self.backup(server2, keys2, [ds], "none")
-        self.row("backup uncompressed -> server -> dir store", raw, seconds, cat, client_rss,
+        copies, runs = [], []
+        for _ in range(self.args.repeat):
+            start = time.monotonic()
+            with open(stream, "rb") as src, open(copy, "wb") as dst:
+                shutil.copyfileobj(src, dst, MIB)
+                dst.flush()
+                os.fsync(dst.fileno())
+            copies.append(time.monotonic() - start)
+            copy.unlink()
+            runs.append(self.backup(server2, keys2, [ds], "none"))
+            for stored_none in (server2.workdir / "store").rglob("*.zfs"):
+                stored_none.unlink()  # keep the disk as empty as for cat
+        cat = self.row("cat stream > file, fsync (baseline)", raw, statistics.median(copies))
+        self.row("backup uncompressed -> server -> dir store", raw,
+                 statistics.median(r[0] for r in runs), cat, max(r[1] for r in runs),
                  sampler.finish())
         server2.stop()
 
@@ -282,6 +347,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1G", help="stream size for the throughput cases")
     parser.add_argument("--rss-sizes", default="1G,4G", help="stream sizes for peak RSS")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each baseline/backup pair (medians are shown)")
     parser.add_argument("--skip-gzip-ref", action="store_true", help="skip slow gzip -1")
     parser.add_argument("--workdir", default="/var/tmp/zfsmgr-bench")
     parser.add_argument("--live-send", action="store_true",

@@ -3,7 +3,9 @@
 A session is a small JSON file on the server's disk; the parts themselves are staged by the
 client's store (so S3 uploads never sit on the server's disk). A backup becomes visible only
 when `commit` has checked the sha256 of everything staged against the client's declaration,
-stored it at its key with its manifest, and recorded it in the catalog.
+stored it at its key with its manifest, and recorded it in the catalog. After a `local` receive
+was resumed with `zfs send -t`, that check covers the parts since the resume (`Session.segment`);
+the bytes zfs took before were checked by `zfs recv` itself, record by record.
 """
 
 from __future__ import annotations

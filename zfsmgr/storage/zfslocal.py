@@ -138,7 +138,8 @@ class ZfsLocalStore(Store):
             self.zfs.destroy(target)
         self.abandon_partial(_dataset(target))  # a stale receive of an older session
         self._save(upload_id, {"target": target, "compression": manifest.compression,
-                               "parts": [], "segment": 0, "resuming": False})
+                               "parts": [], "segment": 0, "resuming": False,
+                               "new_dataset": manifest.type == "full"})
 
     def stage_part(self, upload_id, index, source, size):
         state = self._state(upload_id)
@@ -180,6 +181,9 @@ class ZfsLocalStore(Store):
         elif index != 0:
             raise StorageError(f"the receive of upload {upload_id} was interrupted:"
                                " ask for its state and resume or start again")
+        elif state.get("new_dataset") and self.zfs.exists(_dataset(state["target"])) \
+                and not self._snapshots(_dataset(state["target"])):
+            self.zfs.destroy(_dataset(state["target"]), recursive=True)  # a killed full receive
         live = LiveReceive(self.zfs, state["target"], state["compression"],
                            resumable=bool(self._resumable))
         self._live[upload_id] = live
