@@ -250,3 +250,19 @@ def test_zstd_backup_is_a_plain_zstd_file(pool, server_factory, run_zfsmgr, tmp_
     done = run_zfsmgr(["client", "backup"], env={**env, "PATH": str(bin_dir)}, check=True)
     assert "no zstd binary" in done.stderr
     assert _snapshots(server)[-1]["compression"] == "gzip"
+
+
+def test_local_store_receives_zstd_and_uncompressed_streams(pool, local_base,
+                                                            server_factory, run_zfsmgr):
+    server = server_factory("local", base_dataset=local_base)
+    dataset = pool.create("data")
+    expected = []
+    for seed, compress in ((13, "zstd"), (14, "false")):
+        expected.append(rig.write_files(pool.mountpoint(dataset), seed=seed, count=2))
+        run_zfsmgr(["client", "backup"], env=client_env(server, dataset, COMPRESS=compress),
+                   check=True)
+    listing = _snapshots(server)
+    assert [(m["type"], m["compression"]) for m in listing] == [("full", "zstd"),
+                                                                ("incremental", "none")]
+    run_zfsmgr(["restore", "latest", f"{pool.name}/back"], env=server.client_env, check=True)
+    assert files_of(pool, f"{pool.name}/back") == expected[-1]
