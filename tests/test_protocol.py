@@ -31,24 +31,32 @@ def test_seed_example_key():
     "../client1/tank_data_2024-02-13_14:30:00.zfs.gz", "/etc/passwd",
     "client1/../../x_2024-02-13_14:30:00.zfs.gz", "client1/tank_data_2024-13-45_14:30:00.zfs.gz",
     "client1/tank\x00_2024-02-13_14:30:00.zfs.gz", "client1/tank_data.zfs.gz", "", None,
-    "client1/sub/tank_2024-02-13_14:30:00.zfs.gz", "clïent/tank_2024-02-13_14:30:00.zfs.gz"])
+    "client1/sub/tank_2024-02-13_14:30:00.zfs.gz", "clïent/tank_2024-02-13_14:30:00.zfs.gz",
+    "client1/tank_data_2024-02-13_14:30:00.zfs.gz\n"])
 def test_parse_key_rejects_anything_build_would_not_make(key):
     with pytest.raises(ValidationError):
         protocol.parse_key(key)
 
 
 @pytest.mark.parametrize("bad", ["", "..", ".hidden", "a/b", "x" * 65, "a b", "a\x00", "é", None,
-                                 "-rf"])
+                                 "-rf", "c1\n"])
 def test_client_id_validation(bad):
     with pytest.raises(ValidationError):
         protocol.validate_client_id(bad)
 
 
 @pytest.mark.parametrize("bad", ["", "/tank", "tank/", "tank//a", "tank/../etc", "1tank",
-                                 "tank@snap", "tank#bm", "tank/-o", "tank/a b", "x" * 201])
+                                 "tank@snap", "tank#bm", "tank/-o", "tank/a b", "x" * 201,
+                                 "tank/a\n"])
 def test_dataset_validation(bad):
     with pytest.raises(ValidationError):
         protocol.validate_dataset(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a@b", "a/b", "a b", "snap\n", "x" * 201, None])
+def test_snapshot_validation(bad):
+    with pytest.raises(ValidationError):
+        protocol.validate_snapshot(bad)
 
 
 def test_part_schedule_carries_5_tib_within_aws_limits():

@@ -60,7 +60,7 @@ def _reject(what: str, value: Any, why: str) -> None:
 
 def validate_client_id(value: Any) -> str:
     """A client id: letters, digits, '.', '_', '-'; 1-64 chars; not starting with a dot."""
-    if not isinstance(value, str) or not _CLIENT_ID.match(value):
+    if not isinstance(value, str) or not _CLIENT_ID.fullmatch(value):
         _reject("client id", value, "use 1-64 letters, digits, '.', '_' or '-'")
     return value
 
@@ -71,7 +71,7 @@ def validate_dataset(value: Any) -> str:
         _reject("dataset", value, "expected pool/name, at most 200 characters")
     parts = value.split("/")
     for part in parts:
-        if not _COMPONENT.match(part) or part in (".", "..") or part.startswith("-"):
+        if not _COMPONENT.fullmatch(part) or part in (".", "..") or part.startswith("-"):
             _reject("dataset", value, "components are letters, digits, '_', '.', ':', '-'")
     if not parts[0][0].isalpha():
         _reject("dataset", value, "the pool name must start with a letter")
@@ -80,14 +80,14 @@ def validate_dataset(value: Any) -> str:
 
 def validate_snapshot(value: Any) -> str:
     """A snapshot's short name (the part after '@')."""
-    if not isinstance(value, str) or not _SNAPSHOT.match(value):
+    if not isinstance(value, str) or not _SNAPSHOT.fullmatch(value):
         _reject("snapshot name", value, "use letters, digits, '_', '.', ':' or '-'")
     return value
 
 
 def validate_upload_id(value: Any) -> str:
     """An upload session id as the server makes them (32 hex digits)."""
-    if not isinstance(value, str) or not _UPLOAD_ID.match(value):
+    if not isinstance(value, str) or not _UPLOAD_ID.fullmatch(value):
         _reject("upload id", value, "expected 32 hex digits")
     return value
 
@@ -142,7 +142,7 @@ def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
 
 def parse_key(key: str) -> StorageKey:
     """Inverse of build_key; rejects anything build_key would not make."""
-    match = _KEY.match(key) if isinstance(key, str) else None
+    match = _KEY.fullmatch(key) if isinstance(key, str) else None
     if not match:
         _reject("storage key", key, "expected CLIENT/DATASET_YYYY-MM-DD_HH:MM:SS.zfs[.gz|.zst]")
     validate_client_id(match.group("client"))
