@@ -224,3 +224,38 @@ def test_an_answer_cut_off_by_a_dying_server_is_retried_not_refused():
         api.call("GET", "/status")
     thread.join()
     listener.close()
+
+
+@pytest.mark.parametrize("storage", ["dir", "local"])
+def test_a_commit_whose_answer_is_lost_counts_as_committed(storage, pool, server_factory):
+    """The server commits, the connection breaks before the answer: the retry finds the session
+    gone, looks in the catalog and reports success instead of destroying the snapshot."""
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.errors import ServerUnreachable
+    from zfsmgr.zfs import Zfs
+
+    base = ""
+    if storage == "local":
+        base = f"{pool.name}/srvbase"
+        rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    server = server_factory(storage, base_dataset=base)
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=3, count=2)
+
+    class LosesCommitAnswer(ServerClient):
+        lost = 0
+
+        def call(self, method, path, payload=None, query=None):
+            answer = super().call(method, path, payload, query)
+            if path.endswith("/commit") and not self.lost:
+                self.lost += 1
+                raise ServerUnreachable("connection broke: the answer never came")
+            return answer
+
+    env = server.client_env
+    api = LosesCommitAnswer(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
+    result = Backup(api, Zfs(), dataset, "gzip", 1, sleep=lambda _: None).run("auto")
+    assert api.lost == 1 and result.type == "full"
+    listing = api.call("GET", "/snapshots")["snapshots"]
+    assert [m["key"] for m in listing] == [result.key]
+    assert rig.sh("zfs", "list", "-H", "-o", "name", result.snapshot).strip() == result.snapshot

@@ -227,3 +227,38 @@ def test_local_store_refuses_a_damaged_stream_and_leaves_nothing(pool, tmp_path,
     assert store.staged_uploads() == [] and list(store.manifests()) == []
     left = rig.sh("zfs", "list", "-H", "-o", "name", "-t", "all", "-r", base).split()
     assert [name for name in left if name.endswith("/a") or "@" in name] == []
+
+
+@pytest.mark.parametrize("kind", ["dir", pytest.param("local", marks=pytest.mark.zfs)])
+def test_a_part_sent_twice_still_commits(kind, tmp_path, streams):
+    """The client resends a part whose answer it lost: the server keeps one copy, its running
+    sha256 stays valid (the local store cannot read parts back to recompute it)."""
+    from zfsmgr.server.catalog import Catalog
+    from zfsmgr.server.clients import ClientConfig
+    from zfsmgr.server.uploads import Conflict, Uploads
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    _, full, _, pool = streams
+    if kind == "local":
+        rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/srv")
+        store = ZfsLocalStore(f"{pool.name}/srv", str(tmp_path / "staging"))
+    else:
+        store = DirectoryStore(str(tmp_path / "store"))
+    store.check()
+    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
+                      10000, expiry_seconds=3600)
+    client = ClientConfig("c1", "0" * 64)
+    session = uploads.open(client, store, {"dataset": "tank/data", "snapshot": "a",
+                                           "type": "full", "compression": "gzip",
+                                           "snapshot_time": 1707834600.0})
+    half = len(full) // 2
+    pieces = [full[:half], full[half:]]
+    for index in (0, 0, 1, 1):  # each part twice
+        uploads.put_part(client, store, session, index, io.BytesIO(pieces[index]),
+                         len(pieces[index]), segment=0)
+    with pytest.raises(Conflict, match="belongs to the stream from part 3"):
+        uploads.put_part(client, store, session, 2, io.BytesIO(b"x"), 1, segment=3)
+    manifest = uploads.commit(client, store, session, {
+        "sha256": hashlib.sha256(full).hexdigest(), "stored_size": len(full),
+        "raw_size": len(gzip.decompress(full))})
+    assert manifest.parts == 2 and [m.key for m in store.manifests("c1")] == [manifest.key]

@@ -143,19 +143,22 @@ class ServerClient:
         finally:
             conn.close()
 
-    def put_part(self, upload_id: str, index: int, chunks: Iterable[bytes]) -> dict:
+    def put_part(self, upload_id: str, index: int, chunks: Iterable[bytes],
+                 segment: int = 0) -> dict:
         """Stream one upload part (chunked transfer, bounded memory); its answer."""
-        return self.send_part(upload_id, index, chunks)()
+        return self.send_part(upload_id, index, chunks, segment)()
 
-    def send_part(self, upload_id: str, index: int, chunks: Iterable[bytes]
+    def send_part(self, upload_id: str, index: int, chunks: Iterable[bytes], segment: int = 0
                   ) -> Callable[[], dict]:
         """Send one part's body now; the returned function waits for the server's answer
-        (so the next part can go out while the server stores this one)."""
+        (so the next part can go out while the server stores this one). `segment` is the part
+        the stream being sent starts at (0, or where a `zfs send -t` stream took over)."""
         path = protocol.UPLOAD_PART.format(upload_id=upload_id, index=index)
         conn = self._connect()
         try:
             conn.request("POST", self.prefix + path, body=_framed(chunks), headers=self._headers({
-                "Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked"}))
+                "Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked",
+                protocol.HEADER_SEGMENT: str(segment)}))
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise ServerUnreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") \

@@ -234,6 +234,10 @@ class Zfs:
                     raise
                 time.sleep(delay)
 
+    def rollback(self, snapshot: str) -> None:
+        """Return a dataset to its latest snapshot (discarding changes made since)."""
+        run([self.zfs, "rollback", snapshot])
+
     def hold(self, snapshot: str, tag: str = HOLD_TAG) -> None:
         """Put a user hold on a snapshot."""
         run([self.zfs, "hold", tag, snapshot])

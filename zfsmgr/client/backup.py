@@ -254,7 +254,7 @@ class Backup:
             try:
                 state = {"parts": []} if attempt == 0 else self.api.call(
                     "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
-                if state.get("resume_token"):
+                if state.get("resume_token") or state.get("segment"):
                     raw, stored, digest = self._resume(state, features, codec, session,
                                                        request["estimated_size"])
                 else:
@@ -277,6 +277,12 @@ class Backup:
                 session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
                                                             request), 0, True
             except (ServerUnreachable, ServerError) as exc:
+                if attempt and isinstance(exc, ServerError) and exc.status == 404:
+                    done = self._committed(snap)  # a commit whose answer was lost
+                    if done is not None:
+                        return Result(done["key"], done["type"], done["raw_size"],
+                                      done["stored_size"], time.monotonic() - started,
+                                      snap.name)
                 transient = isinstance(exc, ServerUnreachable) or exc.transient
                 if not transient or attempt >= len(RETRY_DELAYS):
                     if not transient:
@@ -290,6 +296,14 @@ class Backup:
                 self._abort(session)
                 raise
 
+    def _committed(self, snap: Snapshot) -> Optional[dict]:
+        """The server's manifest of this very snapshot, if a commit made it already."""
+        for manifest in self.server_backups():
+            if manifest["snapshot"] == snap.short and manifest.get("guid") in ("", snap.guid):
+                log.info("the server committed %s before its answer was lost", snap.name)
+                return manifest
+        return None
+
     def _abort(self, session: dict) -> None:
         try:
             self.api.call("POST", protocol.UPLOAD_ABORT.format(upload_id=session["upload_id"]))
@@ -300,18 +314,24 @@ class Backup:
                 estimate: int):
         """The server's receive was interrupted and kept its state: continue it with
         `zfs send -t`, or start the upload again where this host's zfs cannot."""
-        token, first = state["resume_token"], len(state["parts"])
         if not features.resumable_recv:
             raise StreamChanged("the server holds a partial receive, but this host's zfs has"
                                 " no send -t")
-        self.api.call("POST", protocol.UPLOAD_RESUME.format(upload_id=session["upload_id"]),
-                      {"token": token, "from_part": first})
+        if state.get("resume_token"):  # a new segment from where zfs stopped
+            token, first, held = state["resume_token"], len(state["parts"]), []
+            self.api.call("POST",
+                          protocol.UPLOAD_RESUME.format(upload_id=session["upload_id"]),
+                          {"token": token, "from_part": first})
+            log.info("resuming the server's receive with zfs send -t")
+        else:  # the resumed stream is still being received: send it again, skip what it has
+            token, first = state["resumed_with"], state["segment"]
+            held = state["parts"][first:]
+            log.info("sending the resumed stream again from part %d", first)
         done = self.zfs.resumed_bytes(token)
-        log.info("resuming the server's receive with zfs send -t (%s already received)",
-                 human(done))
+        log.info("the server's receive already has %s", human(done))
         raw, stored, digest = self._stream(
             self.zfs.send_resume(token), f"backup {self.dataset} (resumed)", codec, session,
-            [], first, max(0, estimate - done))
+            held, first, max(0, estimate - done))
         return done + raw, stored, digest
 
     def _stream(self, send, label, codec, session, held, first, estimate):
@@ -350,29 +370,30 @@ class Backup:
         while True:
             size = protocol.part_size(index, session["part_size"],
                                       session["part_growth_every"])
-            if index < len(held):
+            if index - first < len(held):
+                have = held[index - first]
                 crc, size_seen = 0, 0
-                for chunk in _take(stream, held[index]["size"]):
+                for chunk in _take(stream, have["size"]):
                     crc = zlib.crc32(chunk, crc)
                     total.update(chunk)
                     size_seen += len(chunk)
                 stored += size_seen
-                if crc32_hex(crc) != held[index]["crc32"] or size_seen != held[index]["size"]:
+                if crc32_hex(crc) != have["crc32"] or size_seen != have["size"]:
                     raise StreamChanged(f"part {index} regenerated differently")
             else:
-                first = stream.read(min(CHUNK, size))
-                if not first:
+                head = stream.read(min(CHUNK, size))
+                if not head:
                     break
                 sent = [0]
 
-                def body(first=first, size=size, sent=sent) -> Iterator[bytes]:
-                    for chunk in _chain(first, _take(stream, size - len(first))):
+                def body(head=head, size=size, sent=sent) -> Iterator[bytes]:
+                    for chunk in _chain(head, _take(stream, size - len(head))):
                         total.update(chunk)
                         sent[0] += len(chunk)
                         progress.update(counted.count)
                         yield chunk
 
-                answer = self.api.send_part(session["upload_id"], index, body())
+                answer = self.api.send_part(session["upload_id"], index, body(), first)
                 if pending is not None:
                     check(*pending)
                 pending = (index, answer, sent[0])

@@ -17,13 +17,14 @@ from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
 from zfsmgr.server.clients import ClientConfig, Forbidden, Unauthorized
 from zfsmgr.server.context import ServerContext
 from zfsmgr.server.uploads import Conflict
-from zfsmgr.storage.base import CHUNK, NotFound, QuotaExceeded, StorageError
+from zfsmgr.storage.base import CHUNK, NotFound, QuotaExceeded, StorageError, Unsupported
 
 log = logging.getLogger("zfsmgr.server")
 
 STATUS_OF = (  # most specific first
     (ValidationError, 400), (Unauthorized, 401), (Forbidden, 403), (NotFound, 404),
-    (Conflict, 409), (QuotaExceeded, 413), (StorageError, 503), (ZfsmgrError, 500))
+    (Conflict, 409), (Unsupported, 409), (QuotaExceeded, 413), (StorageError, 503),
+    (ZfsmgrError, 500))
 
 
 def _json(status: int, body: dict) -> bottle.HTTPResponse:
@@ -134,13 +135,10 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler()
     def upload_state(client, upload_id):
         session = ctx.uploads.get(client.client_id, upload_id)
-        store = ctx.store_named(session.storage_type)
-        parts = store.staged_parts(upload_id)
+        state = ctx.uploads.state(ctx.store_named(session.storage_type), session)
         return protocol.ok("upload open", upload_id=upload_id, key=session.key,
                            part_size=session.part_base, part_growth_every=session.part_every,
-                           parts=[p.__dict__ for p in parts],
-                           received=sum(p.size for p in parts),
-                           resume_token=store.resume_token(upload_id))
+                           **state)
 
     @app.post(protocol.UPLOAD_RESUME.replace("{upload_id}", "<upload_id>"))
     @handler()
@@ -184,8 +182,12 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         session = ctx.uploads.get(client.client_id, upload_id)
         store = ctx.store_named(session.storage_type)
         size = bottle.request.content_length
+        segment = bottle.request.get_header(protocol.HEADER_SEGMENT)
+        if segment is not None and not segment.isdigit():
+            raise ValidationError(f"{protocol.HEADER_SEGMENT} must be a part number")
         info = ctx.uploads.put_part(client, store, session, index,
-                                    bottle.request.environ["wsgi.input"], size)
+                                    bottle.request.environ["wsgi.input"], size,
+                                    None if segment is None else int(segment))
         return _json(200, protocol.ok("part stored", **info.__dict__))
 
     @app.get(protocol.STATUS)

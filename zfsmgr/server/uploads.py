@@ -58,6 +58,7 @@ class Session:
     part_every: int
     created: float
     segment: int = 0  # the first part of the stream the commit verifies (after a send -t)
+    resumed_with: str = ""  # the resume token whose `zfs send -t` stream starts at `segment`
 
 
 class _Tee:
@@ -162,10 +163,20 @@ class Uploads:
             raise protocol.ValidationError("resume needs the token and from_part")
         with self._session_lock(session.upload_id):
             store.resume(session.upload_id, token, from_part)
-            session = replace(session, segment=from_part)
+            session = replace(session, segment=from_part, resumed_with=token)
             write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
             self._running[session.upload_id] = (from_part, hashlib.sha256())
         return session
+
+    def state(self, store: Store, session: Session) -> dict:
+        """What the server holds of an upload, read under its lock (a store may tidy up)."""
+        with self._session_lock(session.upload_id):
+            session = self.get(session.client_id, session.upload_id)
+            parts = store.staged_parts(session.upload_id)
+            return {"parts": [p.__dict__ for p in parts],
+                    "received": sum(p.size for p in parts),
+                    "resume_token": store.resume_token(session.upload_id),
+                    "segment": session.segment, "resumed_with": session.resumed_with}
 
     def check_quota(self, client: ClientConfig, needed: int, staged: int = 0) -> None:
         """Raise QuotaExceeded if `needed` more bytes do not fit the client's quota."""
@@ -201,8 +212,11 @@ class Uploads:
         return found
 
     def put_part(self, client: ClientConfig, store: Store, session: Session, index: int,
-                 body: BinaryIO, size: int) -> PartInfo:
-        """Stage one part; parts arrive in order, and the last one may be sent again."""
+                 body: BinaryIO, size: int, segment: Optional[int] = None) -> PartInfo:
+        """Stage one part; parts arrive in order, and the last one may be sent again.
+
+        `segment` is the client's idea of where its current stream starts (0, or the part a
+        `zfs send -t` stream began at): a part of an earlier attempt is refused."""
         limit = protocol.part_size(index, session.part_base, session.part_every)
         if size > limit:
             raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
@@ -211,6 +225,10 @@ class Uploads:
         turn = self._session_lock(session.upload_id)
         with turn:
             parts = self._wait_for_turn(turn, store, session, index)
+            session = self.get(session.client_id, session.upload_id)  # a resume may have run
+            if segment is not None and segment != session.segment:
+                raise Conflict(f"part {index} belongs to the stream from part {segment}; the"
+                               f" upload now continues from part {session.segment}")
             staged = sum(p.size for p in parts[:index])
             try:
                 self.check_quota(client, size, staged)
@@ -225,8 +243,8 @@ class Uploads:
             part = store.stage_part(session.upload_id, index, body, size)
             if hasher is not None:
                 self._running[session.upload_id] = (index + 1, hasher)
-            else:
-                self._running.pop(session.upload_id, None)
+            elif index >= len(parts) or part != parts[index]:  # a resend of the same bytes
+                self._running.pop(session.upload_id, None)  # keeps the running hash valid
             self._touch(session)
             turn.notify_all()
             return part

@@ -4,6 +4,8 @@ A Store keeps committed backup streams under storage keys, with a manifest besid
 stages the parts of uploads in progress so that they survive a server restart. Contracts:
 - `stage_part` survives a server restart when it returns (a power loss may lose it: the
   sha256 check at commit then refuses the upload) and is idempotent for the same index and bytes;
+  the `local` store is the exception: it pipes parts into a live `zfs recv` and keeps no copy, so
+  after a restart what survives is zfs's `receive_resume_token` (`resume_token`/`resume`);
 - nothing staged is visible through `open`/`manifests` until `commit` returns;
 - `commit` writes the object first and the manifest last, so a manifest always has its object;
 - a missing key raises NotFound; any other failure raises StorageError.
@@ -32,6 +34,10 @@ class NotFound(StorageError):
 
 class QuotaExceeded(StorageError):
     """A part would take the client past its quota."""
+
+
+class Unsupported(StorageError):
+    """The store cannot do what was asked (a 409, not worth retrying)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class Store(ABC):
 
     def resume(self, upload_id: str, token: str, from_part: int) -> None:
         """The client sends `zfs send -t token` as parts from `from_part` on."""
-        raise StorageError(f"{self.kind} storage does not resume from zfs resume tokens")
+        raise Unsupported(f"{self.kind} storage does not resume from zfs resume tokens")
 
     @abstractmethod
     def read_staged(self, upload_id: str, index: int) -> BinaryIO:

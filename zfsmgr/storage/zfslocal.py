@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from zfsmgr.protocol import Manifest, dataset_token, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
@@ -64,6 +64,7 @@ class ZfsLocalStore(Store):
         self._resumable: Optional[bool] = None
         self.state_dir = Path(staging_dir) / ".uploads-local"
         self._live: Dict[str, LiveReceive] = {}
+        self._discarded: Set[str] = set()  # a part racing an abort must not start a receive
 
     def check(self) -> None:
         if not self.zfs.exists(self.base):
@@ -105,6 +106,8 @@ class ZfsLocalStore(Store):
             raise StorageError(f"state of upload {upload_id} is unreadable: {exc}") from None
 
     def _save(self, upload_id: str, state: dict) -> None:
+        if upload_id in self._discarded:
+            raise NotFound(f"upload {upload_id} was discarded")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self._state_path(upload_id), json.dumps(state).encode(), durable=False)
 
@@ -132,14 +135,28 @@ class ZfsLocalStore(Store):
         if not self.zfs.exists(container):
             _create_container(self.zfs, container)
         target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
-        if self.zfs.exists(target):  # left by a commit that died before its manifest
-            if self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
-                raise StorageError(f"{target} already holds a committed backup")
+        if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
+            raise StorageError(f"{target} already holds a committed backup")
+        state = {"target": target, "compression": manifest.compression, "parts": [],
+                 "segment": 0, "resuming": False, "token": "",
+                 "new_dataset": manifest.type == "full"}
+        self._drop_unpublished(state)  # left by an older session of the same backup
+        self._save(upload_id, state)
+
+    def _drop_unpublished(self, state: dict) -> None:
+        """Clear what a receive left that no manifest published: a partial receive (recv -A),
+        a received snapshot with no manifest, and the changes it made to its chain."""
+        target, chain = state["target"], _dataset(state["target"])
+        self.abandon_partial(chain)
+        if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) in NO_TOKEN:
             self.zfs.destroy(target)
-        self.abandon_partial(_dataset(target))  # a stale receive of an older session
-        self._save(upload_id, {"target": target, "compression": manifest.compression,
-                               "parts": [], "segment": 0, "resuming": False,
-                               "new_dataset": manifest.type == "full"})
+        if not self.zfs.exists(chain):
+            return
+        left = self.zfs.snapshots(chain)
+        if left:
+            self.zfs.rollback(left[-1].name)  # zfs recv -F would do it, but also destroy more
+        elif state.get("new_dataset"):
+            self.zfs.destroy(chain, recursive=True)  # a full receive killed without recv -s
 
     def stage_part(self, upload_id, index, source, size):
         state = self._state(upload_id)
@@ -181,12 +198,14 @@ class ZfsLocalStore(Store):
         elif index != 0:
             raise StorageError(f"the receive of upload {upload_id} was interrupted:"
                                " ask for its state and resume or start again")
-        elif state.get("new_dataset") and self.zfs.exists(_dataset(state["target"])) \
-                and not self._snapshots(_dataset(state["target"])):
-            self.zfs.destroy(_dataset(state["target"]), recursive=True)  # a killed full receive
+        else:
+            self._drop_unpublished(state)
         live = LiveReceive(self.zfs, state["target"], state["compression"],
                            resumable=bool(self._resumable))
         self._live[upload_id] = live
+        if upload_id in self._discarded:  # discard() ran meanwhile: it set this flag first
+            self._stop(upload_id)
+            raise NotFound(f"upload {upload_id} was discarded")
         return live
 
     def _stop(self, upload_id: str) -> None:
@@ -203,8 +222,8 @@ class ZfsLocalStore(Store):
         if state["parts"] and not state["resuming"] and (live is None or not live.alive) \
                 and not self._token(state["target"]):
             self._stop(upload_id)  # the receive died and left nothing to resume: start over
-            self.abandon_partial(_dataset(state["target"]))
-            state.update(parts=[], segment=0)
+            self._drop_unpublished(state)
+            state.update(parts=[], segment=0, token="")
             self._save(upload_id, state)
             log.info("upload %s: the interrupted receive cannot be resumed; it starts over",
                      upload_id)
@@ -222,29 +241,28 @@ class ZfsLocalStore(Store):
 
     def resume(self, upload_id: str, token: str, from_part: int) -> None:
         state = self._state(upload_id)
+        if state["resuming"] and (state["token"], state["segment"]) == (token, from_part):
+            return  # the client did not get the first answer
         if from_part != len(state["parts"]):
             raise StorageError(f"the resumed stream must start at part {len(state['parts'])}")
         if self.resume_token(upload_id) != token:
             raise StorageError(f"{token[:16]}... is not the resume token of upload {upload_id}")
         self._stop(upload_id)
-        state.update(segment=from_part, resuming=True)
+        state.update(segment=from_part, resuming=True, token=token)
         self._save(upload_id, state)
 
     def read_staged(self, upload_id, index):
         raise NotFound(f"upload {upload_id}: the local store keeps no copy of received parts")
 
     def discard(self, upload_id):
+        self._discarded.add(validate_upload_id(upload_id))
         self._stop(upload_id)
         try:
             state = self._state(upload_id)
         except NotFound:
             return
-        target = state["target"]
-        try:
-            self.abandon_partial(_dataset(target))
-            # zfs may have finished the receive before the commit refused it: no leak
-            if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) in NO_TOKEN:
-                self._destroy(target)
+        try:  # zfs may have finished the receive before the commit refused it: no leak
+            self._drop_unpublished(state)
         except ZfsError as exc:
             log.warning("upload %s: %s", upload_id, exc)
         try:
