@@ -262,3 +262,27 @@ def test_a_part_sent_twice_still_commits(kind, tmp_path, streams):
         "sha256": hashlib.sha256(full).hexdigest(), "stored_size": len(full),
         "raw_size": len(gzip.decompress(full))})
     assert manifest.parts == 2 and [m.key for m in store.manifests("c1")] == [manifest.key]
+
+
+@pytest.mark.zfs
+def test_local_store_refuses_an_incremental_that_would_fork_its_chain(pool, tmp_path, streams):
+    """A base older than the chain's newest backup: a clear 409, never `recv -F` (which would
+    destroy the newer, committed backups)."""
+    from zfsmgr.storage.base import Unsupported
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    _, full, inc, _ = streams
+    rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/srv")
+    store = ZfsLocalStore(f"{pool.name}/srv", str(tmp_path / "staging"))
+    store.check()
+    for snapshot, data, parent, stamp in (("a", full, None, "14:30:00"),
+                                          ("b", inc, "a", "15:30:00")):
+        upload_id = uuid.uuid4().hex
+        m = manifest(f"c1/tank_data_2024-02-13_{stamp}.zfs.gz", data, snapshot, parent, "local")
+        store.begin(upload_id, m)
+        stage(store, upload_id, data, 0)
+        store.commit(upload_id, m)
+    fork = manifest("c1/tank_data_2024-02-13_16:30:00.zfs.gz", inc, "c", "a", "local")
+    with pytest.raises(Unsupported, match="newer than the base a"):
+        store.begin(uuid.uuid4().hex, fork)
+    assert [m.snapshot for m in sorted(store.manifests("c1"), key=lambda m: m.key)] == ["a", "b"]

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Set
 
 from zfsmgr.protocol import Manifest, dataset_token, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
-                                 Store)
+                                 Store, Unsupported)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, run
@@ -137,6 +137,11 @@ class ZfsLocalStore(Store):
         target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
             raise StorageError(f"{target} already holds a committed backup")
+        published = [s for s in self.zfs.snapshots(_dataset(target), ["manifest"])
+                     if s.prop("manifest")] if manifest.type == "incremental" else []
+        if published and published[-1].short != manifest.parent:
+            raise Unsupported(f"{_dataset(target)} holds backups newer than the base"
+                              f" {manifest.parent} of this incremental: send a full backup")
         state = {"target": target, "compression": manifest.compression, "parts": [],
                  "segment": 0, "resuming": False, "token": "",
                  "new_dataset": manifest.type == "full"}
