@@ -259,3 +259,36 @@ def test_a_commit_whose_answer_is_lost_counts_as_committed(storage, pool, server
     listing = api.call("GET", "/snapshots")["snapshots"]
     assert [m["key"] for m in listing] == [result.key]
     assert rig.sh("zfs", "list", "-H", "-o", "name", result.snapshot).strip() == result.snapshot
+
+
+def test_a_server_that_cannot_take_the_incremental_gets_a_full_backup(pool, server_factory):
+    """The catalog the client checked said the base is there, the server says otherwise when the
+    upload opens (rotated meanwhile, another server): `backup` sends a full backup instead,
+    `backup-incremental` fails with the server's one-line reason."""
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.remote import ServerError
+    from zfsmgr.zfs import Zfs
+
+    first, second = server_factory("dir"), server_factory("dir")
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=4, count=2)
+
+    def api(server):
+        env = server.client_env
+        return ServerClient(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
+
+    Backup(api(first), Zfs(), dataset, "gzip", 1, sleep=lambda _: None).run("auto")
+    stale = api(first).call("GET", "/snapshots")["snapshots"]
+
+    class StaleCatalog(Backup):
+        def server_backups(self):
+            return stale  # what the client saw a moment before
+
+    with pytest.raises(ServerError, match="send a full backup") as refused:
+        StaleCatalog(api(second), Zfs(), dataset, "gzip", 1,
+                     sleep=lambda _: None).run("incremental")
+    assert refused.value.status == 409 and refused.value.payload["full_backup_required"]
+    result = StaleCatalog(api(second), Zfs(), dataset, "gzip", 1,
+                          sleep=lambda _: None).run("auto")
+    assert result.type == "full"
+    assert [m["type"] for m in api(second).call("GET", "/snapshots")["snapshots"]] == ["full"]

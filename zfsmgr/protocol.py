@@ -34,6 +34,7 @@ ROTATION_POLICY = "/rotation-policy"  # GET
 # Authentication: the raw key travels in a header, never in a URL.
 HEADER_CLIENT_ID = "X-Client-ID"
 HEADER_API_KEY = "X-API-Key"
+FULL_BACKUP_REQUIRED = "full_backup_required"  # in a 409 to POST /upload: send a full instead
 HEADER_SEGMENT = "X-Upload-Segment"  # on a part: the part its stream starts at (after send -t)
 HEADER_SHA256 = "X-Content-SHA256"  # response header of a part / download: sha256 of the body
 

@@ -20,9 +20,10 @@ from zfsmgr.errors import ServerUnreachable, ZfsmgrError
 class ServerError(ZfsmgrError):
     """The server answered with an error status and message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, payload: Optional[dict] = None):
         super().__init__(f"server refused ({status}): {message}")
         self.status, self.server_message = status, message
+        self.payload = payload or {}
 
     @property
     def transient(self) -> bool:
@@ -125,7 +126,8 @@ class ServerClient:
         except ValueError:
             data = {"success": False, "message": raw[:200].decode("utf-8", "replace").strip()}
         if response.status >= 400 or not data.get("success", False):
-            raise ServerError(response.status, str(data.get("message") or response.reason))
+            raise ServerError(response.status, str(data.get("message") or response.reason),
+                              data)
         return data
 
     def call(self, method: str, path: str, payload: Optional[dict] = None,

@@ -202,7 +202,7 @@ class Backup:
         self.zfs.snapshot(name, {"kind": "backup"})
         snap = next(s for s in self.zfs.snapshots(self.dataset, PROPS) if s.name == name)
         try:
-            result = self._upload(snap, base, features)
+            result = self._upload(snap, base, features, fallback=mode == "auto")
         except BaseException:
             self.zfs.destroy(name)  # no stray snapshot: the next run starts clean
             raise
@@ -240,14 +240,23 @@ class Backup:
                 "snapshot_time": snap.creation, "estimated_size": estimate or 0,
                 "storage_type": self.storage_type}
 
-    def _upload(self, snap: Snapshot, base: Optional[Base], features: Features) -> Result:
+    def _upload(self, snap: Snapshot, base: Optional[Base], features: Features,
+                fallback: bool = False) -> Result:
         # ciphertext won't shrink, and -c blocks are compressed already
         codec = "none" if features.raw_send or self._compressed(features) else self.compression
         if codec == "zstd" and not zstd_available():
             log.warning("COMPRESS=zstd but this host has no zstd binary: using gzip")
             codec = "gzip"
         request = self._request(snap, base, features, codec)
-        session = self.api.call("POST", protocol.UPLOAD, request)
+        try:
+            session = self.api.call("POST", protocol.UPLOAD, request)
+        except ServerError as exc:
+            if not (base and fallback and exc.payload.get(protocol.FULL_BACKUP_REQUIRED)):
+                raise
+            log.warning("%s; sending a full backup", exc.server_message)
+            request = self._request(snap, None, features, codec)
+            session = self.api.call("POST", protocol.UPLOAD, request)
+            base = None
         started = time.monotonic()
         attempt, restarted = 0, False
         while True:

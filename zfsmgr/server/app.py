@@ -17,7 +17,8 @@ from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
 from zfsmgr.server.clients import ClientConfig, Forbidden, Unauthorized
 from zfsmgr.server.context import ServerContext
 from zfsmgr.server.uploads import Conflict
-from zfsmgr.storage.base import CHUNK, NotFound, QuotaExceeded, StorageError, Unsupported
+from zfsmgr.storage.base import (CHUNK, NeedsFullBackup, NotFound, QuotaExceeded, StorageError,
+                                 Unsupported)
 
 log = logging.getLogger("zfsmgr.server")
 
@@ -72,7 +73,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                     status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
                     if status >= 500:
                         log.error("%s %s: %s", bottle.request.method, bottle.request.path, exc)
-                    return _json(status, protocol.error(str(exc)))
+                    return _json(status, protocol.error(
+                        str(exc), **({protocol.FULL_BACKUP_REQUIRED: True}
+                                     if isinstance(exc, NeedsFullBackup) else {})))
                 except Exception as exc:  # never a traceback to the client
                     log.exception("internal error on %s", bottle.request.path)
                     return _json(500, protocol.error(

@@ -25,7 +25,8 @@ from zfsmgr.errors import ZfsmgrError
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
-from zfsmgr.storage.base import CHUNK, NotFound, PartInfo, QuotaExceeded, Store
+from zfsmgr.storage.base import (CHUNK, NeedsFullBackup, NotFound, PartInfo, QuotaExceeded,
+                                 Store)
 from zfsmgr.storage.directory import write_atomic
 
 log = logging.getLogger("zfsmgr.server.uploads")
@@ -115,8 +116,8 @@ class Uploads:
             parent = protocol.validate_snapshot(parent)
             if not any(m.dataset == dataset and m.snapshot == parent
                        for m in self.catalog.list(client.client_id)):
-                raise Conflict(f"the base {dataset}@{parent} of this incremental is not on"
-                               " the server: send a full backup")
+                raise NeedsFullBackup(f"the base {dataset}@{parent} of this incremental is not"
+                                      " on the server: send a full backup")
         else:
             parent = None
         compression = request.get("compression", "gzip")

@@ -40,6 +40,10 @@ class Unsupported(StorageError):
     """The store cannot do what was asked (a 409, not worth retrying)."""
 
 
+class NeedsFullBackup(Unsupported):
+    """An incremental cannot be stored on what the server holds; a full backup can."""
+
+
 @dataclass(frozen=True)
 class PartInfo:
     """One staged part of an upload."""

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Set
 
 from zfsmgr.protocol import Manifest, dataset_token, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
-                                 Store, Unsupported)
+                                 NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, run
@@ -140,8 +140,8 @@ class ZfsLocalStore(Store):
         published = [s for s in self.zfs.snapshots(_dataset(target), ["manifest"])
                      if s.prop("manifest")] if manifest.type == "incremental" else []
         if published and published[-1].short != manifest.parent:
-            raise Unsupported(f"{_dataset(target)} holds backups newer than the base"
-                              f" {manifest.parent} of this incremental: send a full backup")
+            raise NeedsFullBackup(f"{_dataset(target)} holds backups newer than the base"
+                                  f" {manifest.parent} of this incremental: send a full backup")
         state = {"target": target, "compression": manifest.compression, "parts": [],
                  "segment": 0, "resuming": False, "token": "",
                  "new_dataset": manifest.type == "full"}
@@ -300,8 +300,8 @@ class ZfsLocalStore(Store):
             if snap == manifest.parent and (not manifest.parent_guid
                                             or props.get("guid") == manifest.parent_guid):
                 return dataset
-        raise StorageError(f"the base {manifest.dataset}@{manifest.parent} of this incremental"
-                           " is not on the server: send a full backup")
+        raise NeedsFullBackup(f"the base {manifest.dataset}@{manifest.parent} of this"
+                              " incremental is not on the server: send a full backup")
 
     def commit(self, upload_id, manifest):
         state = self._state(upload_id)
