@@ -3,17 +3,16 @@
 Memory stays bounded: the stream passes in 1 MiB chunks, parts go out with chunked transfer.
 A dropped connection or a restarted server is retried with backoff; the deterministic stream is
 regenerated and the parts the server already holds are skipped after checking their CRC-32
-(the sha256 of the whole stream is verified by the server at commit).
+(the sha256 of the whole stream is verified by the server at commit). When the server's `local`
+store kept a resumable receive, the rest of the stream is `zfs send -t <token>` instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import zlib
-import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator, List, Optional
@@ -21,6 +20,7 @@ from typing import Callable, Iterator, List, Optional
 from zfsmgr import protocol
 from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, find_base,
                                 mark_base)
+from zfsmgr.client.readahead import CHUNK, Counter, ReadAhead, chain, take
 from zfsmgr.compress import compressor, zstd_available
 from zfsmgr.errors import ServerUnreachable, UsageError, ZfsmgrError
 from zfsmgr.progress import Progress, human
@@ -29,7 +29,6 @@ from zfsmgr.storage.base import crc32_hex
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
-CHUNK = 1 << 20
 RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
 
 
@@ -47,66 +46,6 @@ class Result:
     stored_size: int
     seconds: float
     snapshot: str
-
-
-class ReadAhead:
-    """Reads `source` on a thread into a bounded queue of chunks, so compression goes on
-    while the main thread waits for the server (a part's answer, a slow network)."""
-
-    def __init__(self, source, limit: int = 16 << 20, chunk: int = CHUNK):
-        self.source, self.chunk = source, chunk
-        self.queue: "queue.Queue" = queue.Queue(maxsize=max(1, limit // chunk))
-        self.buffer, self.done, self.stopped = b"", False, threading.Event()
-        self.thread = threading.Thread(target=self._fill, daemon=True)
-        self.thread.start()
-
-    def _fill(self) -> None:
-        try:
-            while not self.stopped.is_set():
-                data = self.source.read(self.chunk)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as exc:  # handed to the reader
-            self._put(exc)
-
-    def _put(self, item) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes; b"" at the end; re-raises the source's error."""
-        while not self.buffer and not self.done:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                self.done = True
-                raise item
-            if not item:
-                self.done = True
-            self.buffer = item
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def close(self) -> None:
-        """Stop the thread; one blocked on the source ends when that source is killed."""
-        self.stopped.set()
-        self.thread.join(timeout=0.5)
-
-
-class _Counter:
-    """Counts raw bytes coming out of `zfs send`."""
-
-    def __init__(self, source):
-        self.source, self.count = source, 0
-
-    def read(self, size: int) -> bytes:
-        data = self.source.read(size)
-        self.count += len(data)
-        return data
 
 
 def new_snapshot_name(zfs: Zfs, dataset: str, now: Optional[datetime] = None) -> str:
@@ -349,7 +288,7 @@ class Backup:
         total = hashlib.sha256()
         progress = self.make_progress(label, estimate or None)
         with send:
-            counted = _Counter(send)
+            counted = Counter(send)
             with compressor(codec, counted, level=self.level) as compressed:
                 stream = ReadAhead(compressed)
                 try:
@@ -382,7 +321,7 @@ class Backup:
             if index - first < len(held):
                 have = held[index - first]
                 crc, size_seen = 0, 0
-                for chunk in _take(stream, have["size"]):
+                for chunk in take(stream, have["size"]):
                     crc = zlib.crc32(chunk, crc)
                     total.update(chunk)
                     size_seen += len(chunk)
@@ -396,7 +335,7 @@ class Backup:
                 sent = [0]
 
                 def body(head=head, size=size, sent=sent) -> Iterator[bytes]:
-                    for chunk in _chain(head, _take(stream, size - len(head))):
+                    for chunk in chain(head, take(stream, size - len(head))):
                         total.update(chunk)
                         sent[0] += len(chunk)
                         progress.update(counted.count)
@@ -411,22 +350,6 @@ class Backup:
         if pending is not None:
             check(*pending)
         return stored + sum(sizes)
-
-
-def _take(stream, size: int) -> Iterator[bytes]:
-    """Up to `size` bytes of `stream`, in chunks."""
-    left = size
-    while left > 0:
-        chunk = stream.read(min(CHUNK, left))
-        if not chunk:
-            return
-        left -= len(chunk)
-        yield chunk
-
-
-def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest
 
 
 def summary(result: Result) -> str:
