@@ -72,7 +72,7 @@ class ZfsLocalStore(Store):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self._resumable is None:
             self._resumable = self.zfs.features(self.base).resumable_recv
-            owned = {_dataset(state["target"]) for state in self._states().values()}
+            owned = frozenset(_dataset(st["target"]) for st in self._states().values())
             self.abandon_partial(self.base, recursive=True, keep=owned)
 
     def abandon_partial(self, root: str, recursive: bool = False,
