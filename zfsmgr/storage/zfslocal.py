@@ -145,8 +145,7 @@ class ZfsLocalStore(Store):
         state = {"target": target, "compression": manifest.compression, "parts": [],
                  "segment": 0, "resuming": False, "token": "",
                  "new_dataset": manifest.type == "full"}
-        self._drop_unpublished(state)  # left by an older session of the same backup
-        self._save(upload_id, state)
+        self._save(upload_id, state)  # what an older session left goes when part 0 arrives
 
     def _drop_unpublished(self, state: dict) -> None:
         """Clear what a receive left that no manifest published: a partial receive (recv -A),
