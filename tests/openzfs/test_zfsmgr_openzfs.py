@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
@@ -212,11 +213,12 @@ def _kill_receive(target):
     raise AssertionError(f"no resume token on {dataset}")
 
 
-def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tmp_path):
+def _interrupted_upload(pool, tmp_path, seed):
+    """A local-store upload whose receive died half way, as the restarted server sees it."""
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-    store, base = _local_store(openzfs_pool, tmp_path)
-    source, stream = _full_stream(openzfs_pool, 5)
+    store, base = _local_store(pool, tmp_path)
+    source, stream = _full_stream(pool, seed)
     data = gzip.compress(stream, 1, mtime=0)
     upload_id = uuid.uuid4().hex
     store.begin(upload_id, _manifest(data, stream))
@@ -224,23 +226,30 @@ def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tm
     time.sleep(2)  # let zfs take what was handed over
     chain = f"{base}/c1/tank_data/s1"
     token = _kill_receive(f"{chain}@s1")
-    # the server restarts: its startup sweep keeps the partial receive an upload owns
     restarted = ZfsLocalStore(base, str(tmp_path))
-    restarted.check()
-    assert restarted.resume_token(upload_id) == token
-    assert len(restarted.staged_parts(upload_id)) == half
-    restarted.resume(upload_id, token, half)
-    rest = subprocess.run(["zfs", "send", "-t", token], capture_output=True, check=True).stdout
-    assert 0 < len(rest) < len(stream)  # only what the receive did not have
-    rest = gzip.compress(rest, 1, mtime=0)
-    _stage(restarted, upload_id, rest, first=half)
-    stored = restarted.commit(upload_id, _manifest(data, stream))
-    assert stored.extra == {"zfs_snapshot": f"{chain}@s1", "resumed_at_part": half}
-    assert sh("zfs", "get", "-H", "-o", "value", "guid", f"{chain}@s1") == \
-        sh("zfs", "get", "-H", "-o", "value", "guid", f"{source}@s1")
-    assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", chain).strip() == "-"
-    sh("zfs", "set", f"mountpoint={openzfs_pool.mountpoint}/received", chain)
-    assert mounted_files(chain) == rig.tree_digest(Path(f"{openzfs_pool.mountpoint}/src5"))
+    restarted.check()  # its startup sweep keeps the partial receive an upload owns
+    return SimpleNamespace(store=restarted, base=base, chain=chain, source=source,
+                           stream=stream, data=data, upload_id=upload_id, half=half,
+                           token=token)
+
+
+def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tmp_path):
+    up = _interrupted_upload(openzfs_pool, tmp_path, 5)
+    assert up.store.resume_token(up.upload_id) == up.token
+    assert len(up.store.staged_parts(up.upload_id)) == up.half
+    up.store.resume(up.upload_id, up.token, up.half)
+    rest = subprocess.run(["zfs", "send", "-t", up.token], capture_output=True,
+                          check=True).stdout
+    assert 0 < len(rest) < len(up.stream)  # only what the receive did not have
+    _stage(up.store, up.upload_id, gzip.compress(rest, 1, mtime=0), first=up.half)
+    stored = up.store.commit(up.upload_id, _manifest(up.data, up.stream))
+    assert stored.extra == {"zfs_snapshot": f"{up.chain}@s1", "resumed_at_part": up.half}
+    assert sh("zfs", "get", "-H", "-o", "value", "guid", f"{up.chain}@s1") == \
+        sh("zfs", "get", "-H", "-o", "value", "guid", f"{up.source}@s1")
+    assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", up.chain).strip() \
+        == "-"
+    sh("zfs", "set", f"mountpoint={openzfs_pool.mountpoint}/received", up.chain)
+    assert mounted_files(up.chain) == rig.tree_digest(Path(f"{openzfs_pool.mountpoint}/src5"))
 
 
 def test_local_store_discards_an_abandoned_receive_with_recv_A(openzfs_pool, tmp_path):
@@ -248,30 +257,20 @@ def test_local_store_discards_an_abandoned_receive_with_recv_A(openzfs_pool, tmp
     from zfsmgr.server.uploads import Uploads
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-    store, base = _local_store(openzfs_pool, tmp_path)
-    _, stream = _full_stream(openzfs_pool, 6)
-    data = gzip.compress(stream, 1, mtime=0)
-    upload_id = uuid.uuid4().hex
-    store.begin(upload_id, _manifest(data, stream))
-    _stage(store, upload_id, data[:len(data) // 2])
-    time.sleep(2)
-    chain = f"{base}/c1/tank_data/s1"
-    _kill_receive(f"{chain}@s1")
+    up = _interrupted_upload(openzfs_pool, tmp_path, 6)
     # the client never comes back: expiry discards the upload and its partial receive
-    restarted = ZfsLocalStore(base, str(tmp_path))
-    restarted.check()
     uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
                       10000, expiry_seconds=60)
-    assert uploads.expire({"local": restarted}, now=time.time() + 120) == [upload_id]
-    assert subprocess.run(["zfs", "list", chain], capture_output=True).returncode != 0
-    assert restarted.staged_uploads() == []
+    assert uploads.expire({"local": up.store}, now=time.time() + 120) == [up.upload_id]
+    assert subprocess.run(["zfs", "list", up.chain], capture_output=True).returncode != 0
+    assert up.store.staged_uploads() == []
     # a partial receive no upload owns (its state was lost) goes at startup
-    other = f"{base}/c1/tank_data/s9"
+    other = f"{up.base}/c1/tank_data/s9"
     proc = subprocess.run(["zfs", "recv", "-s", "-u", f"{other}@s1"],
-                          input=stream[:len(stream) // 2], capture_output=True)
+                          input=up.stream[:len(up.stream) // 2], capture_output=True)
     assert proc.returncode != 0
     assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", other).strip() != "-"
-    ZfsLocalStore(base, str(tmp_path)).check()
+    ZfsLocalStore(up.base, str(tmp_path)).check()
     assert subprocess.run(["zfs", "list", other], capture_output=True).returncode != 0
 
 
