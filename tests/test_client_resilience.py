@@ -292,3 +292,42 @@ def test_a_server_that_cannot_take_the_incremental_gets_a_full_backup(pool, serv
                           sleep=lambda _: None).run("auto")
     assert result.type == "full"
     assert [m["type"] for m in api(second).call("GET", "/snapshots")["snapshots"]] == ["full"]
+
+
+def test_a_part_damaged_on_the_way_is_caught_and_sent_again(pool, server_factory):
+    """Bytes flipped after the client hashed them: the server's CRC-32 of the part differs
+    from the client's, so the part is refused, the upload starts again, and what is
+    published is the stream as zfs sent it."""
+    import hashlib
+
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.zfs import Zfs
+
+    server = server_factory("dir", env={"PART_SIZE": "64K"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=6, count=4, size=100_000)
+
+    class FlipsAByte(ServerClient):
+        flipped = 0
+
+        def send_part(self, upload_id, index, chunks, segment=0):
+            if index == 1 and not self.flipped:
+                self.flipped += 1
+                chunks = self._flip(chunks)
+            return super().send_part(upload_id, index, chunks, segment)
+
+        @staticmethod
+        def _flip(chunks):
+            for number, chunk in enumerate(chunks):
+                yield bytes([chunk[0] ^ 0x40]) + chunk[1:] if number == 0 else chunk
+
+    env = server.client_env
+    api = FlipsAByte(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
+    result = Backup(api, Zfs(), dataset, "none", 1, sleep=lambda _: None).run("auto")
+    assert api.flipped == 1
+    [manifest] = api.call("GET", "/snapshots")["snapshots"]
+    stored = next(server.workdir.rglob("*.zfs")).read_bytes()
+    assert manifest["sha256"] == hashlib.sha256(stored).hexdigest()
+    sent = subprocess.run(["zfs", "send", result.snapshot], capture_output=True,
+                          check=True).stdout
+    assert stored == sent

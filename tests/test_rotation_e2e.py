@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import time
+import zlib
 
 import pytest
 
@@ -79,11 +80,13 @@ def upload_stream(api, dataset, snapshot, data, when, parent=None, guid=""):
         "parent": parent, "compression": "gzip", "snapshot_time": when,
         "estimated_size": len(data), "guid": guid})
     size = session["part_size"]
-    for index in range(0, (len(data) + size - 1) // size):
-        api.put_part(session["upload_id"], index, [data[index * size:(index + 1) * size]])
+    pieces = [data[i:i + size] for i in range(0, len(data), size)]
+    for index, piece in enumerate(pieces):
+        api.put_part(session["upload_id"], index, [piece])
     return api.call("POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]), {
-        "sha256": hashlib.sha256(data).hexdigest(), "stored_size": len(data),
-        "raw_size": 0})["manifest"]
+        "sha256": hashlib.sha256(data).hexdigest(), "stored_size": len(data), "raw_size": 0,
+        "parts_crc32": protocol.parts_checksum(f"{zlib.crc32(p):08x}" for p in pieces),
+    })["manifest"]
 
 
 def make_history(pool, api, chains=2, length=4, step=86400.0):

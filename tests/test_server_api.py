@@ -6,10 +6,11 @@ import hashlib
 import io
 import json
 import logging
+import zlib
 
 import pytest
 
-from zfsmgr import settings
+from zfsmgr import protocol, settings
 from zfsmgr.server.app import make_app
 from zfsmgr.server.clients import add_client
 from zfsmgr.server.context import ServerContext
@@ -62,12 +63,16 @@ def upload(app, client, data, dataset="tank/data", when=1700000000):
     assert code == 200, body
     session = json.loads(body)
     size = session["part_size"]
-    for index in range(0, (len(data) + size - 1) // size):
+    pieces = [data[i:i + size] for i in range(0, len(data), size)]
+    for index, piece in enumerate(pieces):
         code, body, headers = call(app, "POST", f"/upload-stream/{session['upload_id']}/{index}",
-                                   data[index * size:(index + 1) * size], auth(client))
+                                   piece, auth(client))
         assert code == 200, body
+        assert json.loads(body)["crc32"] == f"{zlib.crc32(piece):08x}"
     code, body, _ = call(app, "POST", f"/upload-stream/{session['upload_id']}/commit",
                          json.dumps({"sha256": hashlib.sha256(data).hexdigest(),
+                                     "parts_crc32": protocol.parts_checksum(
+                                         f"{zlib.crc32(p):08x}" for p in pieces),
                                      "stored_size": len(data), "raw_size": len(data)}).encode(),
                          auth(client))
     return code, json.loads(body), session
@@ -154,7 +159,8 @@ def test_quota_refused_up_front_and_mid_stream(server, tmp_path):
     assert not list((tmp_path / "b").rglob("data"))
 
 
-def test_sha_mismatch_discards(server, tmp_path):
+def test_part_checksum_mismatch_discards(server, tmp_path):
+    """The parts the server holds are not the parts the client sent: nothing is published."""
     ctx, app = server
     code, body, _ = call(app, "POST", "/upload", json.dumps({
         "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
@@ -163,9 +169,11 @@ def test_sha_mismatch_discards(server, tmp_path):
     assert call(app, "POST", f"/upload-stream/{session['upload_id']}/0", b"abc",
                 auth("alice"))[0] == 200
     code, body, _ = call(app, "POST", f"/upload-stream/{session['upload_id']}/commit",
-                         json.dumps({"sha256": "0" * 64, "stored_size": 3}).encode(),
+                         json.dumps({"sha256": "0" * 64, "stored_size": 3,
+                                     "parts_crc32": protocol.parts_checksum(
+                                         [f"{zlib.crc32(b'abd'):08x}"])}).encode(),
                          auth("alice"))
-    assert code == 409 and "sha256 mismatch" in json.loads(body)["message"]
+    assert code == 409 and "part checksum mismatch" in json.loads(body)["message"]
     assert ctx.catalog.list("alice") == []
     assert not list((tmp_path / "b").rglob("data"))
 

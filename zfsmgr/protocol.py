@@ -8,9 +8,10 @@ parse storage keys in the seed's naming (`client1/tank_data_2024-02-13_14:30:00.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from zfsmgr.errors import ValidationError
 
@@ -229,6 +230,16 @@ def schedule_capacity(base: int, every: int, max_parts: int, cap: int = MAX_PART
         total += size * run
         index += run
     return total
+
+
+def parts_checksum(crcs: Iterable[str]) -> str:
+    """The checksum of an upload's parts that commit verifies, built as S3 builds a composite
+    checksum: the CRC-32 of the parts' CRC-32s (4 bytes each, in order), a dash, their count.
+    Each end computes it from its own per-part CRC-32s: the client's of what it sent, the
+    server's of what it staged."""
+    crcs = list(crcs)
+    joined = b"".join(bytes.fromhex(c) for c in crcs)
+    return f"{zlib.crc32(joined) & 0xFFFFFFFF:08x}-{len(crcs)}"
 
 
 def ok(message: str = "ok", **payload: Any) -> dict:

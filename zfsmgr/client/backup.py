@@ -2,8 +2,10 @@
 
 Memory stays bounded: the stream passes in 1 MiB chunks, parts go out with chunked transfer.
 A dropped connection or a restarted server is retried with backoff; the deterministic stream is
-regenerated and the parts the server already holds are skipped after checking their CRC-32
-(the sha256 of the whole stream is verified by the server at commit). When the server's `local`
+regenerated and the parts the server already holds are skipped after checking their CRC-32.
+Every part's answer carries the CRC-32 of what the server took, checked here; the commit sends
+the parts' combined checksum, which the server checks, and the sha256 of the whole stream
+(hashed here while sending), which restore checks. When the server's `local`
 store kept a resumable receive, the rest of the stream is `zfs send -t <token>` instead.
 """
 
@@ -34,6 +36,20 @@ RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
 
 class StreamChanged(ZfsmgrError):
     """The regenerated stream does not match what the server holds: start over."""
+
+
+@dataclass
+class Sent:
+    """One stream sent as parts: what commit declares."""
+
+    raw_size: int
+    stored_size: int
+    sha256: str
+    parts_crc32: str
+
+    def commit_request(self) -> dict:
+        return {"sha256": self.sha256, "parts_crc32": self.parts_crc32,
+                "raw_size": self.raw_size, "stored_size": self.stored_size}
 
 
 @dataclass
@@ -203,20 +219,19 @@ class Backup:
                 state = {"parts": []} if attempt == 0 else self.api.call(
                     "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
                 if state.get("resume_token") or state.get("segment"):
-                    raw, stored, digest = self._resume(state, features, codec, session,
-                                                       request["estimated_size"])
+                    sent = self._resume(state, features, codec, session,
+                                        request["estimated_size"])
                 else:
                     send = self.zfs.send(snap.name, base.name if base else None,
                                          raw=features.raw_send,
                                          compressed=self._compressed(features))
-                    raw, stored, digest = self._stream(
-                        send, f"backup {snap.name}", codec, session, state["parts"], 0,
-                        request["estimated_size"])
+                    sent = self._stream(send, f"backup {snap.name}", codec, session,
+                                        state["parts"], 0, request["estimated_size"])
                 manifest = self.api.call(
                     "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
-                    {"sha256": digest, "raw_size": raw, "stored_size": stored})["manifest"]
-                return Result(manifest["key"], manifest["type"], raw, stored,
-                              time.monotonic() - started, snap.name)
+                    sent.commit_request())["manifest"]
+                return Result(manifest["key"], manifest["type"], sent.raw_size,
+                              sent.stored_size, time.monotonic() - started, snap.name)
             except StreamChanged as exc:
                 if restarted:
                     raise
@@ -259,7 +274,7 @@ class Backup:
             log.info("could not abort upload %s: %s", session["upload_id"], exc)
 
     def _resume(self, state: dict, features: Features, codec: str, session: dict,
-                estimate: int):
+                estimate: int) -> Sent:
         """The server's receive was interrupted and kept its state: continue it with
         `zfs send -t`, or start the upload again where this host's zfs cannot."""
         if not features.resumable_recv:
@@ -277,43 +292,48 @@ class Backup:
             log.info("sending the resumed stream again from part %d", first)
         done = self.zfs.resumed_bytes(token)
         log.info("the server's receive already has %s", human(done))
-        raw, stored, digest = self._stream(
+        sent = self._stream(
             self.zfs.send_resume(token), f"backup {self.dataset} (resumed)", codec, session,
             held, first, max(0, estimate - done))
-        return done + raw, stored, digest
+        sent.raw_size += done
+        return sent
 
-    def _stream(self, send, label, codec, session, held, first, estimate):
+    def _stream(self, send, label, codec, session, held, first, estimate) -> Sent:
         """Send the stream of `send` once as parts from `first` on, skipping (and checking)
-        the parts the server holds; returns (raw bytes, stored bytes, sha256 of those)."""
-        total = hashlib.sha256()
+        the parts the server holds."""
+        total, crcs = hashlib.sha256(), []
         progress = self.make_progress(label, estimate or None)
         with send:
             counted = Counter(send)
             with compressor(codec, counted, level=self.level) as compressed:
                 stream = ReadAhead(compressed)
                 try:
-                    stored = self._send_parts(stream, session, held, first, total, counted,
-                                              progress)
+                    stored = self._send_parts(stream, session, held, first, total, crcs,
+                                              counted, progress)
                 finally:
                     stream.close()
         progress.finish()
-        return counted.count, stored, total.hexdigest()
+        return Sent(counted.count, stored, total.hexdigest(), protocol.parts_checksum(crcs))
 
-    def _send_parts(self, stream, session, held, first, total, counted, progress):
+    def _send_parts(self, stream, session, held, first, total, crcs, counted, progress):
         """Upload the stream as parts `first`, first+1, ..., skipping (after checking) the
-        parts the server holds.
+        parts the server holds; the sha256 of the stream goes into `total`, the CRC-32 of each
+        part into `crcs`.
 
         Two parts are in flight: part n+1 is sent while the server stores part n. Each answer
-        must confirm the size sent; the sha256 of the whole stream is checked at commit.
+        must confirm the size and CRC-32 of what was sent.
         """
         index, stored, pending, sizes = first, 0, None, []
 
-        def check(number: int, answer, size: int) -> None:
+        def check(number: int, answer, size: int, crc: int) -> None:
             reply = answer()
-            if reply.get("size") != size:
-                raise ServerError(502, f"part {number} arrived damaged ({reply.get('size')}"
-                                       f" of {size} bytes)")
+            if (reply.get("size"), reply.get("crc32")) != (size, crc32_hex(crc)):
+                raise ServerError(502, f"part {number} arrived damaged (the server took"
+                                       f" {reply.get('size')} bytes with CRC-32"
+                                       f" {reply.get('crc32')}, sent were {size} with"
+                                       f" {crc32_hex(crc)})")
             sizes.append(size)
+            crcs.append(crc32_hex(crc))
 
         while True:
             size = protocol.part_size(index, session["part_size"],
@@ -328,23 +348,25 @@ class Backup:
                 stored += size_seen
                 if crc32_hex(crc) != have["crc32"] or size_seen != have["size"]:
                     raise StreamChanged(f"part {index} regenerated differently")
+                crcs.append(have["crc32"])
             else:
                 head = stream.read(min(CHUNK, size))
                 if not head:
                     break
-                sent = [0]
+                sent = [0, 0]  # bytes, CRC-32
 
                 def body(head=head, size=size, sent=sent) -> Iterator[bytes]:
                     for chunk in chain(head, take(stream, size - len(head))):
                         total.update(chunk)
                         sent[0] += len(chunk)
+                        sent[1] = zlib.crc32(chunk, sent[1])
                         progress.update(counted.count)
                         yield chunk
 
                 answer = self.api.send_part(session["upload_id"], index, body(), first)
                 if pending is not None:
                     check(*pending)
-                pending = (index, answer, sent[0])
+                pending = (index, answer, sent[0], sent[1])
             index += 1
             progress.update(counted.count)
         if pending is not None:

@@ -2,17 +2,20 @@
 
 A session is a small JSON file on the server's disk; the parts themselves are staged by the
 client's store (so S3 uploads never sit on the server's disk). A backup becomes visible only
-when `commit` has checked the sha256 of everything staged against the client's declaration,
-stored it at its key with its manifest, and recorded it in the catalog. After a `local` receive
-was resumed with `zfs send -t`, that check covers the parts since the resume (`Session.segment`);
-the bytes zfs took before were checked by `zfs recv` itself, record by record.
+when `commit` has checked everything staged against the client's declaration (the size, and
+the CRC-32 of every part as the store took it, combined as S3 combines part checksums),
+stored it at its key with its manifest, and recorded it in the catalog. The sha256 of the whole
+stream, which restore checks, is the client's: it hashes while it sends, so the server, shared
+by the fleet, hashes nothing twice. After a `local` receive was resumed with `zfs send -t`, the
+check covers the parts since the resume (`Session.segment`); the bytes zfs took before were
+checked by `zfs recv` itself, record by record.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -25,11 +28,12 @@ from zfsmgr.errors import ZfsmgrError
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
-from zfsmgr.storage.base import (CHUNK, NeedsFullBackup, NotFound, PartInfo, QuotaExceeded,
-                                 Store)
+from zfsmgr.storage.base import NeedsFullBackup, NotFound, PartInfo, QuotaExceeded, Store
 from zfsmgr.storage.directory import write_atomic
 
 log = logging.getLogger("zfsmgr.server.uploads")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
 
 
 class Conflict(ZfsmgrError):
@@ -62,18 +66,6 @@ class Session:
     resumed_with: str = ""  # the resume token whose `zfs send -t` stream starts at `segment`
 
 
-class _Tee:
-    """Feeds what the store reads from a part into a running hash copy."""
-
-    def __init__(self, source: BinaryIO, hasher):
-        self.source, self.hasher = source, hasher
-
-    def read(self, size: int = CHUNK) -> bytes:
-        data = self.source.read(size)
-        self.hasher.update(data)
-        return data
-
-
 class Uploads:
     """All upload sessions of one server."""
 
@@ -83,7 +75,6 @@ class Uploads:
         self.catalog = catalog
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
-        self._running: Dict[str, Tuple[int, object]] = {}  # upload_id -> (next index, sha256)
         self._session_locks: Dict[str, threading.Condition] = {}
 
     def _path(self, upload_id: str) -> Path:
@@ -166,7 +157,6 @@ class Uploads:
             store.resume(session.upload_id, token, from_part)
             session = replace(session, segment=from_part, resumed_with=token)
             write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
-            self._running[session.upload_id] = (from_part, hashlib.sha256())
         return session
 
     def state(self, store: Store, session: Session) -> dict:
@@ -236,16 +226,7 @@ class Uploads:
             except QuotaExceeded:
                 self.abort(session, store)
                 raise
-            running = self._running.get(session.upload_id)
-            hasher = None
-            if index == len(parts) and (index == 0 or (running and running[0] == index)):
-                hasher = running[1].copy() if running else hashlib.sha256()
-                body = _Tee(body, hasher)
             part = store.stage_part(session.upload_id, index, body, size)
-            if hasher is not None:
-                self._running[session.upload_id] = (index + 1, hasher)
-            elif index >= len(parts) or part != parts[index]:  # a resend of the same bytes
-                self._running.pop(session.upload_id, None)  # keeps the running hash valid
             self._touch(session)
             turn.notify_all()
             return part
@@ -268,27 +249,17 @@ class Uploads:
         except FileNotFoundError:
             raise NotFound(f"upload {session.upload_id} was aborted") from None
 
-    def _digest(self, store: Store, session: Session, parts: List[PartInfo]) -> str:
-        running = self._running.get(session.upload_id)
-        if running and running[0] == len(parts):
-            return running[1].hexdigest()
-        hasher = hashlib.sha256()  # after a restart: read back what is staged
-        for part in parts[session.segment:]:
-            stream = store.read_staged(session.upload_id, part.index)
-            try:
-                for chunk in iter(lambda: stream.read(CHUNK), b""):
-                    hasher.update(chunk)
-            finally:
-                stream.close()
-        return hasher.hexdigest()
-
     def commit(self, client: ClientConfig, store: Store, session: Session,
                request: dict) -> Manifest:
-        """Verify the staged stream against the client's sha256 and size, then publish it."""
+        """Verify the staged parts against the client's size and part checksum, then publish
+        them with the client's sha256 of the stream."""
         sha256, stored_size = request.get("sha256"), request.get("stored_size")
-        raw_size = request.get("raw_size", 0)
-        if not isinstance(sha256, str) or len(sha256) != 64:
+        raw_size, checksum = request.get("raw_size", 0), request.get("parts_crc32")
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise protocol.ValidationError("sha256 must be 64 hex digits")
+        if not isinstance(checksum, str) or not _PARTS_CHECKSUM.fullmatch(checksum):
+            raise protocol.ValidationError("parts_crc32 must be 8 hex digits, a dash and the"
+                                           " number of parts")
         if not isinstance(stored_size, int) or not isinstance(raw_size, int):
             raise protocol.ValidationError("stored_size and raw_size must be whole numbers")
         with self._session_lock(session.upload_id):
@@ -299,21 +270,20 @@ class Uploads:
                                f" {len(parts) - session.segment} parts, the client sent"
                                f" {stored_size}")
             total = sum(p.size for p in parts)
-            digest = self._digest(store, session, parts)
-            if digest != sha256.lower():
+            held = protocol.parts_checksum(p.crc32 for p in parts[session.segment:])
+            if held != checksum.lower():
                 self.abort(session, store)
-                raise Conflict(f"sha256 mismatch for {session.key}: server computed {digest},"
-                               f" client declared {sha256}; the upload was discarded")
+                raise Conflict(f"part checksum mismatch for {session.key}: the server holds"
+                               f" {held}, the client sent {checksum}; the upload was discarded")
             self.check_quota(client, total)
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
-                                 sha256=digest, parts=len(parts))
+                                 sha256=sha256.lower(), parts=len(parts))
             manifest = store.commit(session.upload_id, manifest)
             self.catalog.add(manifest)
             self._forget(session)
             return manifest
 
     def _forget(self, session: Session) -> None:
-        self._running.pop(session.upload_id, None)
         try:
             self._path(session.upload_id).unlink()
         except FileNotFoundError:

@@ -2,8 +2,8 @@
 
 A Store keeps committed backup streams under storage keys, with a manifest beside each, and
 stages the parts of uploads in progress so that they survive a server restart. Contracts:
-- `stage_part` survives a server restart when it returns (a power loss may lose it: the
-  sha256 check at commit then refuses the upload) and is idempotent for the same index and bytes;
+- `stage_part` survives a server restart when it returns (after a power loss, `staged_parts`
+  lists only the parts whose bytes survived) and is idempotent for the same index and bytes;
   the `local` store is the exception: it pipes parts into a live `zfs recv` and keeps no copy, so
   after a restart what survives is zfs's `receive_resume_token` (`resume_token`/`resume`);
 - nothing staged is visible through `open`/`manifests` until `commit` returns;
@@ -50,8 +50,8 @@ class PartInfo:
 
     index: int
     size: int
-    crc32: str  # 8 hex digits: enough to tell whether a regenerated part is the same bytes;
-    # the sha256 of the whole stream is what commit verifies
+    crc32: str  # 8 hex digits, of the bytes as the store took them: the client checks each
+    # part's against its own, commit checks them combined (protocol.parts_checksum)
 
 
 def crc32_hex(value: int) -> str:
@@ -107,10 +107,6 @@ class Store(ABC):
     def resume(self, upload_id: str, token: str, from_part: int) -> None:
         """The client sends `zfs send -t token` as parts from `from_part` on."""
         raise Unsupported(f"{self.kind} storage does not resume from zfs resume tokens")
-
-    @abstractmethod
-    def read_staged(self, upload_id: str, index: int) -> BinaryIO:
-        """Read back one staged part (to verify a commit after a restart)."""
 
     @abstractmethod
     def commit(self, upload_id: str, manifest: Manifest) -> Manifest:

@@ -7,14 +7,17 @@ list written atomically after each part), so a restarted server finds them again
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
 from pathlib import Path
-from typing import BinaryIO, List, Optional, Tuple
+from typing import BinaryIO, List, Optional, Set, Tuple
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store)
+
+log = logging.getLogger("zfsmgr.storage.directory")
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,10 +47,17 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 class Staging:
-    """Upload parts staged on the server's own disk (used by `dir` and `local`)."""
+    """Upload parts staged on the server's own disk: one data file and a list of parts.
+
+    Parts are not fsync'd one by one (that stalled every upload), so after a power loss the
+    list may name bytes the disk never kept. The first time this process touches an upload
+    it started before, it reads the data back against each part's CRC-32 and keeps the parts
+    that are intact; the client sends the others again."""
 
     def __init__(self, root: Path):
         self.root = root
+        self._checked: Set[str] = set()  # uploads whose staged bytes this process vouches for
+        self._lock = threading.Lock()
 
     def folder(self, upload_id: str) -> Path:
         return self.root / validate_upload_id(upload_id)
@@ -57,10 +67,38 @@ class Staging:
         try:
             parts = [PartInfo(**p) for p in json.loads(listing.read_bytes())]
         except FileNotFoundError:
-            return []
+            parts = []
         except (ValueError, TypeError) as exc:
             raise StorageError(f"staged parts of upload {upload_id} are unreadable: {exc}")
+        if upload_id not in self._checked:
+            with self._lock:
+                if upload_id not in self._checked:
+                    parts = self._intact(upload_id, parts)
+                    self._checked.add(upload_id)
         return parts
+
+    def _intact(self, upload_id: str, parts: List[PartInfo]) -> List[PartInfo]:
+        """The leading parts whose bytes match their recorded size and CRC-32."""
+        if not parts:
+            return parts
+        good: List[PartInfo] = []
+        try:
+            with open(self.folder(upload_id) / "data", "rb") as data:
+                for part in parts:
+                    reader = CountingReader(data, part.size)
+                    while reader.read(CHUNK):
+                        pass
+                    if (reader.size, reader.crc32) != (part.size, part.crc32):
+                        break
+                    good.append(part)
+        except FileNotFoundError:
+            pass
+        if len(good) < len(parts):
+            log.warning("upload %s: %d of %d staged parts did not survive; they will be sent"
+                        " again", upload_id, len(parts) - len(good), len(parts))
+            write_atomic(self.folder(upload_id) / "parts.json",
+                         json.dumps([p.__dict__ for p in good]).encode(), durable=False)
+        return good
 
     def stage(self, upload_id: str, index: int, source: BinaryIO, size: int) -> PartInfo:
         folder = self.folder(upload_id)
@@ -85,19 +123,10 @@ class Staging:
         part = PartInfo(index, size, reader.crc32)
         parts.append(part)
         # Not fsync'd per part (that stalled every upload): a process crash keeps the page
-        # cache; after a power loss a stale part fails the sha256 check at commit, the upload is
-        # discarded and sent again. Nothing unverified is ever committed; commit fsyncs.
+        # cache; after a power loss `parts` finds which parts survived. Commit fsyncs.
         write_atomic(folder / "parts.json", json.dumps([p.__dict__ for p in parts]).encode(),
                      durable=False)
         return part
-
-    def read(self, upload_id: str, index: int) -> BinaryIO:
-        parts = self.parts(upload_id)
-        if not 0 <= index < len(parts):
-            raise NotFound(f"upload {upload_id} has no part {index}")
-        stream = open(self.folder(upload_id) / "data", "rb")
-        stream.seek(sum(p.size for p in parts[:index]))
-        return _Limited(stream, parts[index].size)
 
     def data_path(self, upload_id: str) -> Path:
         data = self.folder(upload_id) / "data"
@@ -108,27 +137,12 @@ class Staging:
 
     def discard(self, upload_id: str) -> None:
         shutil.rmtree(self.folder(upload_id), ignore_errors=True)
+        self._checked.discard(upload_id)
 
     def uploads(self) -> List[Tuple[str, float]]:
         if not self.root.is_dir():
             return []
         return [(p.name, p.stat().st_mtime) for p in self.root.iterdir() if p.is_dir()]
-
-
-class _Limited:
-    """A file object limited to `size` bytes; closes the file at the end."""
-
-    def __init__(self, stream: BinaryIO, size: int):
-        self.stream, self.left = stream, size
-
-    def read(self, size: int = CHUNK) -> bytes:
-        size = CHUNK if size is None or size < 0 else size
-        data = self.stream.read(min(size, self.left)) if self.left > 0 else b""
-        self.left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.stream.close()
 
 
 class DirectoryStore(Store):
@@ -163,9 +177,6 @@ class DirectoryStore(Store):
 
     def staged_parts(self, upload_id):
         return self.staging.parts(upload_id)
-
-    def read_staged(self, upload_id, index):
-        return self.staging.read(upload_id, index)
 
     def commit(self, upload_id, manifest):
         target = self._path(manifest.key)

@@ -115,10 +115,6 @@ class S3Store(Store):
         except NotFound:
             return []
 
-    def read_staged(self, upload_id, index):
-        return _Body(self._call("read of a staged part", self.client.get_object, self.bucket,
-                                self._part_key(upload_id, index)))
-
     def commit(self, upload_id, manifest):
         from minio.commonconfig import ComposeSource
 

@@ -255,9 +255,6 @@ class ZfsLocalStore(Store):
         state.update(segment=from_part, resuming=True, token=token)
         self._save(upload_id, state)
 
-    def read_staged(self, upload_id, index):
-        raise NotFound(f"upload {upload_id}: the local store keeps no copy of received parts")
-
     def discard(self, upload_id):
         self._discarded.add(validate_upload_id(upload_id))
         self._stop(upload_id)
