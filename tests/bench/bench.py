@@ -36,18 +36,27 @@ MIB = 1 << 20
 
 
 def tree_rss(pid: int) -> int:
-    """RSS in bytes of a process and all its descendants."""
+    """RSS in bytes of a process and all its descendants.
+
+    A descendant still running the root's own executable is a fork that has not exec'd yet
+    (subprocess forks, then runs `zfs`): it shares the parent's pages, and adding its RSS
+    would count them twice."""
     total, todo = 0, [pid]
+    try:
+        image = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return 0
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+            if p == pid or os.readlink(f"/proc/{p}/exe") != image:
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, ValueError):
+        except (OSError, ValueError):
             pass
     return total
 
