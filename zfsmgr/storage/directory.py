@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import BinaryIO, List, Optional, Set, Tuple
+from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store)
@@ -75,30 +75,37 @@ class Staging:
     def __init__(self, root: Path):
         self.root = root
         self._checked: Set[str] = set()  # uploads whose staged bytes this process vouches for
+        self._locks: Dict[str, threading.Lock] = {}  # one per upload being checked
         self._lock = threading.Lock()
 
     def folder(self, upload_id: str) -> Path:
         return self.root / validate_upload_id(upload_id)
 
     def parts(self, upload_id: str) -> List[PartInfo]:
-        listing = self.folder(upload_id) / "parts.json"
-        try:
-            parts = [PartInfo(**p) for p in json.loads(listing.read_bytes())]
-        except FileNotFoundError:
-            parts = []
-        except (ValueError, TypeError) as exc:
-            raise StorageError(f"staged parts of upload {upload_id} are unreadable: {exc}")
         if upload_id not in self._checked:
             with self._lock:
+                lock = self._locks.setdefault(upload_id, threading.Lock())
+            with lock:  # reading one upload back does not hold up the others
                 if upload_id not in self._checked:
-                    parts = self._intact(upload_id, parts)
+                    self._intact(upload_id, self._listed(upload_id))
                     self._checked.add(upload_id)
-        return parts
+            with self._lock:
+                self._locks.pop(upload_id, None)
+        return self._listed(upload_id)
 
-    def _intact(self, upload_id: str, parts: List[PartInfo]) -> List[PartInfo]:
-        """The leading parts whose bytes match their recorded size and CRC-32."""
+    def _listed(self, upload_id: str) -> List[PartInfo]:
+        listing = self.folder(upload_id) / "parts.json"
+        try:
+            return [PartInfo(**p) for p in json.loads(listing.read_bytes())]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError) as exc:
+            raise StorageError(f"staged parts of upload {upload_id} are unreadable: {exc}")
+
+    def _intact(self, upload_id: str, parts: List[PartInfo]) -> None:
+        """Keep the leading parts whose bytes match their recorded size and CRC-32."""
         if not parts:
-            return parts
+            return
         good: List[PartInfo] = []
         try:
             with open(self.folder(upload_id) / "data", "rb") as data:
@@ -116,7 +123,6 @@ class Staging:
                         " again", upload_id, len(parts) - len(good), len(parts))
             write_atomic(self.folder(upload_id) / "parts.json",
                          json.dumps([p.__dict__ for p in good]).encode(), durable=False)
-        return good
 
     def stage(self, upload_id: str, index: int, source: BinaryIO, size: int) -> PartInfo:
         folder = self.folder(upload_id)
