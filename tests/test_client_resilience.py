@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import logging
 import signal
 import ssl
 import subprocess
@@ -294,10 +295,10 @@ def test_a_server_that_cannot_take_the_incremental_gets_a_full_backup(pool, serv
     assert [m["type"] for m in api(second).call("GET", "/snapshots")["snapshots"]] == ["full"]
 
 
-def test_a_part_damaged_on_the_way_is_caught_and_sent_again(pool, server_factory):
+def test_a_part_damaged_on_the_way_is_caught_and_sent_again(pool, server_factory, caplog):
     """Bytes flipped after the client hashed them: the server's CRC-32 of the part differs
-    from the client's, so the part is refused, the upload starts again, and what is
-    published is the stream as zfs sent it."""
+    from the client's, the upload starts again, and what is published is the stream as zfs
+    sent it."""
     import hashlib
 
     from zfsmgr.client.backup import Backup
@@ -323,8 +324,10 @@ def test_a_part_damaged_on_the_way_is_caught_and_sent_again(pool, server_factory
 
     env = server.client_env
     api = FlipsAByte(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
-    result = Backup(api, Zfs(), dataset, "none", 1, sleep=lambda _: None).run("auto")
+    with caplog.at_level(logging.WARNING, logger="zfsmgr.client"):
+        result = Backup(api, Zfs(), dataset, "none", 1, sleep=lambda _: None).run("auto")
     assert api.flipped == 1
+    assert "part 1 arrived damaged" in caplog.text and "starting the upload again" in caplog.text
     [manifest] = api.call("GET", "/snapshots")["snapshots"]
     stored = next(server.workdir.rglob("*.zfs")).read_bytes()
     assert manifest["sha256"] == hashlib.sha256(stored).hexdigest()

@@ -328,10 +328,11 @@ class Backup:
         def check(number: int, answer, size: int, crc: int) -> None:
             reply = answer()
             if (reply.get("size"), reply.get("crc32")) != (size, crc32_hex(crc)):
-                raise ServerError(502, f"part {number} arrived damaged (the server took"
-                                       f" {reply.get('size')} bytes with CRC-32"
-                                       f" {reply.get('crc32')}, sent were {size} with"
-                                       f" {crc32_hex(crc)})")
+                # the server holds it and the next one: the upload starts again (once)
+                raise StreamChanged(f"part {number} arrived damaged (the server took"
+                                    f" {reply.get('size')} bytes with CRC-32"
+                                    f" {reply.get('crc32')}; sent were {size} with"
+                                    f" {crc32_hex(crc)})")
             sizes.append(size)
             crcs.append(crc32_hex(crc))
 
