@@ -123,6 +123,13 @@ def timed(argv, **kwargs) -> float:
     return time.monotonic() - start
 
 
+def _free(dataset: str) -> None:
+    """Destroy a dataset to make room; zfs-fuse may still call it busy for a moment, and the
+    pool goes at the end anyway."""
+    subprocess.run(["zfs", "destroy", "-r", dataset], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
 def rate(nbytes: int, seconds: float) -> float:
     return nbytes / MIB / max(seconds, 1e-9)
 
@@ -315,7 +322,7 @@ class Bench:
         # four clients at once against one
         self.stream = None  # four real sends at once
         for name in ("base1", "restored"):
-            subprocess.run(["zfs", "destroy", "-r", f"{self.pool.name}/{name}"])
+            _free(f"{self.pool.name}/{name}")
         quarter = max(MIB * 3, size // 4 // (3 * MIB) * 3 * MIB)
         sets = [self.dataset(f"q{i}", quarter) for i in range(4)]
         qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
@@ -343,7 +350,7 @@ class Bench:
             self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
                      sampler.finish())
             srv.stop()
-            subprocess.run(["zfs", "destroy", "-r", big])
+            _free(big)
         return self.rows
 
     def close(self):
