@@ -194,7 +194,9 @@ def _stage(store, upload_id, data, first=0, part=256 << 10):
 
 
 def _kill_receive(target):
-    """What a dying server does to its `zfs recv`: it stops mid-stream."""
+    """What a dying server does to its `zfs recv`: it stops mid-stream. Returns the resume
+    token once the receive has ended and the token no longer changes."""
+    killed = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
@@ -202,15 +204,30 @@ def _kill_receive(target):
             continue
         if b"recv" in argv and target.encode() in argv:
             os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            killed.append(cmdline.parent)
     dataset = target.split("@")[0]
     deadline = time.time() + 30
+    while any(_running(proc) for proc in killed) and time.time() < deadline:
+        time.sleep(0.1)  # the kernel ends the receive (and saves its state) as it exits
+    sh("zpool", "sync", dataset.split("/")[0])
+    token = ""
     while time.time() < deadline:
         probe = subprocess.run(["zfs", "get", "-H", "-o", "value", "receive_resume_token",
                                 dataset], capture_output=True, text=True)
-        if probe.returncode == 0 and probe.stdout.strip() not in ("-", ""):
-            return probe.stdout.strip()
-        time.sleep(0.2)
-    raise AssertionError(f"no resume token on {dataset}")
+        seen = probe.stdout.strip() if probe.returncode == 0 else ""
+        if seen not in ("-", "") and seen == token:  # the same twice: settled
+            return token
+        token = seen
+        time.sleep(0.5)
+    raise AssertionError(f"no settled resume token on {dataset}")
+
+
+def _running(proc: Path) -> bool:
+    """Whether a process still runs (a zombie has ended)."""
+    try:
+        return "\nState:\tZ" not in (proc / "status").read_text()
+    except OSError:
+        return False
 
 
 def _interrupted_upload(pool, tmp_path, seed):
@@ -380,6 +397,7 @@ class Proxy:
 
     def __init__(self, port: int):
         self.target, self.conns, self.lock = port, [], threading.Lock()
+        self.armed = threading.Event()  # cut the next upload body too, part way through
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -399,14 +417,18 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns += [near, far]
-            for a, b in ((near, far), (far, near)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((near, far, True), (far, near, False)):
+                threading.Thread(target=self._pump, args=(a, b, upstream), daemon=True).start()
 
-    @staticmethod
-    def _pump(a, b):
+    def _pump(self, a, b, upstream):
+        relayed = 0
         try:
             for data in iter(lambda: a.recv(1 << 16), b""):
                 b.sendall(data)
+                relayed += len(data)
+                if upstream and relayed > (256 << 10) and self.armed.is_set():
+                    self.armed.clear()
+                    break
         except OSError:
             pass
         for end in (a, b):
@@ -416,6 +438,9 @@ class Proxy:
                 pass
 
     def cut(self):
+        """Break every open connection, and the next upload body, whichever is in flight (on
+        a loaded machine the client may be between parts at this moment)."""
+        self.armed.set()
         with self.lock:
             conns, self.conns = self.conns, []
         for conn in conns:
@@ -428,6 +453,7 @@ class Proxy:
     def close(self):
         self.sock.close()
         self.cut()
+        self.armed.clear()
 
 
 def _wait_for_state(folder, done, timeout=180):
