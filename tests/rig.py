@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,12 @@ class Seaweed:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def parts_crc32(pieces) -> str:
+    """What a client declares at commit for these part bodies (protocol.parts_checksum)."""
+    from zfsmgr import protocol
+    return protocol.parts_checksum(f"{zlib.crc32(p):08x}" for p in pieces)
 
 
 def clean_env(extra=None) -> dict:

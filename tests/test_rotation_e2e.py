@@ -7,7 +7,6 @@ import hashlib
 import json
 import subprocess
 import time
-import zlib
 
 import pytest
 
@@ -85,7 +84,7 @@ def upload_stream(api, dataset, snapshot, data, when, parent=None, guid=""):
         api.put_part(session["upload_id"], index, [piece])
     return api.call("POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]), {
         "sha256": hashlib.sha256(data).hexdigest(), "stored_size": len(data), "raw_size": 0,
-        "parts_crc32": protocol.parts_checksum(f"{zlib.crc32(p):08x}" for p in pieces),
+        "parts_crc32": rig.parts_crc32(pieces),
     })["manifest"]
 
 
