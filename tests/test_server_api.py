@@ -10,7 +10,8 @@ import zlib
 
 import pytest
 
-from zfsmgr import protocol, settings
+import rig
+from zfsmgr import settings
 from zfsmgr.server.app import make_app
 from zfsmgr.server.clients import add_client
 from zfsmgr.server.context import ServerContext
@@ -71,8 +72,7 @@ def upload(app, client, data, dataset="tank/data", when=1700000000):
         assert json.loads(body)["crc32"] == f"{zlib.crc32(piece):08x}"
     code, body, _ = call(app, "POST", f"/upload-stream/{session['upload_id']}/commit",
                          json.dumps({"sha256": hashlib.sha256(data).hexdigest(),
-                                     "parts_crc32": protocol.parts_checksum(
-                                         f"{zlib.crc32(p):08x}" for p in pieces),
+                                     "parts_crc32": rig.parts_crc32(pieces),
                                      "stored_size": len(data), "raw_size": len(data)}).encode(),
                          auth(client))
     return code, json.loads(body), session
@@ -159,20 +159,38 @@ def test_quota_refused_up_front_and_mid_stream(server, tmp_path):
     assert not list((tmp_path / "b").rglob("data"))
 
 
-def test_part_checksum_mismatch_discards(server, tmp_path):
-    """The parts the server holds are not the parts the client sent: nothing is published."""
-    ctx, app = server
+def _upload_of_abc(app) -> str:
+    """alice opens an upload and sends one part, b"abc"; the upload's commit path."""
     code, body, _ = call(app, "POST", "/upload", json.dumps({
         "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
         "snapshot_time": 1700000000}).encode(), auth("alice"))
-    session = json.loads(body)
-    assert call(app, "POST", f"/upload-stream/{session['upload_id']}/0", b"abc",
-                auth("alice"))[0] == 200
-    code, body, _ = call(app, "POST", f"/upload-stream/{session['upload_id']}/commit",
-                         json.dumps({"sha256": "0" * 64, "stored_size": 3,
-                                     "parts_crc32": protocol.parts_checksum(
-                                         [f"{zlib.crc32(b'abd'):08x}"])}).encode(),
-                         auth("alice"))
+    upload_id = json.loads(body)["upload_id"]
+    assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"abc", auth("alice"))[0] == 200
+    return f"/upload-stream/{upload_id}/commit"
+
+
+def test_a_commit_without_a_valid_part_checksum_is_refused_and_keeps_the_upload(server):
+    ctx, app = server
+    commit = _upload_of_abc(app)
+    for checksum in (None, "", "zz-1", "0000000-1", "00000000-x", "00000000-1\n"):
+        code, body, _ = call(app, "POST", commit, json.dumps({
+            "sha256": "0" * 64, "stored_size": 3, "parts_crc32": checksum}).encode(),
+            auth("alice"))
+        assert code == 400 and "parts_crc32 must be" in json.loads(body)["message"], checksum
+    code, body, _ = call(app, "POST", commit, json.dumps({
+        "sha256": hashlib.sha256(b"abc").hexdigest(), "stored_size": 3,
+        "parts_crc32": rig.parts_crc32([b"abc"])}).encode(), auth("alice"))
+    assert code == 200, body
+    assert [m.sha256 for m in ctx.catalog.list("alice")] == [hashlib.sha256(b"abc").hexdigest()]
+
+
+def test_part_checksum_mismatch_discards(server, tmp_path):
+    """The parts the server holds are not the parts the client sent: nothing is published."""
+    ctx, app = server
+    commit = _upload_of_abc(app)
+    code, body, _ = call(app, "POST", commit, json.dumps({
+        "sha256": "0" * 64, "stored_size": 3, "parts_crc32": rig.parts_crc32([b"abd"])}).encode(),
+        auth("alice"))
     assert code == 409 and "part checksum mismatch" in json.loads(body)["message"]
     assert ctx.catalog.list("alice") == []
     assert not list((tmp_path / "b").rglob("data"))
