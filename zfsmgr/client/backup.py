@@ -326,15 +326,14 @@ class Backup:
         index, stored, pending, sizes = first, 0, None, []
 
         def check(number: int, answer, size: int, crc: int) -> None:
-            reply = answer()
-            if (reply.get("size"), reply.get("crc32")) != (size, crc32_hex(crc)):
+            reply, mine = answer(), crc32_hex(crc)
+            if (reply.get("size"), reply.get("crc32")) != (size, mine):
                 # the server holds it and the next one: the upload starts again (once)
                 raise StreamChanged(f"part {number} arrived damaged (the server took"
                                     f" {reply.get('size')} bytes with CRC-32"
-                                    f" {reply.get('crc32')}; sent were {size} with"
-                                    f" {crc32_hex(crc)})")
+                                    f" {reply.get('crc32')}; sent were {size} with {mine})")
             sizes.append(size)
-            crcs.append(crc32_hex(crc))
+            crcs.append(mine)
 
         while True:
             size = protocol.part_size(index, session["part_size"],
