@@ -121,6 +121,28 @@ def test_hold_branch_keeps_only_the_committed_base(pool, server_factory, run_zfs
     assert [b["name"] for b in bases] == [snaps[0][0]] and bases[0]["type"] == "held snapshot"
 
 
+def test_an_old_base_held_by_someone_else_stays_but_stops_being_a_base(pool, server_factory,
+                                                                       run_zfsmgr):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = client_env(server, dataset)
+    rig.write_files(pool.mountpoint(dataset), seed=2, count=1)
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    first = rig.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset).strip()
+    rig.sh("zfs", "hold", "theirs", first)
+    try:
+        for _ in range(2):
+            time.sleep(1.1)
+            out = run_zfsmgr(["client", "backup"], env=env, check=True).stdout
+            assert "incremental" in out
+        rows = [line.split("\t") for line in rig.sh(
+            "zfs", "get", "-H", "-r", "-o", "name,value", "org.zfsmgr:base,userrefs",
+            dataset).splitlines() if "@" in line]
+        assert rows[:2] == [[first, "-"], [first, "1"]]  # kept for its holder, not a base
+        assert [value for _, value in rows[2:]] == ["yes", "1"]  # the newest alone is the base
+    finally:
+        rig.sh("zfs", "release", "theirs", first)
+
 def test_incremental_without_base_fails_and_auto_falls_back(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     dataset = pool.create("data")

@@ -194,14 +194,16 @@ class Zfs:
 
     def snapshots(self, dataset: str, user_props: Sequence[str] = ()) -> List[Snapshot]:
         """Snapshots of one dataset (not its children), oldest first."""
-        props = ["guid", "createtxg", "creation", "userrefs"] + [
-            PROPERTY_PREFIX + p for p in user_props]
+        props = _snapshot_props(user_props)
         found = self.props([dataset], props, recursive_depth=1)
-        snaps = [Snapshot(name, v["guid"], int(v["createtxg"]), int(v["creation"]),
-                          int(v["userrefs"]) if v.get("userrefs", "-").isdigit() else 0,
-                          {k: v.get(k, "-") for k in props[4:]})
-                 for name, v in found.items() if name.startswith(dataset + "@")]
+        snaps = [_snapshot(name, values, props) for name, values in found.items()
+                 if name.startswith(dataset + "@")]
         return sorted(snaps, key=lambda s: s.createtxg)
+
+    def snapshot_info(self, name: str, user_props: Sequence[str] = ()) -> Snapshot:
+        """One snapshot, as `snapshots` lists it."""
+        props = _snapshot_props(user_props)
+        return _snapshot(name, self.props([name], props)[name], props)
 
     def bookmarks(self, dataset: str) -> List[Snapshot]:
         """Bookmarks of one dataset, oldest first (empty where bookmarks are unsupported)."""
@@ -325,6 +327,18 @@ class Zfs:
         argv = [self.zfs, "recv"] + (["-F"] if force else []) + (["-u"] if unmounted else [])
         argv += (["-s"] if resumable else []) + [target]
         return StreamingCommand(argv, "w")
+
+
+def _snapshot_props(user_props: Sequence[str]) -> List[str]:
+    return ["guid", "createtxg", "creation", "userrefs"] + [
+        PROPERTY_PREFIX + p for p in user_props]
+
+
+def _snapshot(name: str, values: Dict[str, str], props: List[str]) -> Snapshot:
+    userrefs = values.get("userrefs", "-")
+    return Snapshot(name, values["guid"], int(values["createtxg"]), int(values["creation"]),
+                    int(userrefs) if userrefs.isdigit() else 0,
+                    {k: values.get(k, "-") for k in props[4:]})
 
 
 def zfs_from_env() -> Zfs:

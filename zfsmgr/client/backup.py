@@ -91,12 +91,12 @@ class Backup:
         return self.api.call("GET", protocol.SNAPSHOTS, query={"dataset": self.dataset})[
             "snapshots"]
 
-    def choose_base(self, mode: str, features: Features, on_server: List[dict]
-                    ) -> Optional[Base]:
+    def choose_base(self, mode: str, features: Features, on_server: List[dict],
+                    snaps: Optional[List[Snapshot]] = None) -> Optional[Base]:
         """The base to send from, after checking it against the server's catalog."""
         if mode == "full":
             return None
-        base = find_base(self.zfs, self.dataset, features)
+        base = find_base(self.zfs, self.dataset, features, snaps)
         problem = None
         if base is None:
             problem = f"no incremental base for {self.dataset}: run a full backup first"
@@ -126,11 +126,17 @@ class Backup:
             since_full += 1
         return bool(limit) and since_full >= limit
 
-    def cleanup_stale(self, features: Features, on_server: List[dict]) -> None:
-        """Adopt or remove backup snapshots left by an interrupted run."""
-        base = find_base(self.zfs, self.dataset, features)
+    def cleanup_stale(self, features: Features, on_server: List[dict]) -> List[Snapshot]:
+        """Adopt or remove backup snapshots left by an interrupted run; return the dataset's
+        snapshots (with PROPS) as they are afterwards.
+
+        One `zfs get -r` serves the whole run up to the new snapshot: on a dataset with
+        thousands of snapshots each listing takes seconds."""
+        snaps = self.zfs.snapshots(self.dataset, PROPS)
+        base = find_base(self.zfs, self.dataset, features, snaps)
         stored = {(m["snapshot"], m.get("guid")) for m in on_server}
-        for snap in backup_snapshots(self.zfs, self.dataset):
+        changed = False
+        for snap in backup_snapshots(self.zfs, self.dataset, snaps):
             if snap.prop("base") == "yes" or (base and snap.short <= base.snapshot):
                 continue
             if (snap.short, snap.guid) in stored:
@@ -139,6 +145,8 @@ class Backup:
             else:
                 log.info("removing %s left by an interrupted backup", snap.name)
                 self.zfs.destroy(snap.name)
+            changed = True
+        return self.zfs.snapshots(self.dataset, PROPS) if changed else snaps
 
     def run(self, mode: str = "auto") -> Result:
         """Run the backup: 'auto', 'full' or 'incremental'."""
@@ -146,16 +154,16 @@ class Backup:
             raise UsageError(f"dataset {self.dataset} does not exist")
         features = self.zfs.features(self.dataset)
         on_server = self.server_backups()
-        self.cleanup_stale(features, on_server)
+        snaps = self.cleanup_stale(features, on_server)
         if mode == "auto" and self.chain_too_long(on_server, self.api.call("GET",
                                                                            protocol.STATUS)):
             log.info("the chain reached the server's limit: sending a full backup")
             mode = "full"
-        base = self.choose_base(mode, features, on_server)
-        self._wait_for_a_new_second(on_server)
+        base = self.choose_base(mode, features, on_server, snaps)
+        self._wait_for_a_new_second(on_server, snaps)
         name = new_snapshot_name(self.zfs, self.dataset)
         self.zfs.snapshot(name, {"kind": "backup"})
-        snap = next(s for s in self.zfs.snapshots(self.dataset, PROPS) if s.name == name)
+        snap = self.zfs.snapshot_info(name, PROPS)
         try:
             result = self._upload(snap, base, features, fallback=mode == "auto")
         except BaseException:
@@ -171,9 +179,9 @@ class Backup:
                 self.zfs.get(self.dataset, "compression") not in ("off", "-")
         return self._use_c
 
-    def _wait_for_a_new_second(self, on_server: List[dict]) -> None:
+    def _wait_for_a_new_second(self, on_server: List[dict], snaps: List[Snapshot]) -> None:
         """Keys carry the snapshot's creation second: never reuse one (a quick re-run)."""
-        latest = max([s.creation for s in self.zfs.snapshots(self.dataset)]
+        latest = max([s.creation for s in snaps]
                      + [int(m["snapshot_time"]) for m in on_server], default=0)
         while time.time() < latest + 1:
             self.sleep(latest + 1 - time.time() + 0.01)

@@ -27,18 +27,25 @@ class Base:
     is_bookmark: bool
 
 
-def backup_snapshots(zfs: Zfs, dataset: str) -> List[Snapshot]:
-    """zfsmgr's own backup snapshots of the dataset, oldest first."""
-    return [s for s in zfs.snapshots(dataset, PROPS) if s.prop("kind") == "backup"]
+def backup_snapshots(zfs: Zfs, dataset: str,
+                     snaps: Optional[List[Snapshot]] = None) -> List[Snapshot]:
+    """zfsmgr's own backup snapshots of the dataset, oldest first (from `snaps`, a listing
+    with PROPS the caller already has, when given)."""
+    if snaps is None:
+        snaps = zfs.snapshots(dataset, PROPS)
+    return [s for s in snaps if s.prop("kind") == "backup"]
 
 
-def find_base(zfs: Zfs, dataset: str, features: Features) -> Optional[Base]:
-    """The newest base zfsmgr keeps for this dataset, if any."""
+def find_base(zfs: Zfs, dataset: str, features: Features,
+              snaps: Optional[List[Snapshot]] = None) -> Optional[Base]:
+    """The newest base zfsmgr keeps for this dataset, if any (`snaps`: as backup_snapshots)."""
     candidates: List[Base] = []
     if features.bookmarks:
         candidates += [Base(b.name, b.short, b.guid, True) for b in zfs.bookmarks(dataset)
                        if b.short.startswith(BACKUP_PREFIX)]
-    held = [s for s in zfs.snapshots(dataset, PROPS) if s.prop("base") == "yes"]
+    if snaps is None:
+        snaps = zfs.snapshots(dataset, PROPS)
+    held = [s for s in snaps if s.prop("base") == "yes"]
     if held:
         newest = held[-1]
         candidates.append(Base(newest.name, newest.short, newest.guid, False))
@@ -66,14 +73,15 @@ def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features) -> List[st
     for snap in backup_snapshots(zfs, dataset):
         if snap.short == keep:
             continue
-        if snap.prop("base") == "yes":
+        was_base = snap.prop("base") == "yes"
+        if was_base:
             zfs.release(snap.name, HOLD_TAG)
-            run([zfs.zfs, "inherit", PROPERTY_PREFIX + "base", snap.name])
         try:
             zfs.destroy(snap.name)
             gone.append(snap.name)
-        except ZfsError:
-            pass  # held by someone else or cloned: leave it, it is not ours to force
+        except ZfsError:  # held by someone else or cloned: leave it, it is not ours to force,
+            if was_base:  # but no longer a base (until then, the newer base wins anyway)
+                run([zfs.zfs, "inherit", PROPERTY_PREFIX + "base", snap.name])
     if features.bookmarks:
         for mark in zfs.bookmarks(dataset):
             if mark.short.startswith(BACKUP_PREFIX) and mark.short != keep:
