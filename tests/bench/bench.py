@@ -5,7 +5,10 @@
 
 Needs root, zfs-fuse and the built dist/zfsmgr.pyz. For each case it prints MiB/s of the raw
 `zfs send` stream, the ratio to that case's baseline measured in the same run, and the peak RSS
-of the client and server processes (sampled from /proc every 20 ms, children included).
+of the client and server processes (sampled from /proc every 20 ms, children included). The
+single-client backups also show the CPU each side spent per GiB of stream (core-seconds: the
+client's with its `zfs send`), which says what each side needs when they run on separate
+machines.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -59,6 +63,18 @@ def tree_rss(pid: int) -> int:
         except (OSError, ValueError):
             pass
     return total
+
+
+def process_cpu(pid: int) -> float:
+    """Core-seconds a running process (all its threads, reaped children) has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class PeakRss(threading.Thread):
@@ -130,6 +146,11 @@ def _free(dataset: str) -> None:
                    stderr=subprocess.DEVNULL)
 
 
+def median_cpu(runs) -> tuple:
+    """(client, server) core-seconds: the medians over backups' (seconds, rss, cpu)."""
+    return tuple(statistics.median(r[2][side] for r in runs) for side in (0, 1))
+
+
 def rate(nbytes: int, seconds: float) -> float:
     return nbytes / MIB / max(seconds, 1e-9)
 
@@ -154,15 +175,21 @@ class Bench:
                         "-O", "compression=off", "-m", str(self.pool.mnt), self.pool.name,
                         str(self.pool.image)], check=True)
 
-    def row(self, case, nbytes, seconds, baseline=None, client_rss=None, server_rss=None):
+    def row(self, case, nbytes, seconds, baseline=None, client_rss=None, server_rss=None,
+            cpu=None):
+        """One printed row; `cpu`: (client, server) core-seconds for `nbytes`."""
         mibs = rate(nbytes, seconds)
+        per_gib = [round(c * (1 << 30) / nbytes, 2) for c in cpu] if cpu else [None, None]
         self.rows.append({"case": case, "MiB/s": round(mibs, 1),
                           "ratio": round(mibs / baseline, 2) if baseline else None,
                           "client_rss_MiB": round(client_rss / MIB, 1) if client_rss else None,
-                          "server_rss_MiB": round(server_rss / MIB, 1) if server_rss else None})
+                          "server_rss_MiB": round(server_rss / MIB, 1) if server_rss else None,
+                          "client_cpu_s_per_GiB": per_gib[0],
+                          "server_cpu_s_per_GiB": per_gib[1]})
         r = self.rows[-1]
         print(f"{case:<46} {r['MiB/s']:>8} MiB/s  ratio {r['ratio'] or '-':>5}  client"
-              f" {r['client_rss_MiB'] or '-':>6} MiB  server {r['server_rss_MiB'] or '-':>6} MiB",
+              f" {r['client_rss_MiB'] or '-':>6} MiB  server {r['server_rss_MiB'] or '-':>6} MiB"
+              + (f"  CPU/GiB client {per_gib[0]} s, server {per_gib[1]} s" if cpu else ""),
               flush=True)
         return mibs
 
@@ -187,8 +214,10 @@ class Bench:
         return rig.ServerProcess(workdir, env).start(), keys
 
     def backup(self, server, keys, datasets, compress):
-        """Run one `client backup-full` per dataset at once; (seconds, client peak RSS)."""
+        """Run one `client backup-full` per dataset at once; (seconds, client peak RSS,
+        (client, server) core-seconds)."""
         procs, samplers = [], []
+        cpu = children_cpu(), process_cpu(server.proc.pid)
         start = time.monotonic()
         for (client, key), ds in zip(keys.items(), datasets):
             env = rig.clean_env({"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url,
@@ -207,7 +236,8 @@ class Bench:
             if p.returncode != 0:
                 raise SystemExit(f"backup failed: {err}")
         seconds = time.monotonic() - start
-        return seconds, max(s.finish() for s in samplers)
+        cpu = children_cpu() - cpu[0], process_cpu(server.proc.pid) - cpu[1]
+        return seconds, max(s.finish() for s in samplers), cpu
 
     def run(self):
         size = as_size(self.args.size)
@@ -254,7 +284,7 @@ class Bench:
         limit = self.row(f"zlib -1 limit, median of {len(limits)}", raw,
                          statistics.median(limits))
         self.row("backup gzip -> server -> dir store", raw, statistics.median(r[0] for r in runs),
-                 limit, max(r[1] for r in runs), sampler.finish())
+                 limit, max(r[1] for r in runs), sampler.finish(), median_cpu(runs))
         if self.stream:  # and on a stream where every segment is worth deflating
             text = self.work / "text.bin"
             text_file(text, size // 2)
@@ -293,7 +323,7 @@ class Bench:
         cat = self.row("cat stream > file, fsync (baseline)", raw, statistics.median(copies))
         self.row("backup uncompressed -> server -> dir store", raw,
                  statistics.median(r[0] for r in runs), cat, max(r[1] for r in runs),
-                 sampler.finish())
+                 sampler.finish(), median_cpu(runs))
         server2.stop()
 
         # restore: against gunzip -c stored | zfs recv
@@ -328,13 +358,13 @@ class Bench:
         qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
                 for d in sets]
         server4, keys4 = self.server(clients=4, name="srv4")
-        seconds, _ = self.backup(server4, dict(list(keys4.items())[:1]), sets[:1], "gzip")
+        seconds, _, _ = self.backup(server4, dict(list(keys4.items())[:1]), sets[:1], "gzip")
         one = self.row("one client, 1/4 size, gzip", qraw[0], seconds)
         server4.stop()
         server4, keys4 = self.server(clients=4, name="srv4b")
         sampler = PeakRss(server4.proc.pid)
         sampler.start()
-        seconds, client_rss = self.backup(server4, keys4, sets, "gzip")
+        seconds, client_rss, _ = self.backup(server4, keys4, sets, "gzip")
         self.row("four clients at once, aggregate", sum(qraw), seconds, one, client_rss,
                  sampler.finish())
         server4.stop()
@@ -346,7 +376,7 @@ class Bench:
             srv, k = self.server(name=f"srv-rss{n // MIB}")
             sampler = PeakRss(srv.proc.pid)
             sampler.start()
-            seconds, client_rss = self.backup(srv, k, [big], "gzip")
+            seconds, client_rss, _ = self.backup(srv, k, [big], "gzip")
             self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
                      sampler.finish())
             srv.stop()
