@@ -143,6 +143,7 @@ def test_an_old_base_held_by_someone_else_stays_but_stops_being_a_base(pool, ser
     finally:
         rig.sh("zfs", "release", "theirs", first)
 
+
 def test_incremental_without_base_fails_and_auto_falls_back(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     dataset = pool.create("data")
