@@ -2,6 +2,7 @@
 """zfsmgr throughput and memory benchmark (a script, not a test): prints figures, asserts nothing.
 
     python3 tests/bench/bench.py [--size 1G] [--rss-sizes 1G,4G] [--skip-gzip-ref]
+                                 [--repeat 3] [--cases gzip,text,uncompressed,...]
 
 Needs root, zfs-fuse and the built dist/zfsmgr.pyz. For each case it prints MiB/s of the raw
 `zfs send` stream, the ratio to that case's baseline measured in the same run, and the peak RSS
@@ -37,6 +38,7 @@ from zfsmgr.compress import GzipBlockCompressor  # noqa: E402
 from zfsmgr.settings import as_size  # noqa: E402
 
 MIB = 1 << 20
+CASES = ("gzip", "text", "uncompressed", "restore", "four", "rss")
 
 
 def tree_rss(pid: int) -> int:
@@ -242,8 +244,10 @@ class Bench:
     def run(self):
         size = as_size(self.args.size)
         cores = os.cpu_count() or 1
+        cases = self.args.cases
         print(f"# zfsmgr benchmark: {size // MIB} MiB mixed stream, {cores} cores,"
-              f" {time.strftime('%Y-%m-%d %H:%M')}")
+              f" {time.strftime('%Y-%m-%d %H:%M')}"
+              + ("" if cases == set(CASES) else f", cases: {','.join(sorted(cases))}"))
         ds = self.dataset("one", size)
         stream = self.work / "stream.bin"
         with open(stream, "wb") as out:
@@ -253,8 +257,27 @@ class Bench:
                  timed(["zfs", "send", f"{ds}@bench"], stdout=subprocess.DEVNULL))
         if not self.args.live_send:
             self.stream = stream  # the client's `zfs send` replays it: zfsmgr's own speed
+        # each pair alternates baseline and backup `--repeat` times; rows show the medians
+        gzip = None
+        if cases & {"gzip", "restore"}:  # restore reads what the gzip backups stored
+            gzip = self.case_gzip(ds, stream, raw, cores)
+        if "text" in cases and self.stream:
+            self.case_text(ds, size // 2, cores)
+        if "uncompressed" in cases:
+            self.case_uncompressed(ds, stream, raw)
+        if gzip:
+            if "restore" in cases:
+                self.case_restore(*gzip, raw)
+            gzip[0].stop()
+        if "four" in cases:
+            self.case_four(size)
+        if "rss" in cases:
+            self.case_rss()
+        return self.rows
 
-        # gzip: the all-cores zlib limit, zfsmgr's compressor alone, pigz / gzip for reference
+    def case_gzip(self, ds, stream, raw, cores):
+        """gzip: the all-cores zlib limit, zfsmgr's compressor alone, pigz / gzip for
+        reference, then backups; returns the server (for restore) and its keys."""
         limit = self.row(f"zlib -1 on {cores} cores, one process (limit)", raw,
                          zlib_limit(stream, cores))
         start = time.monotonic()
@@ -272,7 +295,6 @@ class Bench:
             with open(stream, "rb") as src:
                 self.row("gzip -1 (reference)", raw,
                          timed(["gzip", "-1"], stdin=src, stdout=subprocess.DEVNULL), limit)
-        # each pair alternates baseline and backup `--repeat` times; rows show the medians
         server, keys = self.server()
         sampler = PeakRss(server.proc.pid)
         sampler.start()
@@ -285,25 +307,29 @@ class Bench:
                          statistics.median(limits))
         self.row("backup gzip -> server -> dir store", raw, statistics.median(r[0] for r in runs),
                  limit, max(r[1] for r in runs), sampler.finish(), median_cpu(runs))
-        if self.stream:  # and on a stream where every segment is worth deflating
-            text = self.work / "text.bin"
-            text_file(text, size // 2)
-            server_text, keys_text = self.server(name="srv-text")
-            mixed, self.stream = self.stream, text
-            limits, runs = [], []
-            for _ in range(self.args.repeat):
-                limits.append(zlib_limit(text, cores))
-                runs.append(self.backup(server_text, keys_text, [ds], "gzip"))
-            self.stream = mixed
-            text_limit = self.row("zlib -1 limit, text-only stream", size // 2,
-                                  statistics.median(limits))
-            self.row("backup gzip, text-only stream", size // 2,
-                     statistics.median(r[0] for r in runs), text_limit)
-            server_text.stop()
-            shutil.rmtree(server_text.workdir, ignore_errors=True)
-            text.unlink()
+        return server, keys
 
-        # uncompressed: against cat > file (+ fsync, as the store does) on the same disk
+    def case_text(self, ds, size, cores):
+        """gzip on a stream where every segment is worth deflating."""
+        text = self.work / "text.bin"
+        text_file(text, size)
+        server_text, keys_text = self.server(name="srv-text")
+        mixed, self.stream = self.stream, text
+        limits, runs = [], []
+        for _ in range(self.args.repeat):
+            limits.append(zlib_limit(text, cores))
+            runs.append(self.backup(server_text, keys_text, [ds], "gzip"))
+        self.stream = mixed
+        text_limit = self.row("zlib -1 limit, text-only stream", size,
+                              statistics.median(limits))
+        self.row("backup gzip, text-only stream", size,
+                 statistics.median(r[0] for r in runs), text_limit)
+        server_text.stop()
+        shutil.rmtree(server_text.workdir, ignore_errors=True)
+        text.unlink()
+
+    def case_uncompressed(self, ds, stream, raw):
+        """Uncompressed: against cat > file (+ fsync, as the store does) on the same disk."""
         copy = self.work / "copy.bin"
         server2, keys2 = self.server(name="srv-none")
         sampler = PeakRss(server2.proc.pid)
@@ -326,7 +352,8 @@ class Bench:
                  sampler.finish(), median_cpu(runs))
         server2.stop()
 
-        # restore: against gunzip -c stored | zfs recv
+    def case_restore(self, server, keys, raw):
+        """Restore: against gunzip -c stored | zfs recv."""
         stored = next((server.workdir / "store").rglob("*.zfs.gz"))
         start = time.monotonic()
         gunzip = subprocess.Popen(["gunzip", "-c", str(stored)], stdout=subprocess.PIPE)
@@ -347,12 +374,12 @@ class Bench:
             raise SystemExit(f"restore failed: {err}")
         self.row("zfsmgr restore (download, verify, recv)", raw, time.monotonic() - start, base,
                  sampler.finish())
-        server.stop()
-
-        # four clients at once against one
-        self.stream = None  # four real sends at once
         for name in ("base1", "restored"):
             _free(f"{self.pool.name}/{name}")
+
+    def case_four(self, size):
+        """Four clients at once against one, each with a real send of its own dataset."""
+        replay, self.stream = self.stream, None
         quarter = max(MIB * 3, size // 4 // (3 * MIB) * 3 * MIB)
         sets = [self.dataset(f"q{i}", quarter) for i in range(4)]
         qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
@@ -368,8 +395,13 @@ class Bench:
         self.row("four clients at once, aggregate", sum(qraw), seconds, one, client_rss,
                  sampler.finish())
         server4.stop()
+        for d in sets:
+            _free(d)
+        self.stream = replay
 
-        # peak RSS does not grow with the stream
+    def case_rss(self):
+        """Peak RSS does not grow with the stream (real sends)."""
+        replay, self.stream = self.stream, None
         for text in self.args.rss_sizes.split(","):
             n = as_size(text)
             big = self.dataset(f"rss{n // MIB}", n)
@@ -381,7 +413,7 @@ class Bench:
                      sampler.finish())
             srv.stop()
             _free(big)
-        return self.rows
+        self.stream = replay
 
     def close(self):
         self.pool.destroy()
@@ -400,8 +432,14 @@ def main() -> int:
     parser.add_argument("--live-send", action="store_true",
                         help="read zfs-fuse's own send (slow, CPU-hungry) instead of replaying"
                              " the saved real stream")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="which cases to run, comma-separated (restore runs the gzip"
+                             " backups it restores): %(default)s")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    args.cases = set(filter(None, args.cases.split(",")))
+    if not args.cases or args.cases - set(CASES):
+        parser.error(f"--cases: choose from {','.join(CASES)}")
     if not rig.PYZ.exists():
         subprocess.run([sys.executable, str(rig.ROOT / "build_zipapp.py")], check=True)
     bench = Bench(args)
