@@ -224,6 +224,29 @@ def test_staged_parts_lost_to_a_power_cut_are_dropped_not_committed(tmp_path):
     assert _read(reader) == data
 
 
+def test_a_committed_object_does_not_stay_in_the_page_cache(tmp_path):
+    """Stored streams are written once and read rarely: the directory store drops their pages
+    once they are on disk, so they do not crowd the server's memory (fincore, util-linux)."""
+    data = gzip.compress(random.Random(6).randbytes(24 << 20), 1, mtime=0)
+    store = DirectoryStore(str(tmp_path / "store"))
+    upload_id = uuid.uuid4().hex
+    stage(store, upload_id, data, 4 << 20)
+    staged = tmp_path / "store" / ".uploads" / upload_id / "data"
+    assert _cached_bytes(staged) > 0  # the last window is dirty still, or cached
+
+    m = store.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data, "a"))
+    stored = tmp_path / "store" / m.key
+    assert _cached_bytes(stored) == 0
+    reader, _ = store.open(m)
+    assert _read(reader) == data
+
+
+def _cached_bytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 @pytest.mark.zfs
 def test_local_store_refuses_a_damaged_stream_and_leaves_nothing(pool, tmp_path, streams):
     from zfsmgr.storage.zfslocal import ZfsLocalStore
