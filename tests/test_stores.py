@@ -230,10 +230,7 @@ def test_a_committed_object_does_not_stay_in_the_page_cache(tmp_path):
     data = gzip.compress(random.Random(6).randbytes(24 << 20), 1, mtime=0)
     store = DirectoryStore(str(tmp_path / "store"))
     upload_id = uuid.uuid4().hex
-    stage(store, upload_id, data, 4 << 20)
-    staged = tmp_path / "store" / ".uploads" / upload_id / "data"
-    assert _cached_bytes(staged) > 0  # the last window is dirty still, or cached
-
+    stage(store, upload_id, data, 4 << 20)  # the last window may be dirty still
     m = store.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data, "a"))
     stored = tmp_path / "store" / m.key
     assert _cached_bytes(stored) == 0
