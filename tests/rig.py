@@ -182,7 +182,8 @@ class Seaweed:
 def parts_crc32(pieces) -> str:
     """What a client declares at commit for these part bodies (protocol.parts_checksum)."""
     from zfsmgr import protocol
-    return protocol.parts_checksum(f"{zlib.crc32(p):08x}" for p in pieces)
+    from zfsmgr.storage.base import crc32_hex
+    return protocol.parts_checksum(crc32_hex(zlib.crc32(p)) for p in pieces)
 
 
 def clean_env(extra=None) -> dict:

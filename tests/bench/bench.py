@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -269,10 +270,12 @@ class Bench:
             if "restore" in cases:
                 self.case_restore(*gzip, raw)
             gzip[0].stop()
-        if "four" in cases:
-            self.case_four(size)
-        if "rss" in cases:
-            self.case_rss()
+        with self.real_sends():  # the last cases read real sends of their own datasets
+            if "four" in cases:
+                self.case_four(size)
+            if "rss" in cases:
+                for text in self.args.rss_sizes.split(","):
+                    self.case_rss(as_size(text))
         return self.rows
 
     def case_gzip(self, ds, stream, raw, cores):
@@ -377,9 +380,17 @@ class Bench:
         for name in ("base1", "restored"):
             _free(f"{self.pool.name}/{name}")
 
+    @contextlib.contextmanager
+    def real_sends(self):
+        """Clients send their own datasets (not the replayed stream) inside the block."""
+        replay, self.stream = self.stream, None
+        try:
+            yield
+        finally:
+            self.stream = replay
+
     def case_four(self, size):
         """Four clients at once against one, each with a real send of its own dataset."""
-        replay, self.stream = self.stream, None
         quarter = max(MIB * 3, size // 4 // (3 * MIB) * 3 * MIB)
         sets = [self.dataset(f"q{i}", quarter) for i in range(4)]
         qraw = [int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", f"{d}@bench"))
@@ -397,23 +408,18 @@ class Bench:
         server4.stop()
         for d in sets:
             _free(d)
-        self.stream = replay
 
-    def case_rss(self):
-        """Peak RSS does not grow with the stream (real sends)."""
-        replay, self.stream = self.stream, None
-        for text in self.args.rss_sizes.split(","):
-            n = as_size(text)
-            big = self.dataset(f"rss{n // MIB}", n)
-            srv, k = self.server(name=f"srv-rss{n // MIB}")
-            sampler = PeakRss(srv.proc.pid)
-            sampler.start()
-            seconds, client_rss, _ = self.backup(srv, k, [big], "gzip")
-            self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
-                     sampler.finish())
-            srv.stop()
-            _free(big)
-        self.stream = replay
+    def case_rss(self, n):
+        """Peak RSS does not grow with the stream."""
+        big = self.dataset(f"rss{n // MIB}", n)
+        srv, k = self.server(name=f"srv-rss{n // MIB}")
+        sampler = PeakRss(srv.proc.pid)
+        sampler.start()
+        seconds, client_rss, _ = self.backup(srv, k, [big], "gzip")
+        self.row(f"peak RSS, {n // MIB} MiB stream, gzip", n, seconds, None, client_rss,
+                 sampler.finish())
+        srv.stop()
+        _free(big)
 
     def close(self):
         self.pool.destroy()
