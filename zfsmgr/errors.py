@@ -1,8 +1,14 @@
-"""Error types shared by every part of zfsmgr, and the exit codes they map to."""
+"""Every error type of zfsmgr, each carrying the exit code and the HTTP status it maps to.
+
+The CLI exits with `exc.exit_status`; the server answers with `exc.http_status`. Both are class
+attributes, so a subclass states its own and nothing depends on the order of a lookup table.
+"""
 
 from __future__ import annotations
 
 import enum
+import shlex
+from typing import Optional, Sequence
 
 
 class ExitStatus(enum.IntEnum):
@@ -20,28 +26,39 @@ class ZfsmgrError(Exception):
     """Base error: its message is one line a person can act on."""
 
     exit_status = ExitStatus.ERROR
+    http_status = 500
 
 
 class UsageError(ZfsmgrError):
     """The command line or a setting is wrong."""
 
     exit_status = ExitStatus.USAGE
+    http_status = 400
 
 
 class SettingsError(UsageError):
     """A setting is missing or malformed."""
 
 
+class ValidationError(ZfsmgrError, ValueError):
+    """A name or value from outside failed validation."""
+
+    exit_status = ExitStatus.USAGE
+    http_status = 400
+
+
 class LockedError(ZfsmgrError):
     """Another zfsmgr run holds the lock."""
 
     exit_status = ExitStatus.LOCKED
+    http_status = 409
 
 
 class ServerUnreachable(ZfsmgrError):
     """The backup server could not be reached."""
 
     exit_status = ExitStatus.UNREACHABLE
+    http_status = 502
 
 
 class IntegrityError(ZfsmgrError):
@@ -50,7 +67,97 @@ class IntegrityError(ZfsmgrError):
     exit_status = ExitStatus.VERIFY_FAILED
 
 
-class ValidationError(ZfsmgrError, ValueError):
-    """A name or value from outside failed validation."""
+class BrokenChain(IntegrityError):
+    """A stream needed to rebuild a snapshot is not on the server (exit 5)."""
 
-    exit_status = ExitStatus.USAGE
+
+# -- the server's answers to a client ------------------------------------------------------
+
+class Unauthorized(ZfsmgrError):
+    """Unknown client or wrong key (401)."""
+
+    http_status = 401
+
+
+class Forbidden(ZfsmgrError):
+    """The client is disabled or may not do this (403)."""
+
+    http_status = 403
+
+
+class Conflict(ZfsmgrError):
+    """The request contradicts the state of the upload or the catalog (409)."""
+
+    http_status = 409
+
+
+# -- storage -------------------------------------------------------------------------------
+
+class StorageError(ZfsmgrError):
+    """The storage backend failed or is unreachable (503: worth retrying later)."""
+
+    http_status = 503
+
+
+class NotFound(StorageError):
+    """No object or upload under that name (404)."""
+
+    http_status = 404
+
+
+class QuotaExceeded(StorageError):
+    """A part would take the client past its quota (413)."""
+
+    http_status = 413
+
+
+class Unsupported(StorageError):
+    """The store cannot do what was asked (a 409, not worth retrying)."""
+
+    http_status = 409
+
+
+class NeedsFullBackup(Unsupported):
+    """An incremental cannot be stored on what the server holds; a full backup can."""
+
+
+# -- external commands ---------------------------------------------------------------------
+
+class ZfsError(ZfsmgrError):
+    """A zfs/zpool/zstd command failed: carries argv, exit code and the command's own message."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        tail = " ".join(self.stderr.splitlines()[-3:]) or "(no message)"
+        super().__init__(f"`{shlex.join(self.argv)}` failed (exit {returncode}): {tail}")
+
+
+class ZfsNotFound(ZfsError):
+    """The command failed because the dataset, snapshot or bookmark does not exist."""
+
+
+# -- the client's view of the server -------------------------------------------------------
+
+RETRYABLE_HTTP = frozenset({408, 429, 502, 503, 504})  # trouble that may pass; not a refusal
+
+
+class ServerError(ZfsmgrError):
+    """The server answered with an error status and message."""
+
+    def __init__(self, status: int, message: str, payload: Optional[dict] = None):
+        super().__init__(f"server refused ({status}): {message}")
+        self.status, self.server_message = status, message
+        self.payload = payload or {}
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: storage unavailable, a proxy or gateway in trouble, rate limits.
+
+        A 500 is the server's own bug and a 4xx is a refusal; retrying either only repeats it."""
+        return self.status in RETRYABLE_HTTP
+
+
+class StreamChanged(ZfsmgrError):
+    """The regenerated stream does not match what the server holds: start over."""

@@ -14,21 +14,7 @@ import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from zfsmgr import protocol
-from zfsmgr.errors import ServerUnreachable, ZfsmgrError
-
-
-class ServerError(ZfsmgrError):
-    """The server answered with an error status and message."""
-
-    def __init__(self, status: int, message: str, payload: Optional[dict] = None):
-        super().__init__(f"server refused ({status}): {message}")
-        self.status, self.server_message = status, message
-        self.payload = payload or {}
-
-    @property
-    def transient(self) -> bool:
-        """Worth retrying (server-side trouble, not a refusal)."""
-        return self.status >= 500 and self.status != 501
+from zfsmgr.errors import ServerError, ServerUnreachable, ZfsmgrError
 
 
 _warned = set()

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import collections
 import os
-import shlex
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import IO, Dict, Iterable, List, Optional, Sequence
 
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import ZfsError, ZfsNotFound  # noqa: F401 (ZfsError: imported from here)
 
 PROPERTY_PREFIX = "org.zfsmgr:"  # user properties: lower case, as zfs-fuse requires
 HOLD_TAG = "zfsmgr"
-
-
-class ZfsError(ZfsmgrError):
-    """A zfs/zpool command failed: carries argv, exit code and zfs's own message."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr.strip()
-        tail = " ".join(self.stderr.splitlines()[-3:]) or "(no message)"
-        super().__init__(f"`{shlex.join(self.argv)}` failed (exit {returncode}): {tail}")
 
 
 def run(argv: Sequence[str], check: bool = True, stdin_data: Optional[bytes] = None) -> str:

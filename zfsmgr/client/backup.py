@@ -24,18 +24,14 @@ from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, fi
                                 mark_base)
 from zfsmgr.client.readahead import CHUNK, Counter, ReadAhead, chain, take
 from zfsmgr.compress import compressor, zstd_available
-from zfsmgr.errors import ServerUnreachable, UsageError, ZfsmgrError
+from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, UsageError, ZfsmgrError
 from zfsmgr.progress import Progress, human
-from zfsmgr.remote import ServerClient, ServerError
+from zfsmgr.remote import ServerClient
 from zfsmgr.storage.base import crc32_hex
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
 RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
-
-
-class StreamChanged(ZfsmgrError):
-    """The regenerated stream does not match what the server holds: start over."""
 
 
 @dataclass

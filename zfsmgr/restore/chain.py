@@ -10,12 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from zfsmgr.errors import IntegrityError
+from zfsmgr.errors import BrokenChain  # noqa: F401 (imported from here)
 from zfsmgr.protocol import Manifest
-
-
-class BrokenChain(IntegrityError):
-    """A stream needed to rebuild a snapshot is not on the server (exit 5)."""
 
 
 def self_contained(manifest: Manifest) -> bool:

@@ -10,9 +10,9 @@ import http.client
 import time
 from collections.abc import Callable, Iterator
 
-from zfsmgr.errors import IntegrityError, ServerUnreachable, ZfsmgrError
+from zfsmgr.errors import IntegrityError, ServerError, ServerUnreachable, ZfsmgrError
 from zfsmgr.protocol import HEADER_SHA256, Manifest
-from zfsmgr.remote import ServerClient, ServerError
+from zfsmgr.remote import ServerClient
 from zfsmgr.progress import Progress
 
 CHUNK = 1 << 20

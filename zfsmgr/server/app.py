@@ -12,20 +12,13 @@ from typing import Callable, Dict, Optional
 import bottle
 
 from zfsmgr import protocol
-from zfsmgr.errors import ValidationError, ZfsmgrError
+from zfsmgr.errors import NeedsFullBackup, NotFound, Unauthorized, ValidationError, ZfsmgrError
 from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
-from zfsmgr.server.clients import ClientConfig, Forbidden, Unauthorized
+from zfsmgr.server.clients import ClientConfig
 from zfsmgr.server.context import ServerContext
-from zfsmgr.server.uploads import Conflict
-from zfsmgr.storage.base import (CHUNK, NeedsFullBackup, NotFound, QuotaExceeded, StorageError,
-                                 Unsupported)
+from zfsmgr.storage.base import CHUNK
 
 log = logging.getLogger("zfsmgr.server")
-
-STATUS_OF = (  # most specific first
-    (ValidationError, 400), (Unauthorized, 401), (Forbidden, 403), (NotFound, 404),
-    (Conflict, 409), (Unsupported, 409), (QuotaExceeded, 413), (StorageError, 503),
-    (ZfsmgrError, 500))
 
 
 def _json(status: int, body: dict) -> bottle.HTTPResponse:
@@ -70,7 +63,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                         else 200
                     return result
                 except ZfsmgrError as exc:
-                    status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
+                    status = exc.http_status
                     if status >= 500:
                         log.error("%s %s: %s", bottle.request.method, bottle.request.path, exc)
                     return _json(status, protocol.error(

@@ -15,19 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import Forbidden, Unauthorized, ZfsmgrError
 from zfsmgr.protocol import STORAGE_TYPES, validate_client_id, validate_dataset
 from zfsmgr.retention import RetentionPolicy
 from zfsmgr.server.filelock import FileLock
 from zfsmgr.storage.directory import write_atomic
-
-
-class Unauthorized(ZfsmgrError):
-    """Unknown client or wrong key (401)."""
-
-
-class Forbidden(ZfsmgrError):
-    """The client is disabled or may not do this (403)."""
 
 
 @dataclass(frozen=True)

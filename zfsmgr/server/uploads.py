@@ -24,20 +24,17 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import Conflict
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
-from zfsmgr.storage.base import NeedsFullBackup, NotFound, PartInfo, QuotaExceeded, Store
+from zfsmgr.errors import NeedsFullBackup, NotFound, QuotaExceeded
+from zfsmgr.storage.base import PartInfo, Store
 from zfsmgr.storage.directory import write_atomic
 
 log = logging.getLogger("zfsmgr.server.uploads")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
-
-
-class Conflict(ZfsmgrError):
-    """The request contradicts the state of the upload or the catalog (409)."""
 
 
 @dataclass(frozen=True)

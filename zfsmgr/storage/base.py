@@ -18,30 +18,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded,  # noqa: F401 (re-exported)
+                           StorageError, Unsupported)
 from zfsmgr.protocol import Manifest
 
 CHUNK = 1 << 20
-
-
-class StorageError(ZfsmgrError):
-    """The storage backend failed or is unreachable."""
-
-
-class NotFound(StorageError):
-    """No object or upload under that name."""
-
-
-class QuotaExceeded(StorageError):
-    """A part would take the client past its quota."""
-
-
-class Unsupported(StorageError):
-    """The store cannot do what was asked (a 409, not worth retrying)."""
-
-
-class NeedsFullBackup(Unsupported):
-    """An incremental cannot be stored on what the server holds; a full backup can."""
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,14 @@ class S3Store(Store):
             raise StorageError("S3_ENDPOINT is not set")
         self.bucket = bucket
         self.client = _client(endpoint, access_key, secret_key, secure, region)
-        self._ready = False
 
     def _call(self, what: str, func, *args, **kwargs):
+        """Call minio; S3's answers and transport trouble become StorageError/NotFound.
+
+        Only those: anything else (a TypeError, our own bug) is not the storage's fault and
+        propagates as it is, to be logged with its traceback."""
         from minio.error import MinioException, S3Error
+        from urllib3.exceptions import HTTPError
 
         try:
             return func(*args, **kwargs)
@@ -66,16 +70,13 @@ class S3Store(Store):
             if exc.code in ("NoSuchKey", "NoSuchUpload"):
                 raise NotFound(f"{what}: {exc.code}") from None
             raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
-        except (MinioException, OSError, ValueError) as exc:
-            raise StorageError(f"S3 {what} failed: {exc}") from None
-        except Exception as exc:  # urllib3 errors on an unreachable endpoint
+        except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
             raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}") from None
 
     def check(self) -> None:
         if not self._call("bucket check", self.client.bucket_exists, self.bucket):
             self._call("bucket create", self.client.make_bucket, self.bucket)
             log.info("created bucket %s", self.bucket)
-        self._ready = True
 
     def _part_key(self, upload_id: str, index: int) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/part-{index:06d}"

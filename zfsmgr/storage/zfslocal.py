@@ -16,6 +16,8 @@ abandoned) the partial receive is dropped (`recv -A`) and the stream is sent aga
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -34,12 +36,41 @@ MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
 NO_TOKEN = ("-", "")
 
 
+def _storage_failure(func):
+    """A zfs failure escaping the store is a StorageError (503), with zfs's own message."""
+    if inspect.isgeneratorfunction(func):
+        @functools.wraps(func)
+        def generate(*args, **kwargs):
+            try:
+                yield from func(*args, **kwargs)
+            except ZfsError as exc:
+                raise StorageError(f"local store: {exc}") from exc
+        return generate
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ZfsError as exc:
+            raise StorageError(f"local store: {exc}") from exc
+    return call
+
+
+def _zfs_failures_are_storage_errors(cls):
+    """Wrap every method of the Store interface that `cls` defines with _storage_failure."""
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_") and hasattr(Store, name):
+            setattr(cls, name, _storage_failure(value))
+    return cls
+
+
 class _SendBody:
     """A running `zfs send` as a closable reader that reports failure."""
 
     def __init__(self, command):
         self.command, self.done = command, False
 
+    @_storage_failure
     def read(self, size: int = CHUNK) -> bytes:
         data = self.command.read(CHUNK if size is None or size < 0 else size)
         if not data and not self.done:
@@ -52,6 +83,7 @@ class _SendBody:
             self.command.kill()
 
 
+@_zfs_failures_are_storage_errors
 class ZfsLocalStore(Store):
     """Backups received into a local ZFS dataset tree."""
 
