@@ -35,6 +35,7 @@ class ClientConfig:
     rotation_policy: Optional[RetentionPolicy] = None
     max_incrementals: int = 0  # 0: chains are never cut by count
     max_chain_age_days: int = 0  # 0: chains are never cut by age
+    append_only: Optional[bool] = None  # None: the server's APPEND_ONLY
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,13 +59,17 @@ def _parse(entry: Any, where: str) -> ClientConfig:
         if not isinstance(quota, int) or quota < 0:
             raise ValueError(f"client {client_id}: max_size_bytes must be a whole number")
         policy = entry.get("rotation_policy")
+        append_only = entry.get("append_only")
+        if append_only is not None and not isinstance(append_only, bool):
+            raise ValueError(f"client {client_id}: append_only must be true or false")
         return ClientConfig(
             client_id=client_id, api_key=key.lower(), max_size_bytes=quota,
             dataset=validate_dataset(entry["dataset"]) if entry.get("dataset") else "",
             enabled=entry.get("enabled", True) is not False, storage_type=storage,
             rotation_policy=RetentionPolicy.from_mapping(policy) if policy else None,
             max_incrementals=int(entry.get("max_incrementals", 0) or 0),
-            max_chain_age_days=int(entry.get("max_chain_age_days", 0) or 0))
+            max_chain_age_days=int(entry.get("max_chain_age_days", 0) or 0),
+            append_only=append_only)
     except (ValueError, TypeError) as exc:
         raise ZfsmgrError(f"{where}: {exc}") from None
 

@@ -18,13 +18,16 @@ HELP = """commands:
   add-client NAME [--quota SIZE] [--storage s3|local|dir] [--dataset DS]
                       add a client with a new random key to CONFIG_FILE; prints the key once
   reindex             rebuild METADATA_FILE from the manifests in storage
+  rotate [--client C] [--dry-run]
+                      apply each client's rotation policy and quota (append-only clients
+                      too), never under MIN_RETAIN_DAYS; for cron or a systemd timer
   help                this text"""
 
 
 def add_parser(sub) -> None:
     """Register `server` and its commands."""
     parser = sub.add_parser("server", help="run the backup server or manage it",
-                            usage="zfsmgr server [serve|add-client NAME|reindex|help]",
+                            usage="zfsmgr server [serve|add-client NAME|reindex|rotate|help]",
                             description="The backup server.", epilog=HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -35,6 +38,9 @@ def add_parser(sub) -> None:
     add.add_argument("--storage", choices=("s3", "local", "dir"), default="")
     add.add_argument("--dataset", default="")
     commands.add_parser("reindex", help="rebuild the catalog from storage")
+    rotate = commands.add_parser("rotate", help="apply the clients' retention and quota")
+    rotate.add_argument("--client", default="", help="only this client")
+    rotate.add_argument("--dry-run", action="store_true", help="show the plan only")
     commands.add_parser("help", help="show the commands")
     parser.set_defaults(run=run, group_parser=parser)
 
@@ -67,6 +73,8 @@ def run(args, env_file) -> int:
     ctx = ServerContext(settings)
     if command == "reindex":
         return reindex(ctx)
+    if command == "rotate":
+        return rotate(ctx, args.client, args.dry_run)
     return serve(ctx)
 
 
@@ -79,6 +87,27 @@ def reindex(ctx) -> int:
         manifests += found
     count = ctx.catalog.replace(manifests)
     print(f"catalog {ctx.catalog.path} rebuilt: {count} backups")
+    return 0
+
+
+def rotate(ctx, client_id: str = "", dry_run: bool = False) -> int:
+    """The server's own rotation: every client's (or one client's) policy and quota."""
+    from zfsmgr.errors import UsageError
+
+    clients = ctx.clients.all()
+    if client_id:
+        clients = [c for c in clients if c.client_id == client_id]
+        if not clients:
+            raise UsageError(f"no client {client_id} in {ctx.settings.config_file}")
+    for client in clients:
+        result = ctx.rotate(client, dry_run=dry_run, by_server=True)
+        verb = "would delete" if dry_run else "deleted"
+        for key in result["deleted"]:
+            print(f"{client.client_id}: {verb} {key} ({result['reasons'].get(key, '')})")
+        print(f"{client.client_id}: {verb} {len(result['deleted'])}, kept"
+              f" {len(result['kept'])} backups, {result['freed_bytes']} bytes"
+              f" {'to free' if dry_run else 'freed'}"
+              + ("" if result["enough"] else "; still over quota"))
     return 0
 
 

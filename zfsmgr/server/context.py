@@ -134,13 +134,26 @@ class ServerContext:
                 "max_incrementals": client.max_incrementals,
                 "max_chain_age_days": client.max_chain_age_days}
 
+    def append_only(self, client: ClientConfig) -> bool:
+        """Whether the client may not delete backups (clients.json, else APPEND_ONLY)."""
+        if client.append_only is not None:
+            return client.append_only
+        return bool(self.settings.append_only)
+
     def rotate(self, client: ClientConfig, dry_run: bool = False,
-               needed: int = 0, keep: Optional[str] = None) -> dict:
-        """Apply the client's retention to its stored backups (and free `needed` bytes)."""
+               needed: int = 0, keep: Optional[str] = None, by_server: bool = False) -> dict:
+        """Apply the client's retention to its stored backups (and free `needed` bytes).
+
+        An append-only client's own request may only plan (dry run): deleting is then left to
+        the server's `zfsmgr server rotate` (`by_server`)."""
+        if not dry_run and not by_server and self.append_only(client):
+            raise Forbidden(f"client {client.client_id} is append-only: it may not delete"
+                            " backups (the server rotates them: zfsmgr server rotate)")
         backups = self.catalog.list(client.client_id)
         plan: RotationPlan = plan_rotation(backups, client.rotation_policy, time.time(),
                                            quota=client.max_size_bytes, needed=needed,
-                                           keep=keep)
+                                           keep=keep,
+                                           min_retain_days=self.settings.min_retain_days)
         if not dry_run:
             for manifest in plan.delete:
                 store = self.store_named(manifest.storage_type or self.default_kind(client))
@@ -160,10 +173,11 @@ class ServerContext:
         used = self.catalog.used_bytes(client.client_id)
         if used + needed <= client.max_size_bytes:
             return
-        if not self.settings.auto_rotate:
+        if not self.settings.auto_rotate or self.append_only(client):
+            # an append-only client's uploads never rotate its history away
             raise QuotaExceeded(f"quota exceeded for {client.client_id}: used {used} + needed"
                                 f" {needed} bytes > quota {client.max_size_bytes} bytes")
-        result = self.rotate(client, needed=needed, keep=parent_key)
+        result = self.rotate(client, needed=needed, keep=parent_key, by_server=True)
         if not result["enough"]:
             raise QuotaExceeded(f"quota exceeded for {client.client_id}: rotation freed"
                                 f" {result['freed_bytes']} bytes but {needed} more are needed"

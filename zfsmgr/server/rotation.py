@@ -3,11 +3,15 @@
 Pure: given the manifests, the policy and `now`, it returns what to delete and why. An
 incremental depends on its parent, so nothing another kept backup needs is ever deleted; on the
 `local` ZFS store a snapshot depends on nothing (downloads are full sends), so any may go.
+`min_retain_days` is a floor under both retention and quota: a backup the server committed
+fewer days ago is kept with its bases, whatever the policy and however many backups came after
+it. It counts from the server's commit time (`created`), never from the client's snapshot time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Dict, List, Optional
 
 from zfsmgr.protocol import Manifest
@@ -34,10 +38,22 @@ def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
     return None
 
 
+def committed_at(manifest: Manifest) -> float:
+    """When the server committed a backup, epoch seconds (0 when its manifest cannot say)."""
+    try:
+        return datetime.fromisoformat(manifest.created).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], now: float,
-                  quota: int = 0, needed: int = 0, keep: Optional[str] = None) -> RotationPlan:
-    """Retention first; then, to fit `needed` bytes in `quota`, whole oldest chains."""
+                  quota: int = 0, needed: int = 0, keep: Optional[str] = None,
+                  min_retain_days: float = 0) -> RotationPlan:
+    """Retention first; then, to fit `needed` bytes in `quota`, whole oldest chains; nothing
+    committed within `min_retain_days` of `now` goes."""
     policy = policy or RetentionPolicy()
+    floor = now - min_retain_days * 86400
+    young = {m.key for m in backups if min_retain_days and committed_at(m) > floor}
     by_key = {m.key: m for m in backups}
     parents = {m.key: parent_key(m, backups) for m in backups}
     newest = {}
@@ -47,7 +63,8 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
     items = []
     for dataset_backups in _group(backups).values():
         items += [Item(m.key, m.snapshot_time, None, parents[m.key],
-                       protected=m.key == keep or m.key == newest[m.dataset])
+                       protected=m.key in young or m.key == keep
+                       or m.key == newest[m.dataset])
                   for m in dataset_backups]
     result = RotationPlan()
     decisions = {}
@@ -56,7 +73,8 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
         for d in plan([i for i in items if i.name in names], policy, now):
             decisions[d.name] = d
     doomed = {k for k, d in decisions.items() if not d.keep}
-    result.reasons = {k: d.reason for k, d in decisions.items()}
+    result.reasons = {k: f"committed less than {min_retain_days:g} days ago (MIN_RETAIN_DAYS)"
+                      if k in young else d.reason for k, d in decisions.items()}
     if quota:
         used = sum(m.stored_size for m in backups if m.key not in doomed)
         children: Dict[str, List[str]] = {}
@@ -68,7 +86,7 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
             if used + needed <= quota:
                 break
             chain = _descendants(root.key, children)
-            if any(by_key[k].key == keep or newest[by_key[k].dataset] == k for k in chain):
+            if any(k == keep or k in young or newest[by_key[k].dataset] == k for k in chain):
                 continue
             for k in chain - doomed:
                 used -= by_key[k].stored_size
