@@ -85,8 +85,11 @@ def test_wrong_key_unknown_client_and_disabled(server):
     unknown = {"X-Client-ID": "mallory", "X-API-Key": "x"}
     assert call(app, "GET", "/status", headers=unknown)[0] == 401
     assert call(app, "GET", "/status")[0] == 401
-    code, body, headers = call(app, "GET", "/status", headers=auth("carol"))
+    # disabled: carol may still list (and restore), not upload
+    assert call(app, "GET", "/status", headers=auth("carol"))[0] == 200
+    code, body, headers = call(app, "POST", "/upload", b"{}", headers=auth("carol"))
     assert code == 403 and json.loads(body)["success"] is False
+    assert "disabled" in json.loads(body)["message"]
     assert headers["Content-Type"] == "application/json"
 
 

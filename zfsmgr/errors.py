@@ -91,6 +91,10 @@ class Conflict(ZfsmgrError):
     http_status = 409
 
 
+class VerificationFailed(Conflict):
+    """What the server holds of an upload is not what the client declared (409)."""
+
+
 # -- storage -------------------------------------------------------------------------------
 
 class StorageError(ZfsmgrError):

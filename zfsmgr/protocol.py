@@ -31,6 +31,9 @@ SNAPSHOTS = "/snapshots"  # GET ?dataset=: the client's manifests, oldest first
 ROTATE = "/rotate"  # POST {"dry_run": bool}
 DOWNLOAD = "/download"  # GET ?key=KEY, honours Range
 ROTATION_POLICY = "/rotation-policy"  # GET
+VERIFY_REPORT = "/verify-report"  # POST {"results": [{"key", "ok", "message"}]}
+METRICS = "/metrics"  # GET, Prometheus text (METRICS_TOKEN bearer)
+STATUS_PAGE = "/"  # GET, HTML for admins (ADMIN_API_KEY)
 
 # Authentication: the raw key travels in a header, never in a URL.
 HEADER_CLIENT_ID = "X-Client-ID"

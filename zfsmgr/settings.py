@@ -97,6 +97,39 @@ def as_url(text: str) -> str:
     return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def as_duration(text: str) -> float:
+    """Parse a duration in seconds: 3600, 90s, 30m, 26h, 2d, 1w."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("a duration such as 90s, 30m, 26h or 2d")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+
+
+def as_sha256(text: str) -> str:
+    """The SHA-256 hex of a secret (64 hex digits), or empty."""
+    value = text.strip().lower()
+    if value and not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("the 64-hex SHA-256 of the key (`zfsmgr server admin-key` makes one)")
+    return value
+
+
+def as_log_format(text: str) -> str:
+    """plain or json."""
+    value = text.strip().lower()
+    if value not in ("plain", "json"):
+        raise ValueError("plain or json")
+    return value
+
+
+def as_optional_url(text: str) -> str:
+    """An http(s) URL as as_url, or empty for none."""
+    return as_url(text) if text.strip() else ""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One declared setting."""
@@ -139,6 +172,20 @@ TABLE = (
             "clients may not delete backups unless clients.json says append_only: false"),
     Setting("MIN_RETAIN_DAYS", as_count, "0", (SERVER,),
             "no rotation deletes a backup committed fewer days ago than this"),
+    Setting("METRICS_TOKEN", as_text, "", (SERVER,),
+            "bearer token for GET /metrics", secret=True),
+    Setting("METRICS_NO_AUTH", as_bool, "false", (SERVER,), "serve /metrics without a token"),
+    Setting("ADMIN_API_KEY", as_sha256, "", (SERVER,),
+            "SHA-256 hex of the admin key for the status page at /"),
+    Setting("NOTIFY_URL", as_optional_url, "", (SERVER,),
+            "webhook (JSON POST) when a dataset goes stale or an upload fails verification",
+            secret=True),
+    Setting("CHECK_WARN", as_duration, "26h", (SERVER,),
+            "a dataset's newest backup older than this is stale (warning)"),
+    Setting("CHECK_CRIT", as_duration, "50h", (SERVER,),
+            "a dataset's newest backup older than this is critical"),
+    Setting("STALE_CHECK_INTERVAL", as_duration, "5m", (SERVER,),
+            "how often the server looks for stale datasets to notify about"),
     Setting("CLIENT_ID", as_text, None, (CLIENT, RESTORE), "this host's client id"),
     Setting("API_KEY", as_text, None, (CLIENT, RESTORE), "the raw (unhashed) API key", secret=True),
     Setting("SERVER_URL", as_url, None, (CLIENT, RESTORE), "e.g. http://backup-server:8080"),
@@ -152,6 +199,9 @@ TABLE = (
     Setting("KEEP_DAILY", as_count, "7", (CLIENT,), "daily snapshots to keep locally"),
     Setting("KEEP_WEEKLY", as_count, "4", (CLIENT,), "weekly snapshots to keep locally"),
     Setting("KEEP_MONTHLY", as_count, "12", (CLIENT,), "monthly snapshots to keep locally"),
+    Setting("HEALTHCHECK_URL", as_optional_url, "", (CLIENT,),
+            "healthchecks.io-style ping URL (/start, success, /fail)", secret=True),
+    Setting("LOG_FORMAT", as_log_format, "plain", _ALL, "plain lines or json (one per line)"),
 )
 
 BY_NAME = {s.name: s for s in TABLE}

@@ -8,7 +8,7 @@ import sys
 
 from zfsmgr import protocol
 from zfsmgr import settings as config
-from zfsmgr.errors import UsageError
+from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.protocol import Manifest
 from zfsmgr.remote import ServerClient
 from zfsmgr.restore import listing
@@ -133,11 +133,27 @@ def run(args, env_file) -> int:
         for name, size in save(opener, chain, args.filename, args.chain):
             print(f"saved {name} ({listing.human_size(size)})")
         return 0
-    from zfsmgr.restore.verify import verify
+    from zfsmgr.restore.verify import Report, verify
 
     selected = [listing.pick(rows, args.number)] if args.number else [m for _, m in rows]
-    verify(zfs, opener, manifests, selected, scratch=args.receive)
+    report = Report()
+    try:
+        verify(zfs, opener, manifests, selected, scratch=args.receive, report=report)
+    finally:
+        _report_verify(client, report)
     return 0
+
+
+def _report_verify(client: ServerClient, report) -> None:
+    """Tell the server what verify found (its status page and metrics show the last verify);
+    a server that cannot take it costs a warning, not the verify's result."""
+    if not report.results:
+        return
+    try:
+        client.call("POST", protocol.VERIFY_REPORT, report.as_request())
+    except ZfsmgrError as exc:
+        print(f"zfsmgr: warning: could not report the verification to the server: {exc}",
+              file=sys.stderr)
 
 
 def _client(env_file) -> ServerClient:

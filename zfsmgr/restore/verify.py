@@ -28,14 +28,24 @@ class Report:
         self.out = out if out is not None else sys.stdout
         self.problems: list[str] = []
         self.checked = 0
+        self.results: dict[str, tuple[bool, str]] = {}  # key: (ok, message); a failure sticks
 
-    def ok(self, text: str) -> None:
+    def ok(self, text: str, key: str = "") -> None:
         self.checked += 1
+        if key and key not in self.results:
+            self.results[key] = (True, "")
         print(f"ok       {text}", file=self.out, flush=True)
 
-    def bad(self, text: str) -> None:
+    def bad(self, text: str, keys: Sequence[str] = ()) -> None:
         self.problems.append(text)
+        for key in keys:
+            self.results[key] = (False, text)
         print(f"FAILED   {text}", file=self.out, flush=True)
+
+    def as_request(self) -> dict:
+        """The body of POST /verify-report."""
+        return {"results": [{"key": k, "ok": ok, "message": message}
+                            for k, (ok, message) in sorted(self.results.items())]}
 
 
 def check_stream(open_stream: StreamOpener, manifest: Manifest, report: Report) -> None:
@@ -53,27 +63,30 @@ def check_stream(open_stream: StreamOpener, manifest: Manifest, report: Report) 
             if source.progress is not None:
                 source.progress.finish(outcome)
     except ZfsmgrError as exc:
-        report.bad(str(exc) if manifest.key in str(exc) else f"{manifest.key}: {exc}")
+        report.bad(str(exc) if manifest.key in str(exc) else f"{manifest.key}: {exc}",
+                   [manifest.key])
         return
     what = "sha256 and size match" if source.verifiable else "complete (local: no checksum)"
-    report.ok(f"{manifest.key}  {human_size(source.offset)}  {what}")
+    report.ok(f"{manifest.key}  {human_size(source.offset)}  {what}", manifest.key)
 
 
 def verify(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manifest],
            selected: Sequence[Manifest], scratch: str | None = None,
-           out: TextIO | None = None) -> Report:
-    """Check `selected` backups (and the chains under them); raise IntegrityError on trouble."""
+           out: TextIO | None = None, report: Report | None = None) -> Report:
+    """Check `selected` backups (and the chains under them); raise IntegrityError on trouble.
+
+    `report` collects each key's outcome (for the server's record) even when it raises."""
     if scratch and zfs.exists(scratch):
         raise UsageError(f"scratch dataset {scratch} exists: name one that does not"
                          " (verify destroys it afterwards)")
-    report = Report(out)
+    report = report if report is not None else Report(out)
     needed: dict[str, Manifest] = {}
     whole: list[Manifest] = []
     for target in selected:
         try:
             chain = chain_for(manifests, target)
         except BrokenChain as exc:
-            report.bad(str(exc))
+            report.bad(str(exc), [target.key])
             needed.setdefault(target.key, target)
             continue
         whole.append(target)
@@ -111,10 +124,11 @@ def _receive(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest], scr
         text = str(exc)
         if not isinstance(exc, IntegrityError):
             text = f"{leaf.key}: receiving its chain into {scratch} failed: {text}"
-        report.bad(text)
-        return [m.key for m in chain if m.key in str(exc)]
+        blamed = [m.key for m in chain if m.key in str(exc)]
+        report.bad(text, blamed or [leaf.key])
+        return blamed
     finally:
         target.undo()
     for manifest in chain:
-        report.ok(f"{manifest.key}  received into {scratch}")
+        report.ok(f"{manifest.key}  received into {scratch}", manifest.key)
     return [m.key for m in chain]

@@ -12,7 +12,8 @@ from typing import Callable, Dict, Optional
 import bottle
 
 from zfsmgr import protocol
-from zfsmgr.errors import NeedsFullBackup, NotFound, Unauthorized, ValidationError, ZfsmgrError
+from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded, Unauthorized,
+                           ValidationError, ZfsmgrError)
 from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
 from zfsmgr.server.clients import ClientConfig
 from zfsmgr.server.context import ServerContext
@@ -48,7 +49,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     app = bottle.Bottle()
     app.config["catchall"] = False
 
-    def handler(auth: bool = True) -> Callable:
+    def handler(auth: bool = True, write: bool = True) -> Callable:
+        """`write=False`: a disabled client may still call the route (list, restore, verify)."""
         def wrap(func: Callable) -> Callable:
             @functools.wraps(func)
             def run(*args, **kwargs):
@@ -56,7 +58,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                 try:
                     client = None
                     if auth:
-                        client = authenticate()
+                        client = authenticate(write)
                         client_id = client.client_id
                     result = func(client, *args, **kwargs)
                     status = result.status_code if isinstance(result, bottle.HTTPResponse) \
@@ -79,7 +81,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             return run
         return wrap
 
-    def authenticate() -> ClientConfig:
+    def authenticate(write: bool) -> ClientConfig:
         request = bottle.request
         client_id = request.get_header(HEADER_CLIENT_ID)
         key = request.get_header(HEADER_API_KEY)
@@ -87,7 +89,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             client_id, key = request.query.get("client_id"), request.query.get("api_key")
         if not client_id or not key:
             raise Unauthorized(f"send the {HEADER_CLIENT_ID} and {HEADER_API_KEY} headers")
-        return ctx.clients.authenticate(client_id, key)
+        return ctx.clients.authenticate(client_id, key, write)
 
     def body_json() -> dict:
         length = bottle.request.content_length
@@ -117,9 +119,13 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         request = body_json()
         store = ctx.store_for(client, request.get("storage_type") or "")
         estimate = request.get("estimated_size")
-        if isinstance(estimate, int) and estimate > 0:
-            ctx.make_room(client, estimate, None)
-        session = ctx.uploads.open(client, store, request)
+        try:
+            if isinstance(estimate, int) and estimate > 0:
+                ctx.make_room(client, estimate, None)
+            session = ctx.uploads.open(client, store, request)
+        except QuotaExceeded as exc:
+            ctx.outcomes.failed(client.client_id, str(request.get("dataset") or ""), exc)
+            raise
         log.info("upload %s opened: client=%s key=%s type=%s estimate=%s", session.upload_id,
                  client.client_id, session.key, session.type, session.estimated_size)
         return protocol.ok("upload authorized", upload_id=session.upload_id, key=session.key,
@@ -157,7 +163,10 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         except ZfsmgrError as exc:
             log.warning("upload %s failed: client=%s dataset=%s: %s", upload_id,
                         client.client_id, session.dataset, exc)
+            if not isinstance(exc, ValidationError):  # a malformed request changes nothing
+                ctx.outcomes.failed(client.client_id, session.dataset, exc)
             raise
+        ctx.outcomes.committed(client.client_id, manifest.dataset, manifest.stored_size)
         log.info("upload %s committed: client=%s dataset=%s key=%s size=%d in %.1fs",
                  upload_id, client.client_id, manifest.dataset, manifest.key,
                  manifest.stored_size, time.monotonic() - started)
@@ -168,6 +177,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     def abort(client, upload_id):
         session = ctx.uploads.get(client.client_id, upload_id)
         ctx.uploads.abort(session, ctx.store_named(session.storage_type))
+        ctx.outcomes.aborted(client.client_id, session.dataset)
         log.info("upload %s aborted by client=%s", upload_id, client.client_id)
         return protocol.ok("upload discarded")
 
@@ -181,18 +191,22 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         segment = bottle.request.get_header(protocol.HEADER_SEGMENT)
         if segment is not None and not segment.isdigit():
             raise ValidationError(f"{protocol.HEADER_SEGMENT} must be a part number")
-        info = ctx.uploads.put_part(client, store, session, index,
-                                    bottle.request.environ["wsgi.input"], size,
-                                    None if segment is None else int(segment))
+        try:
+            info = ctx.uploads.put_part(client, store, session, index,
+                                        bottle.request.environ["wsgi.input"], size,
+                                        None if segment is None else int(segment))
+        except QuotaExceeded as exc:  # the upload was discarded
+            ctx.outcomes.failed(client.client_id, session.dataset, exc)
+            raise
         return _json(200, protocol.ok("part stored", **info.__dict__))
 
     @app.get(protocol.STATUS)
-    @handler()
+    @handler(write=False)
     def status(client):
         return protocol.ok("status", **ctx.status(client))
 
     @app.get(protocol.SNAPSHOTS)
-    @handler()
+    @handler(write=False)
     def snapshots(client):
         dataset = bottle.request.query.get("dataset") or None
         if dataset:
@@ -202,7 +216,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         return protocol.ok(f"{len(found)} backups", snapshots=found)
 
     @app.get(protocol.DOWNLOAD)
-    @handler()
+    @handler(write=False)
     def download(client):
         key = bottle.request.query.get("key") or ""
         parsed = protocol.parse_key(key)
@@ -240,10 +254,30 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         return protocol.ok("rotation", **ctx.rotate(client, dry_run=bool(request.get("dry_run"))))
 
     @app.get(protocol.ROTATION_POLICY)
-    @handler()
+    @handler(write=False)
     def rotation_policy(client):
         policy = client.rotation_policy.to_mapping() if client.rotation_policy else None
         return protocol.rotation_policy_response(policy)
+
+    @app.post(protocol.VERIFY_REPORT)
+    @handler(write=False)
+    def verify_report(client):
+        recorded = record_verify_report(ctx, client, body_json())
+        return protocol.ok(f"recorded the verification of {len(recorded)} datasets",
+                           datasets=recorded)
+
+    @app.get(protocol.METRICS)
+    @handler(auth=False)
+    def metrics(_):
+        from zfsmgr.server import metrics as exposition
+        from zfsmgr.server.fleet import fleet
+
+        s = ctx.settings
+        exposition.authorize(s.metrics_no_auth, s.metrics_token,
+                             bottle.request.get_header("Authorization"))
+        text = exposition.render(ctx.clients.all(), fleet(ctx), ctx.ledger.view()["clients"])
+        return bottle.HTTPResponse(text, status=200,
+                                   headers={"Content-Type": exposition.CONTENT_TYPE})
 
     def not_found(error):
         bottle.response.content_type = "application/json"
@@ -262,6 +296,31 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     app.error_handler.update({404: not_found, 405: method_not_allowed})
     app.default_error_handler = other_error
     return app
+
+
+def record_verify_report(ctx: ServerContext, client: ClientConfig, report: dict) -> list:
+    """Record what `restore verify` found: `{"results": [{"key", "ok", "message"}]}`, keys of
+    this client's catalog only; a dataset is verified when none of its checked keys failed."""
+    results = report.get("results")
+    if not isinstance(results, list) or len(results) > 100_000:
+        raise ValidationError("results must be a list of {key, ok, message}")
+    known = {m.key: m.dataset for m in ctx.catalog.list(client.client_id)}
+    outcome: Dict[str, list] = {}
+    for item in results:
+        if not isinstance(item, dict) or not isinstance(item.get("ok"), bool):
+            raise ValidationError("each result needs a key and ok (true or false)")
+        dataset = known.get(item.get("key"))
+        if dataset is None:
+            continue
+        entry = outcome.setdefault(dataset, [True, ""])
+        if not item["ok"]:
+            entry[0] = False
+            entry[1] = entry[1] or f"{item['key']}: {str(item.get('message') or '')[:300]}"
+    for dataset, (ok, message) in sorted(outcome.items()):
+        ctx.outcomes.verified(client.client_id, dataset, ok, message)
+        log.info("verify report client=%s dataset=%s %s", client.client_id, dataset,
+                 "ok" if ok else "FAILED")
+    return sorted(outcome)
 
 
 def _range_start(header: Optional[str]) -> int:

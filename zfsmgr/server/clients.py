@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,6 +20,7 @@ from zfsmgr.errors import Forbidden, Unauthorized, ZfsmgrError
 from zfsmgr.protocol import STORAGE_TYPES, validate_client_id, validate_dataset
 from zfsmgr.retention import RetentionPolicy
 from zfsmgr.server.filelock import FileLock
+from zfsmgr.settings import as_duration
 from zfsmgr.storage.directory import write_atomic
 
 
@@ -36,12 +38,25 @@ class ClientConfig:
     max_incrementals: int = 0  # 0: chains are never cut by count
     max_chain_age_days: int = 0  # 0: chains are never cut by age
     append_only: Optional[bool] = None  # None: the server's APPEND_ONLY
+    check_warn: float = 0.0  # seconds; 0: the server's CHECK_WARN
+    check_crit: float = 0.0  # seconds; 0: the server's CHECK_CRIT
+    previous_api_key: str = ""  # sha256 hex of the key before `rotate-key`, valid until:
+    previous_key_expires: float = 0.0  # epoch seconds
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def hash_key(raw: str) -> str:
     """The SHA-256 hex that clients.json stores for a raw key."""
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def _duration(value: Any, what: str) -> float:
+    """A threshold from clients.json: seconds as a number, or text such as "26h"."""
+    if value in (None, "", 0):
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} must be a duration such as 26h")
+    return as_duration(str(value))
 
 
 def _parse(entry: Any, where: str) -> ClientConfig:
@@ -62,6 +77,9 @@ def _parse(entry: Any, where: str) -> ClientConfig:
         append_only = entry.get("append_only")
         if append_only is not None and not isinstance(append_only, bool):
             raise ValueError(f"client {client_id}: append_only must be true or false")
+        previous = entry.get("previous_api_key") or ""
+        if not isinstance(previous, str) or previous and len(previous) != 64:
+            raise ValueError(f"client {client_id}: previous_api_key must be a 64-hex SHA-256")
         return ClientConfig(
             client_id=client_id, api_key=key.lower(), max_size_bytes=quota,
             dataset=validate_dataset(entry["dataset"]) if entry.get("dataset") else "",
@@ -69,7 +87,11 @@ def _parse(entry: Any, where: str) -> ClientConfig:
             rotation_policy=RetentionPolicy.from_mapping(policy) if policy else None,
             max_incrementals=int(entry.get("max_incrementals", 0) or 0),
             max_chain_age_days=int(entry.get("max_chain_age_days", 0) or 0),
-            append_only=append_only)
+            append_only=append_only,
+            check_warn=_duration(entry.get("check_warn"), f"client {client_id}: check_warn"),
+            check_crit=_duration(entry.get("check_crit"), f"client {client_id}: check_crit"),
+            previous_api_key=previous.lower(),
+            previous_key_expires=float(entry.get("previous_key_expires", 0) or 0))
     except (ValueError, TypeError) as exc:
         raise ZfsmgrError(f"{where}: {exc}") from None
 
@@ -110,15 +132,25 @@ class ClientRegistry:
         """A client by id, None if unknown."""
         return self._load().get(client_id)
 
-    def authenticate(self, client_id: Optional[str], raw_key: Optional[str]) -> ClientConfig:
-        """The client if the key matches (in constant time); Unauthorized or Forbidden."""
+    def authenticate(self, client_id: Optional[str], raw_key: Optional[str],
+                     write: bool = True) -> ClientConfig:
+        """The client if the key matches (in constant time); Unauthorized, or Forbidden for a
+        disabled client unless the request only reads (`write=False`: list, restore, verify).
+
+        After `rotate-key` the previous key is accepted too until its grace period ends."""
         client = self.get(client_id) if isinstance(client_id, str) else None
         expected = client.api_key if client else "0" * 64
         given = hash_key(raw_key) if isinstance(raw_key, str) else "1" * 64
-        if not hmac.compare_digest(expected, given) or client is None:
+        matches = hmac.compare_digest(expected, given)
+        previous = client.previous_api_key if client else ""
+        if previous and hmac.compare_digest(previous, given) \
+                and time.time() < client.previous_key_expires:
+            matches = True
+        if not matches or client is None:
             raise Unauthorized("unknown client or wrong API key")
-        if not client.enabled:
-            raise Forbidden(f"client {client.client_id} is disabled")
+        if write and not client.enabled:
+            raise Forbidden(f"client {client.client_id} is disabled (it may list and restore its"
+                            " backups, not upload)")
         return client
 
 

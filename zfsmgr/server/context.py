@@ -12,6 +12,8 @@ from zfsmgr import __version__
 from zfsmgr.errors import ZfsmgrError
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
+from zfsmgr.server.ledger import Ledger
+from zfsmgr.server.notify import Notifier, Outcomes
 from zfsmgr.server.rotation import RotationPlan, plan_rotation
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
@@ -31,6 +33,9 @@ class ServerContext:
         self.uploads = Uploads(str(Path(settings.metadata_file).absolute()) + ".uploads",
                                self.catalog, settings.part_size, settings.s3_max_parts,
                                settings.upload_expiry_hours * 3600.0)
+        self.ledger = Ledger(str(Path(settings.metadata_file).absolute()) + ".ledger.json")
+        self.notifier = Notifier(settings.notify_url)
+        self.outcomes = Outcomes(self.ledger, self.notifier)
         self._stores: Dict[str, Store] = {}
         self._lock = threading.Lock()
 
@@ -161,6 +166,7 @@ class ServerContext:
                 store.delete(manifest)
                 log.info("rotation deleted %s (client=%s): %s", manifest.key,
                          client.client_id, plan.reasons[manifest.key])
+            self.ledger.record_rotation(client.client_id, len(plan.delete))
         return {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
                 "kept": [m.key for m in plan.keep], "reasons": plan.reasons,
                 "freed_bytes": sum(m.stored_size for m in plan.delete),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.errors import Conflict
+from zfsmgr.errors import Conflict, VerificationFailed
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
@@ -263,15 +263,16 @@ class Uploads:
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
             if len(parts) <= session.segment or sent != stored_size:
-                raise Conflict(f"the server holds {sent} bytes in"
-                               f" {len(parts) - session.segment} parts, the client sent"
-                               f" {stored_size}")
+                raise VerificationFailed(
+                    f"the server holds {sent} bytes in {len(parts) - session.segment} parts,"
+                    f" the client sent {stored_size}")
             total = sum(p.size for p in parts)
             held = protocol.parts_checksum(p.crc32 for p in parts[session.segment:])
             if held != checksum.lower():
                 self.abort(session, store)
-                raise Conflict(f"part checksum mismatch for {session.key}: the server holds"
-                               f" {held}, the client sent {checksum}; the upload was discarded")
+                raise VerificationFailed(
+                    f"part checksum mismatch for {session.key}: the server holds {held}, the"
+                    f" client sent {checksum}; the upload was discarded")
             self.check_quota(client, total)
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
                                  sha256=sha256.lower(), parts=len(parts))

@@ -1,0 +1,159 @@
+"""Outcomes of uploads and verifications: recorded in the ledger, and pushed to NOTIFY_URL.
+
+The webhook is a JSON POST per event, sent by one background thread (a slow receiver never
+slows an upload; at most 100 events wait, later ones are dropped with a warning):
+
+    {"event": "stale" | "recovered" | "upload_verification_failed" | "verify_failed",
+     "client": "web1", "dataset": "tank/db", "message": "...", "text": "zfsmgr: ...",
+     "time": "2026-12-01T08:00:00+00:00", "timestamp": 1795939200.0,
+     "server": "<hostname>", "version": "<zfsmgr version>"}
+
+`text` makes Slack- and Mattermost-style incoming webhooks show the event as it is. The URL
+is a secret (webhook URLs carry tokens): it is never logged, only its host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from typing import Optional
+
+from zfsmgr import __version__
+from zfsmgr.errors import VerificationFailed
+from zfsmgr.server.fleet import CRITICAL, OK, STALE
+from zfsmgr.server.ledger import Ledger
+
+log = logging.getLogger("zfsmgr.server.notify")
+RETRY_DELAYS = (1.0, 5.0)
+
+
+class Notifier:
+    """Posts events to one webhook URL from a background thread (nothing without a URL)."""
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url, self.timeout = url, timeout
+        self.host = urllib.parse.urlsplit(url).hostname if url else ""
+        self._queue: "queue.Queue[Optional[dict]]" = queue.Queue(maxsize=100)
+        self._thread: Optional[threading.Thread] = None
+        self._guard = threading.Lock()
+
+    def send(self, event: str, client: str, dataset: str, message: str) -> None:
+        """Queue one event (returns at once)."""
+        if not self.url:
+            return
+        now = time.time()
+        body = {"event": event, "client": client, "dataset": dataset, "message": message,
+                "text": f"zfsmgr: {client}:{dataset} {event.replace('_', ' ')}: {message}",
+                "time": datetime.fromtimestamp(now, timezone.utc).replace(
+                    microsecond=0).isoformat(),
+                "timestamp": now, "server": socket.gethostname(), "version": __version__}
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(body)
+        except queue.Full:
+            log.warning("notification queue full: dropped %s event for %s:%s", event, client,
+                        dataset)
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Block until every queued event was sent or given up; True if it finished in time."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self._queue.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            body = self._queue.get()
+            try:
+                self._post(body)
+            finally:
+                self._queue.task_done()
+
+    def _post(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        for attempt, delay in enumerate((0.0,) + RETRY_DELAYS):
+            time.sleep(delay)
+            request = urllib.request.Request(self.url, data=data, method="POST", headers={
+                "Content-Type": "application/json", "User-Agent": f"zfsmgr/{__version__}"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    answer.read(65536)
+                log.info("notified %s: %s for %s:%s", self.host, body["event"], body["client"],
+                         body["dataset"])
+                return
+            except (OSError, urllib.error.HTTPError) as exc:
+                why = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) \
+                    else type(exc).__name__
+                level = logging.WARNING if attempt == len(RETRY_DELAYS) else logging.INFO
+                log.log(level, "webhook to %s failed (%s), attempt %d of %d", self.host, why,
+                        attempt + 1, len(RETRY_DELAYS) + 1)
+
+
+class Outcomes:
+    """What the server records and announces when an upload or a verification ends."""
+
+    def __init__(self, ledger: Ledger, notifier: Notifier):
+        self.ledger, self.notifier = ledger, notifier
+
+    def _safely(self, what: str, action, *args) -> None:
+        try:
+            action(*args)
+        except OSError as exc:  # the ledger is bookkeeping: never fail a backup over it
+            log.warning("could not record %s in the ledger: %s", what, exc)
+
+    def committed(self, client_id: str, dataset: str, stored_bytes: int) -> None:
+        """An upload became a visible backup."""
+        self._safely("a commit", self.ledger.record_upload, client_id, dataset, "committed",
+                     stored_bytes)
+
+    def failed(self, client_id: str, dataset: str, error: Exception) -> None:
+        """An upload was refused or failed; a failed verification is also announced."""
+        self._safely("a failed upload", self.ledger.record_upload, client_id, dataset,
+                     "failed", 0, str(error))
+        if isinstance(error, VerificationFailed):
+            self.notifier.send("upload_verification_failed", client_id, dataset, str(error))
+
+    def aborted(self, client_id: str, dataset: str) -> None:
+        """The client gave an upload up (its send failed or it was interrupted)."""
+        self._safely("an aborted upload", self.ledger.record_upload, client_id, dataset,
+                     "aborted", 0, "the client aborted the upload")
+
+    def verified(self, client_id: str, dataset: str, ok: bool, message: str) -> None:
+        """A restore tool reported a verification of a dataset's backups."""
+        self._safely("a verification", self.ledger.record_verify, client_id, dataset, ok,
+                     message)
+        if not ok:
+            self.notifier.send("verify_failed", client_id, dataset, message)
+
+
+def stale_pass(rows, ledger: Ledger, notifier: Notifier, now: float) -> int:
+    """Announce datasets that went stale (or fresh again) since the last pass; return how many
+    events were sent. Disabled clients and clients that never backed up are not announced."""
+    sent = 0
+    for row in rows:
+        state = row.state(now)
+        if state not in (OK, STALE, CRITICAL):
+            continue
+        stale = state != OK
+        if ledger.mark_stale(row.client_id, row.dataset, stale):
+            age = row.age(now) or 0.0
+            if stale:
+                notifier.send("stale", row.client_id, row.dataset,
+                              f"newest backup is {age / 3600:.1f}h old"
+                              f" (stale after {row.warn / 3600:g}h)")
+            else:
+                notifier.send("recovered", row.client_id, row.dataset,
+                              f"newest backup is {age / 3600:.1f}h old again")
+            sent += 1
+    return sent
