@@ -9,9 +9,11 @@ import sys
 import threading
 
 from zfsmgr import settings as config
+from zfsmgr.server import admin, check
 from zfsmgr.settings import as_size
 
 log = logging.getLogger("zfsmgr.server")
+EXTENSIONS = (admin, check)  # modules with register(commands), COMMANDS and run(args, settings)
 
 HELP = """commands:
   serve (default)     run the backup server (HOST, PORT)
@@ -21,6 +23,7 @@ HELP = """commands:
   rotate [--client C] [--dry-run]
                       apply each client's rotation policy and quota (append-only clients
                       too), never under MIN_RETAIN_DAYS; for cron or a systemd timer
+""" + admin.HELP + "\n" + check.HELP + """
   help                this text"""
 
 
@@ -41,6 +44,8 @@ def add_parser(sub) -> None:
     rotate = commands.add_parser("rotate", help="apply the clients' retention and quota")
     rotate.add_argument("--client", default="", help="only this client")
     rotate.add_argument("--dry-run", action="store_true", help="show the plan only")
+    for module in EXTENSIONS:
+        module.register(commands)
     commands.add_parser("help", help="show the commands")
     parser.set_defaults(run=run, group_parser=parser)
 
@@ -59,6 +64,9 @@ def run(args, env_file) -> int:
         args.group_parser.print_help()
         return 0
     settings = config.load(config.SERVER, env_file)
+    for module in EXTENSIONS:
+        if command in module.COMMANDS:
+            return module.run(args, settings)
     if command == "add-client":
         from zfsmgr.server.clients import add_client
 

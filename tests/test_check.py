@@ -1,0 +1,79 @@
+"""`zfsmgr server check`: the Nagios convention on a real catalog, thresholds in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+
+import pytest
+
+import rig
+from zfsmgr.server.check import CRITICAL, OK, UNKNOWN, WARNING, age_text, evaluate
+from zfsmgr.server.fleet import DatasetRow
+
+pytestmark = [pytest.mark.zfs]
+
+
+def check(server, *args):
+    return rig.run_zfsmgr(["server", "check", *args], env=server.env, cwd=server.workdir)
+
+
+def test_ok_then_warning_then_critical_as_thresholds_pass(pool, server_factory, run_zfsmgr):
+    idle = {"client_id": "idle", "api_key": hashlib.sha256(b"k").hexdigest(),
+            "enabled": False}
+    server = server_factory("dir", extra_clients=[idle])
+    dataset = pool.create("data")
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    never = check(server)
+    assert never.returncode == CRITICAL
+    assert never.stdout.startswith("CRITICAL: 1/1 datasets stale: client1:(no backup) never")
+    assert "idle" not in never.stdout  # disabled: not reported
+
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    fine = check(server, "--warn", "1h", "--crit", "2h")
+    assert fine.returncode == OK, fine.stdout
+    assert fine.stdout.startswith("OK: 1 datasets backed up")
+    perf = re.search(rf"\| 'client1:{dataset}'=(\d+)s;3600;7200;0$", fine.stdout.strip())
+    assert perf and int(perf.group(1)) < 600
+    assert len(fine.stdout.strip().splitlines()) == 1
+
+    time.sleep(2.2)
+    late = check(server, "--warn", "1s", "--crit", "1h")
+    assert late.returncode == WARNING
+    assert late.stdout.startswith(f"WARNING: 1/1 datasets stale: client1:{dataset} ")
+    gone = check(server, "--warn", "1s", "--crit", "2s")
+    assert gone.returncode == CRITICAL
+    assert gone.stdout.startswith(f"CRITICAL: 1/1 datasets stale: client1:{dataset} ")
+    assert check(server, "--client", "client1", "--dataset", dataset, "--warn", "1s",
+                 "--crit", "2s").returncode == CRITICAL
+
+    # the client's own thresholds in clients.json win for that client
+    entries = json.loads((server.workdir / "clients.json").read_text())
+    entries[0].update(check_warn="1h", check_crit=7200)
+    (server.workdir / "clients.json").write_text(json.dumps(entries))
+    own = check(server, "--warn", "1s", "--crit", "2s")
+    assert own.returncode == OK and ";3600;7200;0" in own.stdout
+
+    assert check(server, "--client", "nobody").returncode == UNKNOWN
+    assert check(server, "--client", "idle").returncode == UNKNOWN
+    (server.workdir / "metadata.json").write_text("{damaged")
+    broken = check(server)
+    assert broken.returncode == UNKNOWN and broken.stdout.startswith("UNKNOWN: ")
+
+
+def _row(dataset, newest, warn=100.0, crit=200.0, enabled=True):
+    return DatasetRow("c", dataset, enabled, 1 if newest else 0, 1, 0, 0, 0, newest, newest,
+                      newest, None, "", None, None, warn, crit)
+
+
+def test_evaluate_lists_critical_first_and_caps_the_line():
+    now = 10_000.0
+    rows = [_row(f"p/d{i}", now - 150) for i in range(12)] + [_row("p/old", now - 500)]
+    status, line = evaluate(rows, now)
+    assert status == CRITICAL
+    assert line.startswith("CRITICAL: 13/13 datasets stale: c:p/old 8m, c:p/d0 2m")
+    assert "and 3 more |" in line
+    assert evaluate([_row("p/x", now - 150, enabled=False)], now)[0] == UNKNOWN
+    assert [age_text(s) for s in (59, 3600 * 5.14, 86400 * 2.3)] == ["1m", "5.1h", "2.3d"]

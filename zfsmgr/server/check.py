@@ -1,0 +1,100 @@
+"""`zfsmgr server check`: one line in the Nagios plugin convention, for Icinga, Nagios, Zabbix.
+
+    OK: 47 datasets backed up, newest backups at most 3.2h old | 'web1:tank/db'=11520s;...
+    CRITICAL: 2/47 datasets stale: web1:tank/db 2.3d, web2:(no backup) never | ...
+
+Exit 0 OK, 1 WARNING (a dataset's newest backup is older than --warn), 2 CRITICAL (older than
+--crit, or an enabled client that never backed up), 3 UNKNOWN (the catalog or clients.json
+cannot be read, or nothing matches). A client's `check_warn`/`check_crit` in clients.json
+override the command's thresholds for that client; disabled clients are not reported.
+Perfdata: each dataset's age in seconds with its warn and crit thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List, Sequence, Tuple
+
+from zfsmgr.settings import as_duration
+
+COMMANDS = ("check",)
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+_WORDS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+HELP = """  check [--client C] [--dataset D] [--warn 26h] [--crit 50h]
+                      Nagios-style: one line with perfdata; exit 0 OK, 1 WARNING,
+                      2 CRITICAL, 3 UNKNOWN"""
+
+
+def _duration(text: str) -> float:
+    try:
+        return as_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+
+
+def register(commands) -> None:
+    """Add `check` to `zfsmgr server`."""
+    check = commands.add_parser("check", help="Nagios-style freshness check")
+    check.add_argument("--client", default="", help="only this client")
+    check.add_argument("--dataset", default="", help="only this dataset")
+    check.add_argument("--warn", type=_duration, default=None,
+                       help="WARNING past this age (default CHECK_WARN, 26h)")
+    check.add_argument("--crit", type=_duration, default=None,
+                       help="CRITICAL past this age (default CHECK_CRIT, 50h)")
+
+
+def age_text(seconds: float) -> str:
+    """42m, 5.1h, 2.3d."""
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def evaluate(rows: Sequence, now: float) -> Tuple[int, str]:
+    """The exit status and the line for the selected rows (enabled clients only)."""
+    rows = [r for r in rows if r.enabled]
+    if not rows:
+        return UNKNOWN, "UNKNOWN: no enabled client or dataset matches"
+    critical, warning = [], []
+    for row in rows:
+        state = row.state(now)
+        if state in ("critical", "never"):
+            critical.append(row)
+        elif state == "stale":
+            warning.append(row)
+    perf = " ".join(f"'{r.name}'={r.age(now):.0f}s;{r.warn:.0f};{r.crit:.0f};0"
+                    for r in rows if r.age(now) is not None)
+    late: List = critical + warning
+    if late:
+        status = CRITICAL if critical else WARNING
+        listed = ", ".join(f"{r.name} {age_text(r.age(now)) if r.age(now) is not None else 'never'}"
+                           for r in late[:10])
+        more = f" and {len(late) - 10} more" if len(late) > 10 else ""
+        text = f"{_WORDS[status]}: {len(late)}/{len(rows)} datasets stale: {listed}{more}"
+    else:
+        status = OK
+        oldest = max(r.age(now) for r in rows)
+        text = f"OK: {len(rows)} datasets backed up, newest backups at most {age_text(oldest)} old"
+    return status, f"{text} | {perf}" if perf else text
+
+
+def run(args, settings) -> int:
+    """Print the check's line; return its Nagios status."""
+    from zfsmgr.errors import ZfsmgrError
+    from zfsmgr.server.context import ServerContext
+    from zfsmgr.server.fleet import fleet
+
+    try:
+        rows = fleet(ServerContext(settings), args.warn, args.crit)
+    except (ZfsmgrError, OSError) as exc:
+        print(f"UNKNOWN: cannot read the catalog or the clients: {exc}")
+        return UNKNOWN
+    rows = [r for r in rows if (not args.client or r.client_id == args.client)
+            and (not args.dataset or r.dataset == args.dataset)]
+    status, line = evaluate(rows, time.time())
+    print(line)
+    return status
