@@ -186,6 +186,17 @@ def parts_crc32(pieces) -> str:
     return protocol.parts_checksum(crc32_hex(zlib.crc32(p)) for p in pieces)
 
 
+def uploads(folder: Path, expiry_seconds: float = 3600):
+    """The server's upload sessions on a fresh catalog database in `folder` (1 MiB parts)."""
+    from zfsmgr.server.catalog import Catalog
+    from zfsmgr.server.database import Database
+    from zfsmgr.server.sessions import SessionTable
+    from zfsmgr.server.uploads import Uploads
+
+    db = Database(str(folder / "catalog.db"))
+    return Uploads(SessionTable(db), Catalog(db), 1 << 20, 10000, expiry_seconds)
+
+
 def clean_env(extra=None) -> dict:
     """A minimal environment for zfsmgr processes (no stray settings from the caller)."""
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import sqlite3
 import subprocess
 import time
 
@@ -153,8 +154,9 @@ def test_incremental_without_base_fails_and_auto_falls_back(pool, server_factory
     assert "Traceback" not in failed.stderr
     run_zfsmgr(["client", "backup"], env=env, check=True)
     # the server loses its catalog entry: the client notices and sends a full backup
-    (server.workdir / "metadata.json").write_text('{"version": 1, "backups": {}}')
-    time.sleep(1.1)
+    with sqlite3.connect(server.workdir / "metadata.db") as db:
+        db.execute("DELETE FROM backups")
+    time.sleep(1.1)  # a distinct snapshot timestamp
     again = run_zfsmgr(["client", "backup"], env=env, check=True)
     assert ": full," in again.stdout
     assert "not in the server's catalog" in again.stderr

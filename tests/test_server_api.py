@@ -208,7 +208,8 @@ def test_add_client_is_picked_up_without_restart_and_reindex(server, tmp_path):
     assert raw not in json.dumps(stored)
     upload(app, "alice", b"hello world" * 10)
     before = ctx.catalog.list("alice")
-    (tmp_path / "metadata.json").unlink()
+    ctx.db.close()
+    (tmp_path / "metadata.db").unlink()
     from zfsmgr.server.commands import reindex
 
     assert reindex(ctx) == 0

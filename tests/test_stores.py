@@ -177,11 +177,7 @@ def test_directory_store_keys_cannot_escape(tmp_path):
 
 
 def test_expiry_discards_abandoned_uploads_and_incomplete_multipart(backend, tmp_path):
-    from zfsmgr.server.catalog import Catalog
-    from zfsmgr.server.uploads import Uploads
-
-    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
-                      10000, expiry_seconds=3600)
+    uploads = rig.uploads(tmp_path)
     orphan = uuid.uuid4().hex  # staged data whose session file was lost
     if backend.kind == "local":  # a receive prepared for a session that is gone
         backend.begin(orphan, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz",
@@ -271,9 +267,8 @@ def test_local_store_refuses_a_damaged_stream_and_leaves_nothing(pool, tmp_path,
 def test_a_part_sent_twice_still_commits(kind, tmp_path, streams):
     """The client resends a part whose answer it lost: the server keeps one copy, and the
     commit's part checksum matches."""
-    from zfsmgr.server.catalog import Catalog
     from zfsmgr.server.clients import ClientConfig
-    from zfsmgr.server.uploads import Conflict, Uploads
+    from zfsmgr.server.uploads import Conflict
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
     _, full, _, pool = streams
@@ -283,8 +278,7 @@ def test_a_part_sent_twice_still_commits(kind, tmp_path, streams):
     else:
         store = DirectoryStore(str(tmp_path / "store"))
     store.check()
-    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
-                      10000, expiry_seconds=3600)
+    uploads = rig.uploads(tmp_path)
     client = ClientConfig("c1", "0" * 64)
     session = uploads.open(client, store, {"dataset": "tank/data", "snapshot": "a",
                                            "type": "full", "compression": "gzip",

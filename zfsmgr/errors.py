@@ -73,6 +73,10 @@ class BrokenChain(IntegrityError):
 
 # -- the server's answers to a client ------------------------------------------------------
 
+class CatalogDamaged(ZfsmgrError):
+    """The server's catalog database is unreadable or fails its integrity check."""
+
+
 class Unauthorized(ZfsmgrError):
     """Unknown client or wrong key (401)."""
 

@@ -270,14 +270,11 @@ def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tm
 
 
 def test_local_store_discards_an_abandoned_receive_with_recv_A(openzfs_pool, tmp_path):
-    from zfsmgr.server.catalog import Catalog
-    from zfsmgr.server.uploads import Uploads
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
     up = _interrupted_upload(openzfs_pool, tmp_path, 6)
     # the client never comes back: expiry discards the upload and its partial receive
-    uploads = Uploads(str(tmp_path / "sessions"), Catalog(str(tmp_path / "m.json")), 1 << 20,
-                      10000, expiry_seconds=60)
+    uploads = rig.uploads(tmp_path, expiry_seconds=60)
     assert uploads.expire({"local": up.store}, now=time.time() + 120) == [up.upload_id]
     assert subprocess.run(["zfs", "list", up.chain], capture_output=True).returncode != 0
     assert up.store.staged_uploads() == []

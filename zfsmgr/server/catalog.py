@@ -1,83 +1,159 @@
-"""METADATA_FILE: the catalog of committed backups, a cache of the manifests in storage.
+"""The catalog of committed backups: rows of the server's database, a cache of the manifests.
 
-Every change is read-modify-write under a lock file and replaced atomically, so concurrent
-uploads (threads or processes) never lose an entry; `reindex` rebuilds it from storage.
+Every read and write names one client and goes through the (client_id, …) indexes, so its cost
+follows that client's backups, never the fleet's. The manifests in storage stay the truth:
+`replace` (reindex) rebuilds the table from them and `sync` brings one client's rows in line
+with a listing of its manifests (the S3 store, shared by several servers).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
-from zfsmgr.errors import ZfsmgrError
 from zfsmgr.protocol import Manifest
-from zfsmgr.server.filelock import FileLock
-from zfsmgr.storage.directory import write_atomic
+from zfsmgr.server.database import Database
+
+log = logging.getLogger("zfsmgr.server.catalog")
+
+_COLUMNS = "client_id, key, dataset, snapshot, snapshot_time, created, stored_size," \
+           " storage_type, manifest"
+_INSERT = f"INSERT OR REPLACE INTO backups ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _row(manifest: Manifest) -> tuple:
+    return (manifest.client_id, manifest.key, manifest.dataset, manifest.snapshot,
+            manifest.snapshot_time, manifest.created, manifest.stored_size,
+            manifest.storage_type, json.dumps(manifest.to_dict(), separators=(",", ":")))
+
+
+def catalog_path(metadata_file: str, catalog_db: str = "") -> Path:
+    """CATALOG_DB, else METADATA_FILE with `.db` for `.json` (metadata.json → metadata.db)."""
+    if catalog_db:
+        return Path(catalog_db).absolute()
+    path = Path(metadata_file).absolute()
+    return path.with_suffix(".db") if path.suffix == ".json" else path
 
 
 class Catalog:
-    """Committed backups per client, oldest first."""
+    """Committed backups per client, oldest snapshot first."""
 
-    def __init__(self, path: str):
-        self.path = Path(path).absolute()
-        self._lock = FileLock(str(self.path) + ".lock")
+    def __init__(self, db: Database):
+        self.db = db
+        self.path = db.path
 
-    def _read(self) -> Dict[str, List[dict]]:
-        try:
-            data = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except ValueError as exc:
-            raise ZfsmgrError(f"catalog {self.path} is damaged ({exc}):"
-                              " run `zfsmgr server reindex`") from None
-        return data.get("backups", {}) if isinstance(data, dict) else {}
+    def list(self, client_id: str, dataset: Optional[str] = None) -> List[Manifest]:
+        """A client's backups (of one dataset), oldest snapshot first."""
+        return [Manifest.from_dict(d) for d in self.list_dicts(client_id, dataset)]
 
-    def _write(self, backups: Dict[str, List[dict]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"version": 1, "backups": {k: v for k, v in sorted(backups.items()) if v}}
-        write_atomic(self.path, json.dumps(body, indent=1).encode())
-
-    def list(self, client_id: str) -> List[Manifest]:
-        """A client's backups, oldest snapshot first."""
-        with self._lock:
-            entries = self._read().get(client_id, [])
-        manifests = [Manifest.from_dict(e) for e in entries]
-        return sorted(manifests, key=lambda m: (m.snapshot_time, m.key))
+    def list_dicts(self, client_id: str, dataset: Optional[str] = None) -> List[dict]:
+        """Like `list`, as the stored mappings (no validation: they were validated on entry)."""
+        if dataset is None:
+            rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ?"
+                                 " ORDER BY snapshot_time, key", (client_id,))
+        else:
+            rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ? AND"
+                                 " dataset = ? ORDER BY snapshot_time, key", (client_id, dataset))
+        return [json.loads(r[0]) for r in rows]
 
     def find(self, client_id: str, key: str) -> Manifest:
         """One backup by key, or KeyError."""
-        for manifest in self.list(client_id):
-            if manifest.key == key:
-                return manifest
-        raise KeyError(key)
+        rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ? AND key = ?",
+                             (client_id, key))
+        if not rows:
+            raise KeyError(key)
+        return Manifest.from_dict(json.loads(rows[0][0]))
+
+    def has_key(self, client_id: str, key: str) -> bool:
+        """Whether a backup is stored at `key`."""
+        return bool(self.db.query("SELECT 1 FROM backups WHERE client_id = ? AND key = ?",
+                                  (client_id, key)))
+
+    def has_snapshot(self, client_id: str, dataset: str, snapshot: str) -> bool:
+        """Whether a backup of dataset@snapshot is stored (an incremental's base)."""
+        return bool(self.db.query("SELECT 1 FROM backups WHERE client_id = ? AND dataset = ?"
+                                  " AND snapshot = ? LIMIT 1", (client_id, dataset, snapshot)))
 
     def add(self, manifest: Manifest) -> None:
         """Record a committed backup (replacing one with the same key)."""
-        with self._lock:
-            backups = self._read()
-            entries = [e for e in backups.get(manifest.client_id, []) if e["key"] != manifest.key]
-            backups[manifest.client_id] = entries + [manifest.to_dict()]
-            self._write(backups)
+        with self.db.transaction() as conn:
+            conn.execute(_INSERT, _row(manifest))
 
     def remove(self, client_id: str, key: str) -> None:
         """Forget a backup."""
-        with self._lock:
-            backups = self._read()
-            backups[client_id] = [e for e in backups.get(client_id, []) if e["key"] != key]
-            self._write(backups)
-
-    def replace(self, manifests: Iterable[Manifest]) -> int:
-        """Replace the whole catalog (reindex); return the number of entries."""
-        backups: Dict[str, List[dict]] = {}
-        count = 0
-        for manifest in manifests:
-            backups.setdefault(manifest.client_id, []).append(manifest.to_dict())
-            count += 1
-        with self._lock:
-            self._write(backups)
-        return count
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ?", (client_id, key))
 
     def used_bytes(self, client_id: str) -> int:
         """Stored bytes of a client's committed backups."""
-        return sum(m.stored_size for m in self.list(client_id))
+        return self.db.query("SELECT COALESCE(SUM(stored_size), 0) FROM backups"
+                             " WHERE client_id = ?", (client_id,))[0][0]
+
+    def summary(self, client_id: str) -> Dict[str, dict]:
+        """Per dataset: snapshot_count, used_bytes, last_backup, latest_snapshot."""
+        rows = self.db.query(
+            "SELECT dataset, COUNT(*), SUM(stored_size), MAX(snapshot_time), snapshot, created"
+            " FROM backups WHERE client_id = ? GROUP BY dataset ORDER BY dataset", (client_id,))
+        # SQLite takes the bare columns (snapshot, created) from the row of MAX(snapshot_time)
+        return {dataset: {"snapshot_count": count, "used_bytes": used, "last_backup": created,
+                          "latest_snapshot": snapshot}
+                for dataset, count, used, _, snapshot, created in rows}
+
+    def replace(self, manifests: Iterable[Manifest]) -> int:
+        """Replace every backup row (reindex); return the number of entries."""
+        count = 0
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM backups")
+            conn.execute("DELETE FROM synced")
+            for manifest in manifests:
+                conn.execute(_INSERT, _row(manifest))
+                count += 1
+        return count
+
+    def keys(self, client_id: str, storage_type: str) -> List[str]:
+        """The keys of a client's backups in one store."""
+        return [r[0] for r in self.db.query(
+            "SELECT key FROM backups WHERE client_id = ? AND storage_type = ?",
+            (client_id, storage_type))]
+
+    def sync(self, client_id: str, storage_type: str, gone: Iterable[str],
+             found: Iterable[Manifest], marker: str) -> None:
+        """Bring one client's rows of one store in line with storage, remembering `marker`."""
+        with self.db.transaction() as conn:
+            for key in gone:
+                conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ? AND"
+                             " storage_type = ?", (client_id, key, storage_type))
+            for manifest in found:
+                conn.execute(_INSERT, _row(manifest))
+            conn.execute("INSERT OR REPLACE INTO synced (client_id, storage_type, marker)"
+                         " VALUES (?, ?, ?)", (client_id, storage_type, marker))
+
+    def synced_marker(self, client_id: str, storage_type: str) -> Optional[str]:
+        """The change marker seen at the last sync of a client's store (None: never synced)."""
+        rows = self.db.query("SELECT marker FROM synced WHERE client_id = ? AND"
+                             " storage_type = ?", (client_id, storage_type))
+        return rows[0][0] if rows else None
+
+    def import_json(self, json_path: Path) -> int:
+        """Once, when the database is new: take the backups of an old JSON catalog."""
+        try:
+            data = json.loads(json_path.read_bytes())
+        except FileNotFoundError:
+            return 0
+        except ValueError as exc:
+            log.warning("catalog %s is unreadable (%s): not imported; run `zfsmgr server"
+                        " reindex` to rebuild the catalog from storage", json_path, exc)
+            return 0
+        backups = data.get("backups", {}) if isinstance(data, dict) else {}
+        count = 0
+        with self.db.transaction() as conn:
+            for entries in backups.values():
+                for entry in entries:
+                    conn.execute(_INSERT, _row(Manifest.from_dict(entry)))
+                    count += 1
+            self.db.set_meta("imported_json", str(json_path))
+        log.info("catalog: imported %d backups from %s into %s (the JSON file is no longer"
+                 " read)", count, json_path, self.path)
+        return count

@@ -78,23 +78,38 @@ def run(args, env_file) -> int:
         return 0
     from zfsmgr.server.context import ServerContext
 
-    ctx = ServerContext(settings)
     if command == "reindex":
-        return reindex(ctx)
+        return reindex(ServerContext(settings, open_catalog=False))
+    ctx = ServerContext(settings)
     if command == "rotate":
         return rotate(ctx, args.client, args.dry_run)
     return serve(ctx)
 
 
 def reindex(ctx) -> int:
-    """Rebuild the catalog from every configured store."""
-    manifests = []
-    for kind in ctx.configured_kinds():
-        found = list(ctx.store_named(kind).manifests())
-        print(f"{kind}: {len(found)} backups")
-        manifests += found
-    count = ctx.catalog.replace(manifests)
-    print(f"catalog {ctx.catalog.path} rebuilt: {count} backups")
+    """Rebuild the catalog from every configured store, into a new database file.
+
+    The old file may be damaged: the new one is built beside it and then takes its place; the
+    open upload sessions come along when the old file can still be read. Run it while the
+    server is stopped."""
+    from zfsmgr.server.rebuild import rebuild
+
+    old = getattr(ctx, "db", None)
+    if old is not None:  # a running context (tests): let go of the file first
+        old.close()
+
+    def manifests():
+        for kind in ctx.configured_kinds():
+            count = 0
+            for manifest in ctx.store_named(kind).manifests():
+                count += 1
+                yield manifest
+            print(f"{kind}: {count} backups")
+
+    count, sessions = rebuild(ctx.catalog_path, manifests())
+    ctx.open_catalog()
+    print(f"catalog {ctx.catalog_path} rebuilt: {count} backups"
+          f" ({sessions} open uploads kept)")
     return 0
 
 

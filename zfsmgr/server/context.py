@@ -10,11 +10,13 @@ from typing import Dict, List, Optional
 
 from zfsmgr import __version__
 from zfsmgr.errors import ZfsmgrError
-from zfsmgr.server.catalog import Catalog
+from zfsmgr.server.catalog import Catalog, catalog_path
 from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
 from zfsmgr.server.ledger import Ledger
 from zfsmgr.server.notify import Notifier, Outcomes
+from zfsmgr.server.database import Database
 from zfsmgr.server.rotation import RotationPlan, plan_rotation
+from zfsmgr.server.sessions import SessionTable
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
 from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
@@ -25,19 +27,36 @@ log = logging.getLogger("zfsmgr.server")
 class ServerContext:
     """The state shared by all requests of one server process."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, open_catalog: bool = True):
         self.settings = settings
         self.version = __version__
         self.clients = ClientRegistry(settings.config_file)
-        self.catalog = Catalog(settings.metadata_file)
-        self.uploads = Uploads(str(Path(settings.metadata_file).absolute()) + ".uploads",
-                               self.catalog, settings.part_size, settings.s3_max_parts,
-                               settings.upload_expiry_hours * 3600.0)
+        self.catalog_path = catalog_path(settings.metadata_file, settings.catalog_db)
         self.ledger = Ledger(str(Path(settings.metadata_file).absolute()) + ".ledger.json")
         self.notifier = Notifier(settings.notify_url)
         self.outcomes = Outcomes(self.ledger, self.notifier)
         self._stores: Dict[str, Store] = {}
         self._lock = threading.Lock()
+        if open_catalog:  # `reindex` builds a new one instead
+            self.open_catalog()
+
+    def open_catalog(self) -> None:
+        """Open (or create, importing a JSON catalog once) and check the database."""
+        settings = self.settings
+        self.db = Database(str(self.catalog_path))
+        self.catalog = Catalog(self.db)
+        self.sessions = SessionTable(self.db)
+        if self.db.created:
+            self._import_json(Path(settings.metadata_file).absolute())
+        self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,
+                               settings.s3_max_parts, settings.upload_expiry_hours * 3600.0)
+
+    def _import_json(self, metadata_file: Path) -> None:
+        """A new database takes over the JSON catalog and session files of an older server."""
+        if metadata_file == self.db.path or metadata_file.suffix != ".json":
+            return
+        self.catalog.import_json(metadata_file)
+        self.sessions.import_folder(Path(str(metadata_file) + ".uploads"), time.time())
 
     def configured_kinds(self) -> List[str]:
         """Backends this server has settings for."""
@@ -118,21 +137,14 @@ class ServerContext:
 
     def status(self, client: ClientConfig) -> dict:
         """Usage and backups of one client, per dataset."""
-        backups = self.catalog.list(client.client_id)
-        datasets: Dict[str, dict] = {}
-        for m in backups:
-            entry = datasets.setdefault(m.dataset, {"snapshot_count": 0, "used_bytes": 0})
-            entry["snapshot_count"] += 1
-            entry["used_bytes"] += m.stored_size
-            entry["last_backup"] = m.created
-            entry["latest_snapshot"] = m.snapshot
-        used = sum(m.stored_size for m in backups)
+        datasets = self.catalog.summary(client.client_id)
+        used = sum(d["used_bytes"] for d in datasets.values())
         quota = client.max_size_bytes
         return {"client_id": client.client_id, "storage_type": self.default_kind(client),
                 "used_bytes": used, "quota_bytes": quota,
                 "free_bytes": max(0, quota - used) if quota else None,
-                "snapshot_count": len(backups),
-                "last_backup": max((m.created for m in backups), default=None),
+                "snapshot_count": sum(d["snapshot_count"] for d in datasets.values()),
+                "last_backup": max((d["last_backup"] for d in datasets.values()), default=None),
                 "datasets": datasets,
                 "rotation_policy": client.rotation_policy.to_mapping()
                 if client.rotation_policy else None,

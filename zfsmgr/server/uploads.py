@@ -1,81 +1,49 @@
 """Upload sessions: authorize, stage parts, verify, commit atomically, abort, expire.
 
-A session is a small JSON file on the server's disk; the parts themselves are staged by the
-client's store (so S3 uploads never sit on the server's disk). A backup becomes visible only
-when `commit` has checked everything staged against the client's declaration (the size, and
-the CRC-32 of every part as the store took it, combined as S3 combines part checksums),
-stored it at its key with its manifest, and recorded it in the catalog. The sha256 of the whole
-stream, which restore checks, is the client's: it hashes while it sends, so the server, shared
-by the fleet, hashes nothing twice. After a `local` receive was resumed with `zfs send -t`, the
-check covers the parts since the resume (`Session.segment`); the bytes zfs took before were
-checked by `zfs recv` itself, record by record.
+A session is a row of the server's database (zfsmgr.server.sessions); the parts themselves are
+staged by the client's store (so S3 uploads never sit on the server's disk). A backup becomes
+visible only when `commit` has checked everything staged against the client's declaration (the
+size, and the CRC-32 of every part as the store took it, combined as S3 combines part
+checksums), stored it at its key with its manifest, and recorded it in the catalog. The sha256
+of the whole stream, which restore checks, is the client's: it hashes while it sends, so the
+server, shared by the fleet, hashes nothing twice. After a `local` receive was resumed with `zfs
+send -t`, the check covers the parts since the resume (`Session.segment`); the bytes zfs took
+before were checked by `zfs recv` itself, record by record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.errors import Conflict, VerificationFailed
+from zfsmgr.errors import Conflict, NeedsFullBackup, NotFound, QuotaExceeded, VerificationFailed
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
-from zfsmgr.errors import NeedsFullBackup, NotFound, QuotaExceeded
+from zfsmgr.server.sessions import Session, SessionTable
 from zfsmgr.storage.base import PartInfo, Store
-from zfsmgr.storage.directory import write_atomic
 
 log = logging.getLogger("zfsmgr.server.uploads")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
 
 
-@dataclass(frozen=True)
-class Session:
-    """An open upload."""
-
-    upload_id: str
-    client_id: str
-    key: str
-    storage_type: str
-    dataset: str
-    snapshot: str
-    type: str
-    parent: Optional[str]
-    compression: str
-    guid: str
-    parent_guid: str
-    raw_send: bool
-    compressed_send: bool
-    snapshot_time: float
-    estimated_size: int
-    part_base: int
-    part_every: int
-    created: float
-    segment: int = 0  # the first part of the stream the commit verifies (after a send -t)
-    resumed_with: str = ""  # the resume token whose `zfs send -t` stream starts at `segment`
-
-
 class Uploads:
     """All upload sessions of one server."""
 
-    def __init__(self, folder: str, catalog: Catalog, part_base: int, max_parts: int,
+    def __init__(self, table: SessionTable, catalog: Catalog, part_base: int, max_parts: int,
                  expiry_seconds: float):
-        self.folder = Path(folder)
+        self.table = table
         self.catalog = catalog
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
-
-    def _path(self, upload_id: str) -> Path:
-        return self.folder / f"{protocol.validate_upload_id(upload_id)}.json"
 
     def _session_lock(self, upload_id: str) -> threading.Condition:
         with self._lock:
@@ -102,8 +70,7 @@ class Uploads:
         parent = request.get("parent")
         if kind == "incremental":
             parent = protocol.validate_snapshot(parent)
-            if not any(m.dataset == dataset and m.snapshot == parent
-                       for m in self.catalog.list(client.client_id)):
+            if not self.catalog.has_snapshot(client.client_id, dataset, parent):
                 raise NeedsFullBackup(f"the base {dataset}@{parent} of this incremental is not"
                                       " on the server: send a full backup")
         else:
@@ -116,13 +83,13 @@ class Uploads:
             raise protocol.ValidationError("snapshot_time must be epoch seconds")
         stamp = time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime(snapshot_time))
         key = protocol.build_key(client.client_id, dataset, stamp, compression)
-        if any(m.key == key for m in self.catalog.list(client.client_id)):
+        if self.catalog.has_key(client.client_id, key):
             raise Conflict(f"a backup stored as {key} already exists")
         estimate = request.get("estimated_size") or 0
         if not isinstance(estimate, int) or estimate < 0:
             raise protocol.ValidationError("estimated_size must be a whole number of bytes")
         self.check_quota(client, estimate)
-        for other in self.sessions(client.client_id):  # a retry replaces a stale session
+        for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
             if other.key == key:
                 self.abort(other, store)
         base, every = self.schedule(store.kind, estimate)
@@ -135,8 +102,7 @@ class Uploads:
             compressed_send=bool(request.get("compressed_send")),
             snapshot_time=float(snapshot_time), estimated_size=estimate,
             part_base=base, part_every=every, created=time.time())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
+        self.table.add(session, time.time())
         try:
             store.begin(session.upload_id, _manifest(session, store, raw_size=0, stored_size=0,
                                                      sha256="", parts=0))
@@ -153,7 +119,7 @@ class Uploads:
         with self._session_lock(session.upload_id):
             store.resume(session.upload_id, token, from_part)
             session = replace(session, segment=from_part, resumed_with=token)
-            write_atomic(self._path(session.upload_id), json.dumps(asdict(session)).encode())
+            self.table.add(session, time.time())
         return session
 
     def state(self, store: Store, session: Session) -> dict:
@@ -166,38 +132,31 @@ class Uploads:
                     "resume_token": store.resume_token(session.upload_id),
                     "segment": session.segment, "resumed_with": session.resumed_with}
 
-    def check_quota(self, client: ClientConfig, needed: int, staged: int = 0) -> None:
-        """Raise QuotaExceeded if `needed` more bytes do not fit the client's quota."""
+    def check_quota(self, client: ClientConfig, needed: int, upload_id: str = "",
+                    staged: int = 0) -> None:
+        """Raise QuotaExceeded unless `needed` more bytes fit; with `upload_id`, reserve them.
+
+        Committed backups and what every other open upload of the client holds count, read in
+        the transaction that records this upload's new reservation (`staged + needed`)."""
         if not client.max_size_bytes:
             return
-        used = self.catalog.used_bytes(client.client_id)
-        if used + staged + needed > client.max_size_bytes:
-            raise QuotaExceeded(
-                f"quota exceeded for {client.client_id}: used {used} + in progress {staged}"
-                f" + needed {needed} bytes > quota {client.max_size_bytes} bytes")
+        with self.table.db.transaction():
+            used = self.catalog.used_bytes(client.client_id)
+            others = self.table.reserved(client.client_id, besides=upload_id)
+            if used + others + staged + needed > client.max_size_bytes:
+                raise QuotaExceeded(
+                    f"quota exceeded for {client.client_id}: used {used} + in progress"
+                    f" {others + staged} + needed {needed} bytes > quota"
+                    f" {client.max_size_bytes} bytes")
+            if upload_id:
+                self.table.reserve(upload_id, staged + needed)
 
     def get(self, client_id: str, upload_id: str) -> Session:
         """An open session of this client (NotFound for anyone else's)."""
-        try:
-            data = json.loads(self._path(upload_id).read_bytes())
-        except (FileNotFoundError, ValueError):
-            raise NotFound(f"no open upload {upload_id}") from None
-        session = Session(**data)
-        if session.client_id != client_id:
+        session = self.table.get(protocol.validate_upload_id(upload_id))
+        if session is None or session.client_id != client_id:
             raise NotFound(f"no open upload {upload_id}")
         return session
-
-    def sessions(self, client_id: Optional[str] = None) -> List[Session]:
-        """Open sessions (of one client)."""
-        found = []
-        for path in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
-            try:
-                session = Session(**json.loads(path.read_bytes()))
-            except (ValueError, TypeError):
-                continue
-            if client_id is None or session.client_id == client_id:
-                found.append(session)
-        return found
 
     def put_part(self, client: ClientConfig, store: Store, session: Session, index: int,
                  body: BinaryIO, size: int, segment: Optional[int] = None) -> PartInfo:
@@ -219,7 +178,7 @@ class Uploads:
                                f" upload now continues from part {session.segment}")
             staged = sum(p.size for p in parts[:index])
             try:
-                self.check_quota(client, size, staged)
+                self.check_quota(client, size, session.upload_id, staged)
             except QuotaExceeded:
                 self.abort(session, store)
                 raise
@@ -240,11 +199,8 @@ class Uploads:
             turn.wait(min(left, 5.0))
 
     def _touch(self, session: Session) -> None:
-        path = self._path(session.upload_id)
-        try:
-            path.touch()
-        except FileNotFoundError:
-            raise NotFound(f"upload {session.upload_id} was aborted") from None
+        if not self.table.touch(session.upload_id, time.time()):
+            raise NotFound(f"upload {session.upload_id} was aborted")
 
     def commit(self, client: ClientConfig, store: Store, session: Session,
                request: dict) -> Manifest:
@@ -273,19 +229,17 @@ class Uploads:
                 raise VerificationFailed(
                     f"part checksum mismatch for {session.key}: the server holds {held}, the"
                     f" client sent {checksum}; the upload was discarded")
-            self.check_quota(client, total)
+            self.check_quota(client, 0, session.upload_id, total)
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
                                  sha256=sha256.lower(), parts=len(parts))
             manifest = store.commit(session.upload_id, manifest)
-            self.catalog.add(manifest)
-            self._forget(session)
+            with self.table.db.transaction():  # visible and no longer open, at once
+                self.catalog.add(manifest)
+                self._forget(session)
             return manifest
 
     def _forget(self, session: Session) -> None:
-        try:
-            self._path(session.upload_id).unlink()
-        except FileNotFoundError:
-            pass
+        self.table.remove(session.upload_id)
 
     def abort(self, session: Session, store: Store) -> None:
         """Discard an upload and everything staged for it."""
@@ -296,18 +250,13 @@ class Uploads:
         """Abort sessions idle longer than the expiry, and staged data with no session."""
         now = time.time() if now is None else now
         expired = []
-        for session in self.sessions():
-            try:
-                idle = now - self._path(session.upload_id).stat().st_mtime
-            except FileNotFoundError:  # committed or aborted meanwhile
-                continue
-            if idle > self.expiry and session.storage_type in stores:
+        for session in self.table.idle(now - self.expiry):
+            if session.storage_type in stores:
                 self.abort(session, stores[session.storage_type])
                 expired.append(session.upload_id)
-        live = {s.upload_id for s in self.sessions()}
         for store in stores.values():
             for upload_id, stamp in store.staged_uploads():
-                if upload_id not in live and now - stamp > self.expiry:
+                if now - stamp > self.expiry and not self.table.exists(upload_id):
                     store.discard(upload_id)
                     expired.append(upload_id)
         for upload_id in expired:

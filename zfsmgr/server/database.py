@@ -1,0 +1,166 @@
+"""The server's SQLite database: one connection per thread, WAL, the schema and its migrations.
+
+Every table of the server's state is declared here, once, as a numbered migration; the schema
+version is SQLite's `user_version`, so a newer server upgrades an older database in place and an
+older server refuses a newer one. `transaction()` is `BEGIN IMMEDIATE`: the writer lock is taken
+at the start, so a check and the write it allows are one step for every thread and process that
+opens the same file (waitress threads, `server reindex`, a second server process on one disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List
+
+from zfsmgr.errors import CatalogDamaged, ZfsmgrError
+
+log = logging.getLogger("zfsmgr.server.database")
+
+BUSY_TIMEOUT_MS = 30_000
+
+# Append only: a released migration is never edited; the database's user_version counts those
+# applied. Each runs in the transaction that bumps the version.
+MIGRATIONS: List[str] = [
+    # 1: committed backups, open upload sessions, per-client sync state, settings of the file
+    """
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE backups (
+        client_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        dataset TEXT NOT NULL,
+        snapshot TEXT NOT NULL,
+        snapshot_time REAL NOT NULL,
+        created TEXT NOT NULL,
+        stored_size INTEGER NOT NULL,
+        storage_type TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        PRIMARY KEY (client_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX backups_by_dataset ON backups (client_id, dataset, snapshot);
+    CREATE INDEX backups_by_time ON backups (client_id, snapshot_time, key);
+    CREATE TABLE sessions (
+        upload_id TEXT PRIMARY KEY,
+        client_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        reserved INTEGER NOT NULL DEFAULT 0,
+        touched REAL NOT NULL,
+        session TEXT NOT NULL
+    );
+    CREATE INDEX sessions_by_client ON sessions (client_id, key);
+    CREATE TABLE synced (
+        client_id TEXT NOT NULL,
+        storage_type TEXT NOT NULL,
+        marker TEXT NOT NULL,
+        PRIMARY KEY (client_id, storage_type)
+    ) WITHOUT ROWID;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def damaged(path: Path, why: object) -> CatalogDamaged:
+    """The error (with the way out) for a database that cannot be used."""
+    return CatalogDamaged(f"catalog {path} is damaged ({why}): stop the server and run"
+                          " `zfsmgr server reindex` to rebuild it from storage")
+
+
+class Database:
+    """One SQLite file shared by the threads of a process; each thread has its own connection."""
+
+    def __init__(self, path: str, check: bool = True):
+        self.path = Path(path).absolute()
+        self._local = threading.local()
+        self._all: List[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._migrate()
+            if check and not self.created:
+                self.check()
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit; transactions are explicit)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")  # a committed backup survives power loss
+            conn.execute("PRAGMA cache_size = -8000")  # 8 MB per connection, whatever the size
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+        conn = self.connection()
+        if conn.in_transaction:  # nested: part of the caller's transaction
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple = ()) -> list:
+        """All rows of one statement."""
+        return self.connection().execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ZfsmgrError(f"catalog {self.path} has schema version {version}; this"
+                                  f" zfsmgr knows up to {SCHEMA_VERSION}: upgrade zfsmgr")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+            if version < SCHEMA_VERSION and version:
+                log.info("catalog %s: schema upgraded from version %d to %d", self.path,
+                         version, SCHEMA_VERSION)
+
+    def check(self) -> None:
+        """Raise CatalogDamaged unless SQLite's quick_check passes."""
+        try:
+            rows = self.query("PRAGMA quick_check")
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        if problems:
+            raise damaged(self.path, "; ".join(problems[:3]))
+
+    def get_meta(self, name: str, default: str = "") -> str:
+        """A value of the meta table."""
+        rows = self.query("SELECT value FROM meta WHERE name = ?", (name,))
+        return rows[0][0] if rows else default
+
+    def set_meta(self, name: str, value: str) -> None:
+        """Set a value of the meta table."""
+        self.connection().execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                                  (name, value))
+
+    def close(self) -> None:
+        """Close every thread's connection (tests, reindex)."""
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
