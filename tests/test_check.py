@@ -10,8 +10,8 @@ import time
 import pytest
 
 import rig
-from zfsmgr.server.check import CRITICAL, OK, UNKNOWN, WARNING, age_text, evaluate
-from zfsmgr.server.fleet import DatasetRow
+from zfsmgr.server.check import CRITICAL, OK, UNKNOWN, WARNING, evaluate
+from zfsmgr.server.fleet import DatasetRow, age_text
 
 pytestmark = [pytest.mark.zfs]
 
@@ -76,4 +76,5 @@ def test_evaluate_lists_critical_first_and_caps_the_line():
     assert line.startswith("CRITICAL: 13/13 datasets stale: c:p/old 8m, c:p/d0 2m")
     assert "and 3 more |" in line
     assert evaluate([_row("p/x", now - 150, enabled=False)], now)[0] == UNKNOWN
-    assert [age_text(s) for s in (59, 3600 * 5.14, 86400 * 2.3)] == ["1m", "5.1h", "2.3d"]
+    assert [age_text(s) for s in (59, 150, 3600 * 5.14, 86400 * 2.3)] == \
+        ["59s", "2m", "5.1h", "2.3d"]

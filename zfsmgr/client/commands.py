@@ -120,12 +120,15 @@ def run(args, env_file) -> int:
         if command in ("snapshot", "rotate"):
             return snapshot_and_rotate(settings, zfs, dataset, command, args)
         from zfsmgr.client.backup import Backup, summary
+        from zfsmgr.client.healthcheck import pinged
 
         mode = {"backup": "auto", "backup-full": "full", "backup-incremental": "incremental"}[
             command]
-        result = Backup(_api(settings), zfs, dataset, settings.compress,
-                        settings.compress_level, settings.storage_type).run(mode)
-        print(summary(result))
+        with pinged(settings.healthcheck_url, f"zfsmgr client {command} {dataset}") as run:
+            result = Backup(_api(settings), zfs, dataset, settings.compress,
+                            settings.compress_level, settings.storage_type).run(mode)
+            print(summary(result))
+            run.note(summary(result))
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 import time
 from typing import List, Sequence, Tuple
 
+from zfsmgr.server.fleet import age_text
 from zfsmgr.settings import as_duration
 
 COMMANDS = ("check",)
@@ -43,15 +44,6 @@ def register(commands) -> None:
                        help="WARNING past this age (default CHECK_WARN, 26h)")
     check.add_argument("--crit", type=_duration, default=None,
                        help="CRITICAL past this age (default CHECK_CRIT, 50h)")
-
-
-def age_text(seconds: float) -> str:
-    """42m, 5.1h, 2.3d."""
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def evaluate(rows: Sequence, now: float) -> Tuple[int, str]:

@@ -159,6 +159,10 @@ def serve(ctx) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     threading.Thread(target=_janitor, args=(ctx, stop), daemon=True).start()
+    if s.notify_url:
+        from zfsmgr.server.notify import watch
+
+        threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
     log.info("zfsmgr %s listening on %s:%s, default storage %s (waitress %s)", ctx.version,
              s.host, server.effective_port, kind, getattr(waitress, "__version__", ""))
     print(f"zfsmgr server listening on http://{s.host}:{server.effective_port}",

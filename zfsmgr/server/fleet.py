@@ -59,6 +59,17 @@ class DatasetRow:
         return f"{self.client_id}:{self.dataset or '(no backup)'}"
 
 
+def age_text(seconds: float) -> str:
+    """42s, 17m, 5.1h, 2.3d."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
 def _epoch(iso: str) -> Optional[float]:
     try:
         return datetime.fromisoformat(iso).timestamp()

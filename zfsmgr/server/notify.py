@@ -28,7 +28,7 @@ from typing import Optional
 
 from zfsmgr import __version__
 from zfsmgr.errors import VerificationFailed
-from zfsmgr.server.fleet import CRITICAL, OK, STALE
+from zfsmgr.server.fleet import CRITICAL, OK, STALE, age_text
 from zfsmgr.server.ledger import Ledger
 
 log = logging.getLogger("zfsmgr.server.notify")
@@ -137,6 +137,17 @@ class Outcomes:
             self.notifier.send("verify_failed", client_id, dataset, message)
 
 
+def watch(ctx, stop: threading.Event) -> None:
+    """Every STALE_CHECK_INTERVAL, announce the datasets that went stale or fresh again."""
+    from zfsmgr.server.fleet import fleet
+
+    while not stop.wait(ctx.settings.stale_check_interval):
+        try:
+            stale_pass(fleet(ctx), ctx.ledger, ctx.notifier, time.time())
+        except Exception as exc:  # keep serving; say why the pass failed
+            log.warning("looking for stale datasets failed: %s", exc)
+
+
 def stale_pass(rows, ledger: Ledger, notifier: Notifier, now: float) -> int:
     """Announce datasets that went stale (or fresh again) since the last pass; return how many
     events were sent. Disabled clients and clients that never backed up are not announced."""
@@ -150,10 +161,10 @@ def stale_pass(rows, ledger: Ledger, notifier: Notifier, now: float) -> int:
             age = row.age(now) or 0.0
             if stale:
                 notifier.send("stale", row.client_id, row.dataset,
-                              f"newest backup is {age / 3600:.1f}h old"
-                              f" (stale after {row.warn / 3600:g}h)")
+                              f"newest backup is {age_text(age)} old (stale after"
+                              f" {age_text(row.warn)})")
             else:
                 notifier.send("recovered", row.client_id, row.dataset,
-                              f"newest backup is {age / 3600:.1f}h old again")
+                              f"newest backup is {age_text(age)} old")
             sent += 1
     return sent

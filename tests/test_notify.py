@@ -1,0 +1,139 @@
+"""Push notifications against a local HTTP receiver: the client's HEALTHCHECK_URL pings and the
+server's NOTIFY_URL webhook (stale, recovered, upload verification failed)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import rig
+
+pytestmark = [pytest.mark.zfs]
+
+
+class Receiver:
+    """An HTTP server on loopback recording every request: (method, path, body)."""
+
+    def __init__(self):
+        self.requests = []
+        received = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append(("POST", self.path, self.rfile.read(length).decode()))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [r for r in list(self.requests) if predicate(r)]
+            if found:
+                return found
+            time.sleep(0.1)
+        raise AssertionError(f"nothing arrived; got {self.requests}")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_healthcheck_start_success_then_start_fail(pool, server_factory, run_zfsmgr,
+                                                   receiver):
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    check = receiver.url + "/ping/3f9a-secret-uuid"
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "HEALTHCHECK_URL": check}
+    done = run_zfsmgr(["client", "backup"], env=env, check=True)
+    assert [(m, p) for m, p, _ in receiver.requests] == [
+        ("POST", "/ping/3f9a-secret-uuid/start"), ("POST", "/ping/3f9a-secret-uuid")]
+    assert "backup " in receiver.requests[1][2] and "full" in receiver.requests[1][2]
+    assert "secret-uuid" not in done.stderr + done.stdout
+
+    receiver.requests.clear()
+    entries = json.loads((server.workdir / "clients.json").read_text())
+    entries[0]["enabled"] = False
+    (server.workdir / "clients.json").write_text(json.dumps(entries))
+    failed = run_zfsmgr(["client", "backup"], env=env)
+    assert failed.returncode == 1
+    assert [(m, p) for m, p, _ in receiver.requests] == [
+        ("POST", "/ping/3f9a-secret-uuid/start"), ("POST", "/ping/3f9a-secret-uuid/fail")]
+    assert "disabled" in receiver.requests[1][2] and "failed" in receiver.requests[1][2]
+
+    receiver.close()  # an unreachable switch costs a warning, not the backup
+    entries[0]["enabled"] = True
+    (server.workdir / "clients.json").write_text(json.dumps(entries))
+    unreachable = run_zfsmgr(["client", "backup"], env=env)
+    assert unreachable.returncode == 0, unreachable.stderr
+    assert "healthcheck ping/start to 127.0.0.1 failed" in unreachable.stderr
+    assert "secret-uuid" not in unreachable.stderr
+
+
+def _post(url, path, body, key, raw=False):
+    request = urllib.request.Request(url + path, data=body if raw else json.dumps(body).encode(),
+                                     method="POST", headers={"X-Client-ID": "client1",
+                                                             "X-API-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_webhook_on_stale_recovered_and_failed_verification(pool, server_factory, run_zfsmgr,
+                                                            receiver):
+    server = server_factory("dir", env={"NOTIFY_URL": receiver.url + "/hook/T0KEN",
+                                        "STALE_CHECK_INTERVAL": "1s", "CHECK_WARN": "8s"})
+    dataset = pool.create("data")
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+
+    def event(name):
+        return lambda r: r[1] == "/hook/T0KEN" and json.loads(r[2])["event"] == name
+
+    stale = json.loads(receiver.wait_for(event("stale"))[0][2])
+    assert (stale["client"], stale["dataset"]) == ("client1", dataset)
+    assert stale["message"].endswith("s old (stale after 8s)"), stale["message"]
+    assert stale["text"].startswith(f"zfsmgr: client1:{dataset} stale:")
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    recovered = json.loads(receiver.wait_for(event("recovered"))[0][2])
+    assert recovered["dataset"] == dataset
+    assert len([r for r in receiver.requests if event("stale")(r)]) == 1  # once per change
+
+    key = server.client_env["API_KEY"]
+    code, opened = _post(server.url, "/upload", {
+        "dataset": dataset, "snapshot": "manual", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000}, key)
+    assert code == 200, opened
+    part = f"/upload-stream/{opened['upload_id']}/0"
+    assert _post(server.url, part, b"some bytes", key, raw=True)[0] == 200
+    code, answer = _post(server.url, f"/upload-stream/{opened['upload_id']}/commit", {
+        "sha256": hashlib.sha256(b"other bytes").hexdigest(), "stored_size": 10,
+        "parts_crc32": rig.parts_crc32([b"other byte"])}, key)
+    assert code == 409 and "part checksum mismatch" in answer["message"]
+    failed = json.loads(receiver.wait_for(event("upload_verification_failed"))[0][2])
+    assert failed["client"] == "client1" and "part checksum mismatch" in failed["message"]
+    assert "T0KEN" not in server.log()
