@@ -226,14 +226,14 @@ def test_progress_draws_a_line_on_a_tty_and_one_summary_otherwise():
     progress = Progress("[1/1] x", total=4 << 20, stream=tty, clock=lambda: next(ticks))
     progress.advance(2 << 20)
     progress.finish("received")
-    assert tty.getvalue().startswith("\r[1/1] x: 2.0 MB of 4.0 MB at 2.0 MB/s, 50%, ETA 1s")
-    assert tty.getvalue().endswith("received, 2.0 MB in 2.0s (1.0 MB/s)\x1b[K\n")
+    assert tty.getvalue().startswith("\r[1/1] x: 2.0 MiB of 4.0 MiB at 2.0 MiB/s, 50%, ETA 1s")
+    assert tty.getvalue().endswith("received, 2.0 MiB in 2.0s (1.0 MiB/s)\x1b[K\n")
     log = io.StringIO()
     ticks = iter([0.0, 1.0, 4.0])
     progress = Progress("[1/1] x", stream=log, clock=lambda: next(ticks))
     progress.advance(4 << 20)
     progress.finish("done")
-    assert log.getvalue() == "[1/1] x: done, 4.0 MB in 4.0s (1.0 MB/s)\n"
+    assert log.getvalue() == "[1/1] x: done, 4.0 MiB in 4.0s (1.0 MiB/s)\n"
 
 
 # --- end to end on zfs-fuse -------------------------------------------------------------------

@@ -123,8 +123,8 @@ def test_chain_stops_at_a_local_parent():
 # --- list -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size, text", [
-    (0, "0 B"), (512, "512 B"), (1023, "1023 B"), (1024, "1.0 KB"), (1536, "1.5 KB"),
-    (1024 ** 2, "1.0 MB"), (int(1.2 * 1024 ** 3), "1.2 GB"), (3 * 1024 ** 4, "3.0 TB"),
+    (0, "0 B"), (512, "512 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (1024 ** 2, "1.0 MiB"), (int(1.2 * 1024 ** 3), "1.2 GiB"), (3 * 1024 ** 4, "3.0 TiB"),
 ])
 def test_human_sizes(size, text):
     assert listing.human_size(size) == text
@@ -165,9 +165,9 @@ def test_table_layout():
     lines = listing.format_table(listing.numbered([full, inc])).splitlines()
     assert lines[0].split() == ["#", "Snapshot", "ID", "Timestamp", "Size", "Type", "Dataset"]
     assert lines[1].split() == ["1", "client1/tank_data_2024-02-13_15:31:00", "2024-02-13",
-                                "15:31", "2.0", "KB", "incremental", "tank/data"]
+                                "15:31", "2.0", "KiB", "incremental", "tank/data"]
     assert lines[2].split() == ["2", "client1/tank_data_2024-02-13_14:30:00", "2024-02-13",
-                                "14:30", "1.2", "GB", "full", "tank/data"]
+                                "14:30", "1.2", "GiB", "full", "tank/data"]
     # columns line up: every row's timestamp starts where the header's does
     column = lines[0].index("Timestamp")
     assert all(line[column:column + 10] == "2024-02-13" for line in lines[1:])

@@ -6,11 +6,11 @@ import sys
 import time
 from typing import Callable, Optional, TextIO
 
-_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def human(size: float) -> str:
-    """Bytes as the seed shows them, in powers of 1024: `512 B`, `1.2 GB`."""
+    """Bytes in powers of 1024, labelled so: `512 B`, `635.8 MiB`, `1.2 GiB`."""
     value, unit = float(size), 0
     while abs(value) >= 1024 and unit < len(_UNITS) - 1:
         value /= 1024

@@ -7,6 +7,7 @@ parse storage keys in the seed's naming (`client1/tank_data_2024-02-13_14:30:00.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -117,6 +118,23 @@ def parse_timestamp(text: str) -> datetime:
 def dataset_token(dataset: str) -> str:
     """The dataset as it appears in a key: '/' replaced by '_'."""
     return validate_dataset(dataset).replace("/", "_")
+
+
+def unique_token(dataset: str, taken: Mapping[str, str]) -> str:
+    """The key token of `dataset` given the tokens other datasets of the client already use
+    (`taken`: dataset -> token). The seed's token (`tank/data` -> `tank_data`) unless another
+    dataset holds it (`tank/a_b` and `tank/a/b` both give `tank_a_b`): then the token gets a
+    dash and 8 hex digits of the dataset's sha256, keeping the key's shape. A dataset keeps the
+    token its backups already have. ValueError if no unique token is left (never in practice).
+    """
+    if dataset in taken:
+        return taken[dataset]
+    others = {token for name, token in taken.items() if name != dataset}
+    plain = dataset_token(dataset)
+    for token in (plain, f"{plain}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"):
+        if token not in others:
+            return token
+    raise ValueError(f"the key token of {dataset} is taken by another dataset of this client")
 
 
 @dataclass(frozen=True)

@@ -106,22 +106,15 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @app.get(protocol.HEALTH)
     @handler(auth=False)
     def health(_):
-        checks = ctx.health()
-        healthy = all(c["ok"] for c in checks.values())
-        return _json(200 if healthy else 503, {
-            "success": healthy, "message": "ok" if healthy else "storage unreachable",
-            "status": "healthy" if healthy else "degraded", "version": ctx.version,
-            "storage": checks})
+        report = ctx.health_report()
+        return _json(200 if report["success"] else 503, report)
 
     @app.post(protocol.UPLOAD)
     @handler()
     def upload(client):
         request = body_json()
         store = ctx.store_for(client, request.get("storage_type") or "")
-        estimate = request.get("estimated_size")
         try:
-            if isinstance(estimate, int) and estimate > 0:
-                ctx.make_room(client, estimate, None)
             session = ctx.uploads.open(client, store, request)
         except QuotaExceeded as exc:
             ctx.outcomes.failed(client.client_id, str(request.get("dataset") or ""), exc)

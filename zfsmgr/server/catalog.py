@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from zfsmgr.protocol import Manifest
+from zfsmgr.protocol import Manifest, parse_key
 from zfsmgr.server.database import Database
 
 log = logging.getLogger("zfsmgr.server.catalog")
@@ -75,6 +75,12 @@ class Catalog:
         """Whether a backup of dataset@snapshot is stored (an incremental's base)."""
         return bool(self.db.query("SELECT 1 FROM backups WHERE client_id = ? AND dataset = ?"
                                   " AND snapshot = ? LIMIT 1", (client_id, dataset, snapshot)))
+
+    def tokens(self, client_id: str) -> Dict[str, str]:
+        """The key token (`tank_data`) each of a client's datasets is stored under."""
+        rows = self.db.query("SELECT dataset, MIN(key) FROM backups WHERE client_id = ?"
+                             " GROUP BY dataset", (client_id,))
+        return {dataset: parse_key(key).dataset_token for dataset, key in rows}
 
     def add(self, manifest: Manifest) -> None:
         """Record a committed backup (replacing one with the same key)."""

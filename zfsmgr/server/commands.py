@@ -18,7 +18,12 @@ EXTENSIONS = (admin, check)  # modules with register(commands), COMMANDS and run
 HELP = """commands:
   serve (default)     run the backup server (HOST, PORT)
   add-client NAME [--quota SIZE] [--storage s3|local|dir] [--dataset DS]
-                      add a client with a new random key to CONFIG_FILE; prints the key once
+                 [--allowed-dataset SRC]...
+                      add a client with a new random key to CONFIG_FILE; prints the key once.
+                      --dataset: the server-side dataset that holds its backups (the local
+                      store receives under it; default ZFS_BASE_DATASET/NAME);
+                      --allowed-dataset: the only source datasets (and their children) it
+                      may back up (default: any)
   reindex             rebuild METADATA_FILE from the manifests in storage
   rotate [--client C] [--dry-run]
                       apply each client's rotation policy and quota (append-only clients
@@ -39,7 +44,10 @@ def add_parser(sub) -> None:
     add.add_argument("name")
     add.add_argument("--quota", type=_size, default=0, help="e.g. 100G (default: none)")
     add.add_argument("--storage", choices=("s3", "local", "dir"), default="")
-    add.add_argument("--dataset", default="")
+    add.add_argument("--dataset", default="",
+                     help="server-side dataset for its backups (local store)")
+    add.add_argument("--allowed-dataset", action="append", default=[], metavar="SRC",
+                     help="a source dataset it may back up (repeatable; default: any)")
     commands.add_parser("reindex", help="rebuild the catalog from storage")
     rotate = commands.add_parser("rotate", help="apply the clients' retention and quota")
     rotate.add_argument("--client", default="", help="only this client")
@@ -71,7 +79,7 @@ def run(args, env_file) -> int:
         from zfsmgr.server.clients import add_client
 
         key = add_client(settings.config_file, args.name, args.quota, args.storage,
-                         args.dataset)
+                         args.dataset, args.allowed_dataset)
         print(f"added client {args.name} to {settings.config_file}")
         print(f"API_KEY={key}")
         print("(shown once: put it in the client's .env; the server keeps only its SHA-256)")
@@ -91,20 +99,28 @@ def reindex(ctx) -> int:
 
     The old file may be damaged: the new one is built beside it and then takes its place; the
     open upload sessions come along when the old file can still be read. Run it while the
-    server is stopped."""
+    server is stopped. A store no client uses may be unusable (a warning), one that a client
+    uses may not."""
+    from zfsmgr.errors import ZfsmgrError
     from zfsmgr.server.rebuild import rebuild
 
+    needed = ctx.needed_kinds()
     old = getattr(ctx, "db", None)
     if old is not None:  # a running context (tests): let go of the file first
         old.close()
 
     def manifests():
         for kind in ctx.configured_kinds():
-            count = 0
-            for manifest in ctx.store_named(kind).manifests():
-                count += 1
-                yield manifest
-            print(f"{kind}: {count} backups")
+            try:
+                found = list(ctx.store_named(kind).manifests())
+            except ZfsmgrError as exc:
+                if kind in needed:
+                    raise
+                print(f"{kind}: skipped, unusable and no client uses it ({exc})",
+                      file=sys.stderr)
+                continue
+            yield from found
+            print(f"{kind}: {len(found)} backups")
 
     count, sessions = rebuild(ctx.catalog_path, manifests())
     ctx.open_catalog()

@@ -6,16 +6,18 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from zfsmgr import __version__
 from zfsmgr.errors import ZfsmgrError
 from zfsmgr.server.catalog import Catalog, catalog_path
+from zfsmgr.progress import human
+from zfsmgr.protocol import Manifest
 from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
 from zfsmgr.server.ledger import Ledger
 from zfsmgr.server.notify import Notifier, Outcomes
 from zfsmgr.server.database import Database
-from zfsmgr.server.rotation import RotationPlan, plan_rotation
+from zfsmgr.server.rotation import FREES_SPACE, RotationPlan, plan_rotation
 from zfsmgr.server.sessions import SessionTable
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
@@ -50,6 +52,8 @@ class ServerContext:
             self._import_json(Path(settings.metadata_file).absolute())
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,
                                settings.s3_max_parts, settings.upload_expiry_hours * 3600.0)
+        self.uploads.usage = self.used_bytes
+        self.uploads.make_room = self.make_room
 
     def _import_json(self, metadata_file: Path) -> None:
         """A new database takes over the JSON catalog and session files of an older server."""
@@ -102,11 +106,23 @@ class ServerContext:
         elif kind == "local":
             from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir)
+            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir, homes=self._homes)
         else:
             raise StorageError(f"unknown storage type {kind!r}")
         store.check()
         return store
+
+    def _homes(self) -> Dict[str, str]:
+        """The clients whose `dataset` names the server-side home of their backups."""
+        return {c.client_id: c.dataset for c in self.clients.all() if c.dataset}
+
+    def needed_kinds(self) -> Set[str]:
+        """The stores some enabled client uses now (its storage_type, or the default)."""
+        enabled = [c for c in self.clients.all() if c.enabled]
+        kinds = {c.storage_type for c in enabled if c.storage_type}
+        if any(not c.storage_type for c in enabled):
+            kinds.add(self.default_kind())
+        return kinds
 
     def store_for(self, client: ClientConfig, requested: str) -> Store:
         """The store a client's upload goes to; a client may not pick another one."""
@@ -122,23 +138,63 @@ class ServerContext:
             return dict(self._stores)
 
     def health(self) -> Dict[str, dict]:
-        """Reachability of every configured backend."""
+        """Reachability of every configured backend; `needed`: some client uses it."""
         checks = {}
+        needed = self.needed_kinds()
         for kind in self.configured_kinds():
             try:
                 store = self.store_named(kind)
                 store.check()
-                checks[kind] = {"ok": True}
+                checks[kind] = {"ok": True, "needed": kind in needed}
             except (StorageError, ZfsmgrError) as exc:
                 with self._lock:
                     self._stores.pop(kind, None)
-                checks[kind] = {"ok": False, "error": str(exc)}
+                checks[kind] = {"ok": False, "needed": kind in needed, "error": str(exc)}
         return checks
+
+    def health_report(self) -> dict:
+        """The /health body: healthy unless a store some client needs is unreachable; a store
+        no client uses and a bad clients.json entry are warnings."""
+        checks = self.health()
+        healthy = all(c["ok"] for c in checks.values() if c["needed"])
+        warnings = [f"{kind} storage is unusable ({c['error']}); no client uses it now"
+                    for kind, c in checks.items() if not c["ok"] and not c["needed"]]
+        warnings += self.clients.warnings()
+        return {"success": healthy, "message": "ok" if healthy else "storage unreachable",
+                "status": ("healthy" if not warnings else "warning") if healthy
+                else "degraded", "version": self.version, "storage": checks,
+                "warnings": warnings}
+
+    def sizes(self, client_id: str, backups: Optional[List[Manifest]] = None
+              ) -> Dict[str, int]:
+        """What each of a client's backups takes in its store, by key (the `local` store
+        counts the space on the pool, the others the stored stream)."""
+        backups = self.catalog.list(client_id) if backups is None else backups
+        by_kind: Dict[str, List[Manifest]] = {}
+        for m in backups:
+            by_kind.setdefault(m.storage_type or "dir", []).append(m)
+        sizes = {m.key: m.stored_size for m in backups}
+        for kind, manifests in by_kind.items():
+            try:
+                sizes.update(self.store_named(kind).footprint(manifests))
+            except (StorageError, ZfsmgrError) as exc:
+                log.warning("sizes of %s's %s backups: %s", client_id, kind, exc)
+        return sizes
+
+    def used_bytes(self, client_id: str) -> int:
+        """What a client's backups take, as its quota counts it."""
+        return sum(self.sizes(client_id).values())
 
     def status(self, client: ClientConfig) -> dict:
         """Usage and backups of one client, per dataset."""
+        backups = self.catalog.list(client.client_id)
+        sizes = self.sizes(client.client_id, backups)
         datasets = self.catalog.summary(client.client_id)
-        used = sum(d["used_bytes"] for d in datasets.values())
+        for entry in datasets.values():
+            entry["used_bytes"] = 0
+        for m in backups:
+            datasets[m.dataset]["used_bytes"] += sizes[m.key]
+        used = sum(sizes.values())
         quota = client.max_size_bytes
         return {"client_id": client.client_id, "storage_type": self.default_kind(client),
                 "used_bytes": used, "quota_bytes": quota,
@@ -157,8 +213,18 @@ class ServerContext:
             return client.append_only
         return bool(self.settings.append_only)
 
+    def plan(self, client: ClientConfig, needed: int = 0,
+             keep: Optional[str] = None) -> RotationPlan:
+        """What rotation would delete: retention, then old chains while over the quota."""
+        backups = self.catalog.list(client.client_id)
+        return plan_rotation(backups, client.rotation_policy, time.time(),
+                             quota=client.max_size_bytes, needed=needed, keep=keep,
+                             min_retain_days=self.settings.min_retain_days,
+                             sizes=self.sizes(client.client_id, backups))
+
     def rotate(self, client: ClientConfig, dry_run: bool = False,
-               needed: int = 0, keep: Optional[str] = None, by_server: bool = False) -> dict:
+               needed: int = 0, keep: Optional[str] = None, by_server: bool = False,
+               plan: Optional[RotationPlan] = None) -> dict:
         """Apply the client's retention to its stored backups (and free `needed` bytes).
 
         An append-only client's own request may only plan (dry run): deleting is then left to
@@ -166,11 +232,7 @@ class ServerContext:
         if not dry_run and not by_server and self.append_only(client):
             raise Forbidden(f"client {client.client_id} is append-only: it may not delete"
                             " backups (the server rotates them: zfsmgr server rotate)")
-        backups = self.catalog.list(client.client_id)
-        plan: RotationPlan = plan_rotation(backups, client.rotation_policy, time.time(),
-                                           quota=client.max_size_bytes, needed=needed,
-                                           keep=keep,
-                                           min_retain_days=self.settings.min_retain_days)
+        plan = plan or self.plan(client, needed, keep)
         if not dry_run:
             for manifest in plan.delete:
                 store = self.store_named(manifest.storage_type or self.default_kind(client))
@@ -179,24 +241,37 @@ class ServerContext:
                 log.info("rotation deleted %s (client=%s): %s", manifest.key,
                          client.client_id, plan.reasons[manifest.key])
             self.ledger.record_rotation(client.client_id, len(plan.delete))
-        return {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
-                "kept": [m.key for m in plan.keep], "reasons": plan.reasons,
-                "freed_bytes": sum(m.stored_size for m in plan.delete),
-                "enough": plan.enough}
+        result = {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
+                  "kept": [m.key for m in plan.keep], "reasons": plan.reasons,
+                  "freed_bytes": plan.freed_bytes,
+                  "enough": plan.enough, "used_bytes": plan.used_after,
+                  "quota_bytes": client.max_size_bytes, "over_bytes": plan.over_bytes}
+        if plan.over_bytes and not needed:
+            log.warning("client %s stays %d bytes over its quota after rotation (the newest"
+                        " chain of each dataset is kept)", client.client_id, plan.over_bytes)
+        return result
 
     def make_room(self, client: ClientConfig, needed: int, parent_key: Optional[str]) -> None:
-        """With AUTO_ROTATE, delete old backups until `needed` bytes fit, else refuse."""
+        """Make `needed` more bytes fit the quota: with AUTO_ROTATE, plan a rotation and apply
+        it only when the plan makes room; otherwise (or when it would not) refuse, deleting
+        nothing."""
         if not client.max_size_bytes:
             return
-        used = self.catalog.used_bytes(client.client_id)
+        used = self.used_bytes(client.client_id)
         if used + needed <= client.max_size_bytes:
             return
+        quota = client.max_size_bytes
         if not self.settings.auto_rotate or self.append_only(client):
             # an append-only client's uploads never rotate its history away
-            raise QuotaExceeded(f"quota exceeded for {client.client_id}: used {used} + needed"
-                                f" {needed} bytes > quota {client.max_size_bytes} bytes")
-        result = self.rotate(client, needed=needed, keep=parent_key, by_server=True)
-        if not result["enough"]:
-            raise QuotaExceeded(f"quota exceeded for {client.client_id}: rotation freed"
-                                f" {result['freed_bytes']} bytes but {needed} more are needed"
-                                f" (quota {client.max_size_bytes} bytes)")
+            raise QuotaExceeded(f"quota exceeded for {client.client_id}: used {human(used)} +"
+                                f" needed {human(needed)} > quota {human(quota)}; "
+                                + FREES_SPACE)
+        plan = self.plan(client, needed=needed, keep=parent_key)
+        if not plan.enough:
+            raise QuotaExceeded(
+                f"quota exceeded for {client.client_id}: used {human(used)} + needed"
+                f" {human(needed)} > quota {human(quota)}, and AUTO_ROTATE can free only"
+                f" {human(used - plan.used_after)} (the newest chain of each dataset and the"
+                f" new backup's base stay); nothing was deleted; raise max_size_bytes or"
+                f" delete backups of other datasets")
+        self.rotate(client, needed=needed, keep=parent_key, by_server=True, plan=plan)

@@ -17,6 +17,9 @@ from typing import Dict, List, Optional
 from zfsmgr.protocol import Manifest
 from zfsmgr.retention import Item, RetentionPolicy, plan
 
+FREES_SPACE = ("free space with `zfsmgr client rotate-remote`, or set AUTO_ROTATE=true on the"
+               " server, or raise max_size_bytes")
+
 
 @dataclass
 class RotationPlan:
@@ -26,6 +29,9 @@ class RotationPlan:
     delete: List[Manifest] = field(default_factory=list)
     reasons: Dict[str, str] = field(default_factory=dict)
     enough: bool = True
+    used_after: int = 0  # what the kept backups take
+    freed_bytes: int = 0  # what the deleted ones took
+    over_bytes: int = 0  # how far over the quota (plus what is needed) the kept ones remain
 
 
 def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
@@ -48,12 +54,18 @@ def committed_at(manifest: Manifest) -> float:
 
 def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], now: float,
                   quota: int = 0, needed: int = 0, keep: Optional[str] = None,
-                  min_retain_days: float = 0) -> RotationPlan:
-    """Retention first; then, to fit `needed` bytes in `quota`, whole oldest chains; nothing
-    committed within `min_retain_days` of `now` goes."""
+                  min_retain_days: float = 0,
+                  sizes: Optional[Dict[str, int]] = None) -> RotationPlan:
+    """Retention first; then, while the kept backups and `needed` bytes exceed `quota`, whole
+    chains, oldest first, never the newest chain of a dataset nor the chain of `keep`; nothing
+    committed within `min_retain_days` of `now` goes.
+
+    `sizes` is what each backup takes in its store (default: its stored size)."""
     policy = policy or RetentionPolicy()
     floor = now - min_retain_days * 86400
     young = {m.key for m in backups if min_retain_days and committed_at(m) > floor}
+    size = {m.key: m.stored_size for m in backups}
+    size.update(sizes or {})
     by_key = {m.key: m for m in backups}
     parents = {m.key: parent_key(m, backups) for m in backups}
     newest = {}
@@ -75,8 +87,8 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
     doomed = {k for k, d in decisions.items() if not d.keep}
     result.reasons = {k: f"committed less than {min_retain_days:g} days ago (MIN_RETAIN_DAYS)"
                       if k in young else d.reason for k, d in decisions.items()}
+    used = sum(size[m.key] for m in backups if m.key not in doomed)
     if quota:
-        used = sum(m.stored_size for m in backups if m.key not in doomed)
         children: Dict[str, List[str]] = {}
         for key, parent in parents.items():
             if parent:
@@ -89,10 +101,13 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
             if any(k == keep or k in young or newest[by_key[k].dataset] == k for k in chain):
                 continue
             for k in chain - doomed:
-                used -= by_key[k].stored_size
+                used -= size[k]
                 doomed.add(k)
                 result.reasons[k] = "old chain removed to free quota"
         result.enough = used + needed <= quota
+        result.over_bytes = max(0, used + needed - quota)
+    result.used_after = used
+    result.freed_bytes = sum(size[k] for k in doomed)
     # children before parents, so a chain is never left without its base mid-way
     order = sorted(backups, key=lambda m: -m.snapshot_time)
     result.delete = [m for m in order if m.key in doomed]

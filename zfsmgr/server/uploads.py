@@ -19,13 +19,16 @@ import secrets
 import threading
 import time
 from dataclasses import replace
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.errors import Conflict, NeedsFullBackup, NotFound, QuotaExceeded, VerificationFailed
+from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, QuotaExceeded,
+                           VerificationFailed)
 from zfsmgr.protocol import Manifest
+from zfsmgr.progress import human
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
+from zfsmgr.server.rotation import FREES_SPACE
 from zfsmgr.server.sessions import Session, SessionTable
 from zfsmgr.storage.base import PartInfo, Store
 
@@ -44,6 +47,9 @@ class Uploads:
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
+        # how the quota is counted and room made; the server context plugs in its own
+        self.usage: Callable[[str], int] = catalog.used_bytes
+        self.make_room: Optional[Callable[[ClientConfig, int, Optional[str]], None]] = None
 
     def _session_lock(self, upload_id: str) -> threading.Condition:
         with self._lock:
@@ -61,16 +67,19 @@ class Uploads:
     def open(self, client: ClientConfig, store: Store, request: dict) -> Session:
         """Validate an upload request and open its session."""
         dataset = protocol.validate_dataset(request.get("dataset"))
-        if client.dataset and dataset != client.dataset:
-            raise Conflict(f"client {client.client_id} may only back up {client.dataset}")
+        if not client.may_back_up(dataset):
+            raise Forbidden(f"client {client.client_id} may only back up"
+                            f" {', '.join(client.allowed_datasets)} (allowed_datasets)")
         snapshot = protocol.validate_snapshot(request.get("snapshot"))
         kind = request.get("type", "full")
         if kind not in protocol.BACKUP_TYPES:
             raise protocol.ValidationError("type must be full or incremental")
-        parent = request.get("parent")
+        parent, parent_key = request.get("parent"), None
         if kind == "incremental":
             parent = protocol.validate_snapshot(parent)
-            if not self.catalog.has_snapshot(client.client_id, dataset, parent):
+            parent_key = next((m.key for m in self.catalog.list(client.client_id, dataset)
+                               if m.snapshot == parent), None)
+            if parent_key is None:
                 raise NeedsFullBackup(f"the base {dataset}@{parent} of this incremental is not"
                                       " on the server: send a full backup")
         else:
@@ -82,13 +91,17 @@ class Uploads:
         if not isinstance(snapshot_time, (int, float)) or snapshot_time <= 0:
             raise protocol.ValidationError("snapshot_time must be epoch seconds")
         stamp = time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime(snapshot_time))
-        key = protocol.build_key(client.client_id, dataset, stamp, compression)
+        try:
+            token = protocol.unique_token(dataset, self.catalog.tokens(client.client_id))
+        except ValueError as exc:
+            raise Conflict(str(exc)) from None
+        key = protocol.build_key(client.client_id, dataset, stamp, compression, token=token)
         if self.catalog.has_key(client.client_id, key):
             raise Conflict(f"a backup stored as {key} already exists")
         estimate = request.get("estimated_size") or 0
         if not isinstance(estimate, int) or estimate < 0:
             raise protocol.ValidationError("estimated_size must be a whole number of bytes")
-        self.check_quota(client, estimate)
+        self.fit(client, estimate, parent_key)
         for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
             if other.key == key:
                 self.abort(other, store)
@@ -132,22 +145,37 @@ class Uploads:
                     "resume_token": store.resume_token(session.upload_id),
                     "segment": session.segment, "resumed_with": session.resumed_with}
 
+    def fit(self, client: ClientConfig, needed: int, parent_key: Optional[str],
+            upload_id: str = "", staged: int = 0) -> None:
+        """check_quota, after the server's make_room (AUTO_ROTATE) had its chance to free
+        space for what is in progress and needed; `parent_key` (the new backup's base) is
+        never deleted for it."""
+        if self.make_room is not None and client.max_size_bytes:
+            others = self.table.reserved(client.client_id, besides=upload_id)
+            self.make_room(client, others + staged + needed, parent_key)
+        self.check_quota(client, needed, upload_id, staged)
+
+    def _parent_key(self, session: Session) -> Optional[str]:
+        return next((m.key for m in self.catalog.list(session.client_id, session.dataset)
+                     if m.snapshot == session.parent), None) if session.parent else None
+
     def check_quota(self, client: ClientConfig, needed: int, upload_id: str = "",
                     staged: int = 0) -> None:
         """Raise QuotaExceeded unless `needed` more bytes fit; with `upload_id`, reserve them.
 
-        Committed backups and what every other open upload of the client holds count, read in
-        the transaction that records this upload's new reservation (`staged + needed`)."""
+        Committed backups (as `usage` counts them) and what every other open upload of the
+        client holds count, read in the transaction that records this upload's new
+        reservation (`staged + needed`)."""
         if not client.max_size_bytes:
             return
         with self.table.db.transaction():
-            used = self.catalog.used_bytes(client.client_id)
+            used = self.usage(client.client_id)
             others = self.table.reserved(client.client_id, besides=upload_id)
             if used + others + staged + needed > client.max_size_bytes:
                 raise QuotaExceeded(
-                    f"quota exceeded for {client.client_id}: used {used} + in progress"
-                    f" {others + staged} + needed {needed} bytes > quota"
-                    f" {client.max_size_bytes} bytes")
+                    f"quota exceeded for {client.client_id}: used {human(used)} + in progress"
+                    f" {human(others + staged)} + needed {human(needed)} > quota"
+                    f" {human(client.max_size_bytes)}; {FREES_SPACE}")
             if upload_id:
                 self.table.reserve(upload_id, staged + needed)
 
@@ -177,8 +205,8 @@ class Uploads:
                 raise Conflict(f"part {index} belongs to the stream from part {segment}; the"
                                f" upload now continues from part {session.segment}")
             staged = sum(p.size for p in parts[:index])
-            try:
-                self.check_quota(client, size, session.upload_id, staged)
+            try:  # an upload without an estimate (an incremental on zfs-fuse) is measured here
+                self.fit(client, size, self._parent_key(session), session.upload_id, staged)
             except QuotaExceeded:
                 self.abort(session, store)
                 raise

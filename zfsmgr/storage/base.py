@@ -16,7 +16,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded,  # noqa: F401 (re-exported)
                            StorageError, Unsupported)
@@ -108,6 +108,10 @@ class Store(ABC):
     @abstractmethod
     def manifests(self, client_id: Optional[str] = None) -> Iterator[Manifest]:
         """Every manifest in storage (of one client), read from storage alone."""
+
+    def footprint(self, manifests: Iterable[Manifest]) -> Dict[str, int]:
+        """What each backup takes in this store, by key, as its quota counts it."""
+        return {m.key: m.stored_size for m in manifests}
 
     @abstractmethod
     def delete(self, manifest: Manifest) -> None:

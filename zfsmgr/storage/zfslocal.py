@@ -1,7 +1,8 @@
-"""The `local` store: the server `zfs recv`s each backup into ZFS_BASE_DATASET/<client>/...
+"""The `local` store: the server `zfs recv`s each backup into the client's home dataset.
 
-Each chain (a full stream and the incrementals on it) lives in its own dataset
-`BASE/<client>/<dataset token>/<first snapshot>`, so a second full backup never has to destroy
+A client's home is its `dataset` in clients.json (the seed's `backup/client1`), else
+`ZFS_BASE_DATASET/<client>`. Each chain (a full stream and the incrementals on it) lives in its
+own dataset `HOME/<dataset token>/<first snapshot>`, so a second full backup never has to destroy
 an older chain. The manifest is kept as a user property of the received snapshot, so the
 catalog can be rebuilt from the pool alone. Downloads are full `zfs send` streams of the
 snapshot, which stay valid whatever older snapshots rotation has removed.
@@ -22,9 +23,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
-from zfsmgr.protocol import Manifest, dataset_token, validate_upload_id
+from zfsmgr.protocol import Manifest, parse_key, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
                                  NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
@@ -89,10 +90,14 @@ class ZfsLocalStore(Store):
 
     kind = "local"
 
-    def __init__(self, base: str, staging_dir: str, zfs: Optional[Zfs] = None):
+    def __init__(self, base: str, staging_dir: str, zfs: Optional[Zfs] = None,
+                 homes: Optional[Callable[[], Dict[str, str]]] = None):
+        """`homes()`: {client id: home dataset} of the clients that have their own (the
+        `dataset` of clients.json); the others live under BASE/<client>."""
         if not base:
             raise StorageError("ZFS_BASE_DATASET is not set")
         self.base, self.zfs = base, zfs or Zfs()
+        self._homes = homes or dict
         self._resumable: Optional[bool] = None
         self.state_dir = Path(staging_dir) / ".uploads-local"
         self._live: Dict[str, LiveReceive] = {}
@@ -308,14 +313,18 @@ class ZfsLocalStore(Store):
             return []
         return [(p.stem, p.stat().st_mtime) for p in self.state_dir.glob("*.json")]
 
+    def home(self, client_id: str) -> str:
+        """The dataset that holds a client's chains."""
+        return self._homes().get(client_id) or f"{self.base}/{client_id}"
+
     def _container(self, manifest: Manifest) -> str:
-        return f"{self.base}/{manifest.client_id}/{dataset_token(manifest.dataset)}"
+        return f"{self.home(manifest.client_id)}/{parse_key(manifest.key).dataset_token}"
 
     def _snapshots(self, root: str) -> Dict[str, Dict[str, str]]:
         """Every snapshot under `root` with its guid and manifest property."""
         if not self.zfs.exists(root):
             return {}
-        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=3)
+        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=4)
         return {name: props for name, props in found.items() if "@" in name}
 
     def _chain_for(self, manifest: Manifest) -> str:
@@ -352,9 +361,34 @@ class ZfsLocalStore(Store):
 
     def _located(self, manifest: Manifest) -> str:
         target = manifest.extra.get("zfs_snapshot", "")
-        if not target.startswith(self.base + "/") or not self.zfs.exists(target):
-            raise NotFound(f"{manifest.key} is missing from {self.base}")
+        inside = any(target.startswith(root + "/") for root in
+                     (self.base, self.home(manifest.client_id)))
+        if not inside or not self.zfs.exists(target):
+            raise NotFound(f"{manifest.key} is missing from {self.home(manifest.client_id)}")
         return target
+
+    def footprint(self, manifests: Iterable[Manifest]) -> Dict[str, int]:
+        """What each backup takes on the pool (zfs `used`): a chain's datasets `used` is split
+        so that its snapshots count their own `used` and the newest counts the rest; so the
+        backups of a chain add up to what destroying the chain frees."""
+        chains: Dict[str, List[Manifest]] = {}
+        for manifest in manifests:
+            target = manifest.extra.get("zfs_snapshot", "")
+            chains.setdefault(_dataset(target), []).append(manifest)
+        sizes = {}
+        for chain, members in chains.items():
+            try:
+                used = {name: int(props["used"]) for name, props in self.zfs.props(
+                    [chain], ["used"], recursive_depth=1).items()}
+            except (ZfsError, ValueError, KeyError):
+                used = {}
+            members.sort(key=lambda m: m.snapshot_time)
+            own = [used.get(m.extra.get("zfs_snapshot", ""), 0) for m in members]
+            for manifest, size in zip(members, own):
+                sizes[manifest.key] = size
+            if chain in used:
+                sizes[members[-1].key] = max(0, used[chain] - sum(own[:-1]))
+        return sizes
 
     def open(self, manifest, offset=0):
         body = _SendBody(self.zfs.send(self._located(manifest)))
@@ -367,14 +401,22 @@ class ZfsLocalStore(Store):
         return body, None
 
     def manifests(self, client_id=None):
-        root = f"{self.base}/{client_id}" if client_id else self.base
-        for name, props in sorted(self._snapshots(root).items()):
-            value = props.get(MANIFEST_PROP, "-")
-            if value not in ("-", ""):
+        if client_id:
+            roots = [self.home(client_id)]
+        else:  # BASE, and the homes of clients whose `dataset` lies outside it
+            roots = [self.base] + sorted({h for h in self._homes().values()
+                                          if h and not h.startswith(self.base + "/")})
+        for root in roots:
+            for name, props in sorted(self._snapshots(root).items()):
+                value = props.get(MANIFEST_PROP, "-")
+                if value in ("-", ""):
+                    continue
                 try:
-                    yield Manifest.from_dict(json.loads(value))
+                    manifest = Manifest.from_dict(json.loads(value))
                 except ValueError as exc:
                     raise StorageError(f"manifest on {name} is unreadable: {exc}") from exc
+                if not client_id or manifest.client_id == client_id:
+                    yield manifest
 
     def delete(self, manifest):
         self._destroy(self._located(manifest))
