@@ -49,8 +49,12 @@ def test_one_bad_entry_refuses_that_client_alone(tmp_path, caplog, bad, why):
     caplog.set_level(logging.WARNING)
     assert {c.client_id for c in registry.all()} == {"good1", "good2"}
     assert registry.authenticate("good2", KEY).client_id == "good2"
-    with pytest.raises(Forbidden, match="entry for bad is invalid"):
+    with pytest.raises(Forbidden, match="entry for bad is invalid: ") as refused:
         registry.authenticate("bad", KEY)
+    if "api_key" not in bad:  # the key's holder learns why; anyone else only that it is
+        assert why in str(refused.value)
+    with pytest.raises(Forbidden, match="invalid: the server log says why"):
+        registry.authenticate("bad", "another key")
     [warning] = registry.warnings()
     assert "entry 2 is refused: client bad: " + why in warning
     assert why in caplog.text

@@ -140,7 +140,7 @@ class ClientRegistry:
         self._lock = threading.Lock()
         self._stamp: Any = None
         self._clients: Dict[str, ClientConfig] = {}
-        self._invalid: Dict[str, str] = {}  # client id -> why its entry is refused
+        self._invalid: Dict[str, Tuple[str, str]] = {}  # client id -> (why refused, key hash)
         self._problems: List[str] = []
 
     def _load(self) -> Dict[str, ClientConfig]:
@@ -169,7 +169,7 @@ class ClientRegistry:
             self._problems = [problem]
             return
         clients: Dict[str, ClientConfig] = {}
-        invalid: Dict[str, str] = {}
+        invalid: Dict[str, Tuple[str, str]] = {}
         problems: List[str] = []
         for number, entry in enumerate(entries, start=1):
             try:
@@ -177,7 +177,9 @@ class ClientRegistry:
             except ValueError as exc:
                 client_id = entry.get("client_id") if isinstance(entry, dict) else None
                 if isinstance(client_id, str):
-                    invalid[client_id] = str(exc)
+                    key = entry.get("api_key")
+                    invalid[client_id] = (str(exc), key.lower() if isinstance(key, str)
+                                          and _SHA256_HEX.fullmatch(key) else "")
                 problems.append(f"{self.path} entry {number} is refused: {exc}")
                 continue
             if client.client_id in clients:
@@ -220,8 +222,11 @@ class ClientRegistry:
             matches = True
         if not matches or client is None:
             if client is None and client_id in self._invalid:
-                raise Forbidden(f"the server's clients.json entry for {client_id} is invalid;"
-                                " the server log says why")
+                why, known = self._invalid[client_id]
+                if not (known and hmac.compare_digest(known, given)):
+                    why = "the server log says why"  # details only to the key's holder
+                raise Forbidden(f"the server's clients.json entry for {client_id} is invalid:"
+                                f" {why}")
             raise Unauthorized("unknown client or wrong API key")
         if write and not client.enabled:
             raise Forbidden(f"client {client.client_id} is disabled (it may list and restore its"
