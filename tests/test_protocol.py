@@ -22,6 +22,32 @@ def test_key_round_trip(client, dataset, stamp, codec):
                               token=parsed.dataset_token) == key == str(parsed)
 
 
+@pytest.mark.parametrize("codec", ["gzip", "zstd", "none"])
+def test_encrypted_key_round_trip(codec):
+    key = protocol.build_key("client1", "tank/data", "2024-02-13_14:30:00", codec,
+                             encryption="age")
+    assert key.endswith(protocol.COMPRESSIONS[codec] + ".age")
+    parsed = protocol.parse_key(key)
+    assert (parsed.compression, parsed.encryption) == (codec, "age") and str(parsed) == key
+    assert protocol.key_stem(key) == "client1/tank_data_2024-02-13_14:30:00"
+    with pytest.raises(ValidationError):
+        protocol.build_key("client1", "tank/data", "2024-02-13_14:30:00", codec,
+                           encryption="rot13")
+    with pytest.raises(ValidationError):
+        protocol.parse_key(key + ".age")
+
+
+def test_age_recipients_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key = "age1" + "q" * 58
+    loaded = settings.load("client", environ={"AGE_RECIPIENTS": f"{key}, ssh-ed25519 AAAA x",
+                                              "ENCRYPT": "age"})
+    assert loaded.age_recipients == (key, "ssh-ed25519 AAAA x") and loaded.encrypt == "age"
+    for bad in ("-R /etc/passwd", "age1short", key + " -o x"):
+        with pytest.raises(SettingsError):
+            settings.load("client", environ={"AGE_RECIPIENTS": bad})
+
+
 def test_seed_example_key():
     assert protocol.build_key("client1", "tank/data", "2024-02-13_14:30:00", "gzip") == \
         "client1/tank_data_2024-02-13_14:30:00.zfs.gz"

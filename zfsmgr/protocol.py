@@ -45,6 +45,7 @@ HEADER_SHA256 = "X-Content-SHA256"  # response header of a part / download: sha2
 
 STORAGE_TYPES = ("s3", "local", "dir")
 COMPRESSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
+ENCRYPTIONS = {"": "", "age": ".age"}  # client-side encryption of the compressed stream
 BACKUP_TYPES = ("full", "incremental")
 
 TIMESTAMP_FORMAT = "%Y-%m-%d_%H:%M:%S"
@@ -55,7 +56,7 @@ _COMPONENT = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _SNAPSHOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
 _UPLOAD_ID = re.compile(r"^[a-f0-9]{32}$")
 _KEY = re.compile(r"^(?P<client>[^/]+)/(?P<dataset>[A-Za-z0-9_.:-]+)_(?P<ts>" + _TIMESTAMP
-                  + r")(?P<ext>\.zfs(?:\.gz|\.zst)?)$")
+                  + r")(?P<ext>\.zfs(?:\.gz|\.zst)?)(?P<enc>\.age)?$")
 
 
 def _reject(what: str, value: Any, why: str) -> None:
@@ -145,15 +146,17 @@ class StorageKey:
     dataset_token: str  # the dataset with '/' as '_' (lossy: the manifest has the real name)
     timestamp: str
     compression: str
+    encryption: str = ""
 
     def __str__(self) -> str:
         return build_key(self.client_id, "", self.timestamp, self.compression,
-                         token=self.dataset_token)
+                         token=self.dataset_token, encryption=self.encryption)
 
 
 def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
-              token: Optional[str] = None) -> str:
-    """`client1/tank_data_2024-02-13_14:30:00.zfs.gz` from its parts (all validated)."""
+              token: Optional[str] = None, encryption: str = "") -> str:
+    """`client1/tank_data_2024-02-13_14:30:00.zfs.gz` from its parts (all validated); an
+    age-encrypted stream ends in `.zfs.gz.age`."""
     validate_client_id(client_id)
     token = token if token is not None else dataset_token(dataset)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", token):
@@ -161,19 +164,32 @@ def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
     parse_timestamp(timestamp)
     if compression not in COMPRESSIONS:
         _reject("compression", compression, "expected gzip, zstd or none")
-    return f"{client_id}/{token}_{timestamp}{COMPRESSIONS[compression]}"
+    if encryption not in ENCRYPTIONS:
+        _reject("encryption", encryption, "expected age or none")
+    return (f"{client_id}/{token}_{timestamp}{COMPRESSIONS[compression]}"
+            f"{ENCRYPTIONS[encryption]}")
 
 
 def parse_key(key: str) -> StorageKey:
     """Inverse of build_key; rejects anything build_key would not make."""
     match = _KEY.fullmatch(key) if isinstance(key, str) else None
     if not match:
-        _reject("storage key", key, "expected CLIENT/DATASET_YYYY-MM-DD_HH:MM:SS.zfs[.gz|.zst]")
+        _reject("storage key", key,
+                "expected CLIENT/DATASET_YYYY-MM-DD_HH:MM:SS.zfs[.gz|.zst][.age]")
     validate_client_id(match.group("client"))
     parse_timestamp(match.group("ts"))
     compression = {v: k for k, v in COMPRESSIONS.items()}[match.group("ext")]
     return StorageKey(match.group("client"), match.group("dataset"), match.group("ts"),
-                      compression)
+                      compression, "age" if match.group("enc") else "")
+
+
+def key_stem(key: str) -> str:
+    """A key without its extensions: `client1/tank_data_2024-02-13_14:30:00`."""
+    for ext in sorted((c + e for c in COMPRESSIONS.values() for e in ENCRYPTIONS.values()),
+                      key=len, reverse=True):
+        if key.endswith(ext):
+            return key[:-len(ext)]
+    return key
 
 
 def manifest_key(key: str) -> str:
@@ -194,7 +210,7 @@ class Manifest:
     compression: str
     raw_size: int
     stored_size: int
-    sha256: str  # of the stored bytes
+    sha256: str  # of the stored bytes (the ciphertext, when encrypted)
     created: str  # ISO 8601 UTC, when the backup was committed
     snapshot_time: float  # the snapshot's creation, epoch seconds
     guid: str = ""
@@ -202,6 +218,7 @@ class Manifest:
     raw_send: bool = False  # zfs send -w: encrypted at rest
     compressed_send: bool = False  # zfs send -c
     storage_type: str = ""
+    encryption: str = ""  # "age": the stored bytes are an age file of the compressed stream
     parts: int = 0
     format: int = PROTOCOL_VERSION
     extra: dict = field(default_factory=dict)
@@ -223,6 +240,8 @@ class Manifest:
         validate_snapshot(manifest.snapshot)
         if manifest.parent is not None:
             validate_snapshot(manifest.parent)
+        if manifest.encryption not in ENCRYPTIONS:
+            _reject("encryption", manifest.encryption, "expected age or none")
         if manifest.type not in BACKUP_TYPES:
             _reject("backup type", manifest.type, "expected full or incremental")
         return manifest

@@ -130,6 +130,29 @@ def as_optional_url(text: str) -> str:
     return as_url(text) if text.strip() else ""
 
 
+def as_encryption(text: str) -> str:
+    """ENCRYPT: none (or empty/false) or age."""
+    value = text.strip().lower()
+    if value in ("", "none", "false", "off", "no"):
+        return "none"
+    if value == "age":
+        return value
+    raise ValueError("none or age")
+
+
+_AGE_RECIPIENT = re.compile(r"^(age1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{58}"
+                            r"|ssh-(ed25519|rsa) [A-Za-z0-9+/=]+( [^,\s]+)?)$")
+
+
+def as_recipients(text: str) -> tuple:
+    """AGE_RECIPIENTS: age public keys, separated by commas or new lines."""
+    found = tuple(r.strip() for r in re.split(r"[,\n]", text) if r.strip())
+    for recipient in found:
+        if not _AGE_RECIPIENT.match(recipient):
+            raise ValueError("age public keys (age1..., ssh-ed25519 ...) separated by commas")
+    return found
+
+
 @dataclass(frozen=True)
 class Setting:
     """One declared setting."""
@@ -196,6 +219,12 @@ TABLE = (
     Setting("LOCAL_DATASET", as_text, None, (CLIENT,), "the dataset to back up, e.g. tank/data"),
     Setting("COMPRESS", as_compression, "true", (CLIENT,), "true/false, or gzip, zstd, none"),
     Setting("COMPRESS_LEVEL", as_level, "1", (CLIENT,), "gzip 1-9 or zstd 1-19"),
+    Setting("ENCRYPT", as_encryption, "none", (CLIENT,),
+            "none, or age: encrypt streams to AGE_RECIPIENTS before they leave the host"),
+    Setting("AGE_RECIPIENTS", as_recipients, "", (CLIENT,),
+            "age public keys to encrypt to (age1..., ssh-ed25519 ...), comma-separated"),
+    Setting("AGE_IDENTITY_FILE", as_text, "", (RESTORE,),
+            "the age secret key file that decrypts ENCRYPT=age backups"),
     Setting("STORAGE_TYPE", as_storage_type, "", (CLIENT,), "s3, local or dir (server decides)"),
     Setting("STATE_DIR", as_text, "", (CLIENT,), "where locks and the cached policy live"),
     Setting("KEEP_HOURLY", as_count, "24", (CLIENT,), "hourly snapshots to keep locally"),

@@ -24,6 +24,7 @@ from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, fi
                                 mark_base)
 from zfsmgr.client.readahead import CHUNK, Counter, ReadAhead, chain, take
 from zfsmgr.compress import compressor, zstd_available
+from zfsmgr.crypt import Encryption
 from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, UsageError, ZfsmgrError
 from zfsmgr.progress import Progress, human
 from zfsmgr.remote import ServerClient
@@ -76,9 +77,11 @@ class Backup:
 
     def __init__(self, api: ServerClient, zfs: Zfs, dataset: str, compression: str, level: int,
                  storage_type: str = "", progress: Optional[Callable[..., Progress]] = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 encryption: Encryption = Encryption()):
         self.api, self.zfs, self.dataset = api, zfs, protocol.validate_dataset(dataset)
         self.compression, self.level, self.storage_type = compression, level, storage_type
+        self.encryption = encryption
         self.make_progress = progress or (lambda label, total: Progress(label, total))
         self.sleep = sleep
 
@@ -197,7 +200,12 @@ class Backup:
                 "guid": snap.guid, "parent_guid": base.guid if base else "",
                 "raw_send": features.raw_send, "compressed_send": self._compressed(features),
                 "snapshot_time": snap.creation, "estimated_size": estimate or 0,
-                "storage_type": self.storage_type}
+                "storage_type": self.storage_type,
+                "encryption": self._sealing(features).label}
+
+    def _sealing(self, features: Features) -> Encryption:
+        """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""
+        return Encryption() if features.raw_send else self.encryption
 
     def _upload(self, snap: Snapshot, base: Optional[Base], features: Features,
                 fallback: bool = False) -> Result:
@@ -222,6 +230,13 @@ class Backup:
             try:
                 state = {"parts": []} if attempt == 0 else self.api.call(
                     "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
+                if state["parts"] and self._sealing(features).label:
+                    # age seals with a fresh key each run: held parts never match again
+                    log.info("an encrypted upload cannot skip what the server holds:"
+                             " starting it again")
+                    self._abort(session)
+                    session, state = self.api.call("POST", protocol.UPLOAD, request), \
+                        {"parts": []}
                 if state.get("resume_token") or state.get("segment"):
                     sent = self._resume(state, features, codec, session,
                                         request["estimated_size"])
@@ -230,7 +245,8 @@ class Backup:
                                          raw=features.raw_send,
                                          compressed=self._compressed(features))
                     sent = self._stream(send, f"backup {snap.name}", codec, session,
-                                        state["parts"], 0, request["estimated_size"])
+                                        state["parts"], 0, request["estimated_size"],
+                                        self._sealing(features))
                 manifest = self.api.call(
                     "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
                     sent.commit_request())["manifest"]
@@ -302,15 +318,17 @@ class Backup:
         sent.raw_size += done
         return sent
 
-    def _stream(self, send, label, codec, session, held, first, estimate) -> Sent:
+    def _stream(self, send, label, codec, session, held, first, estimate,
+                sealing: Encryption = Encryption()) -> Sent:
         """Send the stream of `send` once as parts from `first` on, skipping (and checking)
         the parts the server holds."""
         total, crcs = hashlib.sha256(), []
         progress = self.make_progress(label, estimate or None)
         with send:
             counted = Counter(send)
-            with compressor(codec, counted, level=self.level) as compressed:
-                stream = ReadAhead(compressed)
+            with compressor(codec, counted, level=self.level) as compressed, \
+                    sealing.seal(compressed) as sealed:  # age, or as it is
+                stream = ReadAhead(sealed)
                 try:
                     stored = self._send_parts(stream, session, held, first, total, crcs,
                                               counted, progress)

@@ -124,9 +124,13 @@ def run(args, env_file) -> int:
 
         mode = {"backup": "auto", "backup-full": "full", "backup-incremental": "incremental"}[
             command]
+        from zfsmgr.crypt import Encryption
+
+        sealing = Encryption(settings.encrypt, settings.age_recipients)
         with pinged(settings.healthcheck_url, f"zfsmgr client {command} {dataset}") as run:
             result = Backup(_api(settings), zfs, dataset, settings.compress,
-                            settings.compress_level, settings.storage_type).run(mode)
+                            settings.compress_level, settings.storage_type,
+                            encryption=sealing).run(mode)
             print(summary(result))
             run.note(summary(result))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from zfsmgr import protocol
@@ -110,7 +111,7 @@ def run(args, env_file) -> int:
         return _list(rows, args)
     from zfsmgr.restore.receive import Target, progress_opener, restore_chain
 
-    opener = progress_opener(client)
+    opener = progress_opener(client, identity=_identity(env_file))
     if command in ("restore", "latest"):
         target = listing.pick(rows, args.number) if command == "restore" else _latest(rows, args)
         chain = chain_for(manifests, target)  # a broken chain fails here, before any receive
@@ -161,6 +162,14 @@ def _client(env_file) -> ServerClient:
     settings.require("CLIENT_ID", "API_KEY", "SERVER_URL")
     return ServerClient(settings.server_url, settings.client_id, settings.api_key,
                         settings.ca_file)
+
+
+def _identity(env_file) -> str:
+    """AGE_IDENTITY_FILE, checked to be readable when set."""
+    path = config.load(config.RESTORE, env_file).age_identity_file
+    if path and not os.access(path, os.R_OK):
+        raise UsageError(f"AGE_IDENTITY_FILE {path} cannot be read")
+    return path
 
 
 def fetch(client: ServerClient) -> list[Manifest]:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from zfsmgr.errors import UsageError
 from zfsmgr.progress import human
-from zfsmgr.protocol import COMPRESSIONS, Manifest, parse_key, parse_timestamp
+from zfsmgr.protocol import Manifest, key_stem, parse_key, parse_timestamp
 
 Numbered = list[tuple[int, Manifest]]
 HEADER = ("#", "Snapshot ID", "Timestamp", "Size", "Type", "Dataset")
@@ -22,10 +22,7 @@ human_size = human  # the seed's units, shared with progress lines
 
 def snapshot_id(key: str) -> str:
     """The key without its extension: `client1/tank_data_2024-02-13_14:30:00`."""
-    for ext in sorted(COMPRESSIONS.values(), key=len, reverse=True):
-        if key.endswith(ext):
-            return key[:-len(ext)]
-    return key
+    return key_stem(key)
 
 
 def moment(manifest: Manifest) -> float:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from zfsmgr.compress import decompressor
+from zfsmgr.crypt import Plaintext
 from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
@@ -78,9 +78,9 @@ def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool) -> No
 
 
 def _decoder(source: StoredStream):
-    """The plain stream of `source` (zstd needs its binary)."""
+    """The plain stream of `source` (zstd needs its binary, age its binary and key)."""
     try:
-        return decompressor(source.compression, source)
+        return Plaintext(source, source.compression, source.encryption, source.identity)
     except (ValueError, RuntimeError) as exc:
         source.close()
         raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
@@ -222,8 +222,10 @@ def restore_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest]
         sys.stderr.write(f"zfsmgr: warning: {warning}\n")
 
 
-def progress_opener(client, stream=None) -> StreamOpener:
-    """Open each stream of a chain with a progress line on `stream` (stderr by default)."""
+def progress_opener(client, stream=None, identity: str = "") -> StreamOpener:
+    """Open each stream of a chain with a progress line on `stream` (stderr by default);
+    `identity` is the age key file that opens encrypted ones."""
     def open_stream(manifest: Manifest, label: str) -> StoredStream:
-        return StoredStream(client, manifest, progress=Progress(label, stream=stream))
+        return StoredStream(client, manifest, progress=Progress(label, stream=stream),
+                            identity=identity)
     return open_stream

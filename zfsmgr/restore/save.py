@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zfsmgr.compress import compressor, decompressor
 from zfsmgr.errors import UsageError, ZfsmgrError
-from zfsmgr.protocol import COMPRESSIONS, Manifest
+from zfsmgr.protocol import COMPRESSIONS, ENCRYPTIONS, Manifest
 from zfsmgr.restore.receive import StreamOpener
 from zfsmgr.restore.stream import CHUNK, StoredStream, reported
 
@@ -45,7 +45,7 @@ def chain_names(filename: str, chain: Sequence[Manifest], codec: str | None) -> 
     width = max(2, len(str(len(chain))))
     names = []
     for index, manifest in enumerate(chain, start=1):
-        ext = COMPRESSIONS[codec or manifest.compression]
+        ext = COMPRESSIONS[codec or manifest.compression] + ENCRYPTIONS[manifest.encryption]
         names.append(f"{prefix}.{index:0{width}d}-{manifest.snapshot}{ext}")
     return names
 
@@ -57,6 +57,11 @@ def _temp_for(path: Path) -> Path:
 def write_stream(source: StoredStream, path: Path, codec: str) -> int:
     """Write `source` to `path` (a temp file) in `codec`, fsync'd; verify; return its size."""
     reader = source
+    if codec != source.compression and source.encryption:
+        source.close()
+        raise UsageError(f"{source.key} is encrypted with {source.encryption}: it is saved as"
+                         f" stored ({COMPRESSIONS[source.compression]}"
+                         f"{ENCRYPTIONS[source.encryption]}); decrypt it with age -d")
     if codec != source.compression:
         try:
             reader = compressor(codec, decompressor(source.compression, source))

@@ -32,8 +32,10 @@ class StoredStream:
 
     def __init__(self, client: ServerClient, manifest: Manifest, progress: Progress | None = None,
                  retries: int = RETRIES, backoff: float = BACKOFF,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, identity: str = ""):
         self.client, self.manifest, self.progress = client, manifest, progress
+        self.encryption = manifest.encryption  # "age": the stored bytes are an age file
+        self.identity = identity  # the age key file that opens them
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         self.offset, self.hash, self.eof = 0, hashlib.sha256(), False
         self.key = manifest.key

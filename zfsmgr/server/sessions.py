@@ -40,6 +40,7 @@ class Session:
     part_base: int
     part_every: int
     created: float
+    encryption: str = ""  # "age": the client seals the stream (never for `local`)
     segment: int = 0  # the first part of the stream the commit verifies (after a send -t)
     resumed_with: str = ""  # the resume token whose `zfs send -t` stream starts at `segment`
 

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, QuotaExceeded,
-                           VerificationFailed)
+                           Unsupported, VerificationFailed)
 from zfsmgr.protocol import Manifest
 from zfsmgr.progress import human
 from zfsmgr.server.catalog import Catalog
@@ -87,6 +87,15 @@ class Uploads:
         compression = request.get("compression", "gzip")
         if compression not in protocol.COMPRESSIONS:
             raise protocol.ValidationError("compression must be gzip, zstd or none")
+        encryption = request.get("encryption") or ""
+        if encryption not in protocol.ENCRYPTIONS:
+            raise protocol.ValidationError("encryption must be age or empty")
+        if encryption and store.kind == "local":
+            raise Unsupported("the local store receives streams into zfs: it cannot take an"
+                              " encrypted one (use s3 or dir storage, or ENCRYPT=none)")
+        if encryption and request.get("raw_send"):
+            raise protocol.ValidationError("a raw send is encrypted already: it is never"
+                                           " wrapped again")
         snapshot_time = request.get("snapshot_time")
         if not isinstance(snapshot_time, (int, float)) or snapshot_time <= 0:
             raise protocol.ValidationError("snapshot_time must be epoch seconds")
@@ -95,7 +104,8 @@ class Uploads:
             token = protocol.unique_token(dataset, self.catalog.tokens(client.client_id))
         except ValueError as exc:
             raise Conflict(str(exc)) from None
-        key = protocol.build_key(client.client_id, dataset, stamp, compression, token=token)
+        key = protocol.build_key(client.client_id, dataset, stamp, compression, token=token,
+                                 encryption=encryption)
         if self.catalog.has_key(client.client_id, key):
             raise Conflict(f"a backup stored as {key} already exists")
         estimate = request.get("estimated_size") or 0
@@ -109,7 +119,8 @@ class Uploads:
         session = Session(
             upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,
             storage_type=store.kind, dataset=dataset, snapshot=snapshot, type=kind,
-            parent=parent, compression=compression, guid=str(request.get("guid", "")),
+            parent=parent, compression=compression, encryption=encryption,
+            guid=str(request.get("guid", "")),
             parent_guid=str(request.get("parent_guid", "") or ""),
             raw_send=bool(request.get("raw_send")),
             compressed_send=bool(request.get("compressed_send")),
@@ -297,7 +308,8 @@ def _manifest(session: Session, store: Store, **sizes) -> Manifest:
     return Manifest(
         key=session.key, client_id=session.client_id, dataset=session.dataset,
         snapshot=session.snapshot, type=session.type, parent=session.parent,
-        compression=session.compression, created=protocol.now_iso(),
+        compression=session.compression, encryption=session.encryption,
+        created=protocol.now_iso(),
         snapshot_time=session.snapshot_time, guid=session.guid,
         parent_guid=session.parent_guid, raw_send=session.raw_send,
         compressed_send=session.compressed_send, storage_type=store.kind, **sizes)
