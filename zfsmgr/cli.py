@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -50,11 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("waitress.queue", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _logging(verbose: bool, role: str, env_file: Optional[str]) -> None:
+    """Logging for the command: LOG_FORMAT of the role's settings (plain when unreadable: the
+    command's own settings check reports a bad file)."""
+    from zfsmgr import settings as config
+    from zfsmgr.logformat import configure
+
+    try:
+        log_format = config.load(role, env_file, names=("LOG_FORMAT",)).log_format
+    except ZfsmgrError as exc:
+        if "LOG_FORMAT" in str(exc):
+            raise
+        log_format = "plain"
+    configure(verbose, log_format)
 
 
 def _interrupt(signum, _frame) -> None:
@@ -73,10 +80,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.group in (None, "help"):
         parser.print_help(sys.stdout if args.group else sys.stderr)
         return ExitStatus.OK if args.group else ExitStatus.USAGE
-    _logging(args.verbose)
     if args.group != "server":  # the server handles SIGTERM itself (graceful shutdown)
         signal.signal(signal.SIGTERM, _interrupt)
     try:
+        _logging(args.verbose, args.group, args.env_file)
         return int(args.run(args, args.env_file))
     except ZfsmgrError as exc:
         sys.stderr.write(f"zfsmgr: error: {exc}\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from zfsmgr import protocol
 from zfsmgr import settings as config
+from zfsmgr import systemd
 from zfsmgr.errors import LockedError, ServerUnreachable, ZfsmgrError
 from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
@@ -25,6 +26,9 @@ HELP = """commands:
                        ask the server to delete old backups by the retention policy
   status [--json]      storage used, quota, backups per dataset
   bookmarks [--json]   the incremental bases zfsmgr keeps (bookmarks or held snapshots)
+  systemd-units [--install] [--unit-dir DIR] [--workdir DIR] [--on-calendar hourly]
+                [--randomized-delay 15m]
+                       print (or write) zfsmgr-backup.service and its .timer (hardened)
   help                 this text"""
 
 
@@ -42,6 +46,12 @@ def add_parser(sub) -> None:
         commands.add_parser(name, help=name).add_argument("--dry-run", action="store_true")
     for name in ("status", "bookmarks"):
         commands.add_parser(name, help=name).add_argument("--json", action="store_true")
+    units = commands.add_parser("systemd-units", help="print or install the service and timer")
+    systemd.add_arguments(units, "/etc/zfsmgr")
+    units.add_argument("--on-calendar", default="hourly",
+                       help="when to back up (systemd.time; default hourly)")
+    units.add_argument("--randomized-delay", type=systemd.checked_delay, default="15m",
+                       help="spread the fleet's runs by up to this (default 15m)")
     commands.add_parser("help", help="show the commands")
     parser.set_defaults(run=run, group_parser=parser)
 
@@ -88,6 +98,10 @@ def run(args, env_file) -> int:
     if command in (None, "help"):
         args.group_parser.print_help(sys.stdout if command else sys.stderr)
         return 0 if command else 2
+    if command == "systemd-units":
+        units = systemd.client_units(args.python, args.program or systemd.program(),
+                                     args.workdir, args.on_calendar, args.randomized_delay)
+        return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-backup.timer"])
     settings = config.load(config.CLIENT, env_file)
     from zfsmgr.zfs import zfs_from_env
 

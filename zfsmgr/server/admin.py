@@ -23,7 +23,7 @@ from zfsmgr.protocol import parse_key, validate_client_id, validate_dataset
 from zfsmgr.settings import as_duration, as_size
 
 COMMANDS = ("clients", "enable", "disable", "rotate-key", "remove-client", "set-quota",
-            "delete", "forget")
+            "delete", "forget", "admin-key")
 
 HELP = """  clients [--json]    every client: enabled, quota, usage, backups, last backup
   enable NAME | disable NAME
@@ -35,7 +35,9 @@ HELP = """  clients [--json]    every client: enabled, quota, usage, backups, la
   set-quota NAME SIZE  e.g. 200G; 0 for none
   delete BACKUP       delete one backup by its key (refused while an incremental needs it)
   forget CLIENT DATASET
-                      delete every backup of one dataset of a client"""
+                      delete every backup of one dataset of a client
+  admin-key           a new admin key for the status page (prints it once, and the
+                      ADMIN_API_KEY line, its SHA-256, for the server's .env)"""
 
 
 def _duration(text: str) -> float:
@@ -73,6 +75,7 @@ def register(commands) -> None:
     forget = commands.add_parser("forget", help="delete a dataset's backups")
     forget.add_argument("client")
     forget.add_argument("dataset")
+    commands.add_parser("admin-key", help="make a key for the status page")
 
 
 class ClientsFile:
@@ -116,6 +119,8 @@ def run(args, settings) -> int:
     """Run one administration command."""
     from zfsmgr.server.context import ServerContext
 
+    if args.command == "admin-key":
+        return admin_key()
     clients = ClientsFile(settings.config_file)
     ctx = ServerContext(settings)
     command = args.command
@@ -136,6 +141,17 @@ def run(args, settings) -> int:
     if command == "delete":
         return delete_backup(ctx, args.backup)
     return forget(ctx, validate_client_id(args.client), validate_dataset(args.dataset))
+
+
+def admin_key() -> int:
+    """A new random admin key, and the setting that stores its SHA-256."""
+    from zfsmgr.server.clients import hash_key
+
+    raw = secrets.token_urlsafe(32)
+    print(f"admin key: {raw}")
+    print("(shown once: the password for the status page; put this line in the server's .env)")
+    print(f"ADMIN_API_KEY={hash_key(raw)}")
+    return 0
 
 
 def rotate_key(clients: ClientsFile, name: str, grace: float) -> int:

@@ -272,6 +272,24 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         return bottle.HTTPResponse(text, status=200,
                                    headers={"Content-Type": exposition.CONTENT_TYPE})
 
+    @app.get(protocol.STATUS_PAGE)
+    @handler(auth=False)
+    def status_page(_):
+        from zfsmgr.server import page
+        from zfsmgr.server.fleet import fleet
+
+        try:
+            page.authorize(ctx.settings.admin_api_key, bottle.request.get_header("Authorization"))
+        except Unauthorized as exc:
+            return bottle.HTTPResponse(f"{exc}\n", status=401, headers={
+                "WWW-Authenticate": page.CHALLENGE, "Content-Type": "text/plain"})
+        query = bottle.request.query
+        text = page.render(fleet(ctx), query.get("sort") or "state", query.get("order") or "asc")
+        return bottle.HTTPResponse(text, status=200, headers={
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "X-Frame-Options": "DENY"})
+
     def not_found(error):
         bottle.response.content_type = "application/json"
         return json.dumps(protocol.error(f"no route {bottle.request.method}"

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from zfsmgr import settings as config
+from zfsmgr import systemd
 from zfsmgr.server import admin, check
 from zfsmgr.settings import as_size
 
@@ -29,6 +30,8 @@ HELP = """commands:
                       apply each client's rotation policy and quota (append-only clients
                       too), never under MIN_RETAIN_DAYS; for cron or a systemd timer
 """ + admin.HELP + "\n" + check.HELP + """
+  systemd-unit [--install] [--unit-dir DIR] [--workdir DIR] [--user U] [--zfs] [--rw PATH]
+                      print (or write) a hardened zfsmgr-server.service
   help                this text"""
 
 
@@ -54,6 +57,13 @@ def add_parser(sub) -> None:
     rotate.add_argument("--dry-run", action="store_true", help="show the plan only")
     for module in EXTENSIONS:
         module.register(commands)
+    unit = commands.add_parser("systemd-unit", help="print or install the systemd service")
+    systemd.add_arguments(unit, "/var/lib/zfsmgr")
+    unit.add_argument("--user", default="", help="run as this user (default root)")
+    unit.add_argument("--zfs", action="store_true",
+                      help="the server uses the local ZFS store (allow /dev/zfs)")
+    unit.add_argument("--rw", action="append", default=[], metavar="PATH",
+                      help="another writable path (a STORAGE_DIR elsewhere); repeatable")
     commands.add_parser("help", help="show the commands")
     parser.set_defaults(run=run, group_parser=parser)
 
@@ -71,6 +81,10 @@ def run(args, env_file) -> int:
     if command == "help":
         args.group_parser.print_help()
         return 0
+    if command == "systemd-unit":
+        units = systemd.server_unit(args.python, args.program or systemd.program(),
+                                    args.workdir, args.user, args.zfs, args.rw)
+        return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-server.service"])
     settings = config.load(config.SERVER, env_file)
     for module in EXTENSIONS:
         if command in module.COMMANDS:
@@ -179,10 +193,9 @@ def serve(ctx) -> int:
         from zfsmgr.server.notify import watch
 
         threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
-    log.info("zfsmgr %s listening on %s:%s, default storage %s (waitress %s)", ctx.version,
-             s.host, server.effective_port, kind, getattr(waitress, "__version__", ""))
-    print(f"zfsmgr server listening on http://{s.host}:{server.effective_port}",
-          file=sys.stderr, flush=True)
+    log.info("zfsmgr %s listening on http://%s:%s, default storage %s (waitress %s)",
+             ctx.version, s.host, server.effective_port, kind,
+             getattr(waitress, "__version__", ""))
     try:
         server.run()
     except (OSError, ValueError):

@@ -14,9 +14,9 @@ from zfsmgr.server.catalog import Catalog, catalog_path
 from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
+from zfsmgr.server.database import Database
 from zfsmgr.server.ledger import Ledger
 from zfsmgr.server.notify import Notifier, Outcomes
-from zfsmgr.server.database import Database
 from zfsmgr.server.rotation import FREES_SPACE, RotationPlan, plan_rotation
 from zfsmgr.server.sessions import SessionTable
 from zfsmgr.server.uploads import Uploads
@@ -34,9 +34,7 @@ class ServerContext:
         self.version = __version__
         self.clients = ClientRegistry(settings.config_file)
         self.catalog_path = catalog_path(settings.metadata_file, settings.catalog_db)
-        self.ledger = Ledger(str(Path(settings.metadata_file).absolute()) + ".ledger.json")
         self.notifier = Notifier(settings.notify_url)
-        self.outcomes = Outcomes(self.ledger, self.notifier)
         self._stores: Dict[str, Store] = {}
         self._lock = threading.Lock()
         if open_catalog:  # `reindex` builds a new one instead
@@ -48,6 +46,8 @@ class ServerContext:
         self.db = Database(str(self.catalog_path))
         self.catalog = Catalog(self.db)
         self.sessions = SessionTable(self.db)
+        self.ledger = Ledger(self.db)
+        self.outcomes = Outcomes(self.ledger, self.notifier)
         if self.db.created:
             self._import_json(Path(settings.metadata_file).absolute())
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,

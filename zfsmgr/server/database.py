@@ -58,6 +58,27 @@ MIGRATIONS: List[str] = [
         PRIMARY KEY (client_id, storage_type)
     ) WITHOUT ROWID;
     """,
+    # 2: the ledger (zfsmgr.server.ledger): what happened per dataset, counters per client
+    """
+    CREATE TABLE dataset_events (
+        client_id TEXT NOT NULL,
+        dataset TEXT NOT NULL,
+        last_success REAL,
+        last_failure REAL,
+        last_failure_message TEXT,
+        last_verify_success REAL,
+        last_verify_failure REAL,
+        last_verify_message TEXT,
+        stale INTEGER,
+        PRIMARY KEY (client_id, dataset)
+    ) WITHOUT ROWID;
+    CREATE TABLE client_counters (
+        client_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (client_id, name)
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -6,62 +6,43 @@ failure), and whether the stale notification was sent; per client, the counters 
 `/metrics` exports (uploads by result, bytes uploaded, backups deleted by rotation). Counters
 survive a restart (Prometheus handles resets anyway).
 
-It lives beside the catalog (`METADATA_FILE` + `.ledger.json`), written read-modify-write
-under a lock file and replaced atomically, like the catalog. The interface is small on purpose
-(`record_*`, `view`, `forget`) so that it can move into the catalog's database unchanged.
+Its tables (`dataset_events`, `client_counters`) live in the server's database beside the
+catalog (migration 2 of zfsmgr.server.database); `reindex` carries them into the new file.
 """
 
 from __future__ import annotations
 
-import json
+import sqlite3
 import time
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from zfsmgr.server.filelock import FileLock
-from zfsmgr.storage.directory import write_atomic
+from zfsmgr.server.database import Database
 
 UPLOAD_RESULTS = ("committed", "failed", "aborted")
+_EVENTS = ("last_success", "last_failure", "last_failure_message", "last_verify_success",
+           "last_verify_failure", "last_verify_message", "stale")
 
 
 class Ledger:
-    """Events per dataset and counters per client, in one small JSON file."""
+    """Events per dataset and counters per client, in the server's database."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time):
-        self.path = Path(path).absolute()
-        self._lock = FileLock(str(self.path) + ".lock")
-        self.clock = clock
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {"datasets": {}, "clients": {}}
-        except ValueError:  # a damaged ledger loses history, never blocks a backup
-            return {"datasets": {}, "clients": {}}
-        data.setdefault("datasets", {})
-        data.setdefault("clients", {})
-        return data
-
-    def _update(self, change: Callable[[dict], object]) -> object:
-        with self._lock:
-            data = self._read()
-            result = change(data)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
-            return result
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time):
+        self.db, self.clock = db, clock
 
     @staticmethod
-    def _dataset(data: dict, client_id: str, dataset: str) -> dict:
-        return data["datasets"].setdefault(client_id, {}).setdefault(dataset, {})
+    def _set(conn: sqlite3.Connection, client_id: str, dataset: str, **values) -> None:
+        conn.execute("INSERT OR IGNORE INTO dataset_events (client_id, dataset) VALUES (?, ?)",
+                     (client_id, dataset))
+        columns = ", ".join(f"{name} = ?" for name in values if name in _EVENTS)
+        conn.execute(f"UPDATE dataset_events SET {columns} WHERE client_id = ? AND dataset = ?",
+                     (*values.values(), client_id, dataset))
 
     @staticmethod
-    def _client(data: dict, client_id: str) -> dict:
-        entry = data["clients"].setdefault(client_id, {})
-        entry.setdefault("uploads", {r: 0 for r in UPLOAD_RESULTS})
-        entry.setdefault("upload_bytes", 0)
-        entry.setdefault("rotation_deleted", 0)
-        return entry
+    def _count(conn: sqlite3.Connection, client_id: str, name: str, amount: int) -> None:
+        conn.execute("INSERT OR IGNORE INTO client_counters (client_id, name, value)"
+                     " VALUES (?, ?, 0)", (client_id, name))
+        conn.execute("UPDATE client_counters SET value = value + ? WHERE client_id = ? AND"
+                     " name = ?", (amount, client_id, name))
 
     def record_upload(self, client_id: str, dataset: str, result: str, stored_bytes: int = 0,
                       message: str = "") -> None:
@@ -69,63 +50,68 @@ class Ledger:
         if result not in UPLOAD_RESULTS:
             raise ValueError(f"unknown upload result {result!r}")
         now = self.clock()
-
-        def change(data: dict) -> None:
-            counters = self._client(data, client_id)
-            counters["uploads"][result] = counters["uploads"].get(result, 0) + 1
-            if dataset:
-                entry = self._dataset(data, client_id, dataset)
-                if result == "committed":
-                    counters["upload_bytes"] += stored_bytes
-                    entry["last_success"] = now
-                else:
-                    entry["last_failure"] = now
-                    entry["last_failure_message"] = message[-500:]
-        self._update(change)
+        with self.db.transaction() as conn:
+            self._count(conn, client_id, f"uploads_{result}", 1)
+            if result == "committed":
+                self._count(conn, client_id, "upload_bytes", stored_bytes)
+                if dataset:
+                    self._set(conn, client_id, dataset, last_success=now)
+            elif dataset:
+                self._set(conn, client_id, dataset, last_failure=now,
+                          last_failure_message=message[-500:])
 
     def record_rotation(self, client_id: str, deleted: int) -> None:
         """Rotation deleted `deleted` backups of a client."""
-        def change(data: dict) -> None:
-            self._client(data, client_id)["rotation_deleted"] += deleted
         if deleted:
-            self._update(change)
+            with self.db.transaction() as conn:
+                self._count(conn, client_id, "rotation_deleted", deleted)
 
     def record_verify(self, client_id: str, dataset: str, ok: bool, message: str = "") -> None:
         """A restore tool verified a dataset's backups: all well, or not (with why)."""
         now = self.clock()
-
-        def change(data: dict) -> None:
-            entry = self._dataset(data, client_id, dataset)
+        with self.db.transaction() as conn:
             if ok:
-                entry["last_verify_success"] = now
+                self._set(conn, client_id, dataset, last_verify_success=now)
             else:
-                entry["last_verify_failure"] = now
-                entry["last_verify_message"] = message[-500:]
-        self._update(change)
+                self._set(conn, client_id, dataset, last_verify_failure=now,
+                          last_verify_message=message[-500:])
 
     def mark_stale(self, client_id: str, dataset: str, stale: bool) -> bool:
         """Record whether a dataset is stale; True when that changed (notify once per change)."""
-        def change(data: dict) -> bool:
-            entry = self._dataset(data, client_id, dataset)
-            changed = bool(entry.get("stale")) != stale
-            entry["stale"] = stale
-            return changed
-        return bool(self._update(change))
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT stale FROM dataset_events WHERE client_id = ? AND"
+                               " dataset = ?", (client_id, dataset)).fetchone()
+            if bool(row and row[0]) == stale:
+                return False
+            self._set(conn, client_id, dataset, stale=int(stale))
+            return True
 
     def forget(self, client_id: str, dataset: Optional[str] = None) -> None:
         """Drop a dataset's events (or, without one, everything of a client)."""
-        def change(data: dict) -> None:
+        with self.db.transaction() as conn:
             if dataset is None:
-                data["datasets"].pop(client_id, None)
-                data["clients"].pop(client_id, None)
+                conn.execute("DELETE FROM dataset_events WHERE client_id = ?", (client_id,))
+                conn.execute("DELETE FROM client_counters WHERE client_id = ?", (client_id,))
             else:
-                data["datasets"].get(client_id, {}).pop(dataset, None)
-        self._update(change)
+                conn.execute("DELETE FROM dataset_events WHERE client_id = ? AND dataset = ?",
+                             (client_id, dataset))
 
     def view(self) -> Dict[str, dict]:
-        """`{"datasets": {client: {dataset: {...}}}, "clients": {client: counters}}`."""
-        with self._lock:
-            data = self._read()
-        for client_id in list(data["clients"]):
-            self._client(data, client_id)
-        return data
+        """`{"datasets": {client: {dataset: {event: value}}}, "clients": {client: counters}}`
+        with counters `{"uploads": {result: n}, "upload_bytes": n, "rotation_deleted": n}`."""
+        datasets: Dict[str, Dict[str, dict]] = {}
+        for row in self.db.query(f"SELECT client_id, dataset, {', '.join(_EVENTS)}"
+                                 " FROM dataset_events"):
+            datasets.setdefault(row[0], {})[row[1]] = {
+                k: v for k, v in zip(_EVENTS, row[2:]) if v is not None}
+        clients: Dict[str, dict] = {}
+        for client_id, name, value in self.db.query(
+                "SELECT client_id, name, value FROM client_counters"):
+            entry = clients.setdefault(client_id, {
+                "uploads": {r: 0 for r in UPLOAD_RESULTS}, "upload_bytes": 0,
+                "rotation_deleted": 0})
+            if name.startswith("uploads_"):
+                entry["uploads"][name[len("uploads_"):]] = value
+            else:
+                entry[name] = value
+        return {"datasets": datasets, "clients": clients}

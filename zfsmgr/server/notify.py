@@ -18,6 +18,7 @@ import json
 import logging
 import queue
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -109,7 +110,7 @@ class Outcomes:
     def _safely(self, what: str, action, *args) -> None:
         try:
             action(*args)
-        except OSError as exc:  # the ledger is bookkeeping: never fail a backup over it
+        except (OSError, sqlite3.Error) as exc:  # bookkeeping: never fail a backup over it
             log.warning("could not record %s in the ledger: %s", what, exc)
 
     def committed(self, client_id: str, dataset: str, stored_bytes: int) -> None:

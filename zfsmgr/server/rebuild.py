@@ -25,24 +25,35 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _copy_sessions(old: Path, new: Database) -> int:
-    """The open upload sessions of the old file, when it can still be read."""
+KEPT_TABLES = ("sessions", "dataset_events", "client_counters")  # not rebuilt from storage
+
+
+def _copy_kept(old: Path, new: Database) -> int:
+    """The rows of KEPT_TABLES (open upload sessions, the ledger) of the old file, when it can
+    still be read; return the number of sessions."""
     if not old.exists():
         return 0
+    copied = {}
     try:
         source = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
-        try:
-            rows = source.execute("SELECT upload_id, client_id, key, reserved, touched, session"
-                                  " FROM sessions").fetchall()
-        finally:
-            source.close()
     except sqlite3.Error as exc:
-        log.warning("open uploads of %s are lost (%s): their clients start them again", old, exc)
+        log.warning("%s cannot be read (%s): open uploads start again, the ledger is lost",
+                    old, exc)
         return 0
+    try:
+        for table in KEPT_TABLES:
+            try:
+                copied[table] = source.execute(f"SELECT * FROM {table}").fetchall()
+            except sqlite3.Error as exc:
+                log.warning("the %s of %s are lost (%s)", table, old, exc)
+    finally:
+        source.close()
     with new.transaction() as conn:
-        conn.executemany("INSERT OR REPLACE INTO sessions (upload_id, client_id, key, reserved,"
-                         " touched, session) VALUES (?, ?, ?, ?, ?, ?)", rows)
-    return len(rows)
+        for table, rows in copied.items():
+            if rows:
+                marks = ", ".join("?" * len(rows[0]))
+                conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
+    return len(copied.get("sessions", []))
 
 
 def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
@@ -53,7 +64,7 @@ def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
     new = Database(str(building), check=False)
     try:
         count = Catalog(new).replace(manifests)
-        sessions = _copy_sessions(path, new)
+        sessions = _copy_kept(path, new)
         with new.transaction():
             new.set_meta("reindexed", "1")
         new.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")

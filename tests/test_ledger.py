@@ -1,0 +1,45 @@
+"""The ledger in the server's database: events, counters, forgetting, and reindex keeps it."""
+
+from __future__ import annotations
+
+import json
+
+from zfsmgr import settings
+from zfsmgr.server.commands import reindex
+from zfsmgr.server.context import ServerContext
+
+
+def test_events_and_counters_survive_a_reindex(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clients.json").write_text(json.dumps([]))
+    ctx = ServerContext(settings.load("server", environ={"STORAGE_DIR": str(tmp_path / "b")}))
+    ledger = ctx.ledger
+    ledger.clock = lambda: 1000.0
+    ledger.record_upload("web1", "tank/db", "committed", 500)
+    ledger.record_upload("web1", "tank/db", "committed", 200)
+    ledger.clock = lambda: 2000.0
+    ledger.record_upload("web1", "tank/db", "failed", message="x" * 900)
+    ledger.record_upload("web1", "tank/www", "aborted")
+    ledger.record_rotation("web1", 3)
+    ledger.record_verify("web1", "tank/db", True)
+    ledger.record_verify("web1", "tank/www", False, "damaged")
+    assert ledger.mark_stale("web1", "tank/db", True) is True
+    assert ledger.mark_stale("web1", "tank/db", True) is False
+    assert ledger.mark_stale("web1", "tank/new", False) is False  # fresh from the start
+    view = ledger.view()
+    assert view["clients"]["web1"] == {
+        "uploads": {"committed": 2, "failed": 1, "aborted": 1}, "upload_bytes": 700,
+        "rotation_deleted": 3}
+    db = view["datasets"]["web1"]["tank/db"]
+    assert (db["last_success"], db["last_failure"], db["last_verify_success"], db["stale"]) == \
+        (1000.0, 2000.0, 2000.0, 1)
+    assert len(db["last_failure_message"]) == 500
+    assert view["datasets"]["web1"]["tank/www"]["last_verify_message"] == "damaged"
+
+    assert reindex(ctx) == 0
+    assert ctx.ledger.view() == view
+
+    ctx.ledger.forget("web1", "tank/www")
+    assert list(ctx.ledger.view()["datasets"]["web1"]) == ["tank/db"]
+    ctx.ledger.forget("web1")
+    assert ctx.ledger.view() == {"datasets": {}, "clients": {}}
