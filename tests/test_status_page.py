@@ -164,7 +164,7 @@ def test_status_page_in_headless_chromium(server_factory, tmp_path):
         ("ok", "client1", fresh_ds), ("stale", "late", late_ds)]
     cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[0][3])
     assert cells[3] == "2"  # chain: full + incremental
-    assert "of 1.0 GB" in cells[4] and cells[5] == "never" and cells[6] == "ok"
+    assert "of 1.0 GiB" in cells[4] and cells[5] == "never" and cells[6] == "ok"
     assert re.fullmatch(r"\d+s ago", cells[2])
     late_cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1][3])
     assert late_cells[6] == "stale" and late_cells[3] == "1"

@@ -106,7 +106,7 @@ def rows(clients: Sequence[ClientConfig], backups: Mapping[str, List[Manifest]],
         for m in mine:
             by_dataset.setdefault(m.dataset, []).append(m)
         if not by_dataset:
-            by_dataset[client.dataset] = []
+            by_dataset[""] = []
         total = sum(m.stored_size for m in mine)
         for dataset, group in sorted(by_dataset.items()):
             seen = events.get(client.client_id, {}).get(dataset, {})
