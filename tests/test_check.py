@@ -78,3 +78,9 @@ def test_evaluate_lists_critical_first_and_caps_the_line():
     assert evaluate([_row("p/x", now - 150, enabled=False)], now)[0] == UNKNOWN
     assert [age_text(s) for s in (59, 150, 3600 * 5.14, 86400 * 2.3)] == \
         ["59s", "2m", "5.1h", "2.3d"]
+
+
+def test_unusable_settings_are_unknown_not_a_usage_error(pyz, tmp_path):
+    done = rig.run_zfsmgr(["server", "check"], env={"PORT": "abc"}, cwd=tmp_path)
+    assert done.returncode == UNKNOWN
+    assert done.stdout.startswith("UNKNOWN: cannot check: PORT='abc'")

@@ -19,7 +19,6 @@ from typing import List, Sequence, Tuple
 from zfsmgr.server.fleet import age_text
 from zfsmgr.settings import as_duration
 
-COMMANDS = ("check",)
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _WORDS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
@@ -74,16 +73,18 @@ def evaluate(rows: Sequence, now: float) -> Tuple[int, str]:
     return status, f"{text} | {perf}" if perf else text
 
 
-def run(args, settings) -> int:
+def run(args, env_file) -> int:
     """Print the check's line; return its Nagios status."""
+    from zfsmgr import settings as config
     from zfsmgr.errors import ZfsmgrError
     from zfsmgr.server.context import ServerContext
     from zfsmgr.server.fleet import fleet
 
     try:
+        settings = config.load(config.SERVER, env_file)
         rows = fleet(ServerContext(settings), args.warn, args.crit)
     except (ZfsmgrError, OSError) as exc:
-        print(f"UNKNOWN: cannot read the catalog or the clients: {exc}")
+        print(f"UNKNOWN: cannot check: {exc}")
         return UNKNOWN
     rows = [r for r in rows if (not args.client or r.client_id == args.client)
             and (not args.dataset or r.dataset == args.dataset)]

@@ -14,7 +14,6 @@ from zfsmgr.server import admin, check
 from zfsmgr.settings import as_size
 
 log = logging.getLogger("zfsmgr.server")
-EXTENSIONS = (admin, check)  # modules with register(commands), COMMANDS and run(args, settings)
 
 HELP = """commands:
   serve (default)     run the backup server (HOST, PORT)
@@ -55,8 +54,8 @@ def add_parser(sub) -> None:
     rotate = commands.add_parser("rotate", help="apply the clients' retention and quota")
     rotate.add_argument("--client", default="", help="only this client")
     rotate.add_argument("--dry-run", action="store_true", help="show the plan only")
-    for module in EXTENSIONS:
-        module.register(commands)
+    admin.register(commands)
+    check.register(commands)
     unit = commands.add_parser("systemd-unit", help="print or install the systemd service")
     systemd.add_arguments(unit, "/var/lib/zfsmgr")
     unit.add_argument("--user", default="", help="run as this user (default root)")
@@ -85,10 +84,11 @@ def run(args, env_file) -> int:
         units = systemd.server_unit(args.python, args.program or systemd.program(),
                                     args.workdir, args.user, args.zfs, args.rw)
         return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-server.service"])
+    if command == "check":  # a plugin that cannot run says UNKNOWN (3), whatever the cause
+        return check.run(args, env_file)
     settings = config.load(config.SERVER, env_file)
-    for module in EXTENSIONS:
-        if command in module.COMMANDS:
-            return module.run(args, settings)
+    if command in admin.COMMANDS:
+        return admin.run(args, settings)
     if command == "add-client":
         from zfsmgr.server.clients import add_client
 
