@@ -58,6 +58,9 @@ def test_ok_then_warning_then_critical_as_thresholds_pass(pool, server_factory, 
 
     assert check(server, "--client", "nobody").returncode == UNKNOWN
     assert check(server, "--client", "idle").returncode == UNKNOWN
+    server.stop()
+    for name in ("metadata.db-wal", "metadata.db-shm"):
+        (server.workdir / name).unlink(missing_ok=True)
     (server.workdir / "metadata.db").write_bytes(b"not a database" * 100)
     broken = check(server)
     assert broken.returncode == UNKNOWN and broken.stdout.startswith("UNKNOWN: ")
