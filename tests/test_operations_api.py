@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from test_server_api import auth, call, server, upload  # noqa: F401 (server is a fixture)
+from test_server_api import KEYS, auth, call, server, upload  # noqa: F401 (server: a fixture)
 
 from zfsmgr.server.metrics import render
 from zfsmgr.server.fleet import rows as fleet_rows
@@ -64,3 +65,68 @@ def test_label_values_are_escaped(server):  # noqa: F811 (the fixture)
     assert 'zfsmgr_client_enabled{client="carol"} 0' in text
     from zfsmgr.server.metrics import _labels
     assert _labels([("dataset", 'a"b\\c\nd')]) == '{dataset="a\\"b\\\\c\\nd"}'
+
+
+def test_failures_aborts_and_rotation_are_counted(server):  # noqa: F811 (the fixture)
+    ctx, app = server
+    data = b"x" * 100
+    code, body, session = upload(app, "alice", data, when=1700000000)
+    assert code == 200
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": "tank/data", "snapshot": "s2", "type": "full", "compression": "none",
+        "snapshot_time": 1700003600}).encode(), auth("alice"))
+    upload_id = json.loads(body)["upload_id"]
+    assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"abc", auth("alice"))[0] == 200
+    code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/commit", json.dumps({
+        "sha256": "0" * 64, "stored_size": 3, "parts_crc32": "00000000-1"}).encode(),
+        auth("alice"))
+    assert code == 409
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": "tank/data", "snapshot": "s3", "type": "full", "compression": "none",
+        "snapshot_time": 1700007200}).encode(), auth("alice"))
+    upload_id = json.loads(body)["upload_id"]
+    assert call(app, "POST", f"/upload-stream/{upload_id}/abort", b"", auth("alice"))[0] == 200
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": "tank/data", "snapshot": "s4", "type": "full", "compression": "none",
+        "snapshot_time": 1700010800, "estimated_size": 10 ** 9}).encode(), auth("alice"))
+    assert code == 413
+    for when in (1700020000, 1700030000):  # alice keeps 1 hourly ... : rotation deletes some
+        assert upload(app, "alice", data, when=when)[0] == 200
+    code, body, _ = call(app, "POST", "/rotate", b"{}", auth("alice"))
+    deleted = json.loads(body)["deleted"]
+    view = ctx.ledger.view()
+    counters = view["clients"]["alice"]
+    assert counters["uploads"] == {"committed": 3, "failed": 2, "aborted": 1}
+    assert counters["rotation_deleted"] == len(deleted) > 0
+    events = view["datasets"]["alice"]["tank/data"]
+    assert "quota exceeded" in events["last_failure_message"]
+    assert events["last_failure"] >= events["last_success"] - 5
+
+
+def test_a_failed_verify_report_is_pushed_to_the_webhook(tmp_path, monkeypatch):
+    from test_notify import Receiver
+
+    from zfsmgr import settings
+    from zfsmgr.server.app import make_app
+    from zfsmgr.server.context import ServerContext
+
+    receiver = Receiver()
+    try:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "clients.json").write_text(json.dumps([{
+            "client_id": "alice", "api_key": hashlib.sha256(KEYS["alice"].encode()).hexdigest(),
+            "storage_type": "dir"}]))
+        ctx = ServerContext(settings.load("server", environ={
+            "STORAGE_DIR": str(tmp_path / "b"), "NOTIFY_URL": receiver.url + "/hook"}))
+        app = make_app(ctx)
+        stored = upload(app, "alice", b"y" * 50)[1]["manifest"]
+        assert report(app, "alice", [{"key": stored["key"], "ok": False,
+                                      "message": "sha256 mismatch"}])[0] == 200
+        assert ctx.notifier.wait(20)
+        (method, path, body), = receiver.requests
+        event = json.loads(body)
+        assert (path, event["event"], event["client"], event["dataset"]) == (
+            "/hook", "verify_failed", "alice", "tank/data")
+        assert "sha256 mismatch" in event["message"] and event["version"]
+    finally:
+        receiver.close()
