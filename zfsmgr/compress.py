@@ -30,12 +30,14 @@ from __future__ import annotations
 import collections
 import os
 import shlex
-import shutil
 import struct
 import subprocess
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from zfsmgr.errors import ZfsError
+from zfsmgr.zfs import program_available, spawn
 
 CODECS = ("gzip", "zstd", "none")
 _EXTENSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
@@ -60,8 +62,8 @@ def extension(codec: str) -> str:
 
 
 def zstd_available() -> bool:
-    """Return True when a `zstd` binary is on PATH."""
-    return shutil.which("zstd") is not None
+    """Return True when a `zstd` program is there (on PATH or in an sbin directory)."""
+    return program_available("zstd")
 
 
 def _check_codec(codec: str) -> None:
@@ -317,10 +319,10 @@ class _ProcessFilter(_Reader):
         self._finished = False
         self.raw_bytes = 0  # bytes fed to the child so far
         try:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, bufsize=0)
-        except OSError as exc:
-            raise RuntimeError(f"cannot start {shlex.join(argv)}: {exc}") from exc
+            self._proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, bufsize=0)
+        except ZfsError as exc:
+            raise RuntimeError(f"cannot start {shlex.join(argv)}: {exc.stderr}") from exc
         self._feeder = threading.Thread(target=self._feed, name="zstd-feed", daemon=True)
         self._drainer = threading.Thread(target=self._drain, name="zstd-stderr", daemon=True)
         self._feeder.start()

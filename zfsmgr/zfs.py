@@ -1,4 +1,12 @@
-"""The one runner for `zfs`/`zpool`: argument lists, stderr drained, errors with argv and message.
+"""The one runner for external commands (`zfs`, `zpool`, `zstd`): argument lists, stderr
+drained, errors with argv and the command's own message.
+
+Every child process of zfsmgr starts here: `execute`/`run` for short commands, `spawn` for
+pipelines (StreamingCommand for `zfs send`/`recv`, compress.py's zstd filter). A missing
+program and a command that does not answer within its timeout are a ZfsError like any other
+failure; a failure because the named dataset, snapshot or pool does not exist is a ZfsNotFound.
+Programs named without a '/' are looked up on PATH and then in /sbin, /usr/sbin and
+/usr/local/sbin (cron's and sudo's PATH often lack them).
 
 Works with current OpenZFS and with zfs-fuse (no bookmarks, no `send -nvP/-c/-w/-t`, no
 `list -p`): features are probed per pool/dataset, never assumed.
@@ -8,28 +16,100 @@ from __future__ import annotations
 
 import collections
 import os
+import re
+import shutil
+import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Dict, Iterable, List, Optional, Sequence
+from typing import IO, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from zfsmgr.errors import ZfsError, ZfsNotFound  # noqa: F401 (ZfsError: imported from here)
+from zfsmgr.errors import ZfsError, ZfsNotFound
 
 PROPERTY_PREFIX = "org.zfsmgr:"  # user properties: lower case, as zfs-fuse requires
 HOLD_TAG = "zfsmgr"
+SBIN_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin")
+TIMEOUT = 600.0  # seconds a short command may take
+_MISSING = re.compile(r"does not exist|no such pool|could not find any snapshots")
+# zfs-fuse settles a killed recv/mount late: until then a destroy may see these for a moment.
+_SETTLING = re.compile(r"busy|already exists")
+_SETTLING_DATASET = re.compile(r"busy|already exists|dependent clones")  # a %recv clone
+DESTROY_PATIENCE = 5.0  # seconds a destroy waits for zfs to settle
 
 
-def run(argv: Sequence[str], check: bool = True, stdin_data: Optional[bytes] = None) -> str:
-    """Run a short command, return its stdout; raise ZfsError on a non-zero exit."""
+def find_program(name: str) -> str:
+    """The path to run for `name`: as given when it holds a '/', else found on PATH, else in
+    /sbin, /usr/sbin or /usr/local/sbin; the bare name when it is nowhere."""
+    if "/" in name:
+        return name
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in SBIN_DIRS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return name
+
+
+def program_available(name: str) -> bool:
+    """Whether `find_program(name)` names a program that exists."""
+    path = find_program(name)
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def spawn(argv: Sequence[str], **popen) -> subprocess.Popen:
+    """Start a child (the only Popen of zfsmgr); a program that cannot start is a ZfsError."""
+    argv = list(argv)
     try:
-        proc = subprocess.run(list(argv), input=stdin_data, capture_output=True, timeout=600)
-    except FileNotFoundError as exc:
-        raise ZfsError(argv, 127, f"{argv[0]}: command not found") from exc
-    if check and proc.returncode != 0:
-        raise ZfsError(argv, proc.returncode, proc.stderr.decode("utf-8", "replace")
-                       or proc.stdout.decode("utf-8", "replace"))
-    return proc.stdout.decode("utf-8", "replace")
+        return subprocess.Popen(argv, executable=find_program(argv[0]), **popen)
+    except OSError as exc:
+        why = "command not found" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise ZfsError(argv, 127, f"{argv[0]}: {why}") from exc
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a short command did."""
+
+    argv: List[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def error(self) -> ZfsError:
+        """The ZfsError of this (failed) run: ZfsNotFound when the target does not exist."""
+        message = self.stderr or self.stdout
+        kind = ZfsNotFound if _MISSING.search(message) else ZfsError
+        return kind(self.argv, self.returncode, message)
+
+
+def execute(argv: Sequence[str], stdin_data: Optional[bytes] = None,
+            timeout: float = TIMEOUT) -> Completed:
+    """Run a short command to its end, whatever its exit code; ZfsError only when it cannot
+    start or does not finish within `timeout` seconds (it is killed then)."""
+    argv = list(argv)
+    proc = spawn(argv, stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin_data, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: a wrapper's children hold the pipes
+        proc.communicate()
+        raise ZfsError(argv, -9, f"no answer within {timeout:g} seconds: killed") from None
+    return Completed(argv, proc.returncode, out.decode("utf-8", "replace"),
+                     err.decode("utf-8", "replace"))
+
+
+def run(argv: Sequence[str], check: bool = True, stdin_data: Optional[bytes] = None,
+        timeout: float = TIMEOUT) -> str:
+    """Run a short command, return its stdout; raise ZfsError (ZfsNotFound when the target
+    does not exist) on a non-zero exit."""
+    done = execute(argv, stdin_data, timeout)
+    if check and done.returncode != 0:
+        raise done.error()
+    return done.stdout
 
 
 class _StderrDrain(threading.Thread):
@@ -60,10 +140,7 @@ class StreamingCommand:
         self.argv = list(argv)
         kwargs = {"stdout": subprocess.PIPE} if mode == "r" else {
             "stdin": subprocess.PIPE, "stdout": subprocess.DEVNULL}
-        try:
-            self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, **kwargs)
-        except FileNotFoundError as exc:
-            raise ZfsError(argv, 127, f"{argv[0]}: command not found") from exc
+        self.proc = spawn(self.argv, stderr=subprocess.PIPE, **kwargs)
         self.stream = self.proc.stdout if mode == "r" else self.proc.stdin
         self._stderr = _StderrDrain(self.proc.stderr)
         self._stderr.start()
@@ -165,12 +242,15 @@ class Zfs:
         return result
 
     def exists(self, name: str) -> bool:
-        """Whether a dataset or snapshot exists."""
+        """Whether a dataset or snapshot exists; ZfsError when zfs fails for another reason."""
         argv = [self.zfs, "list", "-H", "-o", "name"]
         if "@" in name:
             argv += ["-t", "snapshot"]
-        proc = subprocess.run(argv + [name], capture_output=True)
-        return proc.returncode == 0
+        try:
+            run(argv + [name])
+        except ZfsNotFound:
+            return False
+        return True
 
     def get(self, name: str, prop: str) -> str:
         """One property's raw value."""
@@ -195,12 +275,12 @@ class Zfs:
 
     def bookmarks(self, dataset: str) -> List[Snapshot]:
         """Bookmarks of one dataset, oldest first (empty where bookmarks are unsupported)."""
-        proc = subprocess.run([self.zfs, "list", "-H", "-o", "name,guid,createtxg,creation",
-                               "-p", "-t", "bookmark", "-d", "1", dataset], capture_output=True)
-        if proc.returncode != 0:
+        done = execute([self.zfs, "list", "-H", "-o", "name,guid,createtxg,creation", "-p",
+                        "-t", "bookmark", "-d", "1", dataset])
+        if done.returncode != 0:
             return []
         marks = []
-        for line in proc.stdout.decode().splitlines():
+        for line in done.stdout.splitlines():
             name, guid, txg, creation = line.split("\t")
             marks.append(Snapshot(name, guid, int(txg), int(creation)))
         return sorted(marks, key=lambda s: s.createtxg)
@@ -212,17 +292,53 @@ class Zfs:
             argv += ["-o", f"{PROPERTY_PREFIX}{key}={value}"]
         run(argv + [name])
 
-    def destroy(self, name: str, recursive: bool = False) -> None:
-        """Destroy a dataset/snapshot/bookmark, retrying a few seconds while zfs says busy."""
+    def destroy(self, name: str, recursive: bool = False, missing_ok: bool = False,
+                patience: float = DESTROY_PATIENCE) -> None:
+        """Destroy a dataset/snapshot/bookmark (with `missing_ok`, one that is gone already is
+        no error), retrying for up to `patience` seconds while zfs calls it busy.
+
+        zfs-fuse settles a killed receive or mount a moment late; for a dataset, "dependent
+        clones" is then its half-received clone. A snapshot's clones are real: no waiting."""
         argv = [self.zfs, "destroy"] + (["-r"] if recursive else []) + [name]
-        for delay in (0.2, 0.5, 1.0, 2.0, None):  # zfs-fuse settles a killed recv/mount late
+        settling = _SETTLING if "@" in name or "#" in name else _SETTLING_DATASET
+        deadline, delay = time.monotonic() + patience, 0.2
+        while True:
             try:
                 run(argv)
                 return
+            except ZfsNotFound:
+                if missing_ok:
+                    return
+                raise
             except ZfsError as exc:
-                if delay is None or not ("busy" in exc.stderr or "already exists" in exc.stderr):
+                if not settling.search(exc.stderr) or time.monotonic() + delay > deadline:
                     raise
-                time.sleep(delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def create(self, name: str, parents: bool = False,
+               props: Optional[Mapping[str, str]] = None) -> None:
+        """Create a filesystem (with `parents`, its missing parents too), with properties."""
+        argv = [self.zfs, "create"] + (["-p"] if parents else [])
+        for key, value in (props or {}).items():
+            argv += ["-o", f"{key}={value}"]
+        run(argv + [name])
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a dataset."""
+        run([self.zfs, "rename", old, new])
+
+    def mount(self, dataset: str) -> None:
+        """Mount a filesystem at its mountpoint."""
+        run([self.zfs, "mount", dataset])
+
+    def inherit(self, name: str, prop: str) -> None:
+        """Clear a property set locally (a user property disappears)."""
+        run([self.zfs, "inherit", prop, name])
+
+    def abort_receive(self, dataset: str) -> None:
+        """Discard the partial state of an interrupted resumable receive (`zfs recv -A`)."""
+        run([self.zfs, "recv", "-A", dataset])
 
     def rollback(self, snapshot: str) -> None:
         """Return a dataset to its latest snapshot (discarding changes made since)."""
@@ -247,16 +363,15 @@ class Zfs:
     def features(self, dataset: str) -> Features:
         """Probe what this host's zfs supports for `dataset` (no side effects)."""
         pool = dataset.split("/")[0]
-        marks = subprocess.run([self.zfs, "list", "-H", "-o", "name", "-t", "bookmark", pool],
-                               capture_output=True).returncode == 0
+        marks = execute([self.zfs, "list", "-H", "-o", "name", "-t", "bookmark", pool]
+                        ).returncode == 0
         if marks:
-            state = subprocess.run([self.zpool, "get", "-H", "-o", "value", "feature@bookmarks",
-                                    pool], capture_output=True).stdout.decode().strip()
+            state = execute([self.zpool, "get", "-H", "-o", "value", "feature@bookmarks", pool]
+                            ).stdout.strip()
             marks = state in ("enabled", "active")
-        enc = subprocess.run([self.zfs, "get", "-H", "-o", "value", "encryption", dataset],
-                             capture_output=True)
+        enc = execute([self.zfs, "get", "-H", "-o", "value", "encryption", dataset])
         modern = enc.returncode == 0  # OpenZFS >= 0.8: -nvP, -c, -w, -t, recv -s
-        encrypted = modern and enc.stdout.decode().strip() not in ("off", "-", "")
+        encrypted = modern and enc.stdout.strip() not in ("off", "-", "")
         return Features(bookmarks=marks, send_estimate=modern, compressed_send=modern,
                         raw_send=encrypted, resumable_recv=modern)
 
@@ -278,10 +393,10 @@ class Zfs:
                  compressed: bool = False) -> Optional[int]:
         """Size estimate from `send -nvP` (None where unsupported)."""
         argv = self.send_argv(snapshot, base, raw, compressed, estimate=True)
-        proc = subprocess.run(argv, capture_output=True)
-        if proc.returncode != 0:
+        done = execute(argv)
+        if done.returncode != 0:
             return None
-        text = proc.stdout.decode() + "\n" + proc.stderr.decode()  # older releases: stderr
+        text = done.stdout + "\n" + done.stderr  # older releases: stderr
         for line in text.splitlines():
             fields = line.split("\t")
             if fields[0] == "size" and len(fields) == 2 and fields[1].strip().isdigit():
@@ -299,8 +414,8 @@ class Zfs:
 
     def resumed_bytes(self, token: str) -> int:
         """How many bytes of the stream the receiver already has, from `send -nvt` (0: unknown)."""
-        proc = subprocess.run([self.zfs, "send", "-nv", "-t", token], capture_output=True)
-        for line in (proc.stdout + proc.stderr).decode("utf-8", "replace").splitlines():
+        done = execute([self.zfs, "send", "-nv", "-t", token])
+        for line in (done.stdout + done.stderr).splitlines():
             name, _, value = line.strip().partition(" = ")
             if name == "bytes":
                 try:
@@ -329,6 +444,6 @@ def _snapshot(name: str, values: Dict[str, str], props: List[str]) -> Snapshot:
                     {k: values.get(k, "-") for k in props[4:]})
 
 
-def zfs_from_env() -> Zfs:
-    """A Zfs using ZFSMGR_ZFS / ZFSMGR_ZPOOL when set (tests point these at other binaries)."""
-    return Zfs(os.environ.get("ZFSMGR_ZFS", "zfs"), os.environ.get("ZFSMGR_ZPOOL", "zpool"))
+def zfs_from_settings(settings) -> Zfs:
+    """The Zfs of the ZFSMGR_ZFS / ZFSMGR_ZPOOL settings (tests point these at other programs)."""
+    return Zfs(settings.get("ZFSMGR_ZFS") or "zfs", settings.get("ZFSMGR_ZPOOL") or "zpool")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from zfsmgr.zfs import HOLD_TAG, PROPERTY_PREFIX, Features, Snapshot, Zfs, ZfsError, run
+from zfsmgr.zfs import HOLD_TAG, PROPERTY_PREFIX, Features, Snapshot, Zfs, ZfsError
 
 BACKUP_PREFIX = "zfsmgr_"  # backup snapshots and bookmarks: DS@zfsmgr_2024-02-13_14:30:00
 PROPS = ("kind", "base")
@@ -81,7 +81,7 @@ def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features) -> List[st
             gone.append(snap.name)
         except ZfsError:  # held by someone else or cloned: leave it, it is not ours to force,
             if was_base:  # but no longer a base (until then, the newer base wins anyway)
-                run([zfs.zfs, "inherit", PROPERTY_PREFIX + "base", snap.name])
+                zfs.inherit(snap.name, PROPERTY_PREFIX + "base")
     if features.bookmarks:
         for mark in zfs.bookmarks(dataset):
             if mark.short.startswith(BACKUP_PREFIX) and mark.short != keep:

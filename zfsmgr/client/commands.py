@@ -103,9 +103,9 @@ def run(args, env_file) -> int:
                                      args.workdir, args.on_calendar, args.randomized_delay)
         return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-backup.timer"])
     settings = config.load(config.CLIENT, env_file)
-    from zfsmgr.zfs import zfs_from_env
+    from zfsmgr.zfs import zfs_from_settings
 
-    zfs = zfs_from_env()
+    zfs = zfs_from_settings(settings)
     if command == "status":
         return status(_api(settings), args.json)
     settings.require("LOCAL_DATASET")

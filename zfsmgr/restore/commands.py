@@ -14,7 +14,7 @@ from zfsmgr.protocol import Manifest
 from zfsmgr.remote import ServerClient
 from zfsmgr.restore import listing
 from zfsmgr.restore.chain import chain_for, self_contained
-from zfsmgr.zfs import zfs_from_env
+from zfsmgr.zfs import zfs_from_settings
 
 HELP = """commands:
   list [--json] [--dataset DS]
@@ -93,7 +93,8 @@ def run(args, env_file) -> int:
     if command in (None, "help"):
         args.group_parser.print_help(sys.stdout if command else sys.stderr)
         return 0 if command else 2
-    zfs = zfs_from_env()
+    zfs = zfs_from_settings(config.load(config.RESTORE, env_file,
+                                        names=("ZFSMGR_ZFS", "ZFSMGR_ZPOOL")))
     if command == "mount":
         from zfsmgr.restore.mount import mount
 

@@ -6,7 +6,7 @@ import os
 
 from zfsmgr.errors import ZfsmgrError
 from zfsmgr.protocol import validate_dataset
-from zfsmgr.zfs import Zfs, ZfsError, run
+from zfsmgr.zfs import Zfs, ZfsError
 
 
 def mount(zfs: Zfs, dataset: str, mountpoint: str) -> str:
@@ -37,7 +37,7 @@ def mount(zfs: Zfs, dataset: str, mountpoint: str) -> str:
     try:
         zfs.set(dataset, "mountpoint", path)  # remounts a mounted dataset at the new place
         if zfs.get(dataset, "mounted") != "yes":
-            run([zfs.zfs, "mount", dataset])
+            zfs.mount(dataset)
     except ZfsError as exc:
         tail = exc.stderr.splitlines()[-1] if exc.stderr else str(exc)
         raise ZfsmgrError(f"{what}: {tail}") from exc

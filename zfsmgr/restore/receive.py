@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import secrets
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 from zfsmgr.crypt import Plaintext
@@ -19,7 +18,7 @@ from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
 from zfsmgr.restore.stream import CHUNK, Progress, StoredStream, reported
-from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError, run
+from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError
 
 # What `zfs recv` says about a stream that is damaged rather than refused.
 _STREAM_TROUBLE = re.compile(r"invalid|checksum|corrupt|truncat|bad magic|unexpected end",
@@ -100,26 +99,6 @@ def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest]
             receive_stream(zfs, source, dest, force=index > 1)
 
 
-# zfs-fuse finishes an aborted receive in its daemon a moment after `zfs recv` is killed; until
-# then the half-received clone keeps the dataset busy ("dataset already exists" on a snapshot).
-_TRANSIENT = re.compile(r"busy|already exists|dependent clones", re.IGNORECASE)
-
-
-def destroy_patiently(zfs: Zfs, name: str, recursive: bool = False, attempts: int = 20,
-                      delay: float = 0.25) -> None:
-    """Destroy `name` if it exists, retrying for a few seconds while zfs calls it busy."""
-    for attempt in range(attempts):
-        if not zfs.exists(name):
-            return
-        try:
-            zfs.destroy(name, recursive=recursive)
-            return
-        except ZfsError as exc:
-            if attempt == attempts - 1 or not _TRANSIENT.search(exc.stderr):
-                raise
-        time.sleep(delay)
-
-
 class Target:
     """The dataset a restore lands in, and what the restore created on the way.
 
@@ -160,7 +139,7 @@ class Target:
             missing.append(parent)
             parent = parent.rsplit("/", 1)[0]
         if missing:
-            run([self.zfs.zfs, "create", "-p", missing[0]])
+            self.zfs.create(missing[0], parents=True)
             self.created.extend(reversed(missing))
         return self.receive_into
 
@@ -173,9 +152,9 @@ class Target:
         """Put the received dataset in place (replacing the old one with --force)."""
         if not self.replacing:
             return
-        destroy_patiently(self.zfs, self.name, recursive=True)  # fails with clones or holds
+        self.zfs.destroy(self.name, recursive=True, missing_ok=True)  # fails: clones, holds
         try:
-            run([self.zfs.zfs, "rename", self.receive_into, self.name])
+            self.zfs.rename(self.receive_into, self.name)
         except ZfsError as exc:
             self.created.remove(self.receive_into)  # the only copy now: keep it
             raise ZfsmgrError(f"{self.name} was replaced by the restore, but renaming"
@@ -186,7 +165,7 @@ class Target:
         """Destroy what this restore created, newest first; report what could not be."""
         for name in reversed(self.created):
             try:
-                destroy_patiently(self.zfs, name, recursive=name == self.receive_into)
+                self.zfs.destroy(name, recursive=name == self.receive_into, missing_ok=True)
             except ZfsError as exc:
                 sys.stderr.write(f"zfsmgr: warning: could not remove {name}: {exc}\n")
         self.created.clear()
@@ -199,7 +178,7 @@ class Target:
         if props.get("mounted") == "yes":
             return None
         try:
-            run([self.zfs.zfs, "mount", self.name])
+            self.zfs.mount(self.name)
         except ZfsError as exc:
             return (f"{self.name} is restored but not mounted ({_zfs_message(exc)}):"
                     " see `zfsmgr restore mount`")

@@ -22,6 +22,7 @@ from zfsmgr.server.sessions import SessionTable
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
 from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
+from zfsmgr.zfs import zfs_from_settings
 
 log = logging.getLogger("zfsmgr.server")
 
@@ -106,7 +107,8 @@ class ServerContext:
         elif kind == "local":
             from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir, homes=self._homes)
+            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir, zfs_from_settings(s),
+                                  homes=self._homes)
         else:
             raise StorageError(f"unknown storage type {kind!r}")
         store.check()

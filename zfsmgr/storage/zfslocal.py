@@ -30,7 +30,7 @@ from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, Stor
                                  NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
-from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, run
+from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError
 
 log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
@@ -124,7 +124,7 @@ class ZfsLocalStore(Store):
             if "@" in name or name in keep or props.get("receive_resume_token",
                                                         "-") in NO_TOKEN:
                 continue
-            run([self.zfs.zfs, "recv", "-A", name])
+            self.zfs.abort_receive(name)
             log.info("discarded the partial receive into %s (recv -A)", name)
             cleared.append(name)
         return cleared
@@ -170,7 +170,8 @@ class ZfsLocalStore(Store):
         """Choose the receiving dataset now, so a stream with no base fails before any part."""
         container = self._container(manifest)
         if not self.zfs.exists(container):
-            _create_container(self.zfs, container)
+            self.zfs.create(container, parents=True,
+                            props={"mountpoint": "none", "canmount": "off"})
         target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
             raise StorageError(f"{target} already holds a committed backup")
@@ -436,7 +437,3 @@ class ZfsLocalStore(Store):
 def _dataset(target: str) -> str:
     """The dataset that holds a receive's partial state: the target without its snapshot."""
     return target.split("@", 1)[0]
-
-
-def _create_container(zfs: Zfs, name: str) -> None:
-    run([zfs.zfs, "create", "-p", "-o", "mountpoint=none", "-o", "canmount=off", name])
