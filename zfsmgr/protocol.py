@@ -43,7 +43,6 @@ FULL_BACKUP_REQUIRED = "full_backup_required"  # in a 409 to POST /upload: send 
 HEADER_SEGMENT = "X-Upload-Segment"  # on a part: the part its stream starts at (after send -t)
 HEADER_SHA256 = "X-Content-SHA256"  # response header of a part / download: sha256 of the body
 
-STORAGE_TYPES = ("s3", "local", "dir")
 COMPRESSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
 ENCRYPTIONS = {"": "", "age": ".age"}  # client-side encryption of the compressed stream
 BACKUP_TYPES = ("full", "incremental")

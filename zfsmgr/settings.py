@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from zfsmgr.errors import SettingsError
+from zfsmgr.storage import registry
 
 
 def as_bool(text: str) -> bool:
@@ -82,10 +83,10 @@ def as_level(text: str) -> int:
 
 
 def as_storage_type(text: str) -> str:
-    """One of the storage backends, or empty for the server's default."""
+    """One of the storage backends of the registry, or empty for the server's default."""
     value = text.strip().lower()
-    if value not in ("", "s3", "local", "dir"):
-        raise ValueError("s3, local or dir")
+    if value and value not in registry.KINDS:
+        raise ValueError(registry.kinds_text())
     return value
 
 
@@ -228,7 +229,8 @@ TABLE = (
             "age public keys to encrypt to (age1..., ssh-ed25519 ...), comma-separated"),
     Setting("AGE_IDENTITY_FILE", as_text, "", (RESTORE,),
             "the age secret key file that decrypts ENCRYPT=age backups"),
-    Setting("STORAGE_TYPE", as_storage_type, "", (CLIENT,), "s3, local or dir (server decides)"),
+    Setting("STORAGE_TYPE", as_storage_type, "", (CLIENT,),
+            f"{registry.kinds_text()} (server decides)"),
     Setting("STATE_DIR", as_text, "", (CLIENT,), "where locks and the cached policy live"),
     Setting("KEEP_HOURLY", as_count, "24", (CLIENT,), "hourly snapshots to keep locally"),
     Setting("KEEP_DAILY", as_count, "7", (CLIENT,), "daily snapshots to keep locally"),

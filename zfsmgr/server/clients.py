@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from zfsmgr.errors import Forbidden, Unauthorized, ZfsmgrError
-from zfsmgr.protocol import STORAGE_TYPES, validate_client_id, validate_dataset
+from zfsmgr.protocol import validate_client_id, validate_dataset
 from zfsmgr.retention import RetentionPolicy
 from zfsmgr.server.filelock import FileLock
 from zfsmgr.settings import as_duration
+from zfsmgr.storage import registry
 from zfsmgr.storage.directory import write_atomic
 
 log = logging.getLogger("zfsmgr.server")
@@ -102,8 +103,8 @@ def _parse(entry: Any) -> ClientConfig:
         if not isinstance(enabled, bool):
             raise ValueError(f"enabled must be true or false, not {json.dumps(enabled)}")
         storage = entry.get("storage_type") or ""
-        if storage not in ("",) + STORAGE_TYPES:
-            raise ValueError(f"storage_type {storage!r} is not s3, local or dir")
+        if storage not in ("",) + registry.KINDS:
+            raise ValueError(f"storage_type {storage!r} is not {registry.kinds_text()}")
         allowed = entry.get("allowed_datasets") or []
         if not isinstance(allowed, list):
             raise ValueError("allowed_datasets must be a list of datasets")

@@ -12,12 +12,13 @@ from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.server import admin, check
 from zfsmgr.settings import as_size
+from zfsmgr.storage import registry
 
 log = logging.getLogger("zfsmgr.server")
 
 HELP = """commands:
   serve (default)     run the backup server (HOST, PORT)
-  add-client NAME [--quota SIZE] [--storage s3|local|dir] [--dataset DS]
+  add-client NAME [--quota SIZE] [--storage KIND] [--dataset DS]
                  [--allowed-dataset SRC]...
                       add a client with a new random key to CONFIG_FILE; prints the key once.
                       --dataset: the server-side dataset that holds its backups (the local
@@ -45,7 +46,8 @@ def add_parser(sub) -> None:
     add = commands.add_parser("add-client", help="add a client")
     add.add_argument("name")
     add.add_argument("--quota", type=_size, default=0, help="e.g. 100G (default: none)")
-    add.add_argument("--storage", choices=("s3", "local", "dir"), default="")
+    add.add_argument("--storage", choices=registry.KINDS, default="",
+                     help=f"{registry.kinds_text()} (default: the server's)")
     add.add_argument("--dataset", default="",
                      help="server-side dataset for its backups (local store)")
     add.add_argument("--allowed-dataset", action="append", default=[], metavar="SRC",

@@ -22,7 +22,7 @@ from zfsmgr.server.sessions import SessionTable
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
 from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
-from zfsmgr.zfs import zfs_from_settings
+from zfsmgr.storage import registry
 
 log = logging.getLogger("zfsmgr.server")
 
@@ -65,26 +65,24 @@ class ServerContext:
 
     def configured_kinds(self) -> List[str]:
         """Backends this server has settings for."""
-        kinds = ["dir"]
-        if self.settings.s3_enabled or self.settings.s3_endpoint:
-            kinds.append("s3")
-        if self.settings.zfs_base_dataset:
-            kinds.append("local")
-        return kinds
+        return [b.kind for b in registry.BACKENDS if b.configured(self.settings)]
 
     def default_kind(self, client: Optional[ClientConfig] = None) -> str:
-        """The client's storage_type, else S3, else local ZFS when usable, else dir."""
+        """The client's storage_type, else the first backend of the registry that the settings
+        prefer (one that must probe only if its check passes: local ZFS when usable)."""
         if client and client.storage_type:
             return client.storage_type
-        if self.settings.s3_enabled:
-            return "s3"
-        if self.settings.zfs_base_dataset:
+        for backend in registry.BACKENDS:
+            if not backend.preferred(self.settings):
+                continue
+            if not backend.probe_default:
+                return backend.kind
             try:
-                self.store_named("local").check()
-                return "local"
-            except (StorageError, ZfsmgrError):
+                self.store_named(backend.kind).check()
+                return backend.kind
+            except ZfsmgrError:
                 pass
-        return "dir"
+        return registry.BACKENDS[-1].kind
 
     def store_named(self, kind: str) -> Store:
         """The store of one kind, created and checked on first use."""
@@ -94,23 +92,9 @@ class ServerContext:
             return self._stores[kind]
 
     def _make(self, kind: str) -> Store:
-        s = self.settings
-        if kind == "dir":
-            from zfsmgr.storage.directory import DirectoryStore
-
-            store: Store = DirectoryStore(s.storage_dir)
-        elif kind == "s3":
-            from zfsmgr.storage.s3 import S3Store
-
-            store = S3Store(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket,
-                            s.s3_use_ssl, s.s3_region)
-        elif kind == "local":
-            from zfsmgr.storage.zfslocal import ZfsLocalStore
-
-            store = ZfsLocalStore(s.zfs_base_dataset, s.storage_dir, zfs_from_settings(s),
-                                  homes=self._homes)
-        else:
+        if kind not in registry.BY_KIND:
             raise StorageError(f"unknown storage type {kind!r}")
+        store: Store = registry.BY_KIND[kind].load().from_settings(self.settings, self._homes)
         store.check()
         return store
 

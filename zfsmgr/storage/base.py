@@ -1,14 +1,28 @@
 """The Store interface every backend implements, and what it returns.
 
 A Store keeps committed backup streams under storage keys, with a manifest beside each, and
-stages the parts of uploads in progress so that they survive a server restart. Contracts:
+stages the parts of uploads in progress so that they survive a server restart. Backends are
+listed in zfsmgr/storage/registry.py; each keeps its quirks in its own module. Contracts:
 - `stage_part` survives a server restart when it returns (after a power loss, `staged_parts`
   lists only the parts whose bytes survived) and is idempotent for the same index and bytes;
   the `local` store is the exception: it pipes parts into a live `zfs recv` and keeps no copy, so
   after a restart what survives is zfs's `receive_resume_token` (`resume_token`/`resume`);
 - nothing staged is visible through `open`/`manifests` until `commit` returns;
 - `commit` writes the object first and the manifest last, so a manifest always has its object;
-- a missing key raises NotFound; any other failure raises StorageError.
+- a missing key raises NotFound; any other failure of the backend raises StorageError (never
+  the backend's own exception types); a bug in zfsmgr stays the exception it is.
+Concurrency: one Store object serves every request thread of the server. Calls for different
+uploads and backups run at the same time; for one upload the server serializes `stage_part`,
+`staged_parts`, `resume` and `commit` (uploads.py holds the session's lock), but `discard` may
+run while a part of that upload is being staged (an abort, the expiry): the part must then fail
+(or be discarded with the rest), never bring the upload back.
+Deleting: `delete` of a backup that is already gone, wholly or partly, is not an error (a
+rotation and a reindex may race), and `discard` of an unknown upload does nothing.
+Listing: `manifests` yields in no promised order; callers sort (the catalog by snapshot time).
+Checking: `check` may create what the backend needs to work (the bucket, the root directory)
+and tidy what a previous process of the server left behind that no open upload owns (the
+`local` store drops partial receives on its first check); it never touches a committed backup
+or an open upload, and it is cheap enough for `GET /health`, which calls it each time.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded,  # noqa: F401 (re-exported)
                            StorageError, Unsupported)
@@ -64,7 +78,14 @@ class CountingReader:
 class Store(ABC):
     """Where backups live. Keys are built by zfsmgr.protocol.build_key and already validated."""
 
-    kind = ""
+    kind = ""  # its name in the registry (zfsmgr/storage/registry.py)
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings, homes: Callable[[], Dict[str, str]]) -> "Store":
+        """The store the server's settings describe (not checked yet). `homes()` gives the
+        server-side dataset of each client that clients.json gives one (the `local` store
+        receives there); stores without such a notion ignore it."""
 
     @abstractmethod
     def check(self) -> None:
@@ -115,4 +136,5 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, manifest: Manifest) -> None:
-        """Remove a committed backup: manifest first, then its object."""
+        """Remove a committed backup: manifest first, then its object; one already gone is
+        not an error."""

@@ -192,6 +192,11 @@ class DirectoryStore(Store):
         self.root = Path(root).absolute()
         self.staging = Staging(self.root / ".uploads")
 
+    @classmethod
+    def from_settings(cls, settings, homes=dict) -> "DirectoryStore":
+        """The store of STORAGE_DIR."""
+        return cls(settings.storage_dir)
+
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if self.root.resolve() not in path.parents or ".uploads" in path.parts:

@@ -56,6 +56,13 @@ class S3Store(Store):
         self.bucket = bucket
         self.client = _client(endpoint, access_key, secret_key, secure, region)
 
+    @classmethod
+    def from_settings(cls, settings, homes=dict) -> "S3Store":
+        """The store of the S3_* settings."""
+        s = settings
+        return cls(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, s.s3_use_ssl,
+                   s.s3_region)
+
     def _call(self, what: str, func, *args, **kwargs):
         """Call minio; S3's answers and transport trouble become StorageError/NotFound.
 
@@ -187,7 +194,10 @@ class S3Store(Store):
 
     def delete(self, manifest):
         for key in (manifest_key(manifest.key), manifest.key):
-            self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
+            try:
+                self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
+            except NotFound:  # gone already: what delete wants
+                pass
 
     def object_size(self, key: str) -> Optional[int]:
         """Size of a stored object, None when absent."""

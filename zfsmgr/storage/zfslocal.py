@@ -30,7 +30,7 @@ from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, Stor
                                  NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
-from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError
+from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
 
 log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
@@ -102,6 +102,13 @@ class ZfsLocalStore(Store):
         self.state_dir = Path(staging_dir) / ".uploads-local"
         self._live: Dict[str, LiveReceive] = {}
         self._discarded: Set[str] = set()  # a part racing an abort must not start a receive
+
+    @classmethod
+    def from_settings(cls, settings, homes=dict) -> "ZfsLocalStore":
+        """The store of ZFS_BASE_DATASET and the clients' homes (its upload state under
+        STORAGE_DIR), run with the ZFSMGR_ZFS program."""
+        return cls(settings.zfs_base_dataset, settings.storage_dir, zfs_from_settings(settings),
+                   homes=homes)
 
     def check(self) -> None:
         if not self.zfs.exists(self.base):
@@ -420,11 +427,15 @@ class ZfsLocalStore(Store):
                     yield manifest
 
     def delete(self, manifest):
-        self._destroy(self._located(manifest))
+        try:
+            target = self._located(manifest)
+        except NotFound:  # gone already: what delete wants
+            return
+        self._destroy(target)
 
     def _destroy(self, target: str) -> None:
         """Destroy a snapshot, and its chain dataset once no snapshot is left in it."""
-        self.zfs.destroy(target)
+        self.zfs.destroy(target, missing_ok=True)
         chain = target.split("@", 1)[0]
         if not [s for s in self._snapshots(chain) if s.startswith(chain + "@")]:
             self.zfs.destroy(chain)
