@@ -94,7 +94,8 @@ def server_factory(pyz, tmp_path, request):
     servers = []
 
     def make(storage="dir", quota=0, client_id="client1", enabled=True, extra_clients=(),
-             env=None, rotation_policy=None, client_fields=None, base_dataset=""):
+             env=None, rotation_policy=None, client_fields=None, base_dataset="",
+             tls=None):
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
         key = secrets.token_hex(16)
@@ -116,10 +117,16 @@ def server_factory(pyz, tmp_path, request):
         if storage == "local":
             server_env["ZFS_BASE_DATASET"] = base_dataset
         server_env.update(env or {})
-        server = rig.ServerProcess(workdir, server_env).start()
+        if tls is not None:  # a rig.TestCA: the server speaks HTTPS with a certificate of it
+            cert, key_file = tls.issue()
+            server_env.update({"TLS_CERT": str(cert), "TLS_KEY": str(key_file)})
+        server = rig.ServerProcess(workdir, server_env,
+                                   ca_file=str(tls.cert) if tls else "").start()
         server.storage_dir = workdir / "backups"
         server.client_env = {"CLIENT_ID": client_id, "API_KEY": key, "SERVER_URL": server.url,
                              "STATE_DIR": str(workdir / f"state-{client_id}")}
+        if tls is not None:
+            server.client_env["CA_FILE"] = str(tls.cert)
         server.s3 = request.getfixturevalue("s3") if storage == "s3" else None
         servers.append(server)
         return server

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -179,6 +180,36 @@ class Seaweed:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class TestCA:
+    """A certificate authority made with `openssl` for one test, and certificates it signs."""
+
+    def __init__(self, folder: Path, name: str = "ca"):
+        self.folder, self.name = folder, name
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = folder / f"{name}.key", folder / f"{name}.crt"
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+           "-nodes", "-keyout", str(self.key), "-out", str(self.cert), "-days", "2",
+           "-subj", f"/CN=zfsmgr test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+           "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def issue(self, name: str = "server", hosts=("127.0.0.1", "localhost")):
+        """(certificate with the CA's chain, key) for `hosts`, as PEM files."""
+        key, csr = self.folder / f"{name}.key", self.folder / f"{name}.csr"
+        leaf, chain = self.folder / f"{name}.leaf.crt", self.folder / f"{name}.crt"
+        ext = self.folder / f"{name}.ext"
+        alt = ",".join(("IP:" if h[0].isdigit() else "DNS:") + h for h in hosts)
+        ext.write_text(f"subjectAltName={alt}\nbasicConstraints=CA:FALSE\n"
+                       "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                       "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        sh("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+           "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={hosts[0]}")
+        sh("openssl", "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey",
+           str(self.key), "-CAcreateserial", "-out", str(leaf), "-days", "2", "-extfile",
+           str(ext))
+        chain.write_bytes(leaf.read_bytes() + self.cert.read_bytes())  # PEM with its chain
+        return chain, key
+
+
 def parts_crc32(pieces) -> str:
     """What a client declares at commit for these part bodies (protocol.parts_checksum)."""
     from zfsmgr import protocol
@@ -218,10 +249,13 @@ def run_zfsmgr(args, env=None, cwd=None, check=False, timeout=300, input=None):
 class ServerProcess:
     """`zfsmgr server` from the .pyz, as a real process on a free port."""
 
-    def __init__(self, workdir: Path, env: dict):
+    def __init__(self, workdir: Path, env: dict, ca_file: str = ""):
         self.workdir, self.env = workdir, env
         self.port = int(env["PORT"])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.scheme = "https" if env.get("TLS_CERT") else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.ssl_context = ssl.create_default_context(cafile=ca_file or None) \
+            if self.scheme == "https" else None
         self.proc = None
         self.log_path = workdir / "server.log"
 
@@ -233,7 +267,8 @@ class ServerProcess:
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "/health", timeout=2,
+                                            context=self.ssl_context) as r:
                     if r.status == 200:
                         return self
             except (OSError, urllib.error.HTTPError):

@@ -177,10 +177,18 @@ def serve(ctx) -> int:
     s = ctx.settings
     kind = ctx.default_kind()
     ctx.store_named(kind)  # fail early when the default store is unusable
-    server = create_server(make_app(ctx), host=s.host, port=s.port, threads=s.threads,
-                           max_request_body_size=MAX_PART_SIZE + (1 << 20),
-                           channel_timeout=300, ident="zfsmgr",
-                           recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
+    adjustments = dict(host=s.host, port=s.port, threads=s.threads,
+                       max_request_body_size=MAX_PART_SIZE + (1 << 20),
+                       channel_timeout=300, ident="zfsmgr",
+                       recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
+    certificate = _certificate(s)
+    if certificate is None:
+        server = create_server(make_app(ctx), **adjustments)
+    else:
+        from zfsmgr.server.tls import create_tls_server
+
+        server = create_tls_server(make_app(ctx), certificate, **adjustments)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: certificate.reload())
     stop = threading.Event()
 
     def shutdown(signum, _frame):
@@ -195,8 +203,9 @@ def serve(ctx) -> int:
         from zfsmgr.server.notify import watch
 
         threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
-    log.info("zfsmgr %s listening on http://%s:%s, default storage %s (waitress %s)",
-             ctx.version, s.host, server.effective_port, kind,
+    scheme = "http" if certificate is None else "https"
+    log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s)",
+             ctx.version, scheme, s.host, server.effective_port, kind,
              getattr(waitress, "__version__", ""))
     try:
         server.run()
@@ -204,6 +213,16 @@ def serve(ctx) -> int:
         if not stop.is_set():
             raise
     return 0
+
+
+def _certificate(settings):
+    """The TLS certificate when TLS_CERT and TLS_KEY are set (None: plain HTTP)."""
+    if not settings.tls_cert and not settings.tls_key:
+        return None
+    settings.require("TLS_CERT", "TLS_KEY")
+    from zfsmgr.server.tls import Certificate
+
+    return Certificate(settings.tls_cert, settings.tls_key)
 
 
 def _janitor(ctx, stop: threading.Event) -> None:

@@ -1,0 +1,112 @@
+"""The documented reverse proxy, contrib/nginx/zfsmgr.conf, run by Debian's nginx in front of a
+plain-HTTP zfsmgr: the same backup and restore go through it, part bodies streamed (nothing
+spooled to nginx's body files)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+import rig
+
+pytestmark = [pytest.mark.zfs]
+SITE = rig.ROOT / "contrib" / "nginx" / "zfsmgr.conf"
+
+
+class Nginx:
+    """nginx in the foreground, one process, everything under `folder`."""
+
+    def __init__(self, folder, site: str):
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "site.conf").write_text(site)
+        temps = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in (
+            "client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(
+            f"daemon off;\nmaster_process off;\npid {folder}/nginx.pid;\n"
+            f"error_log {folder}/error.log info;\nevents {{}}\nhttp {{\n"
+            f"    access_log {folder}/access.log;\n{temps}\n    include {folder}/site.conf;\n}}\n")
+        argv = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf")]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(folder / "stderr.log", "wb"))
+
+    def wait(self, port: int) -> None:
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("nginx did not start: " + self.log())
+
+    def log(self) -> str:
+        return "".join((self.folder / name).read_text() for name in ("stderr.log", "error.log")
+                       if (self.folder / name).exists())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def site_for(port: int, cert, key, upstream: int) -> str:
+    """The documented site with this test's port, certificate and upstream substituted."""
+    text = SITE.read_text()
+    for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+                     ("/etc/ssl/zfsmgr/fullchain.pem", str(cert)),
+                     ("/etc/ssl/zfsmgr/privkey.pem", str(key)),
+                     ("proxy_pass http://127.0.0.1:8080;",
+                      f"proxy_pass http://127.0.0.1:{upstream};")):
+        assert old in text, f"{SITE} no longer has {old!r}"
+        text = text.replace(old, new)
+    for needed in ("proxy_request_buffering off;", "client_max_body_size 0;",
+                   "proxy_http_version 1.1;", "proxy_buffering off;"):
+        assert needed in text
+    return text
+
+
+def test_backup_and_restore_through_nginx(pool, server_factory, run_zfsmgr, tmp_path):
+    ca = rig.TestCA(tmp_path / "pki")
+    cert, key = ca.issue()
+    server = server_factory("dir")  # plain HTTP on loopback, behind nginx
+    port = rig.free_port()
+    nginx = Nginx(tmp_path / "nginx", site_for(port, cert, key, server.port))
+    try:
+        nginx.wait(port)
+        dataset = pool.create("data")
+        mnt = pool.mountpoint(dataset)
+        env = {**server.client_env, "SERVER_URL": f"https://127.0.0.1:{port}",
+               "CA_FILE": str(ca.cert), "LOCAL_DATASET": dataset, "COMPRESS": "none"}
+        (mnt / "big.bin").write_bytes(os.urandom(3 << 20))  # several 1 MiB parts
+        rig.write_files(mnt, seed=1)
+        run_zfsmgr(["client", "backup"], env=env, check=True)
+        digest = rig.write_files(mnt, seed=2)
+        second = run_zfsmgr(["client", "backup"], env=env, check=True)
+        assert ": incremental," in second.stdout and "plain http" not in second.stderr
+        restore_env = {k: env[k] for k in ("CLIENT_ID", "API_KEY", "SERVER_URL", "CA_FILE")}
+        run_zfsmgr(["restore", "latest", f"{pool.name}/r"], env=restore_env, check=True)
+        verify = run_zfsmgr(["restore", "verify", "--all"], env=restore_env)
+        assert verify.returncode == 0, verify.stderr
+        rig.sh("zfs", "set", f"mountpoint={pool.dir}/r", f"{pool.name}/r")
+        rig.sh("zfs", "mount", f"{pool.name}/r", check=False)
+        assert rig.tree_digest(pool.dir / "r") == digest
+        access = (tmp_path / "nginx" / "access.log").read_text()
+        assert access.count("POST /upload-stream/") >= 5 and "GET /download" in access
+        assert "/upload-stream/" in server.log()  # it went through to zfsmgr
+        assert "buffered to a temporary file" not in nginx.log()  # streamed, not spooled
+    finally:
+        nginx.stop()
