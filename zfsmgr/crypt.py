@@ -12,12 +12,12 @@ holds. Raw sends of natively encrypted datasets are never wrapped: they are ciph
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Tuple
 
-from zfsmgr.compress import _ProcessFilter
+from zfsmgr.compress import _ProcessFilter  # the runner's filter: child fed from a thread
 from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.zfs import find_program, program_available
 
 ENCRYPTIONS = ("none", "age")
 
@@ -27,11 +27,11 @@ class CryptError(ZfsmgrError, RuntimeError):
 
 
 def age_binary() -> str:
-    """The path of the system's `age`, or a UsageError saying how to get it."""
-    path = shutil.which("age")
-    if not path:
+    """The path of the system's `age` (found as the runner finds programs), or a UsageError
+    saying how to get it."""
+    if not program_available("age"):
         raise UsageError("ENCRYPT=age needs the age binary on PATH (apt-get install age)")
-    return path
+    return find_program("age")
 
 
 class _AgeFilter(_ProcessFilter):
