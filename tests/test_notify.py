@@ -40,7 +40,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def wait_for(self, predicate, timeout=30.0):
+    def wait_for(self, predicate, timeout=60.0):
         deadline = time.time() + timeout
         while time.time() < deadline:
             found = [r for r in list(self.requests) if predicate(r)]
@@ -106,7 +106,7 @@ def _post(url, path, body, key, raw=False):
 def test_webhook_on_stale_recovered_and_failed_verification(pool, server_factory, run_zfsmgr,
                                                             receiver):
     server = server_factory("dir", env={"NOTIFY_URL": receiver.url + "/hook/T0KEN",
-                                        "STALE_CHECK_INTERVAL": "1s", "CHECK_WARN": "8s"})
+                                        "STALE_CHECK_INTERVAL": "1s", "CHECK_WARN": "15s"})
     dataset = pool.create("data")
     env = {**server.client_env, "LOCAL_DATASET": dataset}
     run_zfsmgr(["client", "backup"], env=env, check=True)
@@ -116,7 +116,7 @@ def test_webhook_on_stale_recovered_and_failed_verification(pool, server_factory
 
     stale = json.loads(receiver.wait_for(event("stale"))[0][2])
     assert (stale["client"], stale["dataset"]) == ("client1", dataset)
-    assert stale["message"].endswith("s old (stale after 8s)"), stale["message"]
+    assert stale["message"].endswith("s old (stale after 15s)"), stale["message"]
     assert stale["text"].startswith(f"zfsmgr: client1:{dataset} stale:")
     run_zfsmgr(["client", "backup"], env=env, check=True)
     recovered = json.loads(receiver.wait_for(event("recovered"))[0][2])
