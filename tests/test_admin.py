@@ -28,7 +28,7 @@ def test_disable_rotate_key_quota_delete_forget_remove(pool, server_factory, run
     for seed in range(2):
         rig.write_files(pool.mountpoint(dataset), seed=seed, count=2)
         run_zfsmgr(["client", "backup"], env=env, check=True)
-    listed = json.loads(admin(server, "clients", "--json").stdout)
+    listed = json.loads(admin(server, "clients", "--json").stdout)["clients"]
     assert [(c["client_id"], c["enabled"], c["backups"], c["datasets"]) for c in listed] == \
         [("client1", True, 2, [dataset])]
     assert "client1" in admin(server, "clients").stdout

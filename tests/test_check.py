@@ -55,6 +55,18 @@ def test_ok_then_warning_then_critical_as_thresholds_pass(pool, server_factory, 
     (server.workdir / "clients.json").write_text(json.dumps(entries))
     own = check(server, "--warn", "1s", "--crit", "2s")
     assert own.returncode == OK and ";3600;7200;0" in own.stdout
+    # a refused entry is not monitored at all: the check says so
+    (server.workdir / "clients.json").write_text(json.dumps(
+        entries + [{"client_id": "broken", "api_key": "short"}]))
+    refused = check(server, "--warn", "1s", "--crit", "2s")
+    assert refused.returncode == WARNING, refused.stdout
+    assert refused.stdout.startswith("WARNING: 1 datasets backed up")
+    assert "entry 3 is refused" in refused.stdout and "api_key" in refused.stdout
+    listed = json.loads(rig.run_zfsmgr(["server", "clients", "--json"], env=server.env,
+                                       cwd=server.workdir).stdout)
+    assert [c["client_id"] for c in listed["clients"]] == ["client1", "idle"]
+    assert "entry 3 is refused" in listed["problems"][0]
+    (server.workdir / "clients.json").write_text(json.dumps(entries))
 
     assert check(server, "--client", "nobody").returncode == UNKNOWN
     assert check(server, "--client", "idle").returncode == UNKNOWN

@@ -130,3 +130,15 @@ def test_a_failed_verify_report_is_pushed_to_the_webhook(tmp_path, monkeypatch):
         assert "sha256 mismatch" in event["message"] and event["version"]
     finally:
         receiver.close()
+
+
+def test_clients_json_problems_show_on_metrics_and_page(server):  # noqa: F811 (the fixture)
+    from zfsmgr.server import page
+
+    ctx, _ = server
+    clients = ctx.clients.all()
+    rows = fleet_rows(clients, {}, {"datasets": {}}, 60.0, 120.0)
+    assert "\nzfsmgr_config_problems 2\n" in render(clients, rows, {}, problems=2)
+    text = page.render(rows, problems=["clients.json entry 4 is refused: <bad>"])
+    assert '<p class="problem">clients.json entry 4 is refused: &lt;bad&gt;</p>' in text
+    assert [r.state(0.0) for r in rows] == ["never", "never", "disabled"]

@@ -251,8 +251,9 @@ def list_clients(ctx, as_json: bool) -> int:
             "newest_snapshot": newest,
             "previous_key_valid_until": client.previous_key_expires
             if client.previous_key_expires > now else None})
+    problems = ctx.clients.warnings()
     if as_json:
-        print(json.dumps(found, indent=1))
+        print(json.dumps({"clients": found, "problems": problems}, indent=1))
         return 0
     print(f"{'CLIENT':<20} {'STATE':<9} {'USED':>10} {'QUOTA':>10} {'BACKUPS':>7}  NEWEST")
     for c in found:
@@ -262,4 +263,6 @@ def list_clients(ctx, as_json: bool) -> int:
         state = "enabled" if c["enabled"] else "disabled"
         print(f"{c['client_id']:<20} {state:<9} {human(c['used_bytes']):>10} {quota:>10}"
               f" {c['backups']:>7}  {age}")
+    for problem in problems:
+        print(f"problem: {problem}")
     return 0

@@ -268,7 +268,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         s = ctx.settings
         exposition.authorize(s.metrics_no_auth, s.metrics_token,
                              bottle.request.get_header("Authorization"))
-        text = exposition.render(ctx.clients.all(), fleet(ctx), ctx.ledger.view()["clients"])
+        text = exposition.render(ctx.clients.all(), fleet(ctx), ctx.ledger.view()["clients"],
+                                 len(ctx.clients.warnings()))
         return bottle.HTTPResponse(text, status=200,
                                    headers={"Content-Type": exposition.CONTENT_TYPE})
 
@@ -284,7 +285,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             return bottle.HTTPResponse(f"{exc}\n", status=401, headers={
                 "WWW-Authenticate": page.CHALLENGE, "Content-Type": "text/plain"})
         query = bottle.request.query
-        text = page.render(fleet(ctx), query.get("sort") or "state", query.get("order") or "asc")
+        text = page.render(fleet(ctx), query.get("sort") or "state", query.get("order") or "asc",
+                           problems=ctx.clients.warnings())
         return bottle.HTTPResponse(text, status=200, headers={
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",

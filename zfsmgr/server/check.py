@@ -45,11 +45,14 @@ def register(commands) -> None:
                        help="CRITICAL past this age (default CHECK_CRIT, 50h)")
 
 
-def evaluate(rows: Sequence, now: float) -> Tuple[int, str]:
-    """The exit status and the line for the selected rows (enabled clients only)."""
+def evaluate(rows: Sequence, now: float, problems: Sequence[str] = ()) -> Tuple[int, str]:
+    """The exit status and the line for the selected rows (enabled clients only).
+
+    `problems` of clients.json (refused entries are not monitored at all) make an OK a
+    WARNING and are named in the line."""
     rows = [r for r in rows if r.enabled]
     if not rows:
-        return UNKNOWN, "UNKNOWN: no enabled client or dataset matches"
+        return UNKNOWN, "UNKNOWN: no enabled client or dataset matches" + _named(problems)
     critical, warning = [], []
     for row in rows:
         state = row.state(now)
@@ -70,7 +73,17 @@ def evaluate(rows: Sequence, now: float) -> Tuple[int, str]:
         status = OK
         oldest = max(r.age(now) for r in rows)
         text = f"OK: {len(rows)} datasets backed up, newest backups at most {age_text(oldest)} old"
+    if problems:
+        status = max(status, WARNING)
+        text = _WORDS[status] + text[text.index(":"):] + _named(problems)
     return status, f"{text} | {perf}" if perf else text
+
+
+def _named(problems: Sequence[str]) -> str:
+    if not problems:
+        return ""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"; {problems[0]}{more}"
 
 
 def run(args, env_file) -> int:
@@ -82,12 +95,14 @@ def run(args, env_file) -> int:
 
     try:
         settings = config.load(config.SERVER, env_file)
-        rows = fleet(ServerContext(settings), args.warn, args.crit)
+        ctx = ServerContext(settings)
+        rows = fleet(ctx, args.warn, args.crit)
+        problems = ctx.clients.warnings()
     except (ZfsmgrError, OSError) as exc:
         print(f"UNKNOWN: cannot check: {exc}")
         return UNKNOWN
     rows = [r for r in rows if (not args.client or r.client_id == args.client)
             and (not args.dataset or r.dataset == args.dataset)]
-    status, line = evaluate(rows, time.time())
+    status, line = evaluate(rows, time.time(), problems)
     print(line)
     return status

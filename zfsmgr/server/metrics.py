@@ -82,8 +82,9 @@ class _Exposition:
 
 
 def render(clients: Sequence[ClientConfig], rows: Sequence[DatasetRow],
-           counters: Dict[str, dict]) -> str:
-    """The exposition of every configured client; `counters` is the ledger's per client."""
+           counters: Dict[str, dict], problems: int = 0) -> str:
+    """The exposition of every configured client; `counters` is the ledger's per client,
+    `problems` the number of clients.json's refused entries (not monitored otherwise)."""
     out = _Exposition()
     datasets = [r for r in rows if r.dataset and r.backups]
     for name, help_text, attribute in DATASET_GAUGES:
@@ -104,6 +105,9 @@ def render(clients: Sequence[ClientConfig], rows: Sequence[DatasetRow],
     out.family("zfsmgr_rotation_deleted_total", "counter", "backups deleted by rotation",
                (((("client", cid),), seen.get("rotation_deleted", 0))
                 for cid, seen in mine.items()))
+    out.family("zfsmgr_config_problems", "gauge",
+               "refused clients.json entries (or a file kept at its last good state)",
+               [((), problems)])
     out.family("zfsmgr_build_info", "gauge", "the zfsmgr version serving",
                [((("version", __version__),), 1)])
     return out.text()

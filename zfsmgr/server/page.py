@@ -69,6 +69,7 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1b1b1b;background:#fff}
 h1{font-size:1.4em;margin:0 0 .2em}
 p.summary{margin:0 0 1em;color:#444}
+p.problem{margin:0 0 1em;padding:.4em .7em;background:#ff9c9c;font-weight:bold}
 table{border-collapse:collapse;width:100%}
 th,td{padding:.35em .7em;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap}
 th a{color:inherit;text-decoration:none}
@@ -107,8 +108,9 @@ def _stored_cell(row: DatasetRow) -> str:
 
 
 def render(rows: Sequence[DatasetRow], sort: str = "state", order: str = "asc",
-           now: Optional[float] = None) -> str:
-    """The whole page; an unknown `sort` or `order` falls back to the defaults."""
+           now: Optional[float] = None, problems: Sequence[str] = ()) -> str:
+    """The whole page; an unknown `sort` or `order` falls back to the defaults. `problems` of
+    clients.json are listed above the table (a refused entry has no row)."""
     now = time.time() if now is None else now
     keys = _sort_keys(now)
     sort = sort if sort in keys else "state"
@@ -148,6 +150,7 @@ def render(rows: Sequence[DatasetRow], sort: str = "state", order: str = "asc",
             f"<h1>zfsmgr backups</h1>"
             f'<p class="summary">{len(rows)} datasets of'
             f" {len({r.client_id for r in rows})} clients; {late} stale or missing.</p>"
+            + "".join(f'<p class="problem">{html.escape(p)}</p>' for p in problems) +
             f"<table><thead><tr>{''.join(head)}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>"
             f"<footer>zfsmgr {html.escape(__version__)}, {stamp}</footer></body></html>\n")
