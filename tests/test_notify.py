@@ -137,3 +137,26 @@ def test_webhook_on_stale_recovered_and_failed_verification(pool, server_factory
     failed = json.loads(receiver.wait_for(event("upload_verification_failed"))[0][2])
     assert failed["client"] == "client1" and "part checksum mismatch" in failed["message"]
     assert "T0KEN" not in server.log()
+
+
+def test_one_failed_dataset_of_a_run_pings_fail(receiver, capsys):
+    import logging
+
+    from zfsmgr.client.healthcheck import pinged
+
+    with pinged(receiver.url + "/c", "zfsmgr client backup") as run:
+        run.note("backup tank/a: full")
+        logging.getLogger("zfsmgr.client").warning("retry 1 in 1s")
+        run.failed("tank/b: dataset does not exist")
+    assert [p for _, p, _ in receiver.requests] == ["/c/start", "/c/fail"]
+    body = receiver.requests[1][2]
+    assert body.startswith("zfsmgr client backup: 1 failed")
+    assert "retry 1 in 1s" in body and "error: tank/b: dataset does not exist" in body
+    receiver.requests.clear()
+    with pytest.raises(RuntimeError):
+        with pinged(receiver.url + "/c?rid=7", "run"):
+            raise RuntimeError("boom")
+    assert [p for _, p, _ in receiver.requests] == ["/c/start?rid=7", "/c/fail?rid=7"]
+    assert receiver.requests[1][2].endswith("error: boom")
+    with pinged("", "no url") as run:  # nothing to ping
+        run.note("x")

@@ -66,20 +66,26 @@ class Healthcheck:
 
 
 class Run:
-    """What a run reports on success (`note`)."""
+    """What a run reports: `note` lines for the success ping, `failed` datasets for /fail."""
 
     def __init__(self) -> None:
         self.notes: list = []
+        self.failures: list = []
 
     def note(self, text: str) -> None:
         """A line for the success ping's body."""
         self.notes.append(text)
 
+    def failed(self, text: str) -> None:
+        """One selected dataset failed (the run goes on): the run pings /fail, not success."""
+        self.failures.append(text)
+
 
 @contextlib.contextmanager
 def pinged(url: Optional[str], what: str) -> Iterator[Run]:
     """Ping /start, then success (the notes) or /fail (the log tail and the error) around a
-    run; without a URL, just run. The run fails if anything raises out of the block."""
+    run; without a URL, just run. The run fails if anything raises out of the block or if any
+    dataset was marked `failed`: success is pinged only when every selected dataset succeeded."""
     run = Run()
     if not url:
         yield run
@@ -97,4 +103,8 @@ def pinged(url: Optional[str], what: str) -> Iterator[Run]:
         raise
     finally:
         root.removeHandler(tail)
-    check.ping("", "\n".join([what, *run.notes]))
+    if run.failures:
+        check.ping("/fail", "\n".join([f"{what}: {len(run.failures)} failed", *run.notes,
+                                       *tail.lines, *(f"error: {f}" for f in run.failures)]))
+    else:
+        check.ping("", "\n".join([what, *run.notes]))
