@@ -119,6 +119,12 @@ class QuotaExceeded(StorageError):
     http_status = 413
 
 
+class Locked(StorageError):
+    """The store's Object Lock (or a hold) refuses to delete it before its retain-until (409)."""
+
+    http_status = 409
+
+
 class Unsupported(StorageError):
     """The store cannot do what was asked (a 409, not worth retrying)."""
 

@@ -131,6 +131,14 @@ def as_optional_url(text: str) -> str:
     return as_url(text) if text.strip() else ""
 
 
+def as_lock_mode(text: str) -> str:
+    """S3_OBJECT_LOCK: empty (off), governance or compliance."""
+    value = text.strip().lower()
+    if value not in ("", "governance", "compliance"):
+        raise ValueError("governance or compliance (or empty for none)")
+    return value
+
+
 def as_encryption(text: str) -> str:
     """ENCRYPT: none (or empty/false) or age."""
     value = text.strip().lower()
@@ -177,6 +185,8 @@ TABLE = (
     Setting("S3_BUCKET", as_text, "zfs-snapshots", (SERVER,), "bucket (created if missing)"),
     Setting("S3_USE_SSL", as_bool, "true", (SERVER,), "use https to reach S3"),
     Setting("S3_REGION", as_text, "", (SERVER,), "S3 region (empty: ask the server)"),
+    Setting("S3_OBJECT_LOCK", as_lock_mode, "", (SERVER,),
+            "governance or compliance: a new bucket with Object Lock, each backup retained"),
     Setting("S3_MAX_PARTS", as_positive_int, "10000", (SERVER,),
             "the provider's multipart part limit (AWS 10000, some 1000)"),
     Setting("ZFS_BASE_DATASET", as_text, "", (SERVER,), "dataset under which `local` receives"),

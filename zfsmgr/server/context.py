@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 from zfsmgr import __version__
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import Locked, ZfsmgrError
 from zfsmgr.server.catalog import Catalog, catalog_path
 from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
@@ -208,6 +210,24 @@ class ServerContext:
                              min_retain_days=self.settings.min_retain_days,
                              sizes=self.sizes(client.client_id, backups))
 
+    def retain_chain(self, client: ClientConfig, store: Store, dataset: str,
+                     parent: Optional[str]) -> Optional[datetime]:
+        """Where the store locks backups: the retain-until of a backup committed now, after
+        extending the retention of each base it needs (its parent, the parent's parent, ...)
+        to at least that, so a chain's base always outlives its increments. None elsewhere."""
+        if not store.retains:
+            return None
+        from zfsmgr.storage.s3lock import horizon
+
+        until = datetime.now(timezone.utc) + horizon(client.rotation_policy,
+                                                     self.settings.min_retain_days)
+        by_snapshot = {m.snapshot: m for m in self.catalog.list(client.client_id, dataset)}
+        while parent and parent in by_snapshot:
+            base = by_snapshot.pop(parent)
+            store.retain(base, until)
+            parent = base.parent
+        return until
+
     def rotate(self, client: ClientConfig, dry_run: bool = False,
                needed: int = 0, keep: Optional[str] = None, by_server: bool = False,
                plan: Optional[RotationPlan] = None) -> dict:
@@ -220,12 +240,32 @@ class ServerContext:
                             " backups (the server rotates them: zfsmgr server rotate)")
         plan = plan or self.plan(client, needed, keep)
         if not dry_run:
+            locked = set()
             for manifest in plan.delete:
                 store = self.store_named(manifest.storage_type or self.default_kind(client))
+                if any(c.parent == manifest.snapshot and c.dataset == manifest.dataset
+                       and c.key in locked for c in plan.delete):
+                    locked.add(manifest.key)  # the base of a locked increment stays too
+                    continue
                 self.catalog.remove(client.client_id, manifest.key)
-                store.delete(manifest)
+                try:
+                    store.delete(manifest)
+                except Locked as exc:  # the store's lock outlasts the policy: keep it
+                    self.catalog.add(manifest)
+                    locked.add(manifest.key)
+                    log.info("rotation keeps %s (client=%s): %s", manifest.key,
+                             client.client_id, exc)
+                    continue
                 log.info("rotation deleted %s (client=%s): %s", manifest.key,
                          client.client_id, plan.reasons[manifest.key])
+            if locked:
+                gone = [m for m in plan.delete if m.key not in locked]
+                kept = sum(m.stored_size for m in plan.delete if m.key in locked)
+                plan = replace(plan, delete=gone, freed_bytes=plan.freed_bytes - kept,
+                               used_after=plan.used_after + kept,
+                               keep=plan.keep + [m for m in plan.delete if m.key in locked])
+                for key in locked:
+                    plan.reasons[key] = "locked by the store (S3 Object Lock) for now"
             self.ledger.record_rotation(client.client_id, len(plan.delete))
         result = {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
                   "kept": [m.key for m in plan.keep], "reasons": plan.reasons,

@@ -19,6 +19,7 @@ import secrets
 import threading
 import time
 from dataclasses import replace
+from datetime import datetime
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
@@ -242,9 +243,10 @@ class Uploads:
             raise NotFound(f"upload {session.upload_id} was aborted")
 
     def commit(self, client: ClientConfig, store: Store, session: Session,
-               request: dict) -> Manifest:
+               request: dict, retain_until: Optional[datetime] = None) -> Manifest:
         """Verify the staged parts against the client's size and part checksum, then publish
-        them with the client's sha256 of the stream."""
+        them with the client's sha256 of the stream (retained until `retain_until` where the
+        store locks objects)."""
         sha256, stored_size = request.get("sha256"), request.get("stored_size")
         raw_size, checksum = request.get("raw_size", 0), request.get("parts_crc32")
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
@@ -271,6 +273,9 @@ class Uploads:
             self.check_quota(client, 0, session.upload_id, total)
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
                                  sha256=sha256.lower(), parts=len(parts))
+            if retain_until is not None:
+                manifest = replace(manifest, extra={**manifest.extra, "retain_until":
+                                                    retain_until.isoformat()})
             manifest = store.commit(session.upload_id, manifest)
             with self.table.db.transaction():  # visible and no longer open, at once
                 self.catalog.add(manifest)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded,  # noqa: F401 (re-exported)
@@ -109,6 +110,12 @@ class Store(ABC):
     def resume(self, upload_id: str, token: str, from_part: int) -> None:
         """The client sends `zfs send -t token` as parts from `from_part` on."""
         raise Unsupported(f"{self.kind} storage does not resume from zfs resume tokens")
+
+    retains = False  # whether `retain` locks backups (S3 Object Lock)
+
+    def retain(self, manifest: Manifest, until: datetime) -> None:
+        """Keep a committed backup from deletion until at least `until`, where the store can
+        (S3 Object Lock); elsewhere nothing to do."""
 
     @abstractmethod
     def commit(self, upload_id: str, manifest: Manifest) -> Manifest:

@@ -3,6 +3,7 @@
 Upload parts are staged as objects under `.zfsmgr-uploads/<id>/`, each written with bounded
 memory; `commit` composes them server-side (UploadPartCopy) into the final key, so an object of
 any size appears at its key at once, and nothing of it travels through the server twice.
+With S3_OBJECT_LOCK, committed objects are retained (zfsmgr/storage/s3lock.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from datetime import datetime
 from typing import Optional
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
@@ -50,18 +52,23 @@ class S3Store(Store):
     kind = "s3"
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = True, region: str = ""):
+                 secure: bool = True, region: str = "", object_lock: str = ""):
         if not endpoint:
             raise StorageError("S3_ENDPOINT is not set")
         self.bucket = bucket
         self.client = _client(endpoint, access_key, secret_key, secure, region)
+        self.lock = None
+        if object_lock:
+            from zfsmgr.storage.s3lock import ObjectLock
+
+            self.lock = ObjectLock(object_lock, self.client, bucket, self._call)
 
     @classmethod
     def from_settings(cls, settings, homes=dict) -> "S3Store":
         """The store of the S3_* settings."""
         s = settings
         return cls(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, s.s3_use_ssl,
-                   s.s3_region)
+                   s.s3_region, s.get("S3_OBJECT_LOCK", ""))
 
     def _call(self, what: str, func, *args, **kwargs):
         """Call minio; S3's answers and transport trouble become StorageError/NotFound.
@@ -82,8 +89,13 @@ class S3Store(Store):
 
     def check(self) -> None:
         if not self._call("bucket check", self.client.bucket_exists, self.bucket):
-            self._call("bucket create", self.client.make_bucket, self.bucket)
-            log.info("created bucket %s", self.bucket)
+            if self.lock:
+                self.lock.make_bucket()
+            else:
+                self._call("bucket create", self.client.make_bucket, self.bucket)
+                log.info("created bucket %s", self.bucket)
+        if self.lock and not self.lock.proven:
+            self.lock.prove()  # once per process: it writes a probe object
 
     def _part_key(self, upload_id: str, index: int) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/part-{index:06d}"
@@ -91,9 +103,9 @@ class S3Store(Store):
     def _list_key(self, upload_id: str) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/parts.json"
 
-    def _put_small(self, key: str, data: bytes) -> None:
+    def _put_small(self, key: str, data: bytes, retention=None) -> None:
         self._call(f"put {key}", self.client.put_object, self.bucket, key, io.BytesIO(data),
-                   len(data), content_type="application/json")
+                   len(data), content_type="application/json", retention=retention)
 
     def _get_small(self, key: str) -> bytes:
         response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
@@ -130,17 +142,46 @@ class S3Store(Store):
         if not parts:
             raise StorageError(f"upload {upload_id} has no parts to commit")
         sources = [ComposeSource(self.bucket, self._part_key(upload_id, p.index)) for p in parts]
+        retention = self._retention(manifest)
         self._call(f"compose of {manifest.key}", self.client.compose_object, self.bucket,
-                   manifest.key, sources)
+                   manifest.key, sources, retention=retention)
+        if retention is not None:  # a composed object may have ignored it: set and check
+            self.lock.extend(manifest.key, retention.retain_until_date)
         self._put_small(manifest_key(manifest.key),
-                        json.dumps(manifest.to_dict(), indent=1).encode())
+                        json.dumps(manifest.to_dict(), indent=1).encode(), retention)
+        if retention is not None:
+            self.lock.extend(manifest_key(manifest.key), retention.retain_until_date)
         self.discard(upload_id)
         return manifest
+
+    def _retention(self, manifest):
+        """The Object Lock retention a commit sets (None without S3_OBJECT_LOCK)."""
+        if not self.lock:
+            return None
+        until = manifest.extra.get("retain_until")
+        if not until:
+            raise StorageError(f"S3_OBJECT_LOCK is set but {manifest.key} has no retain-until")
+        return self.lock.retention(datetime.fromisoformat(until))
+
+    @property
+    def retains(self) -> bool:
+        """Whether commits lock backups (S3_OBJECT_LOCK)."""
+        return self.lock is not None
+
+    def retain(self, manifest, until: datetime) -> None:
+        """Keep a committed backup (object and manifest) at least until `until`."""
+        if self.lock:
+            for key in (manifest.key, manifest_key(manifest.key)):
+                self.lock.extend(key, until)
 
     def discard(self, upload_id):
         from minio.deleteobjects import DeleteObject
 
         prefix = f"{STAGING}{validate_upload_id(upload_id)}/"
+        if self.lock:  # a versioned bucket: every version goes, or the parts stay as data
+            self.lock.delete_prefix(prefix)
+            self._abort_multipart(prefix)
+            return
         names = [o.object_name for o in self._call("list", self.client.list_objects,
                                                    self.bucket, prefix=prefix, recursive=True)]
         names.sort(key=lambda n: n.endswith("parts.json"))  # the listing goes last
@@ -194,6 +235,9 @@ class S3Store(Store):
 
     def delete(self, manifest):
         for key in (manifest_key(manifest.key), manifest.key):
+            if self.lock:  # Locked while retained; both have the same retention
+                self.lock.delete(key)
+                continue
             try:
                 self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
             except NotFound:  # gone already: what delete wants

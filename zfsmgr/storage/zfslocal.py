@@ -13,6 +13,10 @@ the pool supports it the receive is `recv -s`: if the server dies mid-stream, th
 upload offers the target's `receive_resume_token`, the client answers with `zfs send -t`, and
 the receive continues where zfs stopped. Without resumable receive (or once an upload is
 abandoned) the partial receive is dropped (`recv -A`) and the stream is sent again.
+
+Every committed snapshot carries the user hold `zfsmgr-retain`, so that a `zfs destroy` by
+hand, a script or another tool fails; only the server's own deletion (rotation, admin delete)
+releases it first.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
 
 log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
+RETAIN_TAG = "zfsmgr-retain"  # the hold on every committed snapshot; only delete() releases it
 NO_TOKEN = ("-", "")
 
 
@@ -364,6 +369,7 @@ class ZfsLocalStore(Store):
             extra["resumed_at_part"] = state["segment"]
         stored = Manifest.from_dict({**manifest.to_dict(), "extra": extra})
         self.zfs.set(target, MANIFEST_PROP, json.dumps(stored.to_dict(), separators=(",", ":")))
+        self.zfs.hold(target, RETAIN_TAG)  # a plain `zfs destroy` now fails: only delete() frees
         os.unlink(self._state_path(upload_id))
         return stored
 
@@ -431,6 +437,7 @@ class ZfsLocalStore(Store):
             target = self._located(manifest)
         except NotFound:  # gone already: what delete wants
             return
+        self.zfs.release(target, RETAIN_TAG)
         self._destroy(target)
 
     def _destroy(self, target: str) -> None:
