@@ -254,6 +254,7 @@ class ServerProcess:
         self.port = int(env["PORT"])
         self.scheme = "https" if env.get("TLS_CERT") else "http"
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.ca_file = ca_file
         self.ssl_context = ssl.create_default_context(cafile=ca_file or None) \
             if self.scheme == "https" else None
         self.proc = None

@@ -39,7 +39,7 @@ from zfsmgr.compress import GzipBlockCompressor  # noqa: E402
 from zfsmgr.settings import as_size  # noqa: E402
 
 MIB = 1 << 20
-CASES = ("gzip", "text", "uncompressed", "restore", "four", "rss")
+CASES = ("gzip", "text", "uncompressed", "https", "restore", "four", "rss")
 
 
 def tree_rss(pid: int) -> int:
@@ -204,7 +204,7 @@ class Bench:
         subprocess.run(["zfs", "snapshot", f"{ds}@bench"], check=True)
         return ds
 
-    def server(self, clients=1, name="srv"):
+    def server(self, clients=1, name="srv", tls=None):
         workdir = self.work / name
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir()
@@ -214,7 +214,10 @@ class Bench:
              "storage_type": "dir", "enabled": True} for c, k in keys.items()]))
         env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1",
                "STORAGE_DIR": str(workdir / "store")}
-        return rig.ServerProcess(workdir, env).start(), keys
+        if tls is not None:  # a rig.TestCA: HTTPS in the server itself
+            cert, key = tls.issue(name)
+            env.update({"TLS_CERT": str(cert), "TLS_KEY": str(key)})
+        return rig.ServerProcess(workdir, env, str(tls.cert) if tls else "").start(), keys
 
     def backup(self, server, keys, datasets, compress):
         """Run one `client backup-full` per dataset at once; (seconds, client peak RSS,
@@ -225,7 +228,8 @@ class Bench:
         for (client, key), ds in zip(keys.items(), datasets):
             env = rig.clean_env({"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url,
                                  "LOCAL_DATASET": ds, "COMPRESS": compress,
-                                 "STATE_DIR": str(server.workdir / f"state-{client}")})
+                                 "STATE_DIR": str(server.workdir / f"state-{client}"),
+                                 "CA_FILE": server.ca_file})
             if self.stream and not self.args.live_send:
                 env.update({"ZFSMGR_ZFS": str(self.replay), "BENCH_STREAM": str(self.stream)})
             p = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client",
@@ -266,6 +270,8 @@ class Bench:
             self.case_text(ds, size // 2, cores)
         if "uncompressed" in cases:
             self.case_uncompressed(ds, stream, raw)
+        if "https" in cases:
+            self.case_https(ds, raw)
         if gzip:
             if "restore" in cases:
                 self.case_restore(*gzip, raw)
@@ -354,6 +360,32 @@ class Bench:
                  statistics.median(r[0] for r in runs), cat, max(r[1] for r in runs),
                  sampler.finish(), median_cpu(runs))
         server2.stop()
+
+    def case_https(self, ds, raw):
+        """HTTPS in the server (TLS in waitress's channels) against plain HTTP, uncompressed:
+        the upload path with nothing else to hide the cost of TLS."""
+        ca = rig.TestCA(self.work / "pki")
+        plain, plain_keys = self.server(name="srv-http")
+        tls, tls_keys = self.server(name="srv-https", tls=ca)
+        samplers = [PeakRss(plain.proc.pid), PeakRss(tls.proc.pid)]
+        for sampler in samplers:
+            sampler.start()
+        runs = {"http": [], "https": []}
+        for _ in range(self.args.repeat):
+            for kind, server, keys in (("http", plain, plain_keys), ("https", tls, tls_keys)):
+                runs[kind].append(self.backup(server, keys, [ds], "none"))
+                for stored in (server.workdir / "store").rglob("*.zfs"):
+                    stored.unlink()
+        base = self.row("backup uncompressed over plain HTTP (baseline)", raw,
+                        statistics.median(r[0] for r in runs["http"]), None,
+                        max(r[1] for r in runs["http"]), samplers[0].finish(),
+                        median_cpu(runs["http"]))
+        self.row("the same over HTTPS (TLS in the server)", raw,
+                 statistics.median(r[0] for r in runs["https"]), base,
+                 max(r[1] for r in runs["https"]), samplers[1].finish(),
+                 median_cpu(runs["https"]))
+        plain.stop()
+        tls.stop()
 
     def case_restore(self, server, keys, raw):
         """Restore: against gunzip -c stored | zfs recv."""
