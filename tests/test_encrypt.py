@@ -139,3 +139,25 @@ def test_bad_settings_and_the_local_store_refuse(pool, server_factory, run_zfsmg
             "snapshot_time": 1_700_000_000, "estimated_size": 1000, "encryption": "age"})
     assert err.value.status == 409 and "encrypted" in err.value.server_message
     assert api.call("GET", protocol.SNAPSHOTS)["snapshots"] == []
+
+
+def test_a_raw_send_is_never_wrapped_twice(server_factory, age_key):
+    """A natively encrypted dataset's raw send is ciphertext already: the client leaves it as
+    it is, and the server refuses a request that would wrap it."""
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.crypt import Encryption
+    from zfsmgr.zfs import Features
+
+    _, recipient = age_key
+    sealing = Encryption("age", (recipient,))
+    backup = Backup(None, None, "tank/data", "gzip", 1, encryption=sealing)
+    assert backup._sealing(Features(raw_send=True)).label == ""
+    assert backup._sealing(Features(raw_send=False)).label == "age"
+    server = server_factory("dir")
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    with pytest.raises(ServerError) as err:
+        api.call("POST", protocol.UPLOAD, {
+            "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+            "snapshot_time": 1_700_000_000, "estimated_size": 1000, "raw_send": True,
+            "encryption": "age"})
+    assert err.value.status == 400 and "never wrapped again" in err.value.server_message
