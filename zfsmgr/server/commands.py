@@ -38,7 +38,7 @@ HELP = """commands:
 def add_parser(sub) -> None:
     """Register `server` and its commands."""
     parser = sub.add_parser("server", help="run the backup server or manage it",
-                            usage="zfsmgr server [serve|add-client NAME|reindex|rotate|help]",
+                            usage="zfsmgr server [serve|COMMAND ...]",
                             description="The backup server.", epilog=HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
