@@ -11,7 +11,7 @@ from typing import List, Optional
 from zfsmgr import __version__
 from zfsmgr.errors import ExitStatus, ZfsmgrError
 
-USAGE = """zfsmgr server  [serve|COMMAND]                the backup server (see `zfsmgr server help`)
+USAGE = """zfsmgr server  [serve|COMMAND]                the backup server (`zfsmgr server help`)
 zfsmgr client  COMMAND                        back up this host (see `zfsmgr client help`)
 zfsmgr restore COMMAND                        list, restore, verify (see `zfsmgr restore help`)
 zfsmgr help | --version"""
