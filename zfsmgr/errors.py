@@ -95,6 +95,16 @@ class Conflict(ZfsmgrError):
     http_status = 409
 
 
+class TooManyUploads(Conflict):
+    """The client has as many open uploads as it may (409): abort one, or let it expire."""
+
+
+class TooBusy(ZfsmgrError):
+    """The client already has its share of requests in the server (429): retry shortly."""
+
+    http_status = 429
+
+
 class VerificationFailed(Conflict):
     """What the server holds of an upload is not what the client declared (409)."""
 
@@ -123,6 +133,24 @@ class Locked(StorageError):
     """The store's Object Lock (or a hold) refuses to delete it before its retain-until (409)."""
 
     http_status = 409
+
+
+class OutOfOrder(StorageError):
+    """A part that does not continue what is staged (409, with the parts held): the client's
+    fault, which it mends by asking for the upload's state."""
+
+    http_status = 409
+
+    def __init__(self, message: str, parts_held: int):
+        super().__init__(message)
+        self.payload = {"parts_held": parts_held}
+
+
+class StorageFull(StorageError):
+    """The store has no room left (507): the message names the store and the room needed.
+    Nothing half-written stays behind; the same request succeeds once there is room."""
+
+    http_status = 507
 
 
 class Unsupported(StorageError):

@@ -8,6 +8,8 @@ parse storage keys in the seed's naming (`client1/tank_data_2024-02-13_14:30:00.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -90,6 +92,83 @@ def validate_snapshot(value: Any) -> str:
     if not isinstance(value, str) or not _SNAPSHOT.fullmatch(value):
         _reject("snapshot name", value, "use letters, digits, '_', '.', ':' or '-'")
     return value
+
+
+ZFS_MAX_NAME = 255  # ZFS_MAX_DATASET_NAME_LEN less the NUL: pool/fs@snap, whole
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: what a timestamp in a key can show
+MAX_BYTES = (1 << 63) - 1  # sizes as zfs reports them (u64, kept signed-safe)
+MAX_PART_INDEX = 100_000  # above any provider's part limit (S3: 10,000)
+MAX_JSON_BODY = 64 << 10  # a request's JSON body
+MAX_JSON_DEPTH = 8  # nesting of a JSON body (the protocol uses 2)
+
+
+def validate_snapshot_name(dataset: str, snapshot: str) -> str:
+    """`dataset@snapshot` within ZFS's name length limit (255)."""
+    full = f"{dataset}@{snapshot}"
+    if len(full) > ZFS_MAX_NAME:
+        _reject("snapshot", full, f"ZFS names are at most {ZFS_MAX_NAME} characters")
+    return full
+
+
+def validate_count(value: Any, what: str, limit: int = MAX_BYTES) -> int:
+    """A whole number from 0 to `limit` (a JSON integer; true/false are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        _reject(what, value, f"expected a whole number from 0 to {limit}")
+    return value
+
+
+def validate_epoch(value: Any, what: str = "snapshot_time") -> float:
+    """Epoch seconds: a finite number after 1970 and before the year 10000."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or not 0 < value <= MAX_EPOCH:
+        _reject(what, value, "expected epoch seconds")
+    return float(value)
+
+
+def validate_guid(value: Any, what: str = "guid") -> str:
+    """A ZFS guid: a decimal u64 (as zfs prints it), or empty when unknown."""
+    if value is None or value == "":
+        return ""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,20}", text) or \
+            int(text) >= 1 << 64:
+        _reject(what, value, "expected a decimal 64-bit number")
+    return text
+
+
+def validate_choice(value: Any, what: str, choices: Iterable[str]) -> str:
+    """One of `choices` (a string; anything else is refused, not hashed)."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        _reject(what, value, "expected " + ", ".join(choices))
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValidationError(f"{name} is not a number JSON allows")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body: a JSON object of at most MAX_JSON_BODY bytes and MAX_JSON_DEPTH levels,
+    with finite numbers only (NaN and Infinity are refused)."""
+    if len(raw) > MAX_JSON_BODY:
+        raise ValidationError(f"request body too large: at most {MAX_JSON_BODY} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8") if raw else "{}",
+                          parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ValidationError("request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationError("request body must be a JSON object")
+    level, stack = 0, [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_JSON_DEPTH:
+            raise ValidationError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item \
+            if isinstance(item, list) else ()
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return data
 
 
 def validate_upload_id(value: Any) -> str:

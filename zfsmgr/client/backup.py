@@ -226,58 +226,56 @@ class Backup:
             base = None
         started = time.monotonic()
         attempt, restarted = 0, False
-        while True:
-            try:
-                state = {"parts": []} if attempt == 0 else self.api.call(
-                    "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
-                if state["parts"] and self._sealing(features).label:
-                    # age seals with a fresh key each run: held parts never match again
-                    log.info("an encrypted upload cannot skip what the server holds:"
-                             " starting it again")
-                    self._abort(session)
-                    session, state = self.api.call("POST", protocol.UPLOAD, request), \
-                        {"parts": []}
-                if state.get("resume_token") or state.get("segment"):
-                    sent = self._resume(state, features, codec, session,
-                                        request["estimated_size"])
-                else:
-                    send = self.zfs.send(snap.name, base.name if base else None,
-                                         raw=features.raw_send,
-                                         compressed=self._compressed(features))
-                    sent = self._stream(send, f"backup {snap.name}", codec, session,
-                                        state["parts"], 0, request["estimated_size"],
-                                        self._sealing(features))
-                manifest = self.api.call(
-                    "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
-                    sent.commit_request())["manifest"]
-                return Result(manifest["key"], manifest["type"], sent.raw_size,
-                              sent.stored_size, time.monotonic() - started, snap.name)
-            except StreamChanged as exc:
-                if restarted:
-                    raise
-                log.warning("%s: starting the upload again", exc)
-                self._abort(session)
-                session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
-                                                            request), 0, True
-            except (ServerUnreachable, ServerError) as exc:
-                if attempt and isinstance(exc, ServerError) and exc.status == 404:
-                    done = self._committed(snap)  # a commit whose answer was lost
-                    if done is not None:
-                        return Result(done["key"], done["type"], done["raw_size"],
-                                      done["stored_size"], time.monotonic() - started,
-                                      snap.name)
-                transient = isinstance(exc, ServerUnreachable) or exc.transient
-                if not transient or attempt >= len(RETRY_DELAYS):
-                    if not transient:
+        try:  # whatever ends this (an error, Ctrl-C or SIGTERM, even mid-wait): abort
+            while True:
+                try:
+                    state = {"parts": []} if attempt == 0 else self.api.call(
+                        "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
+                    if state["parts"] and self._sealing(features).label:
+                        # age seals with a fresh key each run: held parts never match again
+                        log.info("an encrypted upload cannot skip what the server holds:"
+                                 " starting it again")
                         self._abort(session)
-                    raise
-                delay = RETRY_DELAYS[attempt]
-                attempt += 1
-                log.warning("%s; retry %d in %ds", exc, attempt, delay)
-                self.sleep(delay)
-            except BaseException:
-                self._abort(session)
-                raise
+                        session, state = self.api.call("POST", protocol.UPLOAD, request), \
+                            {"parts": []}
+                    if state.get("resume_token") or state.get("segment"):
+                        sent = self._resume(state, features, codec, session,
+                                            request["estimated_size"])
+                    else:
+                        send = self.zfs.send(snap.name, base.name if base else None,
+                                             raw=features.raw_send,
+                                             compressed=self._compressed(features))
+                        sent = self._stream(send, f"backup {snap.name}", codec, session,
+                                            state["parts"], 0, request["estimated_size"],
+                                            self._sealing(features))
+                    manifest = self.api.call(
+                        "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
+                        sent.commit_request())["manifest"]
+                    return Result(manifest["key"], manifest["type"], sent.raw_size,
+                                  sent.stored_size, time.monotonic() - started, snap.name)
+                except StreamChanged as exc:
+                    if restarted:
+                        raise
+                    log.warning("%s: starting the upload again", exc)
+                    self._abort(session)
+                    session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
+                                                                request), 0, True
+                except (ServerUnreachable, ServerError) as exc:
+                    if attempt and isinstance(exc, ServerError) and exc.status == 404:
+                        done = self._committed(snap)  # a commit whose answer was lost
+                        if done is not None:
+                            return Result(done["key"], done["type"], done["raw_size"],
+                                          done["stored_size"], time.monotonic() - started,
+                                          snap.name)
+                    if not _worth_retrying(exc) or attempt >= len(RETRY_DELAYS):
+                        raise
+                    delay = RETRY_DELAYS[attempt]
+                    attempt += 1
+                    log.warning("%s; retry %d in %ds", exc, attempt, delay)
+                    self.sleep(delay)
+        except BaseException:
+            self._abort(session)
+            raise
 
     def _committed(self, snap: Snapshot) -> Optional[dict]:
         """The server's manifest of this very snapshot, if a commit made it already."""
@@ -394,6 +392,15 @@ class Backup:
         if pending is not None:
             check(*pending)
         return stored + sum(sizes)
+
+
+def _worth_retrying(exc: ZfsmgrError) -> bool:
+    """A dropped connection, server trouble, a busy server, or parts out of step with the
+    server (a 409 naming the parts it holds: the retry asks for them and goes on from there)."""
+    if isinstance(exc, ServerUnreachable):
+        return True
+    return isinstance(exc, ServerError) and (
+        exc.transient or (exc.status == 409 and "parts_held" in exc.payload))
 
 
 def summary(result: Result) -> str:

@@ -32,6 +32,7 @@ class _Body:
 
     def __init__(self, reader):
         self.reader = reader
+        self.on_close: Optional[Callable[[], None]] = None
 
     def __iter__(self):
         while True:
@@ -41,7 +42,12 @@ class _Body:
             yield chunk
 
     def close(self) -> None:
-        self.reader.close()
+        try:
+            self.reader.close()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+                self.on_close = None
 
 
 def make_app(ctx: ServerContext) -> bottle.Bottle:
@@ -55,12 +61,19 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             @functools.wraps(func)
             def run(*args, **kwargs):
                 started, client_id, status = time.monotonic(), "-", 500
+                slot = None  # the client's share of worker threads, given back when done
                 try:
                     client = None
                     if auth:
                         client = authenticate(write)
                         client_id = client.client_id
+                        ctx.working.take(client_id)
+                        slot = client_id
                     result = func(client, *args, **kwargs)
+                    if slot and isinstance(result, bottle.HTTPResponse) and \
+                            isinstance(result.body, _Body):  # held while the body streams
+                        result.body.on_close = functools.partial(ctx.working.give, slot)
+                        slot = None
                     status = result.status_code if isinstance(result, bottle.HTTPResponse) \
                         else 200
                     return result
@@ -68,14 +81,17 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                     status = exc.http_status
                     if status >= 500:
                         log.error("%s %s: %s", bottle.request.method, bottle.request.path, exc)
-                    return _json(status, protocol.error(
-                        str(exc), **({protocol.FULL_BACKUP_REQUIRED: True}
-                                     if isinstance(exc, NeedsFullBackup) else {})))
+                    payload = dict(getattr(exc, "payload", None) or {})
+                    if isinstance(exc, NeedsFullBackup):
+                        payload[protocol.FULL_BACKUP_REQUIRED] = True
+                    return _json(status, protocol.error(str(exc), **payload))
                 except Exception as exc:  # never a traceback to the client
                     log.exception("internal error on %s", bottle.request.path)
                     return _json(500, protocol.error(
                         f"internal server error: {type(exc).__name__}"))
                 finally:
+                    if slot:
+                        ctx.working.give(slot)
                     log.info("%s %s %s client=%s %.3fs", bottle.request.method,
                              bottle.request.path, status, client_id, time.monotonic() - started)
             return run
@@ -83,8 +99,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
 
     def authenticate(write: bool) -> ClientConfig:
         request = bottle.request
-        client_id = request.get_header(HEADER_CLIENT_ID)
-        key = request.get_header(HEADER_API_KEY)
+        client_id = _header(HEADER_CLIENT_ID)
+        key = _header(HEADER_API_KEY)
         if client_id is None and request.path == protocol.ROTATION_POLICY:
             client_id, key = request.query.get("client_id"), request.query.get("api_key")
         if not client_id or not key:
@@ -93,15 +109,11 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
 
     def body_json() -> dict:
         length = bottle.request.content_length
-        if length > 65536:
-            raise ValidationError("request body too large")
-        try:
-            data = json.loads(bottle.request.environ["wsgi.input"].read(length) or b"{}")
-        except ValueError:
-            raise ValidationError("request body is not JSON") from None
-        if not isinstance(data, dict):
-            raise ValidationError("request body must be a JSON object")
-        return data
+        if length > protocol.MAX_JSON_BODY:
+            raise ValidationError(f"request body too large: at most {protocol.MAX_JSON_BODY}"
+                                  " bytes")
+        return protocol.parse_json_object(
+            bottle.request.environ["wsgi.input"].read(max(0, length)))
 
     @app.get(protocol.HEALTH)
     @handler(auth=False)
@@ -113,7 +125,10 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler()
     def upload(client):
         request = body_json()
-        store = ctx.store_for(client, request.get("storage_type") or "")
+        requested = request.get("storage_type") or ""
+        if requested:
+            protocol.validate_choice(requested, "storage_type", protocol.STORAGE_TYPES)
+        store = ctx.store_for(client, requested)
         try:
             session = ctx.uploads.open(client, store, request)
         except QuotaExceeded as exc:
@@ -181,9 +196,10 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     def part(client, upload_id, index):
         session = ctx.uploads.get(client.client_id, upload_id)
         store = ctx.store_named(session.storage_type)
+        protocol.validate_count(index, "part index", protocol.MAX_PART_INDEX)
         size = bottle.request.content_length
-        segment = bottle.request.get_header(protocol.HEADER_SEGMENT)
-        if segment is not None and not segment.isdigit():
+        segment = _header(protocol.HEADER_SEGMENT)
+        if segment is not None and not re.fullmatch(r"[0-9]{1,6}", segment):
             raise ValidationError(f"{protocol.HEADER_SEGMENT} must be a part number")
         try:
             info = ctx.uploads.put_part(client, store, session, index,
@@ -220,7 +236,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             manifest = ctx.catalog.find(client.client_id, key)
         except KeyError:
             raise NotFound(f"no backup {key}") from None
-        offset = _range_start(bottle.request.get_header("Range"))
+        offset = _range_start(_header("Range"))
         if offset and offset >= manifest.stored_size:
             return _json(416, protocol.error(f"range starts past the end of {key}"))
         reader, length = ctx.store_named(manifest.storage_type or ctx.default_kind(client)
@@ -244,8 +260,10 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @app.post(protocol.ROTATE)
     @handler()
     def rotate(client):
-        request = body_json()
-        return protocol.ok("rotation", **ctx.rotate(client, dry_run=bool(request.get("dry_run"))))
+        dry_run = body_json().get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ValidationError("dry_run must be true or false")
+        return protocol.ok("rotation", **ctx.rotate(client, dry_run=dry_run))
 
     @app.get(protocol.ROTATION_POLICY)
     @handler(write=False)
@@ -268,7 +286,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
 
         s = ctx.settings
         exposition.authorize(s.metrics_no_auth, s.metrics_token,
-                             bottle.request.get_header("Authorization"))
+                             _header("Authorization"))
         text = exposition.render(ctx.clients.all(), fleet(ctx), ctx.ledger.view()["clients"],
                                  len(ctx.clients.warnings()))
         return bottle.HTTPResponse(text, status=200,
@@ -281,7 +299,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         from zfsmgr.server.fleet import fleet
 
         try:
-            page.authorize(ctx.settings.admin_api_key, bottle.request.get_header("Authorization"))
+            page.authorize(ctx.settings.admin_api_key, _header("Authorization"))
         except Unauthorized as exc:
             return bottle.HTTPResponse(f"{exc}\n", status=401, headers={
                 "WWW-Authenticate": page.CHALLENGE, "Content-Type": "text/plain"})
@@ -337,10 +355,22 @@ def record_verify_report(ctx: ServerContext, client: ClientConfig, report: dict)
     return sorted(outcome)
 
 
+def _header(name: str) -> Optional[str]:
+    """A request header as text; a value that is not UTF-8 is a 400 (bottle's own getter
+    raises UnicodeDecodeError on it)."""
+    value = bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ValidationError(f"the {name} header is not UTF-8 text") from None
+
+
 def _range_start(header: Optional[str]) -> int:
     if not header:
         return 0
-    match = re.fullmatch(r"bytes=(\d+)-", header.strip())
+    match = re.fullmatch(r"bytes=([0-9]{1,19})-", header.strip())
     if not match:
         raise ValidationError("only Range: bytes=N- is supported")
     return int(match.group(1))

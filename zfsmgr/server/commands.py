@@ -173,6 +173,7 @@ def serve(ctx) -> int:
 
     from zfsmgr.protocol import MAX_PART_SIZE
     from zfsmgr.server.app import make_app
+    from zfsmgr.server.gate import Gate, channel_class
 
     s = ctx.settings
     kind = ctx.default_kind()
@@ -189,6 +190,7 @@ def serve(ctx) -> int:
 
         server = create_tls_server(make_app(ctx), certificate, **adjustments)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: certificate.reload())
+    server.channel_class = channel_class(Gate(ctx), server.channel_class)  # bodies: see gate
     stop = threading.Event()
 
     def shutdown(signum, _frame):

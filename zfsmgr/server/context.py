@@ -17,6 +17,7 @@ from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.clients import ClientConfig, ClientRegistry, Forbidden
 from zfsmgr.server.database import Database
+from zfsmgr.server.gate import Shares
 from zfsmgr.server.ledger import Ledger
 from zfsmgr.server.notify import Notifier, Outcomes
 from zfsmgr.server.rotation import FREES_SPACE, RotationPlan, plan_rotation
@@ -27,6 +28,7 @@ from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
 from zfsmgr.storage import registry
 
 log = logging.getLogger("zfsmgr.server")
+FULL_BELOW = 1 << 20  # a store with less room than this reports itself full
 
 
 class ServerContext:
@@ -40,6 +42,7 @@ class ServerContext:
         self.notifier = Notifier(settings.notify_url)
         self._stores: Dict[str, Store] = {}
         self._lock = threading.Lock()
+        self.working = Shares(self.client_max_requests, "requests")  # worker threads in use
         if open_catalog:  # `reindex` builds a new one instead
             self.open_catalog()
 
@@ -54,7 +57,8 @@ class ServerContext:
         if self.db.created:
             self._import_json(Path(settings.metadata_file).absolute())
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,
-                               settings.s3_max_parts, settings.upload_expiry_hours * 3600.0)
+                               settings.s3_max_parts, settings.upload_expiry_hours * 3600.0,
+                               settings.client_max_uploads)
         self.uploads.usage = self.used_bytes
         self.uploads.make_room = self.make_room
 
@@ -64,6 +68,11 @@ class ServerContext:
             return
         self.catalog.import_json(metadata_file)
         self.sessions.import_folder(Path(str(metadata_file) + ".uploads"), time.time())
+
+    @property
+    def client_max_requests(self) -> int:
+        """Requests one client may have in the server at once: its share of the threads."""
+        return self.settings.client_max_requests or max(2, self.settings.threads // 3)
 
     def configured_kinds(self) -> List[str]:
         """Backends this server has settings for."""
@@ -126,14 +135,19 @@ class ServerContext:
             return dict(self._stores)
 
     def health(self) -> Dict[str, dict]:
-        """Reachability of every configured backend; `needed`: some client uses it."""
-        checks = {}
+        """Reachability of every configured backend (`needed`: some client uses it), and whether
+        it is full (a full store stays in service: it serves, aborts and deletes, and takes
+        data once there is room)."""
+        checks: Dict[str, dict] = {}
         needed = self.needed_kinds()
         for kind in self.configured_kinds():
             try:
                 store = self.store_named(kind)
                 store.check()
                 checks[kind] = {"ok": True, "needed": kind in needed}
+                free = store.free_bytes()
+                if free is not None:
+                    checks[kind].update(free_bytes=free, full=free < FULL_BELOW)
             except (StorageError, ZfsmgrError) as exc:
                 with self._lock:
                     self._stores.pop(kind, None)
@@ -148,9 +162,12 @@ class ServerContext:
         warnings = [f"{kind} storage is unusable ({c['error']}); no client uses it now"
                     for kind, c in checks.items() if not c["ok"] and not c["needed"]]
         warnings += self.clients.warnings()
+        full = sorted(kind for kind, c in checks.items() if c.get("full"))
+        warnings += [f"{kind} storage is full: uploads get 507 until there is room"
+                     for kind in full]
         return {"success": healthy, "message": "ok" if healthy else "storage unreachable",
-                "status": ("healthy" if not warnings else "warning") if healthy
-                else "degraded", "version": self.version, "storage": checks,
+                "status": ("full" if full else "healthy" if not warnings else "warning")
+                if healthy else "degraded", "version": self.version, "storage": checks,
                 "warnings": warnings}
 
     def sizes(self, client_id: str, backups: Optional[List[Manifest]] = None

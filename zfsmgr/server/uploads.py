@@ -23,8 +23,8 @@ from datetime import datetime
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, QuotaExceeded,
-                           Unsupported, VerificationFailed)
+from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
+                           QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed)
 from zfsmgr.protocol import Manifest
 from zfsmgr.progress import human
 from zfsmgr.server.catalog import Catalog
@@ -36,14 +36,16 @@ from zfsmgr.storage.base import PartInfo, Store
 log = logging.getLogger("zfsmgr.server.uploads")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
+PART_WAIT = 5.0  # seconds a part waits for the one before it (two parts are in flight)
 
 
 class Uploads:
     """All upload sessions of one server."""
 
     def __init__(self, table: SessionTable, catalog: Catalog, part_base: int, max_parts: int,
-                 expiry_seconds: float):
+                 expiry_seconds: float, max_open: int = 4):
         self.table = table
+        self.max_open = max_open
         self.catalog = catalog
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
@@ -72,9 +74,9 @@ class Uploads:
             raise Forbidden(f"client {client.client_id} may only back up"
                             f" {', '.join(client.allowed_datasets)} (allowed_datasets)")
         snapshot = protocol.validate_snapshot(request.get("snapshot"))
-        kind = request.get("type", "full")
-        if kind not in protocol.BACKUP_TYPES:
-            raise protocol.ValidationError("type must be full or incremental")
+        protocol.validate_snapshot_name(dataset, snapshot)
+        kind = protocol.validate_choice(request.get("type", "full"), "type",
+                                        protocol.BACKUP_TYPES)
         parent, parent_key = request.get("parent"), None
         if kind == "incremental":
             parent = protocol.validate_snapshot(parent)
@@ -85,21 +87,20 @@ class Uploads:
                                       " on the server: send a full backup")
         else:
             parent = None
-        compression = request.get("compression", "gzip")
-        if compression not in protocol.COMPRESSIONS:
-            raise protocol.ValidationError("compression must be gzip, zstd or none")
-        encryption = request.get("encryption") or ""
-        if encryption not in protocol.ENCRYPTIONS:
-            raise protocol.ValidationError("encryption must be age or empty")
+        compression = protocol.validate_choice(request.get("compression", "gzip"),
+                                               "compression", protocol.COMPRESSIONS)
+        encryption = protocol.validate_choice(request.get("encryption") or "", "encryption",
+                                              ("",) + tuple(protocol.ENCRYPTIONS))
         if encryption and store.kind == "local":
             raise Unsupported("the local store receives streams into zfs: it cannot take an"
                               " encrypted one (use s3 or dir storage, or ENCRYPT=none)")
         if encryption and request.get("raw_send"):
             raise protocol.ValidationError("a raw send is encrypted already: it is never"
                                            " wrapped again")
-        snapshot_time = request.get("snapshot_time")
-        if not isinstance(snapshot_time, (int, float)) or snapshot_time <= 0:
-            raise protocol.ValidationError("snapshot_time must be epoch seconds")
+        snapshot_time = protocol.validate_epoch(request.get("snapshot_time"))
+        flags = {name: request.get(name, False) for name in ("raw_send", "compressed_send")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise protocol.ValidationError("raw_send and compressed_send must be true or false")
         stamp = time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime(snapshot_time))
         try:
             token = protocol.unique_token(dataset, self.catalog.tokens(client.client_id))
@@ -109,23 +110,26 @@ class Uploads:
                                  encryption=encryption)
         if self.catalog.has_key(client.client_id, key):
             raise Conflict(f"a backup stored as {key} already exists")
-        estimate = request.get("estimated_size") or 0
-        if not isinstance(estimate, int) or estimate < 0:
-            raise protocol.ValidationError("estimated_size must be a whole number of bytes")
+        estimate = protocol.validate_count(request.get("estimated_size") or 0, "estimated_size")
+        guid = protocol.validate_guid(request.get("guid"))
+        parent_guid = protocol.validate_guid(request.get("parent_guid"), "parent_guid")
         self.fit(client, estimate, parent_key)
         for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
             if other.key == key:
                 self.abort(other, store)
+        open_now = len(self.table.of_client(client.client_id))
+        if open_now >= self.max_open:
+            raise TooManyUploads(f"client {client.client_id} has {open_now} open uploads, the"
+                                 f" most it may have: finish or abort one (abandoned ones expire"
+                                 f" after {self.expiry / 3600:g} h)")
         base, every = self.schedule(store.kind, estimate)
         session = Session(
             upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,
             storage_type=store.kind, dataset=dataset, snapshot=snapshot, type=kind,
             parent=parent, compression=compression, encryption=encryption,
-            guid=str(request.get("guid", "")),
-            parent_guid=str(request.get("parent_guid", "") or ""),
-            raw_send=bool(request.get("raw_send")),
-            compressed_send=bool(request.get("compressed_send")),
-            snapshot_time=float(snapshot_time), estimated_size=estimate,
+            guid=guid, parent_guid=parent_guid, raw_send=flags["raw_send"],
+            compressed_send=flags["compressed_send"], snapshot_time=snapshot_time,
+            estimated_size=estimate,
             part_base=base, part_every=every, created=time.time())
         self.table.add(session, time.time())
         try:
@@ -139,8 +143,10 @@ class Uploads:
     def resume(self, store: Store, session: Session, request: dict) -> Session:
         """The client continues an interrupted receive with `zfs send -t`, from a given part."""
         token, from_part = request.get("token"), request.get("from_part")
-        if not isinstance(token, str) or not token or not isinstance(from_part, int):
+        if not isinstance(token, str) or not 0 < len(token) <= 4096 or \
+                not token.isascii() or not token.isprintable():
             raise protocol.ValidationError("resume needs the token and from_part")
+        protocol.validate_count(from_part, "from_part", protocol.MAX_PART_INDEX)
         with self._session_lock(session.upload_id):
             store.resume(session.upload_id, token, from_part)
             session = replace(session, segment=from_part, resumed_with=token)
@@ -202,8 +208,12 @@ class Uploads:
                  body: BinaryIO, size: int, segment: Optional[int] = None) -> PartInfo:
         """Stage one part; parts arrive in order, and the last one may be sent again.
 
-        `segment` is the client's idea of where its current stream starts (0, or the part a
-        `zfs send -t` stream began at): a part of an earlier attempt is refused."""
+        A part may arrive while the one before it is being staged (clients keep two in flight)
+        and then waits for it, at most PART_WAIT seconds once that one is done; any other part
+        ahead of the stream is refused at once (OutOfOrder, 409, with the parts held), so no
+        request holds a thread waiting for another. `segment` is the client's idea of where
+        its current stream starts (0, or the part a `zfs send -t` stream began at): a part of
+        an earlier attempt is refused."""
         limit = protocol.part_size(index, session.part_base, session.part_every)
         if size > limit:
             raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
@@ -228,15 +238,20 @@ class Uploads:
             return part
 
     def _wait_for_turn(self, turn: threading.Condition, store: Store, session: Session,
-                       index: int, timeout: float = 300.0) -> List[PartInfo]:
-        """Parts may arrive pipelined (two in flight): part n waits until n-1 is staged."""
-        deadline = time.monotonic() + timeout
+                       index: int) -> List[PartInfo]:
+        """The staged parts, once part `index` may be staged: at once, or when the part before
+        it has landed (waiting at most PART_WAIT seconds for it); else OutOfOrder."""
+        deadline = time.monotonic() + PART_WAIT
         while True:
             parts = store.staged_parts(session.upload_id)
             left = deadline - time.monotonic()
-            if index <= len(parts) or left <= 0:
+            if index <= len(parts):
                 return parts
-            turn.wait(min(left, 5.0))
+            if index > len(parts) + 1 or left <= 0:
+                raise OutOfOrder(f"part {index} is ahead of the stream: the server holds"
+                                 f" {len(parts)} parts of upload {session.upload_id}",
+                                 len(parts))
+            turn.wait(left)
 
     def _touch(self, session: Session) -> None:
         if not self.table.touch(session.upload_id, time.time()):
@@ -254,8 +269,8 @@ class Uploads:
         if not isinstance(checksum, str) or not _PARTS_CHECKSUM.fullmatch(checksum):
             raise protocol.ValidationError("parts_crc32 must be 8 hex digits, a dash and the"
                                            " number of parts")
-        if not isinstance(stored_size, int) or not isinstance(raw_size, int):
-            raise protocol.ValidationError("stored_size and raw_size must be whole numbers")
+        protocol.validate_count(stored_size, "stored_size")
+        protocol.validate_count(raw_size, "raw_size")
         with self._session_lock(session.upload_id):
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t

@@ -27,17 +27,23 @@ or an open upload, and it is cheap enough for `GET /health`, which calls it each
 
 from __future__ import annotations
 
+import errno
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded,  # noqa: F401 (re-exported)
-                           StorageError, Unsupported)
+from zfsmgr.errors import (NeedsFullBackup, NotFound, OutOfOrder,  # noqa: F401 (re-exported)
+                           QuotaExceeded, StorageError, StorageFull, Unsupported)
 from zfsmgr.protocol import Manifest
 
 CHUNK = 1 << 20
+
+
+def is_full(exc: OSError) -> bool:
+    """Whether an OSError means the disk or its quota is full."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,13 @@ class Store(ABC):
 
     @abstractmethod
     def check(self) -> None:
-        """Raise StorageError unless the backend is reachable and writable."""
+        """Raise StorageError unless the backend is reachable and writable; a store that is
+        only full passes (it can still serve, abort and delete, and takes data once there is
+        room), and says so in `free_bytes`."""
+
+    def free_bytes(self) -> Optional[int]:
+        """Room left for new data where the store can tell (None: it cannot, or no limit)."""
+        return None
 
     @abstractmethod
     def stage_part(self, upload_id: str, index: int, source: BinaryIO, size: int) -> PartInfo:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store)
+from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
+                                 StorageError, StorageFull, Store, is_full)
 
 log = logging.getLogger("zfsmgr.storage.directory")
 
@@ -139,31 +140,39 @@ class Staging:
         folder.mkdir(parents=True, exist_ok=True)
         parts = self.parts(upload_id)
         if index < len(parts) - 1 or index > len(parts):
-            raise StorageError(f"part {index} out of order: {len(parts)} parts are staged")
+            raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
+                             " are staged", len(parts))
         if index == len(parts) - 1:
             parts.pop()  # a resend of the last part replaces it
         offset = sum(p.size for p in parts)
         reader = CountingReader(source, size)
-        with open(folder / "data", "ab") as out:
-            out.truncate(offset)  # drop a torn write of a part that was never recorded
-            out.seek(offset)
-            flushed = offset
-            while True:
-                chunk = reader.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                if offset + reader.size - flushed >= WRITEBACK_EVERY:
-                    flushed = _release_window(out, flushed, offset + reader.size)
-            _release_window(out, flushed, offset + reader.size)
-        if reader.size != size:
-            raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
-        part = PartInfo(index, size, reader.crc32)
-        parts.append(part)
-        # Not fsync'd per part (that stalled every upload): a process crash keeps the page
-        # cache; after a power loss `parts` finds which parts survived. Commit fsyncs.
-        write_atomic(folder / "parts.json", json.dumps([p.__dict__ for p in parts]).encode(),
-                     durable=False)
+        try:
+            with open(folder / "data", "ab") as out:
+                out.truncate(offset)  # drop a torn write of a part that was never recorded
+                out.seek(offset)
+                flushed = offset
+                while True:
+                    chunk = reader.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    if offset + reader.size - flushed >= WRITEBACK_EVERY:
+                        flushed = _release_window(out, flushed, offset + reader.size)
+                _release_window(out, flushed, offset + reader.size)
+            if reader.size != size:
+                raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
+            part = PartInfo(index, size, reader.crc32)
+            # Not fsync'd per part (that stalled every upload): a process crash keeps the page
+            # cache; after a power loss `parts` finds which parts survived. Commit fsyncs.
+            write_atomic(folder / "parts.json",
+                         json.dumps([p.__dict__ for p in parts + [part]]).encode(),
+                         durable=False)
+        except BaseException:
+            try:  # what the failed part wrote goes at once: a full disk gets its room back
+                os.truncate(folder / "data", offset)
+            except OSError:
+                pass
+            raise
         return part
 
     def data_path(self, upload_id: str) -> Path:
@@ -174,8 +183,17 @@ class Staging:
         return data
 
     def discard(self, upload_id: str) -> None:
-        shutil.rmtree(self.folder(upload_id), ignore_errors=True)
+        """Remove an upload's staging; frees its space even on a full disk (truncate and
+        unlink need none), and raises StorageError if anything stays."""
+        folder = self.folder(upload_id)
+        try:
+            os.truncate(folder / "data", 0)
+        except OSError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
         self._checked.discard(upload_id)
+        if folder.exists():
+            raise StorageError(f"cannot remove the staged upload {folder}")
 
     def uploads(self) -> List[Tuple[str, float]]:
         if not self.root.is_dir():
@@ -210,28 +228,65 @@ class DirectoryStore(Store):
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise StorageError(f"directory store {self.root} is not writable: {exc}") from exc
+            if not is_full(exc):  # a full store still serves, aborts and deletes
+                raise StorageError(f"directory store {self.root} is not writable: {exc}") \
+                    from exc
+
+    def free_bytes(self) -> Optional[int]:
+        try:
+            stat = os.statvfs(self.root)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+    def _full(self, what: str, needed: int) -> StorageFull:
+        return StorageFull(f"directory store {self.root} is full: {what} needs {needed} bytes,"
+                           f" {self.free_bytes() or 0} are free")
 
     def stage_part(self, upload_id, index, source, size):
         try:
             return self.staging.stage(upload_id, index, source, size)
         except OSError as exc:
+            if is_full(exc):
+                raise self._full(f"part {index} of upload {upload_id}", size) from None
             raise StorageError(f"cannot stage part {index}: {exc.strerror}") from exc
 
     def staged_parts(self, upload_id):
         return self.staging.parts(upload_id)
 
     def commit(self, upload_id, manifest):
+        """Publish the staged stream and its manifest. Each step that needs room (the client's
+        folder, the manifest, the renames) either completes or leaves the upload staged as it
+        was, so a commit that found the disk full (StorageFull) can be retried."""
         target = self._path(manifest.key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._path(manifest_key(manifest.key))
+        pending = meta.with_name(f".{meta.name}.{upload_id}.tmp")
         data = self.staging.data_path(upload_id)
-        with open(data, "rb+") as stream:
-            os.fsync(stream.fileno())
-            release_pages(stream, 0, os.fstat(stream.fileno()).st_size)  # all clean now
-        os.replace(data, target)
-        fsync_dir(target.parent)
-        write_atomic(self._path(manifest_key(manifest.key)),
-                     json.dumps(manifest.to_dict(), indent=1).encode())
+        body = json.dumps(manifest.to_dict(), indent=1).encode()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(data, "rb+") as stream:
+                os.fsync(stream.fileno())
+                release_pages(stream, 0, os.fstat(stream.fileno()).st_size)  # all clean now
+            write_atomic(pending, body)
+            os.replace(data, target)
+        except OSError as exc:
+            _unlink(pending)
+            if is_full(exc):
+                raise self._full(f"the commit of {manifest.key}", len(body)) from None
+            raise StorageError(f"cannot commit {manifest.key}: {exc.strerror}") from exc
+        try:
+            os.replace(pending, meta)
+            fsync_dir(target.parent)
+        except OSError as exc:
+            try:  # put the stream back where a retry finds it
+                os.replace(target, data)
+            except OSError:
+                _unlink(target)  # never an object without its manifest
+            _unlink(pending)
+            if is_full(exc):
+                raise self._full(f"the commit of {manifest.key}", len(body)) from None
+            raise StorageError(f"cannot commit {manifest.key}: {exc.strerror}") from exc
         self.staging.discard(upload_id)
         return manifest
 
@@ -274,3 +329,10 @@ class DirectoryStore(Store):
         """Size of a stored object, None when absent (for tests and verify)."""
         path = self._path(key)
         return path.stat().st_size if path.exists() else None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

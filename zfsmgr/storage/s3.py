@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Optional
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import CHUNK, CountingReader, NotFound, PartInfo, StorageError, Store
+from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
+                                 StorageError, Store)
 
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
@@ -118,7 +119,8 @@ class S3Store(Store):
     def stage_part(self, upload_id, index, source, size):
         parts = self.staged_parts(upload_id)
         if index < len(parts) - 1 or index > len(parts):
-            raise StorageError(f"part {index} out of order: {len(parts)} parts are staged")
+            raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
+                             " are staged", len(parts))
         parts = parts[:index]
         reader = CountingReader(source, size)
         self._call(f"upload of part {index}", self.client.put_object, self.bucket,

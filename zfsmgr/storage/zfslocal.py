@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from zfsmgr.protocol import Manifest, parse_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, PartInfo, StorageError,
-                                 NeedsFullBackup, Store)
+from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
+                                 StorageError, NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
@@ -220,10 +220,12 @@ class ZfsLocalStore(Store):
             for _ in iter(lambda: reader.read(CHUNK), b""):
                 pass
             if (reader.size, reader.crc32) != (parts[index].size, parts[index].crc32):
-                raise StorageError(f"part {index} differs from the part already received")
+                raise OutOfOrder(f"part {index} differs from the part already received",
+                                 len(parts))
             return parts[index]
         if index > len(parts):
-            raise StorageError(f"part {index} out of order: {len(parts)} parts were received")
+            raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
+                             " were received", len(parts))
         live = self._live.get(upload_id)
         if live is None or not live.alive:
             live = self._start(upload_id, state, index)

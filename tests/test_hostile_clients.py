@@ -1,0 +1,127 @@
+"""One client, hostile or buggy, against a real server process: it cannot starve the others,
+take more than its share, exceed its quota by racing, or make the server spool bodies it
+refuses."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+
+import hostile
+from hostile import auth_of, request
+
+BOB = "bob-secret-key"
+
+
+def _bob(server) -> dict:
+    return {"X-Client-ID": "bob", "X-API-Key": BOB}
+
+
+def test_parts_ahead_of_the_stream_do_not_starve_the_other_clients(server_factory):
+    """The attack of the issue: eight tiny parts far ahead of the stream, with THREADS=8.
+    They are refused at once (409 naming the parts held, or 429: more than the client's share
+    of threads), and meanwhile /health, another client's /status and a whole upload of
+    another client answer as quickly as ever."""
+    server = server_factory("dir", env={"THREADS": "8"},
+                            extra_clients=[hostile.client_entry("bob", BOB)])
+    alice = auth_of(server.client_env)
+    session = hostile.open_upload(server.url, alice)
+    path = f"/upload-stream/{session['upload_id']}/{{}}"
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        attack = [pool.submit(request, server.url, "POST", path.format(5 + i), b"x" * 100,
+                              alice, 30) for i in range(8)]
+        checks = [pool.submit(request, server.url, "GET", "/health", None, {}, 10),
+                  pool.submit(request, server.url, "GET", "/status", None, _bob(server), 10)]
+        statuses = [f.result() for f in attack]
+        quick = [f.result() for f in checks]
+    for status, answer, seconds in statuses:
+        assert status in (409, 429), answer
+        assert seconds < 10, seconds  # on main: each waited 300 s for its turn
+        assert answer["success"] is False
+    held = [a for s, a, _ in statuses if s == 409]
+    assert held and all(a["parts_held"] == 0 for a in held)
+    assert [s for s, _, _ in quick] == [200, 200]
+    assert all(seconds < 2 for _, _, seconds in quick), quick
+    other = hostile.open_upload(server.url, _bob(server), when=1700000100)
+    statuses, declaration = hostile.send_parts(server.url, _bob(server), other, b"b" * 3000)
+    assert statuses == [200] * len(statuses)
+    assert hostile.commit(server.url, _bob(server), other, declaration)[0] == 200
+    # alice's upload itself is intact: part 0 is still welcome
+    assert request(server.url, "POST", path.format(0), b"a" * 100, alice)[0] == 200
+
+
+def test_a_client_holds_at_most_its_share_of_requests_and_uploads(server_factory):
+    server = server_factory("dir", env={"THREADS": "6", "CLIENT_MAX_UPLOADS": "3"})
+    alice = auth_of(server.client_env)
+    sessions = [hostile.open_upload(server.url, alice, when=1700000000 + i) for i in range(3)]
+    status, answer, _ = request(server.url, "POST", "/upload", {
+        "dataset": "tank/data", "snapshot": "s9", "type": "full", "compression": "none",
+        "snapshot_time": 1700000900}, alice)
+    assert status == 409 and "3 open uploads" in answer["message"]
+    request(server.url, "POST", f"/upload-stream/{sessions[0]['upload_id']}/abort", None, alice)
+    assert hostile.open_upload(server.url, alice, when=1700000901)["upload_id"]
+    # more parallel requests than THREADS/3 = 2: the rest are refused with 429 at once
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: request(server.url, "POST", f"/upload-stream/"
+                                                  f"{sessions[1]['upload_id']}/{40 + i}",
+                                                  b"y" * 10, alice), range(8)))
+    codes = sorted(s for s, _, _ in answers)
+    assert set(codes) <= {409, 429}, codes
+    retry = [a for s, a, _ in answers if s == 429]
+    assert all("in progress" in a["message"] for a in retry)
+
+
+def test_racing_uploads_never_take_a_client_past_its_quota(server_factory):
+    """Three uploads of 4 MiB at once on a 10 MiB quota: the staged bytes of every open
+    upload count, so at most two commit and the total stays within the quota (on main all
+    three committed: 12 MiB)."""
+    quota = 10 << 20
+    server = server_factory("dir", quota=quota, env={"THREADS": "9", "PART_SIZE": "1M",
+                                                     "CLIENT_MAX_REQUESTS": "9"})
+    alice = auth_of(server.client_env)
+    sessions = [hostile.open_upload(server.url, alice, when=1700000000 + i) for i in range(3)]
+    data = [os.urandom(4 << 20) for _ in sessions]
+
+    def upload(i):
+        statuses, declaration = hostile.send_parts(server.url, alice, sessions[i], data[i])
+        if statuses[-1] != 200:
+            return statuses[-1]
+        return hostile.commit(server.url, alice, sessions[i], declaration)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(upload, range(3)))
+    assert results.count(200) == 2 and 413 in results, results
+    status, answer, _ = request(server.url, "GET", "/status", None, alice)
+    assert answer["used_bytes"] == 8 << 20 <= quota
+    assert "Traceback" not in server.log()
+
+
+def test_bodies_are_refused_before_they_are_read(server_factory):
+    """A client failing authentication, a body on a route that takes none, and a part larger
+    than its schedule get their answer after the headers: nothing of the body is read."""
+    server = server_factory("dir", extra_clients=[hostile.client_entry("bob", BOB)])
+    alice = auth_of(server.client_env)
+    session = hostile.open_upload(server.url, alice)
+    part = f"/upload-stream/{session['upload_id']}/0"
+    me = f"X-Client-ID: {alice['X-Client-ID']}\r\nX-API-Key: {alice['X-API-Key']}\r\n\r\n"
+    heads = {
+        401: (f"POST {part} HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
+              "X-Client-ID: alice\r\nX-API-Key: wrong\r\n\r\n"),
+        413: (f"POST {part} HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
+              + me),
+        404: (f"POST {part} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+              f"X-Client-ID: bob\r\nX-API-Key: {BOB}\r\n\r\n"),
+    }
+    heads[413.1] = "GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n" + me
+    heads[401.1] = ("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for code, head in heads.items():
+        answer = hostile.headers_only(server.url, head.encode())
+        assert answer.startswith(f"HTTP/1.1 {int(code)} ".encode()), (code, answer[:200])
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["success"] is False and body["message"]
+    log = server.log()
+    assert "refused before the body" in log and alice["X-API-Key"] not in log
+    # the upload is untouched and the server serves on
+    assert request(server.url, "POST", part, b"a" * 100, alice)[0] == 200
+    assert request(server.url, "GET", "/health")[0] == 200
