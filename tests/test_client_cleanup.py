@@ -7,6 +7,7 @@ import http.client
 import http.server
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -88,8 +89,9 @@ def test_interrupted_while_waiting_to_retry_aborts_the_upload(sig, pool, server_
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "retry 2" in err
     assert any(p.endswith("/abort") for p in proxy.seen), proxy.seen
-    sessions = server.workdir / "metadata.json.uploads"
-    assert not list(sessions.glob("*.json")), "the upload session stayed open"
+    with sqlite3.connect(server.workdir / "metadata.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0, \
+            "the upload session stayed open"
     assert not list((server.storage_dir / ".uploads").glob("*")) \
         if (server.storage_dir / ".uploads").exists() else True
     assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""

@@ -4,6 +4,7 @@ dataset with a quota."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,8 +85,9 @@ def test_a_full_store_serves_aborts_expires_and_takes_room_again(small_disk, ser
 
     # the server restarts with the store full; the janitor expires the abandoned upload
     server.stop()
-    session_file = server.workdir / "metadata.json.uploads" / f"{staged['upload_id']}.json"
-    os.utime(session_file, (time.time() - 3 * 86400,) * 2)
+    with sqlite3.connect(server.workdir / "metadata.db") as db:  # idle for three days
+        db.execute("UPDATE sessions SET touched = ? WHERE upload_id = ?",
+                   (time.time() - 3 * 86400, staged["upload_id"]))
     server.start()
     status, health, _ = request(server.url, "GET", "/health")
     assert status == 200 and health["status"] == "full"

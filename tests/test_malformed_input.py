@@ -39,14 +39,14 @@ def _deep(levels: int) -> bytes:
     json.dumps({**GOOD, "raw_send": "yes"}).encode(),
     json.dumps({**GOOD, "dataset": "t" * 199, "snapshot": "s" * 199}).encode(),
     b"\xff\xfe{}", b"[1, 2]", b'"text"', b"1" * 5000, b"{" * 70000,
-])
+], ids=lambda body: body[:40].decode("latin-1"))
 def test_malformed_upload_requests_are_400(server, body):  # noqa: F811
     ctx, app = server
     code, answer, headers = call(app, "POST", "/upload", body, auth("alice"))
     assert 400 <= code < 500, answer[:300]
     assert headers["Content-Type"] == "application/json"
     assert json.loads(answer)["success"] is False
-    assert ctx.uploads.sessions() == []
+    assert ctx.sessions.of_client("alice") == []
 
 
 def _session(app) -> str:
@@ -70,7 +70,7 @@ def test_malformed_commits_are_400_and_keep_the_upload(server, commit):  # noqa:
     code, answer, _ = call(app, "POST", f"/upload-stream/{upload_id}/commit",
                            json.dumps(commit).encode(), auth("alice"))
     assert code == 400, answer
-    assert [s.upload_id for s in ctx.uploads.sessions()] == [upload_id]
+    assert [s.upload_id for s in ctx.sessions.of_client("alice")] == [upload_id]
 
 
 def test_parts_headers_and_ranges_that_are_malformed_are_4xx(server, caplog):  # noqa: F811

@@ -17,6 +17,7 @@ from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded, Unauthorize
 from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
 from zfsmgr.server.clients import ClientConfig
 from zfsmgr.server.context import ServerContext
+from zfsmgr.storage import registry
 from zfsmgr.storage.base import CHUNK
 
 log = logging.getLogger("zfsmgr.server")
@@ -127,7 +128,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         request = body_json()
         requested = request.get("storage_type") or ""
         if requested:
-            protocol.validate_choice(requested, "storage_type", protocol.STORAGE_TYPES)
+            protocol.validate_choice(requested, "storage_type", registry.KINDS)
         store = ctx.store_for(client, requested)
         try:
             session = ctx.uploads.open(client, store, request)
