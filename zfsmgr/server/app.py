@@ -133,7 +133,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         try:
             session = ctx.uploads.open(client, store, request)
         except QuotaExceeded as exc:
-            ctx.outcomes.failed(client.client_id, str(request.get("dataset") or ""), exc)
+            dataset = request.get("dataset")  # an event row only for a dataset it backs up:
+            known = isinstance(dataset, str) and ctx.catalog.list_dicts(client.client_id, dataset)
+            ctx.outcomes.failed(client.client_id, dataset if known else "", exc)
             raise
         log.info("upload %s opened: client=%s key=%s type=%s estimate=%s", session.upload_id,
                  client.client_id, session.key, session.type, session.estimated_size)
