@@ -176,6 +176,18 @@ class ZfsError(ZfsmgrError):
         super().__init__(f"`{shlex.join(self.argv)}` failed (exit {returncode}): {tail}")
 
 
+class MissingProgram(ZfsError):
+    """A program zfsmgr needs (zfs, zpool, zstd) is not installed where it looks."""
+
+    exit_status = ExitStatus.USAGE
+    http_status = 503
+
+    def __init__(self, name: str, looked_in: Sequence[str]):
+        ZfsmgrError.__init__(self, f"{name} not found (looked in PATH and"
+                                   f" {', '.join(looked_in)}): is it installed?")
+        self.argv, self.returncode, self.stderr = [name], 127, f"{name}: command not found"
+
+
 class ZfsNotFound(ZfsError):
     """The command failed because the dataset, snapshot or bookmark does not exist."""
 

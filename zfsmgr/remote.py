@@ -8,13 +8,16 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import socket
 import ssl
 import sys
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from zfsmgr import protocol
-from zfsmgr.errors import ServerError, ServerUnreachable, ZfsmgrError
+from zfsmgr.errors import ServerError, ServerUnreachable, SettingsError, ZfsmgrError
+
+HANDSHAKE_TIMEOUT = 8.0  # seconds for connect + TLS handshake
 
 
 _warned = set()
@@ -77,9 +80,40 @@ class ServerClient:
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                               context=self._context)
+            return self._tls_connect()
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _tls_connect(self) -> http.client.HTTPSConnection:
+        """Connect and shake hands within HANDSHAKE_TIMEOUT: an https URL pointing at a plain
+        http server (which waits for a request line that never comes) fails in seconds,
+        saying so, instead of after the request timeout."""
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=HANDSHAKE_TIMEOUT,
+                                           context=self._context)
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise ZfsmgrError(f"cannot verify the certificate of {self.url}:"
+                              f" {exc.verify_message} (set CA_FILE for a private CA)") from None
+        except ssl.SSLError as exc:
+            conn.close()
+            if any(sign in str(exc) for sign in ("WRONG_VERSION_NUMBER", "wrong version",
+                                                 "record layer", "http request")):
+                raise SettingsError(f"SERVER_URL {self.url} is https, but the server answers"
+                                    " plain http: use http:// (or put TLS in front of it)"
+                                    ) from None
+            raise ServerUnreachable(f"TLS with {self.url} failed: {exc}") from None
+        except socket.timeout:
+            conn.close()
+            raise ServerUnreachable(f"{self.url}: no TLS handshake within"
+                                    f" {HANDSHAKE_TIMEOUT:g}s; if the server is plain http,"
+                                    " use http:// in SERVER_URL") from None
+        except OSError as exc:
+            conn.close()
+            raise ServerUnreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") \
+                from None
+        conn.sock.settimeout(self.timeout)
+        return conn
 
     def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         headers = {protocol.HEADER_CLIENT_ID: self.client_id, protocol.HEADER_API_KEY: self._key,

@@ -90,6 +90,14 @@ def as_storage_type(text: str) -> str:
     return value
 
 
+def as_existing_file(text: str) -> str:
+    """A path to a file that exists (empty: not set)."""
+    value = text.strip()
+    if value and not Path(value).is_file():
+        raise ValueError("the path of a file that exists (no such file)")
+    return value
+
+
 def as_url(text: str) -> str:
     """An http:// or https:// URL without credentials in it."""
     value = text.strip().rstrip("/")
@@ -236,7 +244,8 @@ TABLE = (
     Setting("CLIENT_ID", as_text, None, (CLIENT, RESTORE), "this host's client id"),
     Setting("API_KEY", as_text, None, (CLIENT, RESTORE), "the raw (unhashed) API key", secret=True),
     Setting("SERVER_URL", as_url, None, (CLIENT, RESTORE), "e.g. http://backup-server:8080"),
-    Setting("CA_FILE", as_text, "", (CLIENT, RESTORE), "CA bundle for an https server"),
+    Setting("CA_FILE", as_existing_file, "", (CLIENT, RESTORE),
+            "CA bundle for an https server"),
     Setting("LOCAL_DATASET", as_text, None, (CLIENT,), "the dataset to back up, e.g. tank/data"),
     Setting("COMPRESS", as_compression, "true", (CLIENT,), "true/false, or gzip, zstd, none"),
     Setting("COMPRESS_LEVEL", as_level, "1", (CLIENT,), "gzip 1-9 or zstd 1-19"),

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from zfsmgr.errors import ZfsError, ZfsNotFound
+from zfsmgr.errors import MissingProgram, ZfsError, ZfsNotFound
 
 PROPERTY_PREFIX = "org.zfsmgr:"  # user properties: lower case, as zfs-fuse requires
 HOLD_TAG = "zfsmgr"
@@ -64,9 +64,10 @@ def spawn(argv: Sequence[str], **popen) -> subprocess.Popen:
     argv = list(argv)
     try:
         return subprocess.Popen(argv, executable=find_program(argv[0]), **popen)
+    except FileNotFoundError as exc:  # one line, exit 2: nothing to retry, install it
+        raise MissingProgram(argv[0], SBIN_DIRS) from exc
     except OSError as exc:
-        why = "command not found" if isinstance(exc, FileNotFoundError) else exc.strerror
-        raise ZfsError(argv, 127, f"{argv[0]}: {why}") from exc
+        raise ZfsError(argv, 127, f"{argv[0]}: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True)

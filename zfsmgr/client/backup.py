@@ -160,9 +160,8 @@ class Backup:
             mode = "full"
         base = self.choose_base(mode, features, on_server, snaps)
         self._wait_for_a_new_second(on_server, snaps)
-        name = new_snapshot_name(self.zfs, self.dataset)
-        self.zfs.snapshot(name, {"kind": "backup"})
-        snap = self.zfs.snapshot_info(name, PROPS)
+        snap = self._new_snapshot()
+        name = snap.name
         try:
             result = self._upload(snap, base, features, fallback=mode == "auto")
         except BaseException:
@@ -170,6 +169,21 @@ class Backup:
             raise
         mark_base(self.zfs, self.dataset, snap, features)
         return result
+
+    def _new_snapshot(self) -> Snapshot:
+        """Create `DS@zfsmgr_<stamp>` whose creation second is its stamp, so the storage key
+        (built from the creation time) carries the snapshot's own timestamp; a snapshot that
+        landed in the next second is made again."""
+        for _ in range(5):
+            name = new_snapshot_name(self.zfs, self.dataset)
+            self.zfs.snapshot(name, {"kind": "backup"})
+            snap = self.zfs.snapshot_info(name, PROPS)
+            made = datetime.fromtimestamp(snap.creation, timezone.utc)
+            if snap.short == BACKUP_PREFIX + protocol.format_timestamp(made):
+                return snap
+            self.zfs.destroy(name)
+        raise ZfsmgrError(f"the clock of {self.dataset}'s pool disagrees with this host's:"
+                          " cannot name a snapshot by its creation time")
 
     def _compressed(self, features: Features) -> bool:
         """Send blocks as the pool stores them (-c) when it compresses: no double work."""

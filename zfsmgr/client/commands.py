@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from zfsmgr import protocol
@@ -17,42 +18,53 @@ from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
 
 HELP = """commands:
-  backup               snapshot LOCAL_DATASET and send it (incremental when a base exists)
-  backup-full          send a full backup
-  backup-incremental   send an incremental from the base (error when there is none)
-  snapshot TYPE        create an hourly|daily|weekly|monthly snapshot, then rotate that type
-  rotate [--dry-run]   rotate zfsmgr's typed snapshots by the retention policy
-  rotate-remote [--dry-run]
-                       ask the server to delete old backups by the retention policy
+  backup [--json]      snapshot LOCAL_DATASET and send it (incremental when a base exists)
+  backup-full [--json] send a full backup
+  backup-incremental [--json]
+                       send an incremental from the base (error when there is none)
+  snapshot TYPE [--json]
+                       create an hourly|daily|weekly|monthly snapshot, then rotate that type
+  rotate [--dry-run] [--json]
+                       rotate zfsmgr's typed snapshots by the retention policy
+  rotate-remote [--dry-run] [--json]
+                       ask the server to delete old backups: its retention policy, then the
+                       oldest whole chains while over the quota
   status [--json]      storage used, quota, backups per dataset
   bookmarks [--json]   the incremental bases zfsmgr keeps (bookmarks or held snapshots)
   systemd-units [--install] [--unit-dir DIR] [--workdir DIR] [--on-calendar hourly]
                 [--randomized-delay 15m]
                        print (or write) zfsmgr-backup.service and its .timer (hardened)
-  help                 this text"""
+  help                 this text
+
+options anywhere on the line: --env-file PATH, -q/--quiet (nothing on stdout on success, for
+cron), -v/--verbose. zfs and zpool are looked up in PATH, then /sbin, /usr/sbin, /usr/local/sbin.
+
+settings (.env in the working directory, or --env-file, or the environment):
+  CLIENT_ID, API_KEY, SERVER_URL, LOCAL_DATASET, COMPRESS, STORAGE_TYPE, CA_FILE, STATE_DIR,
+  KEEP_HOURLY, KEEP_DAILY, KEEP_WEEKLY, KEEP_MONTHLY"""
 
 
 def add_parser(sub) -> None:
-    """Register `client` and its commands."""
+    """Register `client` and its commands (each listed once, in HELP)."""
     parser = sub.add_parser("client", help="back up this host", description="The ZFS host side.",
-                            usage="zfsmgr client COMMAND [--json] [--dry-run]",
+                            usage="zfsmgr client COMMAND [options]",
                             epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in ("backup", "backup-full", "backup-incremental"):
-        commands.add_parser(name, help=f"{name.replace('-', ' ')}")
-    snap = commands.add_parser("snapshot", help="typed snapshot")
-    snap.add_argument("type", choices=SNAPSHOT_TYPES)
-    for name in ("rotate", "rotate-remote"):
-        commands.add_parser(name, help=name).add_argument("--dry-run", action="store_true")
-    for name in ("status", "bookmarks"):
-        commands.add_parser(name, help=name).add_argument("--json", action="store_true")
-    units = commands.add_parser("systemd-units", help="print or install the service and timer")
+    for name in ("backup", "backup-full", "backup-incremental", "snapshot", "rotate",
+                 "rotate-remote", "status", "bookmarks"):
+        command = commands.add_parser(name)
+        command.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        if name == "snapshot":
+            command.add_argument("type", choices=SNAPSHOT_TYPES)
+        if name in ("rotate", "rotate-remote"):
+            command.add_argument("--dry-run", action="store_true", help="show, delete nothing")
+    units = commands.add_parser("systemd-units")
     systemd.add_arguments(units, "/etc/zfsmgr")
     units.add_argument("--on-calendar", default="hourly",
                        help="when to back up (systemd.time; default hourly)")
     units.add_argument("--randomized-delay", type=systemd.checked_delay, default="15m",
                        help="spread the fleet's runs by up to this (default 15m)")
-    commands.add_parser("help", help="show the commands")
+    commands.add_parser("help")
     parser.set_defaults(run=run, group_parser=parser)
 
 
@@ -67,7 +79,8 @@ class DatasetLock:
     """One zfsmgr run per dataset at a time (flock, released when the process dies)."""
 
     def __init__(self, folder: Path, dataset: str):
-        self.path = folder / ("lock-" + dataset.replace("/", "_"))
+        # the real name, escaped: tank/a_b and tank/a/b must not share a lock
+        self.path = folder / ("lock-" + urllib.parse.quote(dataset, safe=""))
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -103,6 +116,7 @@ def run(args, env_file) -> int:
                                      args.workdir, args.on_calendar, args.randomized_delay)
         return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-backup.timer"])
     settings = config.load(config.CLIENT, env_file)
+    from zfsmgr.client import output
     from zfsmgr.zfs import zfs_from_settings
 
     zfs = zfs_from_settings(settings)
@@ -124,11 +138,7 @@ def run(args, env_file) -> int:
         return 0
     if command == "rotate-remote":
         result = _api(settings).call("POST", protocol.ROTATE, {"dry_run": args.dry_run})
-        verb = "would delete" if args.dry_run else "deleted"
-        for key in result["deleted"]:
-            print(f"{verb} {key}: {result['reasons'].get(key, '')}")
-        print(f"{verb} {len(result['deleted'])} backups ({human(result['freed_bytes'])}),"
-              f" kept {len(result['kept'])}")
+        output.rotate_remote(result, args.json)
         return 0
     with DatasetLock(state_dir(settings), dataset):
         if command in ("snapshot", "rotate"):
@@ -145,7 +155,7 @@ def run(args, env_file) -> int:
             result = Backup(_api(settings), zfs, dataset, settings.compress,
                             settings.compress_level, settings.storage_type,
                             encryption=sealing).run(mode)
-            print(summary(result))
+            output.backup(result, args.json)
             run.note(summary(result))
     return 0
 
@@ -190,19 +200,19 @@ def policy_for(settings) -> RetentionPolicy:
 
 def snapshot_and_rotate(settings, zfs, dataset, command, args) -> int:
     """`snapshot TYPE` then rotate that type; or `rotate` all types."""
-    from zfsmgr.client import snapshots
+    from zfsmgr.client import output, snapshots
 
-    kinds = SNAPSHOT_TYPES
+    kinds, created = SNAPSHOT_TYPES, None
     if command == "snapshot":
-        print(f"created {snapshots.create(zfs, dataset, args.type)}")
+        created = snapshots.create(zfs, dataset, args.type)
         kinds = (args.type,)
     try:
         policy = policy_for(settings)
     except ZfsmgrError as exc:
         print(f"zfsmgr: warning: no retention policy ({exc}); nothing rotated", file=sys.stderr)
+        output.local_rotation([], False, args.json, created)
         return 0 if command == "snapshot" else 1
     dry = getattr(args, "dry_run", False)
-    for name, keep, reason in snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry):
-        if not keep:
-            print(f"{'would destroy' if dry else 'destroyed'} {name}: {reason}")
+    output.local_rotation(snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry), dry,
+                          args.json, created)
     return 0

@@ -28,9 +28,10 @@ HELP = """commands:
                       once complete and verified
   latest DATASET [--force|-f] [--source-dataset DS]
                       restore the newest backup (of source dataset DS)
-  save NUMBER FILE [--chain]
-                      write backup NUMBER's stream to FILE once verified (.gz gzip, .zst zstd,
-                      .zfs plain; other names: compressed as the backup was). An incremental
+  save NUMBER FILE [--chain] [--force|-f]
+                      write backup NUMBER's stream to FILE once verified (.gz gzip, .zst
+                      zstd, .zfs plain; other names: compressed as the backup was); an
+                      existing FILE is replaced only with --force. An incremental
                       needs the streams before it: --chain saves every stream of the chain as
                       FILE.01-SNAP.zfs.gz, FILE.02-SNAP.zfs.gz, ... (FILE without extension),
                       to be received in that order:
@@ -75,6 +76,7 @@ def add_parser(sub) -> None:
     save.add_argument("number", type=_number)
     save.add_argument("filename")
     save.add_argument("--chain", action="store_true", help="save every stream of the chain")
+    save.add_argument("-f", "--force", action="store_true", help="overwrite existing files")
     mount = commands.add_parser("mount", help="mount DATASET at MOUNTPOINT")
     mount.add_argument("dataset")
     mount.add_argument("mountpoint")
@@ -132,7 +134,7 @@ def run(args, env_file) -> int:
         if not args.chain and not self_contained(target):
             print(f"note: {target.key} is incremental: it needs the streams before it"
                   " (save them all with --chain)", file=sys.stderr)
-        for name, size in save(opener, chain, args.filename, args.chain):
+        for name, size in save(opener, chain, args.filename, args.chain, args.force):
             print(f"saved {name} ({listing.human_size(size)})")
         return 0
     from zfsmgr.restore.verify import Report, verify

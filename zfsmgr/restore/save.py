@@ -94,8 +94,9 @@ def write_stream(source: StoredStream, path: Path, codec: str) -> int:
 
 
 def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
-         whole_chain: bool) -> list[tuple[str, int]]:
-    """Save the target (chain[-1]) or, with `whole_chain`, every stream; return names, sizes."""
+         whole_chain: bool, force: bool = False) -> list[tuple[str, int]]:
+    """Save the target (chain[-1]) or, with `whole_chain`, every stream; return names, sizes.
+    An existing file is refused (UsageError, nothing downloaded) unless `force`."""
     codec = wanted_codec(filename)
     if whole_chain:
         names = chain_names(filename, chain, codec)
@@ -106,6 +107,8 @@ def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
         folder = Path(name).absolute().parent
         if not folder.is_dir():
             raise UsageError(f"cannot save to {name}: {folder} is not a directory")
+        if os.path.lexists(name) and not force:
+            raise UsageError(f"{name} exists: pass --force to overwrite it")
     temps: list[Path] = []
     results = []
     try:

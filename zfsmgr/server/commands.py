@@ -10,6 +10,7 @@ import threading
 
 from zfsmgr import settings as config
 from zfsmgr import systemd
+from zfsmgr.errors import UsageError
 from zfsmgr.server import admin, check
 from zfsmgr.settings import as_size
 from zfsmgr.storage import registry
@@ -147,7 +148,6 @@ def reindex(ctx) -> int:
 
 def rotate(ctx, client_id: str = "", dry_run: bool = False) -> int:
     """The server's own rotation: every client's (or one client's) policy and quota."""
-    from zfsmgr.errors import UsageError
 
     clients = ctx.clients.all()
     if client_id:
@@ -183,12 +183,17 @@ def serve(ctx) -> int:
                        channel_timeout=300, ident="zfsmgr",
                        recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
     certificate = _certificate(s)
-    if certificate is None:
-        server = create_server(make_app(ctx), **adjustments)
-    else:
-        from zfsmgr.server.tls import create_tls_server
+    try:
+        if certificate is None:
+            server = create_server(make_app(ctx), **adjustments)
+        else:
+            from zfsmgr.server.tls import create_tls_server
 
-        server = create_tls_server(make_app(ctx), certificate, **adjustments)
+            server = create_tls_server(make_app(ctx), certificate, **adjustments)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
+                         " (another server on that port? set PORT or HOST)") from None
+    if certificate is not None:
         signal.signal(signal.SIGHUP, lambda _signum, _frame: certificate.reload())
     server.channel_class = channel_class(Gate(ctx), server.channel_class)  # bodies: see gate
     stop = threading.Event()
@@ -207,8 +212,7 @@ def serve(ctx) -> int:
         threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
     scheme = "http" if certificate is None else "https"
     log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s)",
-             ctx.version, scheme, s.host, server.effective_port, kind,
-             getattr(waitress, "__version__", ""))
+             ctx.version, scheme, s.host, server.effective_port, kind, _version_of(waitress))
     try:
         server.run()
     except (OSError, ValueError):
@@ -225,6 +229,16 @@ def _certificate(settings):
     from zfsmgr.server.tls import Certificate
 
     return Certificate(settings.tls_cert, settings.tls_key)
+
+
+def _version_of(module) -> str:
+    """A vendored package's version, from its dist-info (waitress has no __version__)."""
+    try:
+        from importlib.metadata import version
+
+        return version(module.__name__)
+    except Exception:  # noqa: BLE001 (no metadata: say so rather than fail to start)
+        return getattr(module, "__version__", "unknown")
 
 
 def _janitor(ctx, stop: threading.Event) -> None:

@@ -21,6 +21,9 @@ from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, Pa
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
 S3_PART = 16 << 20  # minio buffers one part of this size in memory while uploading
+# what OpenSSL says when https meets a plain-http endpoint
+_PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
+                     "packet length too long", "http request")
 
 
 def _client(endpoint: str, access_key: str, secret_key: str, secure: bool, region: str):
@@ -57,6 +60,7 @@ class S3Store(Store):
         if not endpoint:
             raise StorageError("S3_ENDPOINT is not set")
         self.bucket = bucket
+        self.secure = secure and not endpoint.startswith("http://")
         self.client = _client(endpoint, access_key, secret_key, secure, region)
         self.lock = None
         if object_lock:
@@ -86,7 +90,11 @@ class S3Store(Store):
                 raise NotFound(f"{what}: {exc.code}") from None
             raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
         except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
-            raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}") from None
+            hint = ""
+            if self.secure and any(sign in str(exc) for sign in _PLAIN_HTTP_SIGNS):
+                hint = " (the endpoint does not speak TLS: set S3_USE_SSL=false for plain http)"
+            raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}{hint}") \
+                from None
 
     def check(self) -> None:
         if not self._call("bucket check", self.client.bucket_exists, self.bucket):

@@ -1,0 +1,152 @@
+"""A client cron can run: zfs found outside cron's PATH, one-line errors with exit 2 for a
+missing program or setting, -q, --json, --env-file after the command, fast failure of https
+against plain http, an S3_USE_SSL hint, a busy port named, clean help text; `restore save`
+never overwrites a file unasked."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+import rig
+from zfsmgr import protocol
+from zfsmgr.remote import ServerClient
+from zfsmgr.zfs import SBIN_DIRS, MissingProgram, find_program, run
+
+
+def test_zfs_is_found_in_sbin_when_path_lacks_it(monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = find_program("zfs")
+    assert os.path.dirname(found) in SBIN_DIRS and os.access(found, os.X_OK)
+    with pytest.raises(MissingProgram) as missing:
+        run(["zfs-not-installed", "list"])
+    assert str(missing.value) == ("zfs-not-installed not found (looked in PATH and /sbin,"
+                                  " /usr/sbin, /usr/local/sbin): is it installed?")
+    assert missing.value.exit_status == 2
+
+
+def test_a_missing_zfs_is_one_line_and_exit_2(run_zfsmgr, tmp_path):
+    env = {"CLIENT_ID": "c1", "API_KEY": "k", "SERVER_URL": "http://127.0.0.1:9",
+           "LOCAL_DATASET": "tank/data", "STATE_DIR": str(tmp_path), "ZFSMGR_ZFS": "zfs-gone"}
+    done = run_zfsmgr(["client", "backup"], env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("zfsmgr: error: zfs-gone not found (looked in PATH and /sbin,"
+                           " /usr/sbin, /usr/local/sbin): is it installed?\n")
+
+
+def test_a_ca_file_that_does_not_exist_is_a_settings_error(run_zfsmgr, tmp_path):
+    env = {"CLIENT_ID": "c1", "API_KEY": "k", "SERVER_URL": "https://127.0.0.1:9",
+           "LOCAL_DATASET": "tank/data", "CA_FILE": str(tmp_path / "nope.pem")}
+    done = run_zfsmgr(["client", "status"], env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("zfsmgr: error: CA_FILE=") and "no such file" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_https_against_a_plain_http_server_fails_fast_and_says_so(server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    env = {**server.client_env, "SERVER_URL": server.url.replace("http:", "https:"),
+           "LOCAL_DATASET": "tank/data"}
+    started = time.monotonic()
+    done = run_zfsmgr(["client", "status"], env=env, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode in (2, 4), done.stderr
+    assert "plain http" in done.stderr and "http://" in done.stderr
+    assert took < 15, took
+
+
+def test_quiet_json_and_env_file_after_the_command(server_factory, run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"],
+                       server.client_env["API_KEY"])
+    upload(api, b"some bytes" * 100, time.time() - 3600)
+    env_file = tmp_path / "client.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in {
+        **server.client_env, "LOCAL_DATASET": "tank/data"}.items()))
+    quiet = run_zfsmgr(["client", "status", "--env-file", str(env_file), "-q"])
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    loud = run_zfsmgr(["client", "status", f"--env-file={env_file}"])
+    assert loud.returncode == 0 and "client client1 (dir storage)" in loud.stdout
+    plan = run_zfsmgr(["client", "rotate-remote", "--dry-run", "--json", "--env-file",
+                       str(env_file)])
+    assert plan.returncode == 0, plan.stderr
+    result = json.loads(plan.stdout)
+    assert result["dry_run"] is True and result["deleted"] == [] and len(result["kept"]) == 1
+    failing = run_zfsmgr(["client", "status", "-q", "--env-file", str(tmp_path / "missing")])
+    assert failing.returncode == 2 and failing.stdout == ""
+    assert failing.stderr == f"zfsmgr: error: env file {tmp_path / 'missing'} does not exist\n"
+
+
+def test_help_and_usage_lines_read_cleanly(run_zfsmgr):
+    client = run_zfsmgr(["client", "help"]).stdout
+    assert "backup            backup" not in client and "    backup\n" not in client
+    assert client.count("\n  backup ") == 1 and "rotate-remote [--dry-run] [--json]" in client
+    usage = run_zfsmgr(["restore", "save"])
+    assert usage.returncode == 2
+    assert usage.stderr.splitlines()[0].startswith("usage: zfsmgr restore save ")
+    bad = run_zfsmgr(["client", "snapshot", "yearly"])
+    assert bad.stderr.splitlines()[0].startswith("usage: zfsmgr client snapshot ")
+    top = run_zfsmgr(["help"]).stdout
+    assert top.startswith("usage: zfsmgr [--env-file PATH] [-q] [-v]")
+
+
+def test_a_busy_port_is_one_line_naming_it_and_waitress_has_a_version(server_factory,
+                                                                      run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    assert "(waitress 3." in server.log()
+    (tmp_path / "clients.json").write_text("[]")
+    done = run_zfsmgr(["server"], env={"PORT": str(server.port), "HOST": "127.0.0.1",
+                                       "STORAGE_DIR": str(tmp_path / "b")}, cwd=tmp_path,
+                      timeout=60)
+    assert done.returncode == 2
+    assert f"zfsmgr: error: cannot listen on 127.0.0.1:{server.port}: Address already in use" \
+        in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.s3
+def test_s3_use_ssl_against_plain_http_suggests_turning_it_off(s3, run_zfsmgr, tmp_path):
+    (tmp_path / "clients.json").write_text("[]")
+    env = {"S3_ENABLED": "true", "S3_ENDPOINT": s3["endpoint"], "S3_USE_SSL": "true",
+           "S3_ACCESS_KEY": s3["access_key"], "S3_SECRET_KEY": s3["secret_key"],
+           "S3_BUCKET": s3["bucket"], "PORT": str(rig.free_port()), "HOST": "127.0.0.1",
+           "STORAGE_DIR": str(tmp_path / "b")}
+    done = run_zfsmgr(["server"], env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert "set S3_USE_SSL=false" in done.stderr, done.stderr
+    assert s3["secret_key"] not in done.stderr
+
+
+def upload(api, data, when, snapshot="zfsmgr_2024-02-13_14:30:00"):
+    """One stored backup (any bytes do for the directory store)."""
+    stored = gzip.compress(data, mtime=0)
+    session = api.call("POST", protocol.UPLOAD, {
+        "dataset": "tank/data", "snapshot": snapshot, "type": "full", "compression": "gzip",
+        "snapshot_time": when, "estimated_size": len(stored)})
+    api.put_part(session["upload_id"], 0, [stored])
+    return api.call("POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]), {
+        "sha256": hashlib.sha256(stored).hexdigest(), "stored_size": len(stored),
+        "raw_size": len(data), "parts_crc32": rig.parts_crc32([stored])})["manifest"]
+
+
+def test_restore_save_refuses_an_existing_file_without_force(server_factory, run_zfsmgr,
+                                                             tmp_path):
+    server = server_factory("dir")
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"],
+                       server.client_env["API_KEY"])
+    upload(api, b"precious" * 1000, time.time() - 60)
+    target = tmp_path / "backup.zfs.gz"
+    target.write_bytes(b"someone's file")
+    refused = run_zfsmgr(["restore", "save", "1", str(target)], env=server.client_env)
+    assert refused.returncode == 2
+    assert refused.stderr.endswith(f"zfsmgr: error: {target} exists: pass --force to"
+                                   " overwrite it\n")
+    assert target.read_bytes() == b"someone's file"
+    done = run_zfsmgr(["restore", "save", "1", str(target), "--force"], env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    assert gzip.decompress(target.read_bytes()) == b"precious" * 1000
