@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import time
+import urllib.parse
 
 import pytest
 
@@ -189,13 +190,21 @@ def test_lock_refuses_a_second_run(pool, server_factory, run_zfsmgr):
     env = client_env(server, dataset)
     state = server.client_env["STATE_DIR"]
     os.makedirs(state, exist_ok=True)
-    fd = os.open(f"{state}/lock-{dataset.replace('/', '_')}", os.O_RDWR | os.O_CREAT)
+    fd = os.open(f"{state}/lock-{urllib.parse.quote(dataset, safe='')}",
+                 os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    other = os.open(f"{state}/lock-{dataset.replace('/', '_')}", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # the lock of pool_data (not pool/data) is another one
     try:
         second = run_zfsmgr(["client", "backup"], env=env)
     finally:
         os.close(fd)
     assert second.returncode == 3 and "another zfsmgr run" in second.stderr
+    try:
+        third = run_zfsmgr(["client", "backup"], env=env)
+    finally:
+        os.close(other)
+    assert third.returncode == 0, third.stderr
 
 
 @pytest.mark.parametrize("storage", ["dir", "local"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import rig
+from zfsmgr.zfs import Zfs
 
 pytestmark = [pytest.mark.zfs]
 
@@ -187,8 +188,7 @@ def test_every_seed_command_and_endpoint_works_verbatim(store, pool, s3, tmp_pat
                 done = site.run(line)
                 _check_client_output(words[1:], done.stdout, site)
             elif words[1] == "latest":
-                subprocess.run(["zfs", "destroy", "-r", f"{pool.name}/restored"],
-                               capture_output=True)  # latest makes it anew
+                Zfs().destroy(f"{pool.name}/restored", recursive=True)  # latest makes it anew
                 site.run(line)
             else:
                 done = site.run(line)
