@@ -161,3 +161,46 @@ def test_a_raw_send_is_never_wrapped_twice(server_factory, age_key):
             "snapshot_time": 1_700_000_000, "estimated_size": 1000, "raw_send": True,
             "encryption": "age"})
     assert err.value.status == 400 and "never wrapped again" in err.value.server_message
+
+
+def test_an_interrupted_encrypted_upload_starts_again(pool, server_factory, age_key, caplog,
+                                                      tmp_path):
+    """age seals each run with a new key, so the parts the server holds can never match a
+    regenerated stream: after a broken connection the upload starts again, and what is
+    published decrypts to the stream zfs sent."""
+    import logging
+
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.crypt import Encryption
+    from zfsmgr.errors import ServerUnreachable
+    from zfsmgr.zfs import Zfs
+
+    identity, recipient = age_key
+    server = server_factory("dir", env={"PART_SIZE": "64K"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=8, count=3, size=100_000)
+
+    class BreaksOnce(ServerClient):
+        broken = 0
+
+        def send_part(self, upload_id, index, chunks, segment=0):
+            if index == 2 and not self.broken:
+                self.broken += 1
+                raise ServerUnreachable("connection reset (test)")
+            return super().send_part(upload_id, index, chunks, segment)
+
+    env = server.client_env
+    api = BreaksOnce(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
+    with caplog.at_level(logging.INFO, logger="zfsmgr.client"):
+        result = Backup(api, Zfs(), dataset, "none", 1, sleep=lambda _: None,
+                        encryption=Encryption("age", (recipient,))).run("auto")
+    assert api.broken == 1 and "starting it again" in caplog.text
+    [manifest] = api.call("GET", protocol.SNAPSHOTS)["snapshots"]
+    stored = next(server.storage_dir.rglob("*.zfs.age")).read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == manifest["sha256"]
+    plain = subprocess.run(["age", "-d", "-i", str(identity)], input=stored,
+                           capture_output=True, check=True).stdout
+    sent = subprocess.run(["zfs", "send", result.snapshot], capture_output=True,
+                          check=True).stdout
+    assert plain == sent
+    assert len(list(server.storage_dir.rglob("*.zfs.age"))) == 1
