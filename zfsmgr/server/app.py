@@ -130,6 +130,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         if requested:
             protocol.validate_choice(requested, "storage_type", registry.KINDS)
         store = ctx.store_for(client, requested)
+        ctx.refresh(client)
         try:
             session = ctx.uploads.open(client, store, request)
         except QuotaExceeded as exc:
@@ -224,8 +225,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         dataset = bottle.request.query.get("dataset") or None
         if dataset:
             protocol.validate_dataset(dataset)
-        found = [m.to_dict() for m in ctx.catalog.list(client.client_id)
-                 if dataset is None or m.dataset == dataset]
+        ctx.refresh(client, strict=False)
+        found = ctx.catalog.list_dicts(client.client_id, dataset)
         return protocol.ok(f"{len(found)} backups", snapshots=found)
 
     @app.get(protocol.DOWNLOAD)
@@ -236,6 +237,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         if parsed.client_id != client.client_id:
             raise NotFound(f"no backup {key}")
         try:
+            ctx.refresh(client, strict=False)
             manifest = ctx.catalog.find(client.client_id, key)
         except KeyError:
             raise NotFound(f"no backup {key}") from None

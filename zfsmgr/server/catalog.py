@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from zfsmgr.errors import NotFound
 from zfsmgr.protocol import Manifest, parse_key
 from zfsmgr.server.database import Database
 
@@ -118,6 +119,11 @@ class Catalog:
                 count += 1
         return count
 
+    def kinds(self, client_id: str) -> List[str]:
+        """The stores that hold a client's backups."""
+        return [r[0] for r in self.db.query(
+            "SELECT DISTINCT storage_type FROM backups WHERE client_id = ?", (client_id,))]
+
     def keys(self, client_id: str, storage_type: str) -> List[str]:
         """The keys of a client's backups in one store."""
         return [r[0] for r in self.db.query(
@@ -126,7 +132,10 @@ class Catalog:
 
     def sync(self, client_id: str, storage_type: str, gone: Iterable[str],
              found: Iterable[Manifest], marker: str) -> None:
-        """Bring one client's rows of one store in line with storage, remembering `marker`."""
+        """Bring one client's rows of one store in line with storage, remembering `marker`.
+
+        `gone` must come from rows read before the listing, so a backup committed meanwhile
+        (in the table, not yet listed) is not dropped; the next marker change lists again."""
         with self.db.transaction() as conn:
             for key in gone:
                 conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ? AND"
@@ -135,6 +144,27 @@ class Catalog:
                 conn.execute(_INSERT, _row(manifest))
             conn.execute("INSERT OR REPLACE INTO synced (client_id, storage_type, marker)"
                          " VALUES (?, ?, ?)", (client_id, storage_type, marker))
+
+    def refresh(self, store, client_id: str) -> None:
+        """Before a decision on a client's backups in a shared store (S3 with several servers):
+        when its change marker moved since the last look, take what the listing shows."""
+        if not store.shared:
+            return
+        marker = store.change_marker(client_id)
+        if self.synced_marker(client_id, store.kind) == marker:
+            return
+        known = set(self.keys(client_id, store.kind))  # before the listing: see `sync`
+        listed = store.manifest_keys(client_id)
+        found = []
+        for key in sorted(listed - known):
+            try:
+                found.append(store.read_manifest(key))
+            except NotFound:  # deleted since the listing
+                continue
+        self.sync(client_id, store.kind, known - listed, found, marker)
+        if found or known - listed:
+            log.info("catalog of %s refreshed from %s: %d new, %d gone", client_id,
+                     store.kind, len(found), len(known - listed))
 
     def synced_marker(self, client_id: str, storage_type: str) -> Optional[str]:
         """The change marker seen at the last sync of a client's store (None: never synced)."""

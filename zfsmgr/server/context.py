@@ -21,7 +21,7 @@ from zfsmgr.server.gate import Shares
 from zfsmgr.server.ledger import Ledger
 from zfsmgr.server.notify import Notifier, Outcomes
 from zfsmgr.server.rotation import FREES_SPACE, RotationPlan, plan_rotation
-from zfsmgr.server.sessions import SessionTable
+from zfsmgr.server.sessions import Session, SessionTable
 from zfsmgr.server.uploads import Uploads
 from zfsmgr.settings import Settings
 from zfsmgr.storage.base import QuotaExceeded, StorageError, Store
@@ -58,7 +58,7 @@ class ServerContext:
             self._import_json(Path(settings.metadata_file).absolute())
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,
                                settings.s3_max_parts, settings.upload_expiry_hours * 3600.0,
-                               settings.client_max_uploads)
+                               settings.client_max_uploads, adopt=self._adopt)
         self.uploads.usage = self.used_bytes
         self.uploads.make_room = self.make_room
 
@@ -73,6 +73,44 @@ class ServerContext:
     def client_max_requests(self) -> int:
         """Requests one client may have in the server at once: its share of the threads."""
         return self.settings.client_max_requests or max(2, self.settings.threads // 3)
+
+    def client_store(self, client: ClientConfig) -> Store:
+        """The store a client's backups go to."""
+        return self.store_named(self.default_kind(client))
+
+    def refresh(self, client: ClientConfig, strict: bool = True) -> None:
+        """Before a decision on a client's backups: where other servers share its store, take
+        what they changed (one HEAD of its change marker, a listing only when it moved).
+
+        Not `strict` (a listing, not a decision): with the store unreachable, say so and
+        answer from the cache."""
+        try:
+            self.catalog.refresh(self.client_store(client), client.client_id)
+        except StorageError as exc:
+            if strict:
+                raise
+            log.warning("catalog of %s not refreshed from storage: %s", client.client_id, exc)
+
+    def _adopt(self, client_id: str, upload_id: str) -> Optional[Session]:
+        """An upload another server opened in a store both share: continue it here."""
+        client = self.clients.get(client_id)
+        if client is None:
+            return None
+        store = self.client_store(client)
+        text = store.load_session(upload_id) if store.shared else None
+        if text is None:
+            return None
+        try:
+            session = Session.from_json(text)
+        except (ValueError, TypeError):
+            log.warning("upload %s: the session in %s storage is unreadable", upload_id,
+                        store.kind)
+            return None
+        if session.client_id != client_id or session.storage_type != store.kind:
+            return None
+        log.info("upload %s of client %s was opened by another server: continuing it here",
+                 upload_id, client_id)
+        return session
 
     def configured_kinds(self) -> List[str]:
         """Backends this server has settings for."""
@@ -186,20 +224,35 @@ class ServerContext:
                 log.warning("sizes of %s's %s backups: %s", client_id, kind, exc)
         return sizes
 
+    def _stored_sizes_count(self, client_id: str) -> bool:
+        """Whether every store holding the client's backups counts them at their stored size
+        (then the catalog's sums answer, without reading a manifest)."""
+        for kind in self.catalog.kinds(client_id):
+            try:
+                if type(self.store_named(kind)).footprint is not Store.footprint:
+                    return False
+            except ZfsmgrError:
+                return False
+        return True
+
     def used_bytes(self, client_id: str) -> int:
         """What a client's backups take, as its quota counts it."""
+        if self._stored_sizes_count(client_id):
+            return self.catalog.used_bytes(client_id)
         return sum(self.sizes(client_id).values())
 
     def status(self, client: ClientConfig) -> dict:
         """Usage and backups of one client, per dataset."""
-        backups = self.catalog.list(client.client_id)
-        sizes = self.sizes(client.client_id, backups)
+        self.refresh(client, strict=False)
         datasets = self.catalog.summary(client.client_id)
-        for entry in datasets.values():
-            entry["used_bytes"] = 0
-        for m in backups:
-            datasets[m.dataset]["used_bytes"] += sizes[m.key]
-        used = sum(sizes.values())
+        if not self._stored_sizes_count(client.client_id):
+            backups = self.catalog.list(client.client_id)
+            sizes = self.sizes(client.client_id, backups)
+            for entry in datasets.values():
+                entry["used_bytes"] = 0
+            for m in backups:
+                datasets[m.dataset]["used_bytes"] += sizes[m.key]
+        used = sum(d["used_bytes"] for d in datasets.values())
         quota = client.max_size_bytes
         return {"client_id": client.client_id, "storage_type": self.default_kind(client),
                 "used_bytes": used, "quota_bytes": quota,
@@ -255,34 +308,39 @@ class ServerContext:
         if not dry_run and not by_server and self.append_only(client):
             raise Forbidden(f"client {client.client_id} is append-only: it may not delete"
                             " backups (the server rotates them: zfsmgr server rotate)")
-        plan = plan or self.plan(client, needed, keep)
+        home = self.client_store(client)
+        with home.client_lease(client.client_id):  # servers sharing the store: one at once
+            self.refresh(client)
+            if plan is None or home.shared:  # planned before the lease: plan again under it
+                plan = self.plan(client, needed, keep)
+            if not dry_run:
+                locked = set()
+                for manifest in plan.delete:
+                    store = self.store_named(manifest.storage_type or self.default_kind(client))
+                    if any(c.parent == manifest.snapshot and c.dataset == manifest.dataset
+                           and c.key in locked for c in plan.delete):
+                        locked.add(manifest.key)  # the base of a locked increment stays too
+                        continue
+                    self.catalog.remove(client.client_id, manifest.key)
+                    try:
+                        store.delete(manifest)
+                    except Locked as exc:  # the store's lock outlasts the policy: keep it
+                        self.catalog.add(manifest)
+                        locked.add(manifest.key)
+                        log.info("rotation keeps %s (client=%s): %s", manifest.key,
+                                 client.client_id, exc)
+                        continue
+                    log.info("rotation deleted %s (client=%s): %s", manifest.key,
+                             client.client_id, plan.reasons[manifest.key])
+                if locked:
+                    gone = [m for m in plan.delete if m.key not in locked]
+                    kept = sum(m.stored_size for m in plan.delete if m.key in locked)
+                    plan = replace(plan, delete=gone, freed_bytes=plan.freed_bytes - kept,
+                                   used_after=plan.used_after + kept,
+                                   keep=plan.keep + [m for m in plan.delete if m.key in locked])
+                    for key in locked:
+                        plan.reasons[key] = "locked by the store (S3 Object Lock) for now"
         if not dry_run:
-            locked = set()
-            for manifest in plan.delete:
-                store = self.store_named(manifest.storage_type or self.default_kind(client))
-                if any(c.parent == manifest.snapshot and c.dataset == manifest.dataset
-                       and c.key in locked for c in plan.delete):
-                    locked.add(manifest.key)  # the base of a locked increment stays too
-                    continue
-                self.catalog.remove(client.client_id, manifest.key)
-                try:
-                    store.delete(manifest)
-                except Locked as exc:  # the store's lock outlasts the policy: keep it
-                    self.catalog.add(manifest)
-                    locked.add(manifest.key)
-                    log.info("rotation keeps %s (client=%s): %s", manifest.key,
-                             client.client_id, exc)
-                    continue
-                log.info("rotation deleted %s (client=%s): %s", manifest.key,
-                         client.client_id, plan.reasons[manifest.key])
-            if locked:
-                gone = [m for m in plan.delete if m.key not in locked]
-                kept = sum(m.stored_size for m in plan.delete if m.key in locked)
-                plan = replace(plan, delete=gone, freed_bytes=plan.freed_bytes - kept,
-                               used_after=plan.used_after + kept,
-                               keep=plan.keep + [m for m in plan.delete if m.key in locked])
-                for key in locked:
-                    plan.reasons[key] = "locked by the store (S3 Object Lock) for now"
             self.ledger.record_rotation(client.client_id, len(plan.delete))
         result = {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
                   "kept": [m.key for m in plan.keep], "reasons": plan.reasons,
@@ -300,6 +358,7 @@ class ServerContext:
         nothing."""
         if not client.max_size_bytes:
             return
+        self.refresh(client)
         used = self.used_bytes(client.client_id)
         if used + needed <= client.max_size_bytes:
             return

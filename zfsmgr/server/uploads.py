@@ -43,10 +43,12 @@ class Uploads:
     """All upload sessions of one server."""
 
     def __init__(self, table: SessionTable, catalog: Catalog, part_base: int, max_parts: int,
-                 expiry_seconds: float, max_open: int = 4):
+                 expiry_seconds: float, max_open: int = 4,
+                 adopt: Optional[Callable[[str, str], Optional[Session]]] = None):
         self.table = table
         self.max_open = max_open
         self.catalog = catalog
+        self.adopt = adopt  # finds a session another server opened, in a store both share
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
@@ -133,6 +135,8 @@ class Uploads:
             part_base=base, part_every=every, created=time.time())
         self.table.add(session, time.time())
         try:
+            if store.shared:
+                store.save_session(session.upload_id, session.to_json())
             store.begin(session.upload_id, _manifest(session, store, raw_size=0, stored_size=0,
                                                      sha256="", parts=0))
         except BaseException:
@@ -151,6 +155,8 @@ class Uploads:
             store.resume(session.upload_id, token, from_part)
             session = replace(session, segment=from_part, resumed_with=token)
             self.table.add(session, time.time())
+            if store.shared:
+                store.save_session(session.upload_id, session.to_json())
         return session
 
     def state(self, store: Store, session: Session) -> dict:
@@ -200,6 +206,10 @@ class Uploads:
     def get(self, client_id: str, upload_id: str) -> Session:
         """An open session of this client (NotFound for anyone else's)."""
         session = self.table.get(protocol.validate_upload_id(upload_id))
+        if session is None and self.adopt is not None:
+            session = self.adopt(client_id, upload_id)
+            if session is not None and session.client_id == client_id:
+                self.table.add(session, time.time())
         if session is None or session.client_id != client_id:
             raise NotFound(f"no open upload {upload_id}")
         return session
@@ -285,17 +295,31 @@ class Uploads:
                 raise VerificationFailed(
                     f"part checksum mismatch for {session.key}: the server holds {held}, the"
                     f" client sent {checksum}; the upload was discarded")
-            self.check_quota(client, 0, session.upload_id, total)
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
                                  sha256=sha256.lower(), parts=len(parts))
             if retain_until is not None:
                 manifest = replace(manifest, extra={**manifest.extra, "retain_until":
                                                     retain_until.isoformat()})
-            manifest = store.commit(session.upload_id, manifest)
-            with self.table.db.transaction():  # visible and no longer open, at once
-                self.catalog.add(manifest)
-                self._forget(session)
+            with store.client_lease(client.client_id):  # servers sharing the store: one at once
+                self.catalog.refresh(store, client.client_id)
+                self._recheck(client, store, session)
+                self.check_quota(client, 0, session.upload_id, total)
+                manifest = store.commit(session.upload_id, manifest)
+                with self.table.db.transaction():  # visible and no longer open, at once
+                    self.catalog.add(manifest)
+                    self._forget(session)
             return manifest
+
+    def _recheck(self, client: ClientConfig, store: Store, session: Session) -> None:
+        """What `open` checked may have changed since (another server, a rotation)."""
+        if self.catalog.has_key(client.client_id, session.key):
+            self.abort(session, store)
+            raise Conflict(f"a backup stored as {session.key} already exists")
+        if session.parent and not self.catalog.has_snapshot(client.client_id, session.dataset,
+                                                            session.parent):
+            self.abort(session, store)
+            raise NeedsFullBackup(f"the base {session.dataset}@{session.parent} of this"
+                                  " incremental was deleted meanwhile: send a full backup")
 
     def _forget(self, session: Session) -> None:
         self.table.remove(session.upload_id)

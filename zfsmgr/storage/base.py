@@ -23,6 +23,9 @@ Checking: `check` may create what the backend needs to work (the bucket, the roo
 and tidy what a previous process of the server left behind that no open upload owns (the
 `local` store drops partial receives on its first check); it never touches a committed backup
 or an open upload, and it is cheap enough for `GET /health`, which calls it each time.
+A store that several servers may use at once (`shared`: S3) also offers what they need to agree:
+a change marker per client (`change_marker`/`mark_changed`), a lease per client
+(`client_lease`), and the upload sessions themselves (`save_session`/`load_session`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from __future__ import annotations
 import errno
 import zlib
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (BinaryIO, Callable, ContextManager, Dict, Iterable, Iterator, List,
+                    Optional, Set, Tuple)
 
 from zfsmgr.errors import (NeedsFullBackup, NotFound, OutOfOrder,  # noqa: F401 (re-exported)
                            QuotaExceeded, StorageError, StorageFull, Unsupported)
@@ -157,3 +162,38 @@ class Store(ABC):
     def delete(self, manifest: Manifest) -> None:
         """Remove a committed backup: manifest first, then its object; one already gone is
         not an error."""
+
+    # Several servers on one store (only where `shared`; the others keep these defaults).
+    shared = False
+
+    def change_marker(self, client_id: str) -> str:
+        """A token that changes whenever the client's manifests in this store change."""
+        return ""
+
+    def mark_changed(self, client_id: str) -> str:
+        """After a change to the client's manifests: say so; returns the new marker."""
+        return ""
+
+    def client_lease(self, client_id: str) -> ContextManager[None]:
+        """Held around a decision and the change it allows (commit, rotation) for a client:
+        no other server that shares this store decides for that client meanwhile."""
+        return nullcontext()
+
+    def save_session(self, upload_id: str, text: str) -> None:
+        """Keep an upload's session where every server sharing the store finds it."""
+
+    def load_session(self, upload_id: str) -> Optional[str]:
+        """The session saved for an upload, None when there is none."""
+        return None
+
+    def manifest_keys(self, client_id: str) -> Set[str]:
+        """The keys of a client's committed backups in storage."""
+        return {m.key for m in self.manifests(client_id)}
+
+    def read_manifest(self, key: str) -> Manifest:
+        """The manifest stored for one key (NotFound when absent)."""
+        client_id = key.split("/", 1)[0]
+        for manifest in self.manifests(client_id):
+            if manifest.key == key:
+                return manifest
+        raise NotFound(f"no manifest for {key}")

@@ -4,19 +4,22 @@ Upload parts are staged as objects under `.zfsmgr-uploads/<id>/`, each written w
 memory; `commit` composes them server-side (UploadPartCopy) into the final key, so an object of
 any size appears at its key at once, and nothing of it travels through the server twice.
 With S3_OBJECT_LOCK, committed objects are retained (zfsmgr/storage/s3lock.py).
+Several servers may share one bucket (zfsmgr.storage.s3shared): the bucket holds the manifests,
+the upload sessions (`<staging>/<id>/session.json`), a lease and a change marker per client.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from datetime import datetime
-from typing import Optional
+from typing import Dict, Optional
 
+from zfsmgr.errors import Conflict
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
                                  StorageError, Store)
+from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
 
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
@@ -54,6 +57,7 @@ class S3Store(Store):
     """Backups as objects `<client>/<name>.zfs.gz` with `<name>.zfs.gz.manifest.json`."""
 
     kind = "s3"
+    shared = True
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = True, region: str = "", object_lock: str = ""):
@@ -67,6 +71,7 @@ class S3Store(Store):
             from zfsmgr.storage.s3lock import ObjectLock
 
             self.lock = ObjectLock(object_lock, self.client, bucket, self._call)
+        self.coordination = Coordination(self)
 
     @classmethod
     def from_settings(cls, settings, homes=dict) -> "S3Store":
@@ -86,8 +91,10 @@ class S3Store(Store):
         try:
             return func(*args, **kwargs)
         except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchUpload"):
+            if exc.code in ("NoSuchKey", "NoSuchUpload", "ResourceNotFound"):
                 raise NotFound(f"{what}: {exc.code}") from None
+            if exc.code == "PreconditionFailed":
+                raise PreconditionFailed(f"S3 {what}: precondition failed") from None
             raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
         except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
             hint = ""
@@ -105,6 +112,7 @@ class S3Store(Store):
                 log.info("created bucket %s", self.bucket)
         if self.lock and not self.lock.proven:
             self.lock.prove()  # once per process: it writes a probe object
+        self.coordination.probe_conditional()
 
     def _part_key(self, upload_id: str, index: int) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/part-{index:06d}"
@@ -112,17 +120,70 @@ class S3Store(Store):
     def _list_key(self, upload_id: str) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/parts.json"
 
-    def _put_small(self, key: str, data: bytes, retention=None) -> None:
-        self._call(f"put {key}", self.client.put_object, self.bucket, key, io.BytesIO(data),
-                   len(data), content_type="application/json", retention=retention)
+    def put_small(self, key: str, data: bytes, headers: Optional[Dict[str, str]] = None,
+                  retention=None) -> str:
+        """Write a small JSON object (with preconditions in `headers`, retained until
+        `retention` under S3_OBJECT_LOCK); returns its ETag."""
+        from minio.helpers import genheaders
 
-    def _get_small(self, key: str) -> bytes:
+        sent = genheaders(None, None, None, retention, False)
+        sent.update({"Content-Type": "application/json", **(headers or {})})
+        result = self._call(f"put {key}", self.client._put_object, self.bucket, key, data, sent)
+        return (result.etag or "").strip('"')
+
+    def get_small_etag(self, key: str):
+        """(ETag, bytes) of a small object."""
         response = self._call(f"get {key}", self.client.get_object, self.bucket, key)
         try:
-            return response.read(1 << 20)
+            return response.headers.get("ETag", "").strip('"'), response.read(1 << 20)
         finally:
             response.close()
             response.release_conn()
+
+    def _get_small(self, key: str) -> bytes:
+        return self.get_small_etag(key)[1]
+
+    def head_etag(self, key: str) -> str:
+        """The ETag of an object (NotFound when absent)."""
+        return self._call(f"stat {key}", self.client.stat_object, self.bucket, key).etag or ""
+
+    def delete_key(self, key: str, headers: Optional[Dict[str, str]] = None) -> None:
+        """Delete one object, with preconditions in `headers`; absent is fine."""
+        self._call(f"delete of {key}", self.client._execute, "DELETE", self.bucket, key,
+                   headers=headers or {})
+
+    def _session_key(self, upload_id: str) -> str:
+        return f"{STAGING}{validate_upload_id(upload_id)}/session.json"
+
+    def save_session(self, upload_id, text):
+        self.put_small(self._session_key(upload_id), text.encode())
+
+    def load_session(self, upload_id):
+        try:
+            return self._get_small(self._session_key(upload_id)).decode()
+        except NotFound:
+            return None
+
+    def change_marker(self, client_id):
+        return self.coordination.marker(client_id)
+
+    def mark_changed(self, client_id):
+        return self.coordination.mark_changed(client_id)
+
+    def client_lease(self, client_id):
+        return self.coordination.lease(client_id)
+
+    def manifest_keys(self, client_id):
+        suffix = ".manifest.json"
+        return {o.object_name[:-len(suffix)] for o in self._call(
+            "list", self.client.list_objects, self.bucket, prefix=f"{client_id}/",
+            recursive=True) if o.object_name.endswith(suffix)}
+
+    def read_manifest(self, key):
+        try:
+            return Manifest.from_dict(json.loads(self._get_small(manifest_key(key))))
+        except ValueError as exc:
+            raise StorageError(f"manifest of {key} is unreadable: {exc}") from exc
 
     def stage_part(self, upload_id, index, source, size):
         parts = self.staged_parts(upload_id)
@@ -135,8 +196,8 @@ class S3Store(Store):
                    self._part_key(upload_id, index), reader, size,
                    part_size=S3_PART, num_parallel_uploads=1)
         part = PartInfo(index, size, reader.crc32)
-        self._put_small(self._list_key(upload_id),
-                        json.dumps([p.__dict__ for p in parts + [part]]).encode())
+        self.put_small(self._list_key(upload_id),
+                       json.dumps([p.__dict__ for p in parts + [part]]).encode())
         return part
 
     def staged_parts(self, upload_id):
@@ -157,10 +218,17 @@ class S3Store(Store):
                    manifest.key, sources, retention=retention)
         if retention is not None:  # a composed object may have ignored it: set and check
             self.lock.extend(manifest.key, retention.retain_until_date)
-        self._put_small(manifest_key(manifest.key),
-                        json.dumps(manifest.to_dict(), indent=1).encode(), retention)
+        exclusive = {"If-None-Match": "*"} if self.coordination.conditional else {}
+        try:
+            self.put_small(manifest_key(manifest.key),
+                           json.dumps(manifest.to_dict(), indent=1).encode(), exclusive,
+                           retention)
+        except PreconditionFailed:
+            raise Conflict(f"a backup stored as {manifest.key} already exists (committed by"
+                           " another server)") from None
         if retention is not None:
             self.lock.extend(manifest_key(manifest.key), retention.retain_until_date)
+        self.mark_changed(manifest.client_id)
         self.discard(upload_id)
         return manifest
 
@@ -236,7 +304,7 @@ class S3Store(Store):
         for obj in self._call("list", self.client.list_objects, self.bucket, prefix=prefix,
                               recursive=True):
             name = obj.object_name
-            if name.startswith(STAGING) or not name.endswith(".manifest.json"):
+            if name.startswith(".zfsmgr-") or not name.endswith(".manifest.json"):
                 continue
             try:
                 yield Manifest.from_dict(json.loads(self._get_small(name)))
@@ -252,6 +320,7 @@ class S3Store(Store):
                 self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
             except NotFound:  # gone already: what delete wants
                 pass
+        self.mark_changed(manifest.client_id)
 
     def object_size(self, key: str) -> Optional[int]:
         """Size of a stored object, None when absent."""

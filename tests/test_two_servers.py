@@ -1,0 +1,132 @@
+"""Two servers on one SeaweedFS bucket: leases, change markers, shared sessions, chains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+import urllib.request
+import uuid
+
+import rig
+from test_backup_e2e import files_of
+from zfsmgr.storage.s3 import S3Store
+from zfsmgr.storage.s3shared import LEASES
+
+
+def _store(s3, bucket):
+    store = S3Store(s3["endpoint"], s3["access_key"], s3["secret_key"], bucket, secure=False)
+    store.check()
+    return store
+
+
+def test_a_lease_is_held_by_one_server_at_a_time_and_taken_over_when_expired(s3, caplog):
+    bucket = f"zfsmgr-{uuid.uuid4().hex[:12]}"
+    with caplog.at_level(logging.INFO):
+        first, second = _store(s3, bucket), _store(s3, bucket)
+    assert first.coordination.conditional is True
+    assert "enforces conditional writes" in caplog.text
+    order = []
+    inside = threading.Event()
+
+    def hold():
+        with first.client_lease("c1"):
+            inside.set()
+            order.append("first in")
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(10)
+    with second.client_lease("c1"):  # waits for the first server's release
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"]
+    with second.client_lease("c2"):  # another client is not held up
+        pass
+    # a server died holding a lease: once it expired, another takes it over
+    first.put_small(f"{LEASES}c3", json.dumps({"holder": "dead:1", "until": 1.0}).encode())
+    with caplog.at_level(logging.WARNING):
+        with second.client_lease("c3"):
+            pass
+    assert "held by dead:1 expired" in caplog.text
+    assert not list(second.client.list_objects(bucket, prefix=LEASES, recursive=True))
+
+
+def _request(server, path, client, key, body=None, method="GET"):
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(server.url + path, data=data, method=method, headers={
+        "X-Client-ID": client, "X-API-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _pair(server_factory, clients, **kwargs):
+    """Two servers on one bucket, each with its own database, both knowing `clients`."""
+    entries = [{"client_id": c, "api_key": hashlib.sha256(k.encode()).hexdigest(),
+                "max_size_bytes": 0, "enabled": True, "storage_type": "s3"}
+               for c, k in clients.items()]
+    return [server_factory("s3", extra_clients=entries, **kwargs) for _ in range(2)]
+
+
+def test_an_upload_opened_on_one_server_is_finished_on_the_other(server_factory):
+    key = secrets.token_hex(16)
+    a, b = _pair(server_factory, {"c1x": key})
+    code, opened = _request(a, "/upload", "c1x", key, {
+        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000}, "POST")
+    assert code == 200, opened
+    part = b"p" * (5 << 20)
+    upload_id = opened["upload_id"]
+    assert _request(b, f"/upload-stream/{upload_id}/0", "c1x", key, part, "POST")[0] == 200
+    code, done = _request(a, f"/upload-stream/{upload_id}/commit", "c1x", key, {
+        "sha256": hashlib.sha256(part).hexdigest(), "stored_size": len(part),
+        "parts_crc32": rig.parts_crc32([part])}, "POST")
+    assert code == 200, done
+    assert "was opened by another server" in b.log()
+    # each server lists what the other committed, and deletes seen by both
+    for server in (a, b):
+        code, listed = _request(server, "/snapshots", "c1x", key)
+        assert [s["key"] for s in listed["snapshots"]] == [done["manifest"]["key"]]
+    code, again = _request(b, "/upload", "c1x", key, {
+        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000}, "POST")
+    assert code == 409 and "already exists" in again["message"]
+
+
+def test_clients_alternating_between_two_servers_keep_their_chains(
+        pool, server_factory, run_zfsmgr):
+    """Each client backs up through server A, then B, then A…: every incremental finds its
+    base (committed through the other server), and the chains restore."""
+    keys = {f"alt{n}": secrets.token_hex(16) for n in range(2)}
+    servers = _pair(server_factory, keys)
+    datasets = {c: pool.create(f"d{c}") for c in keys}
+    expected = {}
+    for round_ in range(4):
+        for n, (client, key) in enumerate(keys.items()):
+            server = servers[(round_ + n) % 2]
+            expected[client] = rig.write_files(pool.mountpoint(datasets[client]),
+                                               seed=round_ * 10 + n, count=2, size=40_000)
+            env = {"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": server.url,
+                   "STATE_DIR": str(pool.dir / f"state-{client}"),
+                   "LOCAL_DATASET": datasets[client]}
+            done = run_zfsmgr(["client", "backup"], env=env, check=True)
+            assert (": full," in done.stdout) == (round_ == 0), done.stdout + done.stderr
+        time.sleep(1.1)  # distinct snapshot timestamps
+    for n, (client, key) in enumerate(keys.items()):
+        env = {"CLIENT_ID": client, "API_KEY": key, "SERVER_URL": servers[n % 2].url,
+               "STATE_DIR": str(pool.dir / f"state-{client}")}
+        listed = json.loads(run_zfsmgr(["restore", "list", "--json"], env=env,
+                                       check=True).stdout)
+        assert len(listed) == 4
+        target = f"{pool.name}/back{n}"
+        run_zfsmgr(["restore", "latest", target], env=env, check=True)
+        assert files_of(pool, target) == expected[client]
+    assert "refreshed from s3" in servers[0].log() and "refreshed from s3" in servers[1].log()

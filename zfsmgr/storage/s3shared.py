@@ -1,0 +1,133 @@
+"""One bucket, several servers: the S3 store's conditional writes, client leases, change markers.
+
+Servers sharing a bucket settle races on one client with a lease object per client, created
+with `If-None-Match: *` and taken over (once it has expired) or released with `If-Match: <etag>`,
+so the bucket itself decides who holds it. Whether the service enforces these preconditions is
+probed once (`probe_conditional`); where it does not, leases are only local and the server must
+run alone. A change marker per client is rewritten after every change to its manifests, so
+another server learns with one HEAD request whether its cached rows of that client are stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
+
+from zfsmgr.storage.base import NotFound, StorageError
+
+log = logging.getLogger("zfsmgr.storage.s3")
+
+LEASES = ".zfsmgr-leases/"
+CHANGES = ".zfsmgr-changes/"
+LEASE_SECONDS = 900.0  # longer than any commit (a compose) or rotation takes
+LEASE_WAIT = 120.0  # how long a request waits for another server's lease before a 503
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+
+def holder_name() -> str:
+    """This server process, as named in the leases it holds."""
+    return f"{socket.gethostname()}:{secrets.token_hex(4)}"
+
+
+class Coordination:
+    """Leases and change markers of one S3 store (`store` gives put/get/head/delete calls)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.holder = holder_name()
+        self.conditional: Optional[bool] = None  # unknown until probed
+        self._locks: Dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def probe_conditional(self) -> bool:
+        """Whether the service refuses a second `If-None-Match: *` write (once per process)."""
+        if self.conditional is not None:
+            return self.conditional
+        key = f"{LEASES}.probe-{secrets.token_hex(8)}"
+        try:
+            self.store.put_small(key, b"1", {"If-None-Match": "*"})
+            try:
+                self.store.put_small(key, b"2", {"If-None-Match": "*"})
+                self.conditional = False
+            except PreconditionFailed:
+                self.conditional = True
+        finally:
+            self.store.delete_key(key)
+        if self.conditional:
+            log.info("S3 bucket %s enforces conditional writes: servers sharing it settle"
+                     " each client's commits and rotations with a lease object",
+                     self.store.bucket)
+        else:
+            log.warning("S3 bucket %s does not enforce conditional writes (If-None-Match):"
+                        " run only ONE zfsmgr server on this bucket", self.store.bucket)
+        return self.conditional
+
+    def _local(self, client_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(client_id, threading.Lock())
+
+    @contextmanager
+    def lease(self, client_id: str) -> Iterator[None]:
+        """Hold the client's lease: no other server commits or rotates for it meanwhile."""
+        with self._local(client_id):  # one thread of this process asks the bucket
+            if not self.probe_conditional():
+                yield
+                return
+            etag = self._acquire(client_id)
+            try:
+                yield
+            finally:
+                try:
+                    self.store.delete_key(f"{LEASES}{client_id}", {"If-Match": f'"{etag}"'})
+                except StorageError as exc:  # expired and taken over: the taker cleans up
+                    log.warning("lease of %s was not released: %s", client_id, exc)
+
+    def _acquire(self, client_id: str) -> str:
+        key = f"{LEASES}{client_id}"
+        deadline = time.monotonic() + LEASE_WAIT
+        while True:
+            body = json.dumps({"holder": self.holder,
+                               "until": time.time() + LEASE_SECONDS}).encode()
+            try:
+                return self.store.put_small(key, body, {"If-None-Match": "*"})
+            except PreconditionFailed:
+                pass
+            try:
+                etag, data = self.store.get_small_etag(key)
+                held = json.loads(data)
+                if float(held.get("until", 0)) < time.time():  # its holder died: take it over
+                    log.warning("lease of %s held by %s expired: taking it over", client_id,
+                                held.get("holder"))
+                    return self.store.put_small(key, body, {"If-Match": f'"{etag}"'})
+            except NotFound:
+                continue  # released meanwhile: try again at once
+            except PreconditionFailed:
+                pass  # another server took it over first
+            except (ValueError, AttributeError):
+                held = {}
+            if time.monotonic() > deadline:
+                raise StorageError(f"client {client_id} is busy on another server (lease held"
+                                   f" by {held.get('holder', '?')}): try again later")
+            time.sleep(random.uniform(0.02, 0.1))
+
+    def marker(self, client_id: str) -> str:
+        """The client's change marker as it is now ("none" before the first change)."""
+        try:
+            return self.store.head_etag(f"{CHANGES}{client_id}")
+        except NotFound:
+            return "none"
+
+    def mark_changed(self, client_id: str) -> str:
+        """Say that the client's manifests changed; returns the new marker."""
+        return self.store.put_small(f"{CHANGES}{client_id}", json.dumps(
+            {"by": self.holder, "at": time.time(), "n": secrets.token_hex(8)}).encode())
