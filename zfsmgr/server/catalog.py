@@ -51,13 +51,17 @@ class Catalog:
 
     def list_dicts(self, client_id: str, dataset: Optional[str] = None) -> List[dict]:
         """Like `list`, as the stored mappings (no validation: they were validated on entry)."""
+        return [json.loads(text) for text in self.list_json(client_id, dataset)]
+
+    def list_json(self, client_id: str, dataset: Optional[str] = None) -> List[str]:
+        """Like `list`, each manifest as the JSON text stored."""
         if dataset is None:
             rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ?"
                                  " ORDER BY snapshot_time, key", (client_id,))
         else:
             rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ? AND"
                                  " dataset = ? ORDER BY snapshot_time, key", (client_id, dataset))
-        return [json.loads(r[0]) for r in rows]
+        return [r[0] for r in rows]
 
     def find(self, client_id: str, key: str) -> Manifest:
         """One backup by key, or KeyError."""

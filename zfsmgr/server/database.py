@@ -79,6 +79,13 @@ MIGRATIONS: List[str] = [
         PRIMARY KEY (client_id, name)
     ) WITHOUT ROWID;
     """,
+    # 3: covering indexes: status, quota, parent checks and a store's keys read no manifest
+    """
+    DROP INDEX backups_by_dataset;
+    CREATE INDEX backups_by_dataset
+        ON backups (client_id, dataset, snapshot, snapshot_time, stored_size, created);
+    CREATE INDEX backups_by_kind ON backups (client_id, storage_type, stored_size);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -115,7 +122,7 @@ class Database:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")  # a committed backup survives power loss
-            conn.execute("PRAGMA cache_size = -8000")  # 8 MB per connection, whatever the size
+            conn.execute("PRAGMA cache_size = -2000")  # 2 MB a connection, whatever the size
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
