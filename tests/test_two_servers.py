@@ -99,6 +99,40 @@ def test_an_upload_opened_on_one_server_is_finished_on_the_other(server_factory)
         "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
         "snapshot_time": 1700000000}, "POST")
     assert code == 409 and "already exists" in again["message"]
+    # a deletion through one (here: the bucket's own store object) is seen by both at once
+    store = _store(a.s3, a.s3["bucket"])
+    store.delete(store.read_manifest(done["manifest"]["key"]))
+    for server in (a, b):
+        assert _request(server, "/snapshots", "c1x", key)[1]["snapshots"] == []
+        assert _request(server, "/status", "c1x", key)[1]["snapshot_count"] == 0
+
+
+class _Unconditional:
+    """A bucket that ignores preconditions, as some S3 services do (only the calls probed)."""
+
+    bucket = "plain"
+
+    def __init__(self):
+        self.objects = {}
+
+    def put_small(self, key, data, headers=None):
+        self.objects[key] = data
+        return "etag"
+
+    def delete_key(self, key, headers=None):
+        self.objects.pop(key, None)
+
+
+def test_without_conditional_writes_the_server_says_it_must_run_alone(caplog):
+    from zfsmgr.storage.s3shared import Coordination
+
+    bucket = _Unconditional()
+    coordination = Coordination(bucket)
+    with caplog.at_level(logging.WARNING):
+        with coordination.lease("c1"):  # only this process's lock: nothing in the bucket
+            assert bucket.objects == {}
+    assert coordination.conditional is False
+    assert "run only ONE zfsmgr server on this bucket" in caplog.text
 
 
 def test_clients_alternating_between_two_servers_keep_their_chains(

@@ -142,8 +142,12 @@ def _stored(entries: List[dict]) -> List[Manifest]:
 
 def fleet(ctx, warn: Optional[float] = None, crit: Optional[float] = None) -> List[DatasetRow]:
     """The rows of a server context (settings' thresholds unless given)."""
-    clients = ctx.clients.all()
-    backups = {c.client_id: _stored(ctx.catalog.list_dicts(c.client_id)) for c in clients}
-    return rows(clients, backups, ctx.ledger.view(),
-                ctx.settings.check_warn if warn is None else warn,
-                ctx.settings.check_crit if crit is None else crit)
+    view = ctx.ledger.view()
+    warn = ctx.settings.check_warn if warn is None else warn
+    crit = ctx.settings.check_crit if crit is None else crit
+    found: List[DatasetRow] = []
+    for client in sorted(ctx.clients.all(), key=lambda c: c.client_id):
+        # one client's manifests in memory at a time, whatever the size of the catalog
+        mine = _stored(ctx.catalog.list_dicts(client.client_id))
+        found += rows([client], {client.client_id: mine}, view, warn, crit)
+    return found
