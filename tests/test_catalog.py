@@ -145,7 +145,8 @@ def test_concurrent_commits_at_the_quota_edge(tmp_path):
     """20 uploads of 1,000 bytes race for a quota of 10,000 on two servers sharing one database
     file: exactly ten commit, none twice, and the quota holds."""
     _clients(tmp_path, quota=10_000)
-    apps = [make_app(_context(tmp_path)) for _ in range(2)]
+    limits = {"CLIENT_MAX_UPLOADS": "20", "CLIENT_MAX_REQUESTS": "40"}
+    apps = [make_app(_context(tmp_path, **limits)) for _ in range(2)]
     opened = []
     for n in range(20):
         code, body, _ = call(apps[n % 2], "POST", "/upload", json.dumps({
