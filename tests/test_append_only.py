@@ -4,10 +4,12 @@ rotates for them (`zfsmgr server rotate`), never under MIN_RETAIN_DAYS."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
 
+import rig
 from test_rotation_e2e import make_history, restore_chain, upload_stream
 from zfsmgr import protocol
 from zfsmgr.protocol import Manifest
@@ -133,3 +135,21 @@ def test_min_retain_days_survives_a_flood_of_junk_uploads():
     later = plan_rotation(real + junk, policy, now, quota=0, min_retain_days=2.5)
     assert [m.key for m in later.delete] == []  # s0 is past the floor, but s1, s2 need it
     assert "base of" in later.reasons[real[0].key]
+
+
+def test_the_server_units_rotate_daily_and_reload_the_certificate(pyz, tmp_path):
+    from test_systemd import settings_of, verify
+
+    rig.run_zfsmgr(["server", "systemd-unit", "--install", "--unit-dir", str(tmp_path),
+                    "--workdir", "/var/lib/zfsmgr"], check=True)
+    server = settings_of((tmp_path / "zfsmgr-server.service").read_text())
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in server  # TLS_CERT is read again
+    rotate = settings_of((tmp_path / "zfsmgr-rotate.service").read_text())
+    assert f"ExecStart={sys.executable} -I -S {pyz} server rotate" in rotate
+    for wanted in ("Type=oneshot", "WorkingDirectory=/var/lib/zfsmgr", "ProtectSystem=strict",
+                   "ReadWritePaths=/var/lib/zfsmgr", "NoNewPrivileges=yes"):
+        assert wanted in rotate, wanted
+    timer = settings_of((tmp_path / "zfsmgr-rotate.timer").read_text())
+    assert "OnCalendar=daily" in timer and "Persistent=true" in timer
+    verify(tmp_path / "zfsmgr-server.service", tmp_path / "zfsmgr-rotate.service",
+           tmp_path / "zfsmgr-rotate.timer")

@@ -1,6 +1,8 @@
 """systemd units for the server and the client, hardened, printed or installed.
 
-`zfsmgr server systemd-unit` makes `zfsmgr-server.service`; `zfsmgr client systemd-units`
+`zfsmgr server systemd-unit` makes `zfsmgr-server.service` (`systemctl reload` re-reads the
+TLS certificate) and `zfsmgr-rotate.service`/`.timer` (the server's own daily `server rotate`,
+which deletes for append-only clients); `zfsmgr client systemd-units`
 makes `zfsmgr-backup.service` (a oneshot `client backup`) and `zfsmgr-backup.timer`
 (`Persistent=true`: a run missed while the host was off happens at boot; `RandomizedDelaySec=`
 spreads a fleet's backups so they do not all hit the server on the hour). Both services run
@@ -77,26 +79,39 @@ def _unit(sections: Dict[str, Sequence[str]]) -> str:
 
 def server_unit(python: str, zipapp: str, workdir: str, user: str = "", zfs: bool = False,
                 writable: Sequence[str] = ()) -> Dict[str, str]:
-    """{file name: text} of the server's service."""
-    service = [
-        "Type=simple",
-        f"ExecStart={_exec(python, zipapp, 'server', 'serve')}",
+    """{file name: text} of the server's service, and of its daily rotation and timer."""
+    confined = [
         f"WorkingDirectory={workdir}",
         *([f"User={user}", f"Group={user}"] if user else []),
-        "Restart=on-failure",
-        "RestartSec=5s",
-        "TimeoutStopSec=60s",
-        "LimitNOFILE=65536",
         f"ReadWritePaths={' '.join([workdir, *writable])}",
         "ProtectHome=yes",
         *HARDENING,
         *(ZFS_ACCESS if zfs else NO_DEVICES),
     ]
+    service = [
+        "Type=simple",
+        f"ExecStart={_exec(python, zipapp, 'server', 'serve')}",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "RestartSec=5s",
+        "TimeoutStopSec=60s",
+        "LimitNOFILE=65536",
+        *confined,
+    ]
     return {"zfsmgr-server.service": _unit({
         "Unit": ["Description=zfsmgr backup server", "Wants=network-online.target",
                  "After=network-online.target"],
         "Service": service,
-        "Install": ["WantedBy=multi-user.target"]})}
+        "Install": ["WantedBy=multi-user.target"]}),
+        "zfsmgr-rotate.service": _unit({
+            "Unit": ["Description=zfsmgr server rotation (every client's policy and quota)",
+                     "After=zfsmgr-server.service"],
+            "Service": ["Type=oneshot", f"ExecStart={_exec(python, zipapp, 'server', 'rotate')}",
+                        "Nice=10", *confined]}),
+        "zfsmgr-rotate.timer": _unit({
+            "Unit": ["Description=zfsmgr server rotation, daily"],
+            "Timer": ["OnCalendar=daily", "RandomizedDelaySec=30m", "Persistent=true"],
+            "Install": ["WantedBy=timers.target"]})}
 
 
 def client_units(python: str, zipapp: str, workdir: str, on_calendar: str = "hourly",

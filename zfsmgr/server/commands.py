@@ -86,7 +86,8 @@ def run(args, env_file) -> int:
     if command == "systemd-unit":
         units = systemd.server_unit(args.python, args.program or systemd.program(),
                                     args.workdir, args.user, args.zfs, args.rw)
-        return systemd.emit(units, args.install, args.unit_dir, ["zfsmgr-server.service"])
+        return systemd.emit(units, args.install, args.unit_dir,
+                            ["zfsmgr-server.service", "zfsmgr-rotate.timer"])
     if command == "check":  # a plugin that cannot run says UNKNOWN (3), whatever the cause
         return check.run(args, env_file)
     settings = config.load(config.SERVER, env_file)
