@@ -51,6 +51,8 @@ def test_append_only_client_cannot_delete_and_the_server_rotates(pool, server_fa
     listing = run_zfsmgr(["restore", "list"], env=env, check=True).stdout
     assert listing.count("client1/") == 8
     restore_chain(api, pool, left, uploaded[3]["key"], f"{pool.name}/r")  # download works
+    restored = run_zfsmgr(["restore", "latest", f"{pool.name}/cli"], env=env)
+    assert restored.returncode == 0, restored.stderr
 
     # the server's rotation: the floor first (everything was committed just now) ...
     floor = server_rotate(run_zfsmgr, server, "--client", "client1",
@@ -70,6 +72,21 @@ def test_append_only_client_cannot_delete_and_the_server_rotates(pool, server_fa
         sorted(m["key"].split("/")[1] for m in left)
     unknown = server_rotate(run_zfsmgr, server, "--client", "nobody")
     assert unknown.returncode == 2 and "no client nobody" in unknown.stderr
+
+
+def test_server_rotate_applies_the_quota_too(pool, server_factory, run_zfsmgr):
+    keep_all = {"keep_hourly": 0, "keep_daily": 100, "keep_weekly": 0, "keep_monthly": 0}
+    server = server_factory("dir", rotation_policy=keep_all, client_fields={"append_only": True})
+    api = api_of(server)
+    dataset, uploaded = make_history(pool, api, chains=2, length=2)
+    clients = json.loads((server.workdir / "clients.json").read_text())
+    clients[0]["max_size_bytes"] = sum(m["stored_size"] for m in uploaded[2:]) + 100
+    (server.workdir / "clients.json").write_text(json.dumps(clients))
+    done = server_rotate(run_zfsmgr, server, "--client", "client1")
+    assert done.returncode == 0, done.stderr
+    assert "client1: deleted 2," in done.stdout  # the old chain, to fit the quota
+    left = api.call("GET", protocol.SNAPSHOTS)["snapshots"]
+    assert [m["key"] for m in left] == [m["key"] for m in uploaded[2:]]
 
 
 def test_server_default_and_per_client_override(pool, server_factory, run_zfsmgr):
