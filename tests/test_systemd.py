@@ -64,7 +64,9 @@ def test_server_unit_install_and_verify(pyz, tmp_path, extra):
         assert "ReadWritePaths=/var/lib/zfsmgr /srv/backups" in lines
     else:
         assert "PrivateDevices=yes" in lines and "CapabilityBoundingSet=" in lines
-    verify(unit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "zfsmgr-rotate.service", "zfsmgr-rotate.timer", "zfsmgr-server.service"]
+    verify(*sorted(tmp_path.iterdir()))
     missing = rig.run_zfsmgr(["server", "systemd-unit", "--install", "--unit-dir",
                               str(tmp_path / "nope")])
     assert missing.returncode == 2 and "does not exist" in missing.stderr
