@@ -66,3 +66,24 @@ def test_bad_log_format_is_a_one_line_error(pyz):
     assert done.returncode == 2
     assert done.stderr.strip() == ("zfsmgr: error: LOG_FORMAT='xml' from environment is"
                                    " invalid: expected plain or json")
+
+
+def test_under_journald_the_server_drops_its_timestamps(pyz, tmp_path):
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    (workdir / "clients.json").write_text("[]")
+    log = workdir / "server.log"  # the server's stderr: what systemd would connect to journald
+    log.touch()
+    info = os.stat(log)
+    server = rig.ServerProcess(workdir, {
+        "PORT": str(rig.free_port()), "HOST": "127.0.0.1", "STORAGE_DIR": str(workdir / "b"),
+        "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}).start()
+    try:
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        server.stop()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert lines and all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines
+    assert any(line.startswith("<6>INFO zfsmgr.server: GET /health 200") for line in lines)
+    assert not any(line[3:7].isdigit() for line in lines)  # no timestamp of our own
