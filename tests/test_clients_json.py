@@ -177,11 +177,12 @@ def test_reindex_and_health_of_a_real_server_with_a_missing_base(tmp_path, run_z
 
 
 @pytest.mark.zfs
+@pytest.mark.parametrize("where", ["under the base", "elsewhere"])
 def test_local_store_receives_under_the_clients_dataset_and_counts_pool_space(
-        pool, server_factory, run_zfsmgr):
+        where, pool, server_factory, run_zfsmgr):
     base = f"{pool.name}/backup"
     rig.sh("zfs", "create", "-o", "mountpoint=none", base)
-    home = f"{base}/client1"
+    home = f"{base}/client1" if where == "under the base" else f"{pool.name}/other/client1"
     server = server_factory("local", base_dataset=base, client_fields={"dataset": home})
     source = pool.create("data")
     (pool.mountpoint(source) / "zeros").write_bytes(bytes(8 << 20))  # gzip: ~8 KiB
@@ -199,5 +200,10 @@ def test_local_store_receives_under_the_clients_dataset_and_counts_pool_space(
     listing = json.loads(run_zfsmgr(["restore", "list", "--json"], env=env,
                                     check=True).stdout)
     assert listing[0]["stored_size"] < 1 << 20
+    server.stop()  # reindex builds the catalog anew: the home outside BASE is found too
     done = run_zfsmgr(["server", "reindex"], env=server.env, cwd=server.workdir)
     assert done.returncode == 0 and "local: 1 backups" in done.stdout, done.stderr
+    server.start()
+    target = f"{pool.name}/restored"
+    run_zfsmgr(["restore", "restore", "1", target], env=env, check=True)
+    assert int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", target)) > 8 << 20

@@ -97,6 +97,14 @@ def test_the_seed_lists_what_this_module_runs():
     assert hashlib.sha256(SEED_KEY.encode()).hexdigest() in SEED.read_text()
 
 
+def test_the_readmes_examples_are_the_seeds():
+    ours = [(lang, body) for _, lang, body in blocks((rig.ROOT / "README.md").read_text())]
+    for heading, lang in (("Server Configuration", "env"), ("Client Configuration", "env"),
+                          ("Restore Tool Configuration", "env"),
+                          ("Client Configuration File", "json")):
+        assert (lang, block(heading, lang)) in ours, heading
+
+
 class SeedSite:
     """The seed's example files written to a server dir, a client dir and a restore dir."""
 
