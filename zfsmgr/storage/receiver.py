@@ -5,16 +5,21 @@ writes the stream into `zfs recv`. Nothing is staged on disk, so a local-pool se
 scratch space the size of the stream, and memory stays at the queue's few MiB. A receive that
 dies (zfs refused the stream, the server was killed) is reported on the next write or at
 `finish`; with `recv -s` its progress survives as the target's `receive_resume_token`.
+`zfs recv` starts only once the head of the stream passed `check` (sendstream.check_head): a
+stream that is not a plain zfs substream never reaches zfs.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 from zfsmgr.compress import decompressor
+from zfsmgr.errors import StorageFull, ValidationError, ZfsError
 from zfsmgr.storage.base import CHUNK, StorageError
+from zfsmgr.storage.sendstream import BEGIN_SIZE
 from zfsmgr.zfs import Zfs
 
 QUEUE_CHUNKS = 8  # bytes handed over but not yet decompressed: at most 8 MiB per upload
@@ -27,6 +32,7 @@ class Feed:
         self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=limit)
         self.buffer, self.offset, self.ended = b"", 0, False
         self.abandoned = threading.Event()
+        self.starved = False  # the reader waits for data
 
     def put(self, data: Optional[bytes], alive) -> None:
         """Queue `data` (None ends the stream); gives up when `alive()` turns false."""
@@ -43,11 +49,16 @@ class Feed:
         """Up to `size` bytes; b"" once the stream ended (or was abandoned)."""
         while self.offset >= len(self.buffer) and not self.ended:
             try:
-                item = self.queue.get(timeout=0.2)
+                item = self.queue.get(block=False)
             except queue.Empty:
-                if self.abandoned.is_set():
-                    self.ended = True
-                continue
+                self.starved = True
+                try:
+                    item = self.queue.get(timeout=0.2)
+                except queue.Empty:
+                    if self.abandoned.is_set():
+                        self.ended = True
+                    continue
+            self.starved = False
             if item is None:
                 self.ended = True
             else:
@@ -60,12 +71,15 @@ class Feed:
 class LiveReceive:
     """`zfs recv [-s] -u target` on a thread, fed through a Feed."""
 
-    def __init__(self, zfs: Zfs, target: str, codec: str, resumable: bool):
+    def __init__(self, zfs: Zfs, target: str, codec: str, resumable: bool,
+                 check: Optional[Callable[[bytes], object]] = None):
         self.target, self.codec = target, codec
+        self.zfs, self.resumable, self.check = zfs, resumable, check
         self.feed = Feed()
         self.raw_bytes = 0  # decompressed bytes written into zfs recv
         self.error: Optional[BaseException] = None
-        self.command = zfs.receive(target, resumable=resumable)
+        self.command = None  # zfs recv, once the head of the stream passed `check`
+        self.head_checked = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"recv {target}", daemon=True)
         self.thread.start()
 
@@ -73,6 +87,20 @@ class LiveReceive:
         try:
             stream = decompressor(self.codec, self.feed)
             try:
+                head = b""
+                while len(head) < BEGIN_SIZE:
+                    more = stream.read(BEGIN_SIZE - len(head))
+                    if not more:
+                        break
+                    head += more
+                if self.check is not None:
+                    self.check(head)
+                if self.feed.abandoned.is_set():
+                    raise StorageError(f"the receive into {self.target} was abandoned")
+                self.command = self.zfs.receive(self.target, resumable=self.resumable)
+                self.head_checked.set()
+                self.command.write(head)
+                self.raw_bytes += len(head)
                 for chunk in iter(lambda: stream.read(CHUNK), b""):
                     if self.feed.abandoned.is_set():
                         raise StorageError(f"the receive into {self.target} was abandoned")
@@ -85,8 +113,11 @@ class LiveReceive:
             self.command.finish()
         except BaseException as exc:  # reported to the writer or at finish()
             self.error = exc
-            self.command.kill()
+            if self.command is not None:
+                self.command.kill()
             self.feed.abandoned.set()
+        finally:
+            self.head_checked.set()
 
     @property
     def alive(self) -> bool:
@@ -103,6 +134,19 @@ class LiveReceive:
             self._raise()
             raise
 
+    def await_head(self, timeout: float = 30.0) -> None:
+        """Wait until the head of the stream passed its check (or the receive failed), while
+        the receive has data to read; raise its error (ValidationError: not a stream the store
+        takes). A head longer than the data handed over so far is checked later, still before
+        zfs recv starts."""
+        deadline, idle = time.monotonic() + timeout, 0
+        while not self.head_checked.is_set() and time.monotonic() < deadline:
+            idle = idle + 1 if self.feed.starved and self.feed.queue.empty() else 0
+            if idle >= 3:
+                break
+            time.sleep(0.01)
+        self._raise()
+
     def finish(self) -> None:
         """End the stream and wait until zfs has received it all; raise if it failed."""
         if self.thread.is_alive():
@@ -113,12 +157,17 @@ class LiveReceive:
     def kill(self) -> None:
         """Stop the receive (zfs keeps a resume token where `recv -s` was used)."""
         self.feed.abandoned.set()
-        self.command.kill()
+        if self.command is not None:
+            self.command.kill()
         self.thread.join(timeout=30)
 
     def _raise(self) -> None:
         if self.error is None:
             return
-        if isinstance(self.error, StorageError):
+        if isinstance(self.error, (StorageError, ValidationError)):
             raise self.error
+        if isinstance(self.error, ZfsError) and any(
+                text in self.error.stderr for text in ("out of space", "quota exceeded")):
+            raise StorageFull(f"the local store is full: cannot receive into {self.target}:"
+                              f" {self.error}")
         raise StorageError(f"cannot receive into {self.target}: {self.error}")

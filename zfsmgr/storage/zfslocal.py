@@ -29,11 +29,12 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
-from zfsmgr.protocol import Manifest, parse_key, validate_upload_id
+from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, parse_key, validate_upload_id
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
                                  StorageError, NeedsFullBackup, Store)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
+from zfsmgr.storage.sendstream import check_head
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
 
 log = logging.getLogger("zfsmgr.storage.local")
@@ -185,6 +186,10 @@ class ZfsLocalStore(Store):
             self.zfs.create(container, parents=True,
                             props={"mountpoint": "none", "canmount": "off"})
         target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
+        if len(target) > ZFS_MAX_NAME:
+            raise ValidationError(f"the backup would be received as {target[:60]}... ("
+                                  f"{len(target)} characters); ZFS names are at most"
+                                  f" {ZFS_MAX_NAME}: use a shorter dataset or snapshot name")
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
             raise StorageError(f"{target} already holds a committed backup")
         published = [s for s in self.zfs.snapshots(_dataset(target), ["manifest"])
@@ -194,7 +199,8 @@ class ZfsLocalStore(Store):
                                   f" {manifest.parent} of this incremental: send a full backup")
         state = {"target": target, "compression": manifest.compression, "parts": [],
                  "segment": 0, "resuming": False, "token": "",
-                 "new_dataset": manifest.type == "full"}
+                 "new_dataset": manifest.type == "full", "guid": manifest.guid,
+                 "parent_guid": manifest.parent_guid}
         self._save(upload_id, state)  # what an older session left goes when part 0 arrives
 
     def _drop_unpublished(self, state: dict) -> None:
@@ -227,7 +233,8 @@ class ZfsLocalStore(Store):
             raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
                              " were received", len(parts))
         live = self._live.get(upload_id)
-        if live is None or not live.alive:
+        started = live is None or not live.alive
+        if started:
             live = self._start(upload_id, state, index)
         reader = CountingReader(source, size)
         try:
@@ -235,6 +242,8 @@ class ZfsLocalStore(Store):
                 live.write(chunk)
             if reader.size != size:
                 raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
+            if started:  # a stream that is not a plain zfs substream is refused here (400)
+                live.await_head()
         except BaseException:
             self._stop(upload_id)  # part of a part went in: only the resume token can tell
             raise
@@ -256,8 +265,12 @@ class ZfsLocalStore(Store):
                                " ask for its state and resume or start again")
         else:
             self._drop_unpublished(state)
+        check = functools.partial(check_head, incremental=not state["new_dataset"],
+                                  guid=state.get("guid", ""),
+                                  parent_guid=state.get("parent_guid", ""),
+                                  resumed=bool(state["segment"]))
         live = LiveReceive(self.zfs, state["target"], state["compression"],
-                           resumable=bool(self._resumable))
+                           resumable=bool(self._resumable), check=check)
         self._live[upload_id] = live
         if upload_id in self._discarded:  # discard() ran meanwhile: it set this flag first
             self._stop(upload_id)
@@ -366,6 +379,8 @@ class ZfsLocalStore(Store):
             live.finish()
         finally:
             self._live.pop(upload_id, None)
+        if state["new_dataset"]:  # whatever it holds never mounts on the server
+            self.zfs.set(_dataset(target), "canmount", "off")
         extra = {**manifest.extra, "zfs_snapshot": target}
         if state["segment"]:
             extra["resumed_at_part"] = state["segment"]

@@ -1,0 +1,129 @@
+"""The `local` store receives safely (zfs-fuse): properties a client sends never take effect,
+replication streams and data that is not a zfs stream are refused before `zfs recv`, and
+received datasets never mount on the server."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+
+import pytest
+
+import hostile
+import rig
+from hostile import auth_of, request
+
+pytestmark = [pytest.mark.zfs]
+
+
+@pytest.fixture
+def local_server(pool, server_factory):
+    base = f"{pool.name}/srv"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    server = server_factory("local", base_dataset=base)
+    return server, base
+
+
+def _source(pool, name="src"):
+    dataset = pool.create(name)
+    rig.write_files(pool.mountpoint(dataset), seed=4, count=2, size=100_000)
+    rig.sh("zfs", "snapshot", f"{dataset}@a")
+    guid = rig.sh("zfs", "get", "-Hp", "-o", "value", "guid", f"{dataset}@a").strip()
+    return dataset, guid
+
+
+def _open(server, guid, when=1700000000, dataset="tank/data", compression="none"):
+    status, answer, _ = request(server.url, "POST", "/upload", {
+        "dataset": dataset, "snapshot": f"s{when}", "type": "full", "compression": compression,
+        "snapshot_time": when, "guid": guid}, auth_of(server.client_env))
+    assert status == 200, answer
+    return answer
+
+
+def _received(base):
+    out = rig.sh("zfs", "list", "-H", "-o", "name", "-t", "all", "-r", base)
+    return [n for n in out.splitlines() if n.count("/") > base.count("/") + 2 or "@" in n]
+
+
+@pytest.mark.parametrize("flag", ["-p", "-R"])
+def test_a_stream_with_properties_is_refused_before_zfs_recv(flag, pool, local_server,
+                                                             tmp_path):
+    server, base = local_server
+    dataset, guid = _source(pool)
+    target = tmp_path / "client-chose-this"
+    rig.sh("zfs", "set", f"mountpoint={target}", dataset)
+    rig.sh("zfs", "set", "org.evil:x=1", dataset)
+    stream = subprocess.run(["zfs", "send", flag, f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, guid)
+    status, answer, _ = request(server.url, "POST", f"/upload-stream/{session['upload_id']}/0",
+                                stream[:1 << 20], auth_of(server.client_env))
+    assert status == 400, answer
+    assert "replication or property stream" in answer["message"]
+    assert _received(base) == []
+    mounts = [line.split()[0] for line in open("/proc/mounts")]
+    assert not [m for m in mounts if m.startswith(base + "/")]
+    assert request(server.url, "POST", f"/upload-stream/{session['upload_id']}/abort", None,
+                   auth_of(server.client_env))[0] == 200
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("body,compression", [
+    (os.urandom(300_000), "none"), (gzip.compress(os.urandom(300_000)), "gzip"),
+    (b"\x00" * 100, "none"), (b"hello", "none")], ids=["random", "gzip", "zeros", "short"])
+def test_data_that_is_not_a_zfs_stream_is_400_and_never_reaches_zfs(body, compression,
+                                                                    local_server):
+    server, base = local_server
+    session = _open(server, "", compression=compression)
+    status, answer, _ = request(server.url, "POST", f"/upload-stream/{session['upload_id']}/0",
+                                body, auth_of(server.client_env))
+    if status == 200:  # too short to judge yet: the commit finds it out, still before zfs
+        declaration = {"sha256": "0" * 64, "parts_crc32": rig.parts_crc32([body]),
+                       "stored_size": len(body), "raw_size": len(body)}
+        status, answer = hostile.commit(server.url, auth_of(server.client_env), session,
+                                        declaration)
+    assert status == 400 and "not a zfs send stream" in answer["message"], answer
+    assert "zfs recv" not in answer["message"]
+    assert _received(base) == []
+
+
+def test_a_received_dataset_never_mounts(pool, local_server):
+    server, base = local_server
+    dataset, guid = _source(pool, "plain")
+    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, guid)
+    statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
+                                               stream)
+    assert set(statuses) == {200}
+    status, answer = hostile.commit(server.url, auth_of(server.client_env), session,
+                                    declaration)
+    assert status == 200, answer
+    chain = answer["manifest"]["extra"]["zfs_snapshot"].split("@")[0]
+    values = rig.sh("zfs", "get", "-H", "-o", "value", "canmount,mountpoint,mounted", chain)
+    assert values.split() == ["off", "none", "no"]
+
+
+def test_a_stream_of_another_snapshot_or_kind_is_refused(pool, local_server):
+    server, base = local_server
+    dataset, guid = _source(pool, "other")
+    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, str(int(guid) ^ 1))
+    status, answer, _ = request(server.url, "POST", f"/upload-stream/{session['upload_id']}/0",
+                                stream, auth_of(server.client_env))
+    assert status == 400 and "declared" in answer["message"], answer
+    assert _received(base) == []
+
+
+def test_names_beyond_zfs_limits_are_400(local_server):
+    server, base = local_server
+    status, answer, _ = request(server.url, "POST", "/upload", {
+        "dataset": "tank/" + "d" * 150, "snapshot": "s" * 90, "type": "full",
+        "compression": "none", "snapshot_time": 1700000000}, auth_of(server.client_env))
+    assert status == 400 and "at most 255" in answer["message"], answer
+    status, answer, _ = request(server.url, "POST", "/upload", {
+        "dataset": "tank/" + "d" * 200, "snapshot": "s" * 100, "type": "full",
+        "compression": "none", "snapshot_time": 1700000000}, auth_of(server.client_env))
+    assert status == 400, answer
