@@ -8,7 +8,10 @@ import concurrent.futures
 import json
 import os
 
+import pytest
+
 import hostile
+import rig
 from hostile import auth_of, request
 
 BOB = "bob-secret-key"
@@ -125,3 +128,19 @@ def test_bodies_are_refused_before_they_are_read(server_factory):
     # the upload is untouched and the server serves on
     assert request(server.url, "POST", part, b"a" * 100, alice)[0] == 200
     assert request(server.url, "GET", "/health")[0] == 200
+
+
+@pytest.mark.s3
+def test_a_small_s3_part_that_is_not_the_last_is_400_not_503(server_factory):
+    """S3 composes only parts of 5 MiB but the last: on main the commit's compose failed with
+    a 503, which clients retry for minutes."""
+    server = server_factory("s3")
+    alice = auth_of(server.client_env)
+    session = hostile.open_upload(server.url, alice)
+    part = f"/upload-stream/{session['upload_id']}/{{}}"
+    assert request(server.url, "POST", part.format(0), b"a" * 1000, alice)[0] == 200
+    status, answer, _ = request(server.url, "POST", part.format(1), b"b" * 1000, alice)
+    assert status == 400 and "at least" in answer["message"], answer
+    declaration = {"sha256": "0" * 64, "parts_crc32": rig.parts_crc32([b"a" * 1000]),
+                   "stored_size": 1000, "raw_size": 1000}
+    assert hostile.commit(server.url, alice, session, declaration)[0] == 200

@@ -16,7 +16,8 @@ from datetime import datetime
 from typing import Dict, Optional
 
 from zfsmgr.errors import Conflict
-from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
+from zfsmgr.protocol import (MIN_S3_PART_SIZE, Manifest, ValidationError, manifest_key,
+                             validate_upload_id)
 from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
                                  StorageError, Store)
 from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
@@ -191,6 +192,7 @@ class S3Store(Store):
             raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
                              " are staged", len(parts))
         parts = parts[:index]
+        _check_sizes(parts)
         reader = CountingReader(source, size)
         self._call(f"upload of part {index}", self.client.put_object, self.bucket,
                    self._part_key(upload_id, index), reader, size,
@@ -212,6 +214,7 @@ class S3Store(Store):
         parts = self.staged_parts(upload_id)
         if not parts:
             raise StorageError(f"upload {upload_id} has no parts to commit")
+        _check_sizes(parts[:-1])
         sources = [ComposeSource(self.bucket, self._part_key(upload_id, p.index)) for p in parts]
         retention = self._retention(manifest)
         self._call(f"compose of {manifest.key}", self.client.compose_object, self.bucket,
@@ -328,3 +331,13 @@ class S3Store(Store):
             return self._call("stat", self.client.stat_object, self.bucket, key).size
         except NotFound:
             return None
+
+
+def _check_sizes(parts) -> None:
+    """S3 composes only parts of at least 5 MiB but the last: a smaller one that is not the
+    last is the client's fault (400), found before it costs a failed compose."""
+    for part in parts:
+        if part.size < MIN_S3_PART_SIZE:
+            raise ValidationError(f"part {part.index} is {part.size} bytes but not the last:"
+                                  f" on S3 every part but the last takes at least"
+                                  f" {MIN_S3_PART_SIZE} bytes")
