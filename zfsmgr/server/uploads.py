@@ -36,7 +36,7 @@ from zfsmgr.storage.base import PartInfo, Store
 log = logging.getLogger("zfsmgr.server.uploads")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
-PART_WAIT = 5.0  # seconds a part waits for the one before it (two parts are in flight)
+PART_WAIT = 2.0  # seconds a part waits for the one before it to start (two are in flight)
 
 
 class Uploads:
@@ -219,11 +219,12 @@ class Uploads:
         """Stage one part; parts arrive in order, and the last one may be sent again.
 
         A part may arrive while the one before it is being staged (clients keep two in flight)
-        and then waits for it, at most PART_WAIT seconds once that one is done; any other part
-        ahead of the stream is refused at once (OutOfOrder, 409, with the parts held), so no
-        request holds a thread waiting for another. `segment` is the client's idea of where
-        its current stream starts (0, or the part a `zfs send -t` stream began at): a part of
-        an earlier attempt is refused."""
+        and then waits for it; the one before may also be a moment late (its request started
+        first but its thread was slower), so the part waits at most PART_WAIT seconds for it to
+        begin. Any other part ahead of the stream is refused at once (OutOfOrder, 409, with the
+        parts held), so no request holds a thread waiting for another. `segment` is the
+        client's idea of where its current stream starts (0, or the part a `zfs send -t` stream
+        began at): a part of an earlier attempt is refused."""
         limit = protocol.part_size(index, session.part_base, session.part_every)
         if size > limit:
             raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
@@ -250,7 +251,8 @@ class Uploads:
     def _wait_for_turn(self, turn: threading.Condition, store: Store, session: Session,
                        index: int) -> List[PartInfo]:
         """The staged parts, once part `index` may be staged: at once, or when the part before
-        it has landed (waiting at most PART_WAIT seconds for it); else OutOfOrder."""
+        it has landed (its staging holds `turn`; it must begin within PART_WAIT seconds); else
+        OutOfOrder."""
         deadline = time.monotonic() + PART_WAIT
         while True:
             parts = store.staged_parts(session.upload_id)

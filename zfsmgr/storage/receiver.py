@@ -22,6 +22,9 @@ from zfsmgr.storage.base import CHUNK, StorageError
 from zfsmgr.storage.sendstream import BEGIN_SIZE
 from zfsmgr.zfs import Zfs
 
+# what zfs recv says of a stream whose content is damaged or made up: the sender's fault (400)
+REFUSED_STREAM = ("invalid backup stream", "invalid stream", "checksum mismatch",
+                  "unsupported version", "unsupported feature", "invalid record type")
 QUEUE_CHUNKS = 8  # bytes handed over but not yet decompressed: at most 8 MiB per upload
 
 
@@ -170,4 +173,8 @@ class LiveReceive:
                 text in self.error.stderr for text in ("out of space", "quota exceeded")):
             raise StorageFull(f"the local store is full: cannot receive into {self.target}:"
                               f" {self.error}")
+        if isinstance(self.error, ZfsError) and any(
+                text in self.error.stderr for text in REFUSED_STREAM):
+            raise ValidationError(f"zfs recv refused the stream sent for {self.target}:"
+                                  f" {self.error.stderr.splitlines()[-1]}")
         raise StorageError(f"cannot receive into {self.target}: {self.error}")
