@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -12,6 +13,7 @@ from zfsmgr.protocol import Manifest
 from zfsmgr.restore import listing
 from zfsmgr.restore.chain import BrokenChain, chain_for, leaves, parent_of
 from zfsmgr.restore.save import chain_names, wanted_codec
+from zfsmgr.storage import registry
 
 BASE_TIME = 1707834600.0  # 2024-02-13 14:30:00 UTC
 
@@ -23,12 +25,15 @@ def manifest(snapshot: str, parent: str | None = None, minutes: int = 0, dataset
     stamp = datetime.fromtimestamp(when, timezone.utc)  # noqa: UP017
     ext = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}[compression]
     key = f"client1/{dataset.replace('/', '_')}_{stamp:%Y-%m-%d_%H:%M:%S}{ext}"
-    return Manifest(key=key, client_id="client1", dataset=dataset, snapshot=snapshot,
-                    type="incremental" if parent else "full", parent=parent,
-                    compression=compression, raw_size=size * 2, stored_size=size,
-                    sha256="0" * 64, created=f"2024-02-13T14:{minutes:02d}:30+00:00",
-                    snapshot_time=when, guid=guid, parent_guid=parent_guid,
-                    storage_type=storage)
+    found = Manifest(key=key, client_id="client1", dataset=dataset, snapshot=snapshot,
+                     type="incremental" if parent else "full", parent=parent,
+                     compression=compression, raw_size=size * 2, stored_size=size,
+                     sha256="0" * 64, created=f"2024-02-13T14:{minutes:02d}:30+00:00",
+                     snapshot_time=when, guid=guid, parent_guid=parent_guid,
+                     storage_type=storage)
+    # as GET /snapshots lists it: marked self-contained where its store says so
+    store = registry.BY_KIND[storage].load()
+    return replace(found, self_contained=store.describe(found).self_contained)
 
 
 def snaps(chain) -> list:

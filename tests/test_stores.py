@@ -103,14 +103,19 @@ class TestStoreContract:
         m = backend.commit(upload_id, m)
         assert backend.staged_parts(upload_id) == []
         assert [x.key for x in backend.manifests("c1")] == [m.key]
-        reader, _ = backend.open(m)
-        data = _read(reader)
+        download = backend.open(m)
+        data = _read(download.reader)
+        assert download.info == backend.describe(m)
         if backend.kind == "local":  # a fresh full send of the received snapshot
             assert data[:16] == gzip.decompress(full)[:16]
+            assert (download.info.sha256, download.info.size, download.info.ranged) == \
+                ("", None, False) and download.info.self_contained
         else:
             assert data == full
-            reader, length = backend.open(m, 100)
-            assert _read(reader) == full[100:] and length == len(full) - 100
+            assert download.info.sha256 == m.sha256 and download.info.size == len(full)
+            download = backend.open(m, 100)
+            assert _read(download.reader) == full[100:] and download.length == len(full) - 100
+            assert download.info.ranged
 
     def test_incremental_on_its_parent_then_delete(self, backend, streams):
         ds, full, inc, pool = streams
@@ -126,8 +131,7 @@ class TestStoreContract:
         assert [m.snapshot for m in sorted(backend.manifests("c1"), key=lambda m: m.key)] == \
             ["a", "b"]
         # the newest restores (for local, from its own full send)
-        reader, _ = backend.open(keys[1])
-        data = _read(reader)
+        data = _read(backend.open(keys[1]).reader)
         target = f"{pool.name}/check"
         if backend.kind == "local":
             subprocess.run(["zfs", "recv", "-u", target], input=data, check=True)
@@ -139,7 +143,7 @@ class TestStoreContract:
         backend.delete(keys[0])
         assert list(backend.manifests("c1")) == []
         with pytest.raises(NotFound):
-            backend.open(keys[0])[0].read(1)
+            backend.open(keys[0]).reader.read(1)
 
     def test_discard_leaves_nothing(self, backend, streams):
         _, full, _, _ = streams
@@ -217,7 +221,7 @@ def test_staged_parts_lost_to_a_power_cut_are_dropped_not_committed(tmp_path):
     for index in (2, 3):
         restarted.stage_part(upload_id, index, io.BytesIO(parts[index]), len(parts[index]))
     m = restarted.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data, "a"))
-    reader, _ = restarted.open(m)
+    reader = restarted.open(m).reader
     assert _read(reader) == data
 
 
@@ -231,7 +235,7 @@ def test_a_committed_object_does_not_stay_in_the_page_cache(tmp_path):
     m = store.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data, "a"))
     stored = tmp_path / "store" / m.key
     assert _cached_bytes(stored) == 0
-    reader, _ = store.open(m)
+    reader = store.open(m).reader
     assert _read(reader) == data
 
 

@@ -44,6 +44,10 @@ HEADER_API_KEY = "X-API-Key"
 FULL_BACKUP_REQUIRED = "full_backup_required"  # in a 409 to POST /upload: send a full instead
 HEADER_SEGMENT = "X-Upload-Segment"  # on a part: the part its stream starts at (after send -t)
 HEADER_SHA256 = "X-Content-SHA256"  # response header of a part / download: sha256 of the body
+# Response headers of a download (GET /download): what the stream is (storage/base.StreamInfo).
+HEADER_COMPRESSION = "X-Compression"  # the codec of the body
+HEADER_STORED_SIZE = "X-Stored-Size"  # the whole stream's size; empty: known only at its end
+HEADER_OFFSET = "X-Stream-Offset"  # the byte of the stream the body starts at
 
 COMPRESSIONS = {"gzip": ".zfs.gz", "zstd": ".zfs.zst", "none": ".zfs"}
 ENCRYPTIONS = {"": "", "age": ".age"}  # client-side encryption of the compressed stream
@@ -300,6 +304,13 @@ class Manifest:
     parts: int = 0
     format: int = PROTOCOL_VERSION
     extra: dict = field(default_factory=dict)
+    self_contained: bool = False  # its download restores alone, though incremental (the
+    # server says so from its store when it lists backups: a `local` download is a full send)
+
+    @property
+    def restores_alone(self) -> bool:
+        """Whether this backup's download restores without the streams before it."""
+        return self.type == "full" or self.self_contained
 
     def to_dict(self) -> dict:
         """JSON-ready mapping."""

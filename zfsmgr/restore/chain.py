@@ -2,8 +2,8 @@
 
 A `full` stream stands alone. An `incremental` one applies on top of its parent: the manifest of
 the same source dataset whose snapshot is the incremental's `parent` (and whose guid is the
-incremental's `parent_guid` when both are recorded). A download from `local` storage is a fresh
-full `zfs send` of the snapshot, so such a manifest also stands alone, whatever its type.
+incremental's `parent_guid` when both are recorded). A manifest the server lists as
+`self_contained` also stands alone, whatever its type (its store sends a full stream: `local`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zfsmgr.protocol import Manifest
 
 def self_contained(manifest: Manifest) -> bool:
     """Whether the download of `manifest` restores without any other stream."""
-    return manifest.type == "full" or manifest.storage_type == "local"
+    return manifest.restores_alone
 
 
 def _parent_rank(child: Manifest, candidate: Manifest) -> tuple | None:

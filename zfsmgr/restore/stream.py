@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from zfsmgr.errors import IntegrityError, ServerError, ServerUnreachable, ZfsmgrError
-from zfsmgr.protocol import HEADER_SHA256, Manifest
+from zfsmgr.protocol import (HEADER_COMPRESSION, HEADER_OFFSET, HEADER_SHA256, HEADER_STORED_SIZE,
+                             Manifest)
 from zfsmgr.remote import ServerClient
 from zfsmgr.progress import Progress
 
@@ -26,8 +27,8 @@ class StoredStream:
     A connection that breaks (error, or end of body before the recorded size) is reopened with
     `Range: bytes=N-` from the byte reached, up to `retries` times in a row with a doubling
     backoff. `check()` at the end raises IntegrityError naming the key unless the bytes had the
-    recorded size and sha256. Downloads from `local` storage carry neither (they are a fresh
-    `zfs send`); those are left to zfs's own stream checksums.
+    recorded size and sha256. A download the server sends with neither (the `local` store's
+    fresh `zfs send`) is left to zfs's own stream checksums.
     """
 
     def __init__(self, client: ServerClient, manifest: Manifest, progress: Progress | None = None,
@@ -39,16 +40,15 @@ class StoredStream:
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         self.offset, self.hash, self.eof = 0, hashlib.sha256(), False
         self.key = manifest.key
-        self.local = manifest.storage_type == "local"
         self._failures = 0  # in a row, without a byte in between
         self._body = self._open_retrying(None)
         headers = self._body.headers
-        self.compression = headers.get("X-Compression") or manifest.compression
+        self.compression = headers.get(HEADER_COMPRESSION) or manifest.compression
         sha = headers.get(HEADER_SHA256)
         self.expected_sha = (sha if sha is not None else manifest.sha256).strip().lower()
-        stored = (headers.get("X-Stored-Size") or "").strip()
-        self.size: int | None = int(stored) if stored.isdigit() else (
-            None if self.local else manifest.stored_size)
+        stored = headers.get(HEADER_STORED_SIZE)  # empty: the server knows no size in advance
+        self.size: int | None = manifest.stored_size if stored is None else (
+            int(stored) if stored.strip().isdigit() else None)
         self._check_length(self._body)
         if progress is not None and progress.total is None:
             progress.total = self.size
@@ -62,8 +62,10 @@ class StoredStream:
                                      f" {exc.server_message}") from None
             raise
         status = body.response.status
-        expected = (206, 200) if self.local else (206,)  # local: the server skips in the send
-        if (status not in expected) if self.offset else (status != 200):
+        # At an offset, a fixed object answers 206; a stream made anew (a `local` store's
+        # send) answers 200 and says where its body starts.
+        skipped = status == 200 and body.headers.get(HEADER_OFFSET) == str(self.offset)
+        if (status != 206 and not skipped) if self.offset else (status != 200):
             body.close()
             raise ZfsmgrError(f"download of {self.key} from byte {self.offset}: unexpected"
                               f" HTTP status {status}")

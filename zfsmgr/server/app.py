@@ -245,25 +245,26 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         except KeyError:
             raise NotFound(f"no backup {key}") from None
         offset = _range_start(_header("Range"))
-        if offset and offset >= manifest.stored_size:
+        store = ctx.store_named(manifest.storage_type or ctx.default_kind(client))
+        size = store.describe(manifest).size
+        if offset and size is not None and offset >= size:
             return _json(416, protocol.error(f"range starts past the end of {key}"))
-        reader, length = ctx.store_named(manifest.storage_type or ctx.default_kind(client)
-                                         ).open(manifest, offset)
+        stream = store.open(manifest, offset)
+        info = stream.info
         headers: Dict[str, str] = {"Content-Type": "application/octet-stream",
-                                   "X-Compression": manifest.compression,
-                                   HEADER_SHA256: manifest.sha256,
-                                   "X-Stored-Size": str(manifest.stored_size)}
-        if manifest.storage_type == "local":  # a fresh full send, not the stored bytes
-            headers.update({"X-Compression": "none", HEADER_SHA256: "", "X-Stored-Size": ""})
-        if length is not None:
-            headers["Content-Length"] = str(length)
+                                   protocol.HEADER_COMPRESSION: info.compression,
+                                   HEADER_SHA256: info.sha256,
+                                   protocol.HEADER_STORED_SIZE: "" if info.size is None
+                                   else str(info.size),
+                                   protocol.HEADER_OFFSET: str(offset)}
+        if stream.length is not None:
+            headers["Content-Length"] = str(stream.length)
         status = 200
-        if offset and manifest.storage_type != "local":
+        if offset and info.ranged:
             status = 206
-            headers["Content-Range"] = f"bytes {offset}-{manifest.stored_size - 1}/" \
-                                       f"{manifest.stored_size}"
+            headers["Content-Range"] = f"bytes {offset}-{info.size - 1}/{info.size}"
         log.info("download client=%s key=%s offset=%d", client.client_id, key, offset)
-        return bottle.HTTPResponse(_Body(reader), status=status, headers=headers)
+        return bottle.HTTPResponse(_Body(stream.reader), status=status, headers=headers)
 
     @app.post(protocol.ROTATE)
     @handler()

@@ -130,7 +130,8 @@ def reindex(ctx) -> int:
     def manifests():
         for kind in ctx.configured_kinds():
             try:
-                found = list(ctx.store_named(kind).manifests())
+                store = ctx.store_named(kind)
+                found = [store.marked(m) for m in store.manifests()]
             except ZfsmgrError as exc:
                 if kind in needed:
                     raise

@@ -159,6 +159,22 @@ class ServerContext:
             kinds.add(self.default_kind())
         return kinds
 
+    def described(self, client: ClientConfig, manifests: List[Manifest]) -> List[Manifest]:
+        """The manifests with `self_contained` set as their stores describe their downloads."""
+        kinds: Dict[str, type] = {}
+        found = []
+        for m in manifests:
+            kind = m.storage_type or self.default_kind(client)
+            if kind not in kinds:
+                backend = registry.BY_KIND.get(kind)
+                kinds[kind] = backend.load() if backend else Store
+            found.append(kinds[kind].marked(m))
+        return found
+
+    def backups(self, client: ClientConfig) -> List[Manifest]:
+        """A client's backups from the catalog, oldest first, described by their stores."""
+        return self.described(client, self.catalog.list(client.client_id))
+
     def store_for(self, client: ClientConfig, requested: str) -> Store:
         """The store a client's upload goes to; a client may not pick another one."""
         kind = self.default_kind(client)
@@ -274,7 +290,7 @@ class ServerContext:
     def plan(self, client: ClientConfig, needed: int = 0,
              keep: Optional[str] = None) -> RotationPlan:
         """What rotation would delete: retention, then old chains while over the quota."""
-        backups = self.catalog.list(client.client_id)
+        backups = self.backups(client)
         return plan_rotation(backups, client.rotation_policy, time.time(),
                              quota=client.max_size_bytes, needed=needed, keep=keep,
                              min_retain_days=self.settings.min_retain_days,

@@ -1,8 +1,9 @@
 """Which stored backups the server deletes: retention plus quota, never breaking a chain.
 
 Pure: given the manifests, the policy and `now`, it returns what to delete and why. An
-incremental depends on its parent, so nothing another kept backup needs is ever deleted; on the
-`local` ZFS store a snapshot depends on nothing (downloads are full sends), so any may go.
+incremental depends on its parent, so nothing another kept backup needs is ever deleted; a
+backup whose download restores alone (`Manifest.self_contained`, which the server sets from its
+store: the `local` store's downloads are full sends) depends on nothing, so any may go.
 `min_retain_days` is a floor under both retention and quota: a backup the server committed
 fewer days ago is kept with its bases, whatever the policy and however many backups came after
 it. It counts from the server's commit time (`created`), never from the client's snapshot time.
@@ -35,8 +36,8 @@ class RotationPlan:
 
 
 def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
-    """The key of the backup this one is an incremental on (None: full or local)."""
-    if manifest.type != "incremental" or manifest.storage_type == "local":
+    """The key of the backup this one is an incremental on (None: it restores alone)."""
+    if manifest.restores_alone:
         return None
     for other in backups:
         if other.dataset == manifest.dataset and other.snapshot == manifest.parent:

@@ -60,9 +60,9 @@ class Uploads:
         with self._lock:
             return self._session_locks.setdefault(upload_id, threading.Condition())
 
-    def schedule(self, storage_type: str, estimate: int) -> Tuple[int, int]:
+    def schedule(self, store: Store, estimate: int) -> Tuple[int, int]:
         """(base part size, growth interval) that carries `estimate` bytes comfortably."""
-        base = max(self.part_base, protocol.MIN_S3_PART_SIZE if storage_type == "s3" else 1)
+        base = max(self.part_base, store.min_part_size)
         every = max(1, self.max_parts // 10)
         while estimate and base < protocol.MAX_PART_SIZE and protocol.schedule_capacity(
                 base, every, self.max_parts) < 2 * estimate:
@@ -93,9 +93,9 @@ class Uploads:
                                                "compression", protocol.COMPRESSIONS)
         encryption = protocol.validate_choice(request.get("encryption") or "", "encryption",
                                               ("",) + tuple(protocol.ENCRYPTIONS))
-        if encryption and store.kind == "local":
-            raise Unsupported("the local store receives streams into zfs: it cannot take an"
-                              " encrypted one (use s3 or dir storage, or ENCRYPT=none)")
+        if encryption and store.receives_streams:
+            raise Unsupported(f"the {store.kind} store receives streams into zfs: it cannot take"
+                              " an encrypted one (use another store, or ENCRYPT=none)")
         if encryption and request.get("raw_send"):
             raise protocol.ValidationError("a raw send is encrypted already: it is never"
                                            " wrapped again")
@@ -124,7 +124,7 @@ class Uploads:
             raise TooManyUploads(f"client {client.client_id} has {open_now} open uploads, the"
                                  f" most it may have: finish or abort one (abandoned ones expire"
                                  f" after {self.expiry / 3600:g} h)")
-        base, every = self.schedule(store.kind, estimate)
+        base, every = self.schedule(store, estimate)
         session = Session(
             upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,
             storage_type=store.kind, dataset=dataset, snapshot=snapshot, type=kind,
@@ -306,7 +306,7 @@ class Uploads:
                 self.catalog.refresh(store, client.client_id)
                 self._recheck(client, store, session)
                 self.check_quota(client, 0, session.upload_id, total)
-                manifest = store.commit(session.upload_id, manifest)
+                manifest = store.marked(store.commit(session.upload_id, manifest))
                 with self.table.db.transaction():  # visible and no longer open, at once
                     self.catalog.add(manifest)
                     self._forget(session)

@@ -34,7 +34,7 @@ import errno
 import zlib
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import (BinaryIO, Callable, ContextManager, Dict, Iterable, Iterator, List,
                     Optional, Set, Tuple)
@@ -59,6 +59,27 @@ class PartInfo:
     size: int
     crc32: str  # 8 hex digits, of the bytes as the store took them: the client checks each
     # part's against its own, commit checks them combined (protocol.parts_checksum)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a store's download of a backup is, known without opening it."""
+
+    size: Optional[int]  # bytes of the whole stream; None: known only at its end
+    sha256: str  # of the whole stream; "": none to check (zfs's own stream checksums do)
+    compression: str  # the codec of the bytes as they come
+    ranged: bool  # an offset is a byte range of fixed bytes (HTTP 206); False: the stream is
+    # made anew and skipped up to the offset (HTTP 200, the body still starts at the offset)
+    self_contained: bool  # restores alone; False: it applies on the stream of its parent
+
+
+@dataclass(frozen=True)
+class Download:
+    """What `Store.open` returns: the stream from the offset asked, and what it is."""
+
+    reader: BinaryIO  # read(n) and close()
+    length: Optional[int]  # bytes from the offset to the end; None: unknown in advance
+    info: StreamInfo
 
 
 def crc32_hex(value: int) -> str:
@@ -91,6 +112,9 @@ class Store(ABC):
     """Where backups live. Keys are built by zfsmgr.protocol.build_key and already validated."""
 
     kind = ""  # its name in the registry (zfsmgr/storage/registry.py)
+    min_part_size = 1  # the smallest upload part it takes (but the last)
+    receives_streams = False  # True: it feeds uploads into `zfs recv`, so they must be plain
+    # zfs streams (compressed or not), never opaque bytes such as an age file
 
     @classmethod
     @abstractmethod
@@ -146,9 +170,22 @@ class Store(ABC):
     def staged_uploads(self) -> List[Tuple[str, float]]:
         """(upload_id, last-modified epoch) of every upload with staged data."""
 
+    @classmethod
+    def describe(cls, manifest: Manifest) -> StreamInfo:
+        """What a download of `manifest` from this kind of store is (no I/O): by default the
+        stored bytes themselves, as the manifest records them."""
+        return StreamInfo(size=manifest.stored_size, sha256=manifest.sha256,
+                          compression=manifest.compression, ranged=True,
+                          self_contained=manifest.type == "full")
+
+    @classmethod
+    def marked(cls, manifest: Manifest) -> Manifest:
+        """`manifest` with `self_contained` as `describe` says (what the catalog records)."""
+        return replace(manifest, self_contained=cls.describe(manifest).self_contained)
+
     @abstractmethod
-    def open(self, manifest: Manifest, offset: int = 0) -> Tuple[BinaryIO, Optional[int]]:
-        """The stored stream from `offset`, and its remaining length if known."""
+    def open(self, manifest: Manifest, offset: int = 0) -> Download:
+        """The stream of `manifest` from byte `offset`, described (`describe`)."""
 
     @abstractmethod
     def manifests(self, client_id: Optional[str] = None) -> Iterator[Manifest]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
+from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, StorageFull, Store, is_full)
 
 log = logging.getLogger("zfsmgr.storage.directory")
@@ -304,7 +304,7 @@ class DirectoryStore(Store):
             raise NotFound(f"{manifest.key} is missing from the directory store") from None
         size = os.fstat(stream.fileno()).st_size
         stream.seek(offset)
-        return stream, max(0, size - offset)
+        return Download(stream, max(0, size - offset), self.describe(manifest))
 
     def manifests(self, client_id=None):
         folders = [self.root / client_id] if client_id else [

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 from zfsmgr.errors import Conflict
 from zfsmgr.protocol import (MIN_S3_PART_SIZE, Manifest, ValidationError, manifest_key,
                              validate_upload_id)
-from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
+from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, Store)
 from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
 
@@ -59,6 +59,7 @@ class S3Store(Store):
 
     kind = "s3"
     shared = True
+    min_part_size = MIN_S3_PART_SIZE  # S3's multipart minimum (UploadPartCopy at commit)
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = True, region: str = "", object_lock: str = ""):
@@ -300,7 +301,8 @@ class S3Store(Store):
         response = self._call(f"download of {manifest.key}", self.client.get_object,
                               self.bucket, manifest.key, offset=offset)
         length = response.headers.get("Content-Length")
-        return _Body(response), int(length) if length and length.isdigit() else None
+        return Download(_Body(response), int(length) if length and length.isdigit() else None,
+                        self.describe(manifest))
 
     def manifests(self, client_id=None):
         prefix = f"{client_id}/" if client_id else ""

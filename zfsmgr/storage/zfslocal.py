@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, parse_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, NotFound, OutOfOrder, PartInfo,
-                                 StorageError, NeedsFullBackup, Store)
+from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NeedsFullBackup, NotFound,
+                                 OutOfOrder, PartInfo, StorageError, Store, StreamInfo)
 from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.storage.sendstream import check_head
@@ -95,6 +95,7 @@ class ZfsLocalStore(Store):
     """Backups received into a local ZFS dataset tree."""
 
     kind = "local"
+    receives_streams = True
 
     def __init__(self, base: str, staging_dir: str, zfs: Optional[Zfs] = None,
                  homes: Optional[Callable[[], Dict[str, str]]] = None):
@@ -421,6 +422,13 @@ class ZfsLocalStore(Store):
                 sizes[members[-1].key] = max(0, used[chain] - sum(own[:-1]))
         return sizes
 
+    @classmethod
+    def describe(cls, manifest):
+        """A fresh full `zfs send` of the snapshot: it restores alone whatever rotation removed,
+        has no stored size or sha256 (zfs checks its own records), and an offset is skipped."""
+        return StreamInfo(size=None, sha256="", compression="none", ranged=False,
+                          self_contained=True)
+
     def open(self, manifest, offset=0):
         body = _SendBody(self.zfs.send(self._located(manifest)))
         skip = offset
@@ -429,7 +437,7 @@ class ZfsLocalStore(Store):
             if not chunk:
                 break
             skip -= len(chunk)
-        return body, None
+        return Download(body, None, self.describe(manifest))
 
     def manifests(self, client_id=None):
         if client_id:
