@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import rig
 
+from zfsmgr import protocol
 from zfsmgr.errors import IntegrityError, ServerUnreachable
 from zfsmgr.protocol import Manifest
 from zfsmgr.remote import ServerClient
@@ -43,7 +44,7 @@ class FlakyServer:
     """Serves /download of one body; the first `breaks` responses stop after `cut` bytes.
 
     `local=True` answers like the server's local ZFS store: chunked, no checksum or size, and a
-    resumed request gets 200 with the body from the asked offset.
+    resumed request gets 200 with the body from the asked offset (which X-Stream-Offset names).
     """
 
     def __init__(self, body: bytes, breaks: int = 1, cut: int = 1 << 20, sha: str | None = None,
@@ -72,6 +73,7 @@ class FlakyServer:
                 self.send_header("X-Compression", "none")
                 self.send_header("X-Content-SHA256", "" if local else owner.sha)
                 self.send_header("X-Stored-Size", "" if local else str(len(owner.body)))
+                self.send_header(protocol.HEADER_OFFSET, str(start))
                 if local:
                     self.send_header("Transfer-Encoding", "chunked")
                 else:
