@@ -122,11 +122,55 @@ def test_bad_setting_is_one_line_naming_the_key(key, value, expect, tmp_path, mo
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 
-def test_secret_values_are_not_echoed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("url", ["http://user:s3cr3t-pw@host", "https://user:s3cr3t-pw@h:8443/x",
+                                 "http://:s3cr3t-pw@host"])
+def test_a_server_url_with_a_password_is_refused_without_echoing_it(url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SettingsError) as err:
-        settings.load("client", environ={"SERVER_URL": "http://user:pw@host"})
-    assert "pw" not in str(err.value) or "SERVER_URL" in str(err.value)
+        settings.load("client", environ={"SERVER_URL": url})
+    assert "SERVER_URL=" in str(err.value) and ":***@" in str(err.value)
+    assert "s3cr3t-pw" not in str(err.value)
+
+
+def test_secret_settings_are_hidden_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as err:  # a secret that fails its converter
+        settings.load("server", environ={"NOTIFY_URL": "gopher://hook/s3cr3t"})
+    assert "NOTIFY_URL=(hidden)" in str(err.value) and "s3cr3t" not in str(err.value)
+
+
+@pytest.mark.parametrize("codec, level, ok", [("gzip", "9", True), ("gzip", "12", False),
+                                              ("true", "10", False), ("zstd", "19", True),
+                                              ("none", "19", True)])
+def test_compress_level_is_checked_with_the_codec_at_load(codec, level, ok, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"COMPRESS": codec, "COMPRESS_LEVEL": level}
+    if ok:
+        assert settings.load("client", environ=env).compress_level == int(level)
+        return
+    with pytest.raises(SettingsError) as err:
+        settings.load("client", environ=env)
+    assert f"COMPRESS_LEVEL={level}" in str(err.value) and "COMPRESS=gzip" in str(err.value)
+    assert err.value.exit_status == 2
+
+
+def test_a_backup_with_a_level_gzip_cannot_take_stops_before_touching_zfs(tmp_path, monkeypatch,
+                                                                          capsys):
+    from zfsmgr import cli
+
+    log = tmp_path / "zfs-calls"
+    fake = tmp_path / "zfs"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"COMPRESS": "gzip", "COMPRESS_LEVEL": "12", "ZFSMGR_ZFS": str(fake),
+                       "CLIENT_ID": "c", "API_KEY": "k", "SERVER_URL": "http://127.0.0.1:9",
+                       "LOCAL_DATASET": "tank/data", "STATE_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["client", "backup"]) == 2
+    assert "COMPRESS_LEVEL=12" in capsys.readouterr().err
+    assert not log.exists()  # no snapshot, no upload: nothing happened
 
 
 def test_missing_required_setting(tmp_path, monkeypatch):

@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from zfsmgr.compress import _ProcessFilter  # the runner's filter: child fed from a thread
-from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.errors import CryptError, UsageError  # noqa: F401 (CryptError: imported from here)
 from zfsmgr.zfs import find_program, program_available
 
 ENCRYPTIONS = ("none", "age")
-
-
-class CryptError(ZfsmgrError, RuntimeError):
-    """`age` failed (a RuntimeError as well, as the codecs' failures are)."""
 
 
 def age_binary() -> str:

@@ -213,5 +213,9 @@ class ServerError(ZfsmgrError):
         return self.status in RETRYABLE_HTTP
 
 
+class CryptError(ZfsmgrError, RuntimeError):
+    """`age` failed (a RuntimeError as well, as the codecs' failures are)."""
+
+
 class StreamChanged(ZfsmgrError):
     """The regenerated stream does not match what the server holds: start over."""

@@ -23,7 +23,6 @@ PROTOCOL_VERSION = 1
 # Routes (the seed's, plus the upload-session routes that make uploads atomic and resumable).
 HEALTH = "/health"
 UPLOAD = "/upload"  # POST: authorize an upload, open an upload session
-UPLOAD_STREAM = "/upload-stream/"  # POST <id>/<index>: one part; GET <id>: parts held
 UPLOAD_COMMIT = "/upload-stream/{upload_id}/commit"  # POST: verify and make visible
 UPLOAD_ABORT = "/upload-stream/{upload_id}/abort"  # POST: discard
 UPLOAD_RESUME = "/upload-stream/{upload_id}/resume"  # POST {"token", "from_part"}: send -t
@@ -245,7 +244,7 @@ def build_key(client_id: str, dataset: str, timestamp: str, compression: str,
         _reject("dataset", token, "not usable in a key")
     parse_timestamp(timestamp)
     if compression not in COMPRESSIONS:
-        _reject("compression", compression, "expected gzip, zstd or none")
+        _reject("compression", compression, f"expected {codecs_text()}")
     if encryption not in ENCRYPTIONS:
         _reject("encryption", encryption, "expected age or none")
     return (f"{client_id}/{token}_{timestamp}{COMPRESSIONS[compression]}"
@@ -272,6 +271,20 @@ def key_stem(key: str) -> str:
         if key.endswith(ext):
             return key[:-len(ext)]
     return key
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*)(:[^/@\s]*)?@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials of any URL in it hidden: http://user:***@host/."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
+
+
+def codecs_text() -> str:
+    """The codecs for messages: "gzip, zstd or none"."""
+    names = list(COMPRESSIONS)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def manifest_key(key: str) -> str:

@@ -65,7 +65,7 @@ class ServerClient:
                  timeout: float = 120.0):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ZfsmgrError(f"SERVER_URL {url!r} is not an http(s) URL")
+            raise ZfsmgrError(f"SERVER_URL {protocol.redact_url(url)!r} is not an http(s) URL")
         self.url, self.scheme, self.host = url, parsed.scheme, parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.prefix = parsed.path.rstrip("/")
@@ -208,9 +208,3 @@ class ServerClient:
             finally:
                 conn.close()
         return Download(conn, response)
-
-    def ping(self) -> None:
-        """Fail with ServerUnreachable unless /health answers."""
-        conn, response = self._send("GET", protocol.HEALTH)
-        response.read(65536)
-        conn.close()

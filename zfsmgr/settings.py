@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from zfsmgr.compress import LEVELS
 from zfsmgr.errors import SettingsError
+from zfsmgr.protocol import COMPRESSIONS, codecs_text, redact_url
 from zfsmgr.storage import registry
 
 
@@ -67,18 +69,19 @@ def as_text(text: str) -> str:
 def as_compression(text: str) -> str:
     """COMPRESS: true/false (the seed's form) or gzip, zstd, none."""
     value = text.strip().lower()
-    if value in ("gzip", "zstd", "none"):
+    if value in COMPRESSIONS:
         return value
     try:
         return "gzip" if as_bool(value) else "none"
     except ValueError:
-        raise ValueError("true, false, gzip, zstd or none") from None
+        raise ValueError(f"true, false, {codecs_text()}") from None
 
 
 def as_level(text: str) -> int:
-    """A compression level 1-19 (gzip uses 1-9)."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 19:
-        raise ValueError("a compression level from 1 to 19")
+    """A compression level 1-19 (gzip takes 1-9: checked with COMPRESS, in _check_together)."""
+    high = max(h for _, h in LEVELS.values())
+    if not text.strip().isdigit() or not 1 <= int(text) <= high:
+        raise ValueError(f"a compression level from 1 to {high}")
     return int(text)
 
 
@@ -344,18 +347,19 @@ def load(role: str, env_file: Optional[str] = None,
             try:
                 values[setting.name] = setting.convert(raw)
             except ValueError as exc:
-                shown = "(hidden)" if setting.secret else repr(raw)
+                shown = "(hidden)" if setting.secret else repr(redact_url(raw))
                 raise SettingsError(f"{setting.name}={shown} from {where} is invalid:"
                                     f" expected {exc}") from None
         origin[setting.name] = where
+    _check_together(values, origin)
     return Settings(role, values, origin)
 
 
-def describe(role: str) -> str:
-    """The settings table of a role, for `help` output."""
-    lines = []
-    for s in TABLE:
-        if role in s.roles:
-            default = "(required)" if s.default is None else (s.default or '""')
-            lines.append(f"  {s.name:<20} {s.help}  [default: {default}]")
-    return "\n".join(lines)
+def _check_together(values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+    """Refuse settings that are each valid but not together, before any command acts."""
+    codec, level = values.get("COMPRESS"), values.get("COMPRESS_LEVEL")
+    if codec in LEVELS and level is not None:
+        low, high = LEVELS[codec]
+        if not low <= level <= high:
+            raise SettingsError(f"COMPRESS_LEVEL={level} from {origin['COMPRESS_LEVEL']} is"
+                                f" invalid with COMPRESS={codec}: expected {max(low, 1)}-{high}")

@@ -163,7 +163,7 @@ def emit(units: Dict[str, str], install: bool, unit_dir: str, enable: List[str])
             print(f"# {os.path.join(unit_dir, name)}")
             print(text)
         return 0
-    from zfsmgr.storage.directory import write_atomic
+    from zfsmgr.files import write_atomic
 
     folder = Path(unit_dir)
     if not folder.is_dir():

@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator, List, Optional
 
 from zfsmgr import protocol
-from zfsmgr.client.base import (BACKUP_PREFIX, PROPS, Base, backup_snapshots, find_base,
-                                mark_base)
-from zfsmgr.client.readahead import CHUNK, Counter, ReadAhead, chain, take
-from zfsmgr.compress import compressor, zstd_available
+from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_KIND, PROPS, Base, backup_snapshots,
+                                find_base, mark_base)
+from zfsmgr.client.readahead import Counter, ReadAhead, chain, take
+from zfsmgr.compress import LEVELS, compressor, zstd_available
 from zfsmgr.crypt import Encryption
 from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, UsageError, ZfsmgrError
+from zfsmgr.files import CHUNK
 from zfsmgr.progress import Progress, human
 from zfsmgr.remote import ServerClient
 from zfsmgr.storage.base import crc32_hex
@@ -136,7 +137,7 @@ class Backup:
         stored = {(m["snapshot"], m.get("guid")) for m in on_server}
         changed = False
         for snap in backup_snapshots(self.zfs, self.dataset, snaps):
-            if snap.prop("base") == "yes" or (base and snap.short <= base.snapshot):
+            if snap.prop(PROP_BASE) == "yes" or (base and snap.short <= base.snapshot):
                 continue
             if (snap.short, snap.guid) in stored:
                 log.info("adopting %s: the server committed it", snap.name)
@@ -176,7 +177,7 @@ class Backup:
         landed in the next second is made again."""
         for _ in range(5):
             name = new_snapshot_name(self.zfs, self.dataset)
-            self.zfs.snapshot(name, {"kind": "backup"})
+            self.zfs.snapshot(name, {PROP_KIND: "backup"})
             snap = self.zfs.snapshot_info(name, PROPS)
             made = datetime.fromtimestamp(snap.creation, timezone.utc)
             if snap.short == BACKUP_PREFIX + protocol.format_timestamp(made):
@@ -227,7 +228,7 @@ class Backup:
         codec = "none" if features.raw_send or self._compressed(features) else self.compression
         if codec == "zstd" and not zstd_available():
             log.warning("COMPRESS=zstd but this host has no zstd binary: using gzip")
-            codec = "gzip"
+            codec = "gzip"  # at most its own highest level (COMPRESS_LEVEL was zstd's)
         request = self._request(snap, base, features, codec)
         try:
             session = self.api.call("POST", protocol.UPLOAD, request)
@@ -338,7 +339,8 @@ class Backup:
         progress = self.make_progress(label, estimate or None)
         with send:
             counted = Counter(send)
-            with compressor(codec, counted, level=self.level) as compressed, \
+            level = min(self.level, LEVELS[codec][1]) if codec in LEVELS else self.level
+            with compressor(codec, counted, level=level) as compressed, \
                     sealing.seal(compressed) as sealed:  # age, or as it is
                 stream = ReadAhead(sealed)
                 try:

@@ -14,7 +14,9 @@ from typing import List, Optional
 from zfsmgr.zfs import HOLD_TAG, PROPERTY_PREFIX, Features, Snapshot, Zfs, ZfsError
 
 BACKUP_PREFIX = "zfsmgr_"  # backup snapshots and bookmarks: DS@zfsmgr_2024-02-13_14:30:00
-PROPS = ("kind", "base")
+PROP_KIND = "kind"  # org.zfsmgr:kind: "backup", or a snapshot type (hourly, daily, ...)
+PROP_BASE = "base"  # org.zfsmgr:base=yes: a held snapshot that is the incremental base
+PROPS = (PROP_KIND, PROP_BASE)  # what listings of snapshots ask for
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ def backup_snapshots(zfs: Zfs, dataset: str,
     with PROPS the caller already has, when given)."""
     if snaps is None:
         snaps = zfs.snapshots(dataset, PROPS)
-    return [s for s in snaps if s.prop("kind") == "backup"]
+    return [s for s in snaps if s.prop(PROP_KIND) == "backup"]
 
 
 def find_base(zfs: Zfs, dataset: str, features: Features,
@@ -45,7 +47,7 @@ def find_base(zfs: Zfs, dataset: str, features: Features,
                        if b.short.startswith(BACKUP_PREFIX)]
     if snaps is None:
         snaps = zfs.snapshots(dataset, PROPS)
-    held = [s for s in snaps if s.prop("base") == "yes"]
+    held = [s for s in snaps if s.prop(PROP_BASE) == "yes"]
     if held:
         newest = held[-1]
         candidates.append(Base(newest.name, newest.short, newest.guid, False))
@@ -63,7 +65,7 @@ def mark_base(zfs: Zfs, dataset: str, snapshot: Snapshot, features: Features) ->
             zfs.bookmark(snapshot.name, mark)
     else:  # without bookmarks the snapshot itself must survive until the next backup
         zfs.hold(snapshot.name, HOLD_TAG)
-    zfs.set(snapshot.name, PROPERTY_PREFIX + "base", "yes")
+    zfs.set(snapshot.name, PROPERTY_PREFIX + PROP_BASE, "yes")
     retire_old(zfs, dataset, keep=snapshot.short, features=features)
 
 
@@ -73,7 +75,7 @@ def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features) -> List[st
     for snap in backup_snapshots(zfs, dataset):
         if snap.short == keep:
             continue
-        was_base = snap.prop("base") == "yes"
+        was_base = snap.prop(PROP_BASE) == "yes"
         if was_base:
             zfs.release(snap.name, HOLD_TAG)
         try:
@@ -81,7 +83,7 @@ def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features) -> List[st
             gone.append(snap.name)
         except ZfsError:  # held by someone else or cloned: leave it, it is not ours to force,
             if was_base:  # but no longer a base (until then, the newer base wins anyway)
-                zfs.inherit(snap.name, PROPERTY_PREFIX + "base")
+                zfs.inherit(snap.name, PROPERTY_PREFIX + PROP_BASE)
     if features.bookmarks:
         for mark in zfs.bookmarks(dataset):
             if mark.short.startswith(BACKUP_PREFIX) and mark.short != keep:
@@ -98,5 +100,5 @@ def list_bases(zfs: Zfs, dataset: str, features: Features) -> List[dict]:
                   for b in zfs.bookmarks(dataset) if b.short.startswith(BACKUP_PREFIX)]
     found += [{"name": s.name, "type": "held snapshot", "guid": s.guid, "created": s.creation,
                "holds": s.userrefs}
-              for s in zfs.snapshots(dataset, PROPS) if s.prop("base") == "yes" and s.userrefs]
+              for s in zfs.snapshots(dataset, PROPS) if s.prop(PROP_BASE) == "yes" and s.userrefs]
     return sorted(found, key=lambda e: e["created"])

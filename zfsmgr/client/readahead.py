@@ -6,7 +6,7 @@ import queue
 import threading
 from typing import Iterator
 
-CHUNK = 1 << 20
+from zfsmgr.files import CHUNK
 
 
 class ReadAhead:

@@ -11,16 +11,15 @@ from datetime import datetime, timezone
 from typing import List, Optional, Tuple
 
 from zfsmgr import protocol
+from zfsmgr.client.base import BACKUP_PREFIX, PROP_BASE, PROP_KIND, PROPS
 from zfsmgr.retention import SNAPSHOT_TYPES, Item, RetentionPolicy, plan
 from zfsmgr.zfs import Zfs, ZfsError
-
-PROPS = ("kind", "base")
 
 
 def typed_name(dataset: str, kind: str, now: Optional[datetime] = None) -> str:
     """`DS@zfsmgr_daily_2024-02-13_14:30:00`: recognisable and sortable."""
     stamp = protocol.format_timestamp(now or datetime.now(timezone.utc))
-    return f"{dataset}@zfsmgr_{kind}_{stamp}"
+    return f"{dataset}@{BACKUP_PREFIX}{kind}_{stamp}"
 
 
 def create(zfs: Zfs, dataset: str, kind: str) -> str:
@@ -30,7 +29,7 @@ def create(zfs: Zfs, dataset: str, kind: str) -> str:
     name = typed_name(dataset, kind)
     if zfs.exists(name):
         raise ZfsError(["zfs", "snapshot", name], 1, f"snapshot {name} already exists")
-    zfs.snapshot(name, {"kind": kind})
+    zfs.snapshot(name, {PROP_KIND: kind})
     return name
 
 
@@ -38,9 +37,9 @@ def rotation_plan(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHO
                   now: Optional[float] = None) -> List[Tuple[str, bool, str]]:
     """(snapshot, keep, reason) for zfsmgr's typed snapshots of the given kinds."""
     snaps = [s for s in zfs.snapshots(dataset, PROPS)
-             if s.prop("kind") in kinds and s.short.startswith("zfsmgr_")]
-    items = [Item(s.name, float(s.creation), s.prop("kind"),
-                  protected=s.userrefs > 0 or s.prop("base") == "yes") for s in snaps]
+             if s.prop(PROP_KIND) in kinds and s.short.startswith(BACKUP_PREFIX)]
+    items = [Item(s.name, float(s.creation), s.prop(PROP_KIND),
+                  protected=s.userrefs > 0 or s.prop(PROP_BASE) == "yes") for s in snaps]
     held = {s.name: s.userrefs for s in snaps}
     decisions = plan(items, policy, time.time() if now is None else now)
     out = []

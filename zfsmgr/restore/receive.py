@@ -13,11 +13,11 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 
-from zfsmgr.crypt import Plaintext
 from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.files import CHUNK
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
-from zfsmgr.restore.stream import CHUNK, Progress, StoredStream, reported
+from zfsmgr.restore.stream import Progress, StoredStream, plain, reported
 from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError
 
 # What `zfs recv` says about a stream that is damaged rather than refused.
@@ -33,29 +33,22 @@ def _write(recv: StreamingCommand, data: bytes, source: StoredStream) -> None:
         recv.write(data)
     except ZfsError as exc:
         if _STREAM_TROUBLE.search(exc.stderr):
-            _blame_object(source)
+            source.blame()
         raise
-
-
-def _blame_object(source: StoredStream) -> None:
-    """Raise IntegrityError if the rest of `source` proves that its bytes are damaged."""
-    if source.verifiable:
-        source.drain()
-        source.check()
 
 
 def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool) -> None:
     """Feed one stored stream into `zfs recv -u [-F] dest`, checked as it passes."""
-    plain = _decoder(source)
+    decoded = plain(source)
     recv = zfs.receive(dest, force=force, unmounted=True)
     try:
         pending = b""
         while True:
             try:
-                chunk = plain.read(CHUNK)
+                chunk = decoded.read(CHUNK)
             except (ValueError, RuntimeError) as exc:  # the codec rejected the stored bytes
-                plain.close()
-                _blame_object(source)
+                decoded.close()
+                source.blame()
                 raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
             if not chunk:
                 break
@@ -68,21 +61,12 @@ def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool) -> No
         recv.finish()
     except BaseException as exc:
         recv.kill()
-        plain.close()
+        decoded.close()
         source.close()
         if isinstance(exc, ZfsError):
             raise ZfsmgrError(f"cannot receive {source.key} into {dest}:"
                               f" {_zfs_message(exc)}") from exc
         raise
-
-
-def _decoder(source: StoredStream):
-    """The plain stream of `source` (zstd needs its binary, age its binary and key)."""
-    try:
-        return Plaintext(source, source.compression, source.encryption, source.identity)
-    except (ValueError, RuntimeError) as exc:
-        source.close()
-        raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
 
 
 def _zfs_message(exc: ZfsError) -> str:

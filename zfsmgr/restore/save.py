@@ -19,12 +19,15 @@ from pathlib import Path
 
 from zfsmgr.compress import compressor, decompressor
 from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.files import CHUNK, fsync_dir
 from zfsmgr.protocol import COMPRESSIONS, ENCRYPTIONS, Manifest
 from zfsmgr.restore.receive import StreamOpener
-from zfsmgr.restore.stream import CHUNK, StoredStream, reported
+from zfsmgr.restore.stream import StoredStream, reported
 
-_BY_SUFFIX = ((".zfs.gz", "gzip"), (".zfs.zst", "zstd"), (".gz", "gzip"), (".zst", "zstd"),
-              (".zfs", "none"))
+# the extensions of protocol.COMPRESSIONS, and the plain ones (".gz") of the codecs that compress
+_BY_SUFFIX = tuple(sorted({**{ext: codec for codec, ext in COMPRESSIONS.items()},
+                           **{ext[len(".zfs"):]: codec for codec, ext in COMPRESSIONS.items()
+                              if ext != ".zfs"}}.items(), key=lambda pair: -len(pair[0])))
 
 
 def wanted_codec(filename: str) -> str | None:
@@ -75,9 +78,7 @@ def write_stream(source: StoredStream, path: Path, codec: str) -> int:
                 try:
                     chunk = reader.read(CHUNK)
                 except (ValueError, RuntimeError) as exc:
-                    if source.verifiable:
-                        source.drain()
-                        source.check()
+                    source.blame()
                     raise ZfsmgrError(f"cannot re-encode {source.key}: {exc}") from exc
                 if not chunk:
                     break
@@ -131,8 +132,4 @@ def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
 
 def _fsync_dirs(names) -> None:
     for folder in {Path(name).absolute().parent for name in names}:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)

@@ -10,13 +10,14 @@ import http.client
 import time
 from collections.abc import Callable, Iterator
 
+from zfsmgr.crypt import Plaintext
 from zfsmgr.errors import IntegrityError, ServerError, ServerUnreachable, ZfsmgrError
 from zfsmgr.protocol import (HEADER_COMPRESSION, HEADER_OFFSET, HEADER_SHA256, HEADER_STORED_SIZE,
                              Manifest)
+from zfsmgr.files import CHUNK
 from zfsmgr.remote import ServerClient
 from zfsmgr.progress import Progress
 
-CHUNK = 1 << 20
 RETRIES = 5  # reconnections in a row without a byte in between
 BACKOFF = 0.5  # seconds before the first reconnection; doubles each time
 
@@ -162,6 +163,18 @@ class StoredStream:
         while self.read(CHUNK):
             pass
 
+    def verify_whole(self) -> None:
+        """Read the rest and raise IntegrityError naming the key unless it all matches."""
+        self.drain()
+        self.check()
+
+    def blame(self) -> None:
+        """After a consumer (a codec, `zfs recv`) rejected the bytes: raise IntegrityError if
+        the rest of the stream proves them damaged; return when it cannot tell (no checksum)
+        or they are whole, so the consumer's own error stands."""
+        if self.verifiable:
+            self.verify_whole()
+
     @property
     def verifiable(self) -> bool:
         """Whether the server gave a checksum to compare the bytes with."""
@@ -175,6 +188,16 @@ class StoredStream:
             except OSError:
                 pass
             self._body = None
+
+
+def plain(source: "StoredStream"):
+    """A reader of the plain zfs stream of `source` (zstd needs its binary, age its binary and
+    key); a codec's refusal to start is a one-line ZfsmgrError naming the key."""
+    try:
+        return Plaintext(source, source.compression, source.encryption, source.identity)
+    except (ValueError, RuntimeError) as exc:
+        source.close()
+        raise ZfsmgrError(f"cannot decompress {source.key}: {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from zfsmgr.protocol import Manifest
 from zfsmgr.restore.chain import BrokenChain, chain_for, leaves
 from zfsmgr.restore.listing import human_size, snapshot_id
 from zfsmgr.restore.receive import StreamOpener, Target, receive_chain
-from zfsmgr.restore.stream import CHUNK
+from zfsmgr.restore.stream import reported
 from zfsmgr.zfs import Zfs
 
 
@@ -52,21 +52,17 @@ def check_stream(open_stream: StreamOpener, manifest: Manifest, report: Report) 
     """Download one stored stream completely and compare it with its manifest."""
     try:
         source = open_stream(manifest, snapshot_id(manifest.key))
-        outcome = "failed"
         try:
-            while source.read(CHUNK):
-                pass
-            source.check()
-            outcome = "read"
+            with reported(source, "read"):
+                source.verify_whole()
         finally:
             source.close()
-            if source.progress is not None:
-                source.progress.finish(outcome)
     except ZfsmgrError as exc:
         report.bad(str(exc) if manifest.key in str(exc) else f"{manifest.key}: {exc}",
                    [manifest.key])
         return
-    what = "sha256 and size match" if source.verifiable else "complete (local: no checksum)"
+    what = "sha256 and size match" if source.verifiable else \
+        "complete (no stored checksum: zfs checks the stream)"
     report.ok(f"{manifest.key}  {human_size(source.offset)}  {what}", manifest.key)
 
 

@@ -99,7 +99,7 @@ class ClientsFile:
     def edit(self, name: str, change: Callable[[Dict[str, Any]], Any]) -> Any:
         """Apply `change` to one client's entry (None from it removes the entry)."""
         from zfsmgr.server.filelock import FileLock
-        from zfsmgr.storage.directory import write_atomic
+        from zfsmgr.files import write_atomic
 
         validate_client_id(name)
         with FileLock(str(self.path) + ".lock"):

@@ -14,11 +14,11 @@ import bottle
 from zfsmgr import protocol
 from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded, Unauthorized,
                            ValidationError, ZfsmgrError)
+from zfsmgr.files import CHUNK
 from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
 from zfsmgr.server.clients import ClientConfig
 from zfsmgr.server.context import ServerContext
 from zfsmgr.storage import registry
-from zfsmgr.storage.base import CHUNK
 
 log = logging.getLogger("zfsmgr.server")
 

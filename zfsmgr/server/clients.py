@@ -32,7 +32,7 @@ from zfsmgr.retention import RetentionPolicy
 from zfsmgr.server.filelock import FileLock
 from zfsmgr.settings import as_duration
 from zfsmgr.storage import registry
-from zfsmgr.storage.directory import write_atomic
+from zfsmgr.files import write_atomic
 
 log = logging.getLogger("zfsmgr.server")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")

@@ -11,7 +11,7 @@ from typing import Iterable, Tuple
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.database import Database
-from zfsmgr.storage.directory import fsync_dir
+from zfsmgr.files import fsync_dir
 
 log = logging.getLogger("zfsmgr.server.rebuild")
 _SIDE_FILES = ("-wal", "-shm", "-journal")

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import protocol
@@ -103,7 +103,7 @@ class Uploads:
         flags = {name: request.get(name, False) for name in ("raw_send", "compressed_send")}
         if not all(isinstance(v, bool) for v in flags.values()):
             raise protocol.ValidationError("raw_send and compressed_send must be true or false")
-        stamp = time.strftime("%Y-%m-%d_%H:%M:%S", time.gmtime(snapshot_time))
+        stamp = protocol.format_timestamp(datetime.fromtimestamp(snapshot_time, timezone.utc))
         try:
             token = protocol.unique_token(dataset, self.catalog.tokens(client.client_id))
         except ValueError as exc:
@@ -324,7 +324,10 @@ class Uploads:
                                   " incremental was deleted meanwhile: send a full backup")
 
     def _forget(self, session: Session) -> None:
+        """The upload ended (committed, aborted, expired): nothing of it stays in memory."""
         self.table.remove(session.upload_id)
+        with self._lock:  # a request still holding the old lock finds the session gone
+            self._session_locks.pop(session.upload_id, None)
 
     def abort(self, session: Session, store: Store) -> None:
         """Discard an upload and everything staged for it."""

@@ -41,9 +41,8 @@ from typing import (BinaryIO, Callable, ContextManager, Dict, Iterable, Iterator
 
 from zfsmgr.errors import (NeedsFullBackup, NotFound, OutOfOrder,  # noqa: F401 (re-exported)
                            QuotaExceeded, StorageError, StorageFull, Unsupported)
+from zfsmgr.files import CHUNK
 from zfsmgr.protocol import Manifest
-
-CHUNK = 1 << 20
 
 
 def is_full(exc: OSError) -> bool:

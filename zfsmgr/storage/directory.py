@@ -14,37 +14,12 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
+from zfsmgr.files import CHUNK, fsync_dir, write_atomic
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NotFound, OutOfOrder, PartInfo,
+from zfsmgr.storage.base import (CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, StorageFull, Store, is_full)
 
 log = logging.getLogger("zfsmgr.storage.directory")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `path` via a temp file and rename; with `durable`, fsync file and directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 WRITEBACK_EVERY = 8 << 20
@@ -97,9 +72,9 @@ class Staging:
             with self._lock:
                 lock = self._locks.setdefault(upload_id, threading.Lock())
             with lock:  # reading one upload back does not hold up the others
-                if upload_id not in self._checked:
+                if upload_id not in self._checked and self.folder(upload_id).is_dir():
                     self._intact(upload_id, self._listed(upload_id))
-                    self._checked.add(upload_id)
+                    self._checked.add(upload_id)  # until discard(): an upload that exists
             with self._lock:
                 self._locks.pop(upload_id, None)
         return self._listed(upload_id)
@@ -324,11 +299,6 @@ class DirectoryStore(Store):
             except FileNotFoundError:
                 pass
         fsync_dir(self._path(manifest.key).parent)
-
-    def object_size(self, key: str) -> Optional[int]:
-        """Size of a stored object, None when absent (for tests and verify)."""
-        path = self._path(key)
-        return path.stat().st_size if path.exists() else None
 
 
 def _unlink(path: Path) -> None:

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 
 from zfsmgr.compress import decompressor
 from zfsmgr.errors import StorageFull, ValidationError, ZfsError
-from zfsmgr.storage.base import CHUNK, StorageError
+from zfsmgr.files import CHUNK
+from zfsmgr.storage.base import StorageError
 from zfsmgr.storage.sendstream import BEGIN_SIZE
 from zfsmgr.zfs import Zfs
 

@@ -16,9 +16,10 @@ from datetime import datetime
 from typing import Dict, Optional
 
 from zfsmgr.errors import Conflict
+from zfsmgr.files import CHUNK
 from zfsmgr.protocol import (MIN_S3_PART_SIZE, Manifest, ValidationError, manifest_key,
                              validate_upload_id)
-from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NotFound, OutOfOrder, PartInfo,
+from zfsmgr.storage.base import (CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, Store)
 from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
 
@@ -326,13 +327,6 @@ class S3Store(Store):
             except NotFound:  # gone already: what delete wants
                 pass
         self.mark_changed(manifest.client_id)
-
-    def object_size(self, key: str) -> Optional[int]:
-        """Size of a stored object, None when absent."""
-        try:
-            return self._call("stat", self.client.stat_object, self.bucket, key).size
-        except NotFound:
-            return None
 
 
 def _check_sizes(parts) -> None:

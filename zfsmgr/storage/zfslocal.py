@@ -21,18 +21,19 @@ releases it first.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional
 
+from zfsmgr.files import CHUNK, write_atomic
 from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, parse_key, validate_upload_id
-from zfsmgr.storage.base import (CHUNK, CountingReader, Download, NeedsFullBackup, NotFound,
+from zfsmgr.storage.base import (CountingReader, Download, NeedsFullBackup, NotFound,
                                  OutOfOrder, PartInfo, StorageError, Store, StreamInfo)
-from zfsmgr.storage.directory import write_atomic
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.storage.sendstream import check_head
 from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
@@ -41,6 +42,7 @@ log = logging.getLogger("zfsmgr.storage.local")
 MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
 RETAIN_TAG = "zfsmgr-retain"  # the hold on every committed snapshot; only delete() releases it
 NO_TOKEN = ("-", "")
+DISCARDED_KEPT = 512
 
 
 def _storage_failure(func):
@@ -108,7 +110,9 @@ class ZfsLocalStore(Store):
         self._resumable: Optional[bool] = None
         self.state_dir = Path(staging_dir) / ".uploads-local"
         self._live: Dict[str, LiveReceive] = {}
-        self._discarded: Set[str] = set()  # a part racing an abort must not start a receive
+        # uploads discarded lately: a part racing an abort must not start a receive. Only
+        # parts already past the state check can race, so the last few hundred are enough.
+        self._discarded: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
     @classmethod
     def from_settings(cls, settings, homes=dict) -> "ZfsLocalStore":
@@ -322,7 +326,9 @@ class ZfsLocalStore(Store):
         self._save(upload_id, state)
 
     def discard(self, upload_id):
-        self._discarded.add(validate_upload_id(upload_id))
+        self._discarded[validate_upload_id(upload_id)] = None
+        while len(self._discarded) > DISCARDED_KEPT:
+            self._discarded.popitem(last=False)
         self._stop(upload_id)
         try:
             state = self._state(upload_id)
@@ -471,10 +477,6 @@ class ZfsLocalStore(Store):
         chain = target.split("@", 1)[0]
         if not [s for s in self._snapshots(chain) if s.startswith(chain + "@")]:
             self.zfs.destroy(chain)
-
-    def object_size(self, key: str) -> Optional[int]:
-        """Not meaningful for ZFS: the stream is regenerated on download."""
-        return None
 
 
 def _dataset(target: str) -> str:
