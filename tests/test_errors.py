@@ -65,8 +65,8 @@ def test_a_zfs_failure_escaping_the_local_store_is_a_storage_error(tmp_path):
 
     zfs = Zfs(_fake_zfs(tmp_path, """
         case "$1" in
-          list) echo "$*" ;;
-          *) echo "cannot destroy 'tank/b/c@s': permission denied" >&2; exit 1 ;;
+          destroy) echo "cannot destroy 'tank/b/c@s': permission denied" >&2; exit 1 ;;
+          *) echo "$*" ;;
         esac
         """))
     store = ZfsLocalStore("tank/b", str(tmp_path / "state"), zfs=zfs)

@@ -48,8 +48,8 @@ def test_a_missing_program_is_a_clear_zfs_error(tmp_path):
     zfs = Zfs(str(tmp_path / "no-such-zfs"))
     with pytest.raises(ZfsError) as err:
         zfs.snapshots("tank/data")
-    assert err.value.returncode == 127 and "command not found" in str(err.value)
-    with pytest.raises(ZfsError, match="command not found"):
+    assert err.value.returncode == 127 and "not found" in str(err.value)
+    with pytest.raises(ZfsError, match="not found"):
         zfs.send("tank/data@s")
 
 
@@ -89,9 +89,9 @@ def test_programs_missing_from_path_are_found_in_sbin(tmp_path, monkeypatch):
     assert runner.run(["zfs", "version"]).strip() == "found-in-sbin"
     assert runner.program_available("zfs") and not runner.program_available("zpool")
     assert runner.find_program("/abs/zfs") == "/abs/zfs"  # a path is taken as it is
-    with pytest.raises(ZfsError) as err:  # errors name the command as it was given
+    with pytest.raises(ZfsError) as err:  # the error names the program and where it looked
         runner.run(["zpool", "list"])
-    assert "`zpool list`" in str(err.value)
+    assert "zpool not found" in str(err.value) and str(sbin) in str(err.value)
 
 
 def test_typed_commands_have_their_own_methods(tmp_path):

@@ -162,9 +162,11 @@ class ServerContext:
     def described(self, client: ClientConfig, manifests: List[Manifest]) -> List[Manifest]:
         """The manifests with `self_contained` set as their stores describe their downloads."""
         kinds: Dict[str, type] = {}
-        found = []
+        found, default = [], ""
         for m in manifests:
-            kind = m.storage_type or self.default_kind(client)
+            if not m.storage_type and not default:  # old manifests: asked once, not per entry
+                default = self.default_kind(client)
+            kind = m.storage_type or default
             if kind not in kinds:
                 backend = registry.BY_KIND.get(kind)
                 kinds[kind] = backend.load() if backend else Store

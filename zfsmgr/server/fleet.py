@@ -88,7 +88,7 @@ def chain_length(backups: Sequence[Manifest]) -> int:
     while current is not None and current.key not in seen:
         seen.add(current.key)
         length += 1
-        if current.type != "incremental" or current.storage_type == "local":
+        if current.restores_alone:  # as its store described it at commit (Store.marked)
             break
         current = by_snapshot.get(current.parent or "")
     return length
