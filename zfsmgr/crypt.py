@@ -52,11 +52,9 @@ class Encryption:
     def __post_init__(self) -> None:
         if self.method not in ENCRYPTIONS:
             raise UsageError(f"ENCRYPT={self.method}: expected none or age")
-        if self.method == "age":
-            if not self.recipients:
-                raise UsageError("ENCRYPT=age needs AGE_RECIPIENTS (the public keys to"
-                                 " encrypt to, e.g. from age-keygen -y key.txt)")
-            age_binary()
+        if self.method == "age" and not self.recipients:
+            raise UsageError("ENCRYPT=age needs AGE_RECIPIENTS (the public keys to"
+                             " encrypt to, e.g. from age-keygen -y key.txt)")
 
     @property
     def label(self) -> str:
@@ -64,7 +62,9 @@ class Encryption:
         return "" if self.method == "none" else self.method
 
     def seal(self, source):
-        """A reader of `source` encrypted (or `source` itself, in a closable wrapper)."""
+        """A reader of `source` encrypted (or `source` itself, in a closable wrapper); the
+        age binary is needed from here on only (a host whose datasets all send raw, being
+        natively encrypted, never runs it)."""
         if self.method == "none":
             return _Same(source)
         argv = [age_binary()]

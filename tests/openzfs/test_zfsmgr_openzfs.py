@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -134,6 +135,40 @@ def test_encrypted_dataset_is_sent_raw_and_restores_without_the_key(openzfs_pool
     assert sh("zfs", "get", "-H", "-o", "value", "keystatus", target).strip() == "unavailable"
     sh("zfs", "load-key", "-L", f"file://{keyfile}", target)
     assert mounted_files(target) == expected[-1]
+
+
+# a public key (its secret was thrown away): the guest has no age, and needs none here
+AGE_RECIPIENT = "age1hnahuxlm5f30dul4fae55ll6q79frx24e3ra52chltdz02m5k4js9t9j6f"
+
+
+def test_encrypt_age_never_wraps_a_raw_send(openzfs_pool, server_factory, run_zfsmgr, tmp_path):
+    """ENCRYPT=age on a natively encrypted dataset: the raw send is ciphertext already and is
+    stored as zfs sent it (no age file, so no age binary needed), restorable without zfsmgr."""
+    server = server_factory("dir")
+    keyfile = tmp_path / "key"
+    keyfile.write_text("correct horse battery staple\n")
+    dataset = f"{openzfs_pool}/sealed"
+    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase",
+       "-o", f"keylocation=file://{keyfile}", dataset)
+    mnt = f"{openzfs_pool.mountpoint}/sealed"
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "ENCRYPT": "age",
+           "AGE_RECIPIENTS": AGE_RECIPIENT}
+    write(mnt, 5)
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    time.sleep(1.1)
+    expected = write(mnt, 6)
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    api, manifests = listing(server)
+    assert [m["type"] for m in manifests] == ["full", "incremental"]
+    for m in manifests:
+        assert m["raw_send"] and m["encryption"] == "" and m["key"].endswith(".zfs")
+        stored = (server.storage_dir / m["key"]).read_bytes()
+        assert not stored.startswith(b"age-encryption.org")
+        assert struct.unpack_from("<Q", stored, 8)[0] == 0x2F5BACBAC  # a zfs stream
+    target = f"{openzfs_pool}/sealed-copy"
+    receive_stored(server, api, manifests, target)
+    sh("zfs", "load-key", "-L", f"file://{keyfile}", target)
+    assert mounted_files(target) == rig.tree_digest(Path(mnt)) == expected
 
 
 def test_compressed_send_is_not_compressed_twice(openzfs_pool, server_factory, run_zfsmgr):

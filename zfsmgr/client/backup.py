@@ -24,7 +24,7 @@ from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_KIND, PROPS, Base
                                 find_base, mark_base)
 from zfsmgr.client.readahead import Counter, ReadAhead, chain, take
 from zfsmgr.compress import LEVELS, compressor, zstd_available
-from zfsmgr.crypt import Encryption
+from zfsmgr.crypt import Encryption, age_binary
 from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, UsageError, ZfsmgrError
 from zfsmgr.files import CHUNK
 from zfsmgr.progress import Progress, human
@@ -229,6 +229,8 @@ class Backup:
         if codec == "zstd" and not zstd_available():
             log.warning("COMPRESS=zstd but this host has no zstd binary: using gzip")
             codec = "gzip"  # at most its own highest level (COMPRESS_LEVEL was zstd's)
+        if self._sealing(features).label:
+            age_binary()  # missing: a one-line error before any upload opens
         request = self._request(snap, base, features, codec)
         try:
             session = self.api.call("POST", protocol.UPLOAD, request)
