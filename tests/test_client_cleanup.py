@@ -95,3 +95,32 @@ def test_interrupted_while_waiting_to_retry_aborts_the_upload(sig, pool, server_
     assert not list((server.storage_dir / ".uploads").glob("*")) \
         if (server.storage_dir / ".uploads").exists() else True
     assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+
+
+def test_a_part_out_of_step_is_mended_from_the_parts_the_server_holds(pool, server_factory):
+    """A part sent ahead of the stream gets a 409 naming the parts held; the client asks for
+    the upload's state, sends the stream from there, and the backup completes."""
+    from zfsmgr.client.backup import Backup
+    from zfsmgr.remote import ServerClient
+    from zfsmgr.zfs import Zfs
+
+    server = server_factory("dir", env={"PART_SIZE": "64K"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=6, count=3, size=200_000)
+
+    class SkipsAPart(ServerClient):
+        skipped = 0
+
+        def send_part(self, upload_id, index, chunks, segment=0):
+            if index == 2 and not self.skipped:
+                self.skipped += 1
+                index = 3  # as a buggy client might
+            return super().send_part(upload_id, index, chunks, segment)
+
+    env = server.client_env
+    api = SkipsAPart(env["SERVER_URL"], env["CLIENT_ID"], env["API_KEY"])
+    result = Backup(api, Zfs(), dataset, "none", 1, sleep=lambda _: None).run("full")
+    assert api.skipped == 1 and result.type == "full"
+    assert "409" in server.log() and "Traceback" not in server.log()
+    listing = api.call("GET", "/snapshots")["snapshots"]
+    assert [m["key"] for m in listing] == [result.key]
