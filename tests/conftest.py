@@ -22,6 +22,12 @@ import rig  # noqa: E402
 IN_CI = os.environ.get("CI") == "true"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI every test runs: a skip, whatever its reason, is a failure."""
+    yield from rig.skip_is_failure(item, call)
+
+
 def _unavailable(what: str, exc: Exception):
     if IN_CI:
         pytest.fail(f"{what} is required in CI: {exc}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"): lint, Python 3.9 floor, zipapp, the suite on
-# zfs-fuse and SeaweedFS, then the OpenZFS VM tier. Fails if any ZFS/S3 test was skipped.
+# zfs-fuse and SeaweedFS, then the OpenZFS VM tier. Fails if any test was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
@@ -21,8 +21,8 @@ set +e
 python3 -m pytest -p no:cacheprovider -ra -m "not openzfs" "$@" | tee "$report"
 status=${PIPESTATUS[0]}
 set -e
-if grep -E "^SKIPPED" "$report" | grep -qiE "zfs|s3|seaweed"; then
-  echo "FAIL: tests needing ZFS or S3 were skipped"; exit 1
+if grep -qE "^SKIPPED|[0-9]+ skipped" "$report"; then  # conftest fails skips in CI; belt and braces
+  echo "FAIL: tests were skipped"; exit 1
 fi
 [ "$status" -eq 0 ] || exit "$status"
 

@@ -220,9 +220,8 @@ def test_server_killed_mid_upload_then_resumed(storage, pool, server_factory, ru
     proc = rig.subprocess.Popen([rig.sys.executable, "-I", "-S", str(rig.PYZ), "client",
                                  "backup"], env=rig.clean_env(env), stdout=rig.subprocess.PIPE,
                                 stderr=rig.subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and "part stored" not in _parts_logged(server):
-        time.sleep(0.01)
+    rig.wait_until(lambda: "part stored" in _parts_logged(server), 60, "a part was stored",
+                   interval=0.01)
     server.kill()
     assert "committed" not in server.log()  # really killed mid-upload
     assert _snapshots_after_restart(server) == []  # nothing partial is visible

@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -39,9 +38,8 @@ def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, ser
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
                             env=rig.clean_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and server.log().count("/upload-stream/") < 2:
-        time.sleep(0.05)
+    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 2, 60,
+                   "two parts reached the server")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -164,9 +162,8 @@ def test_a_client_killed_outright_is_cleaned_up_by_the_next_run(pool, server_fac
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
                             env=rig.clean_env(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and server.log().count("/upload-stream/") < 3:
-        time.sleep(0.01)
+    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 3, 60,
+                   "three parts reached the server", interval=0.01)
     proc.kill()  # like a reboot: no chance to clean up
     proc.wait()
     assert "committed" not in server.log()

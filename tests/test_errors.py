@@ -131,3 +131,21 @@ def test_the_server_answers_each_error_with_its_own_status(tmp_path, monkeypatch
     monkeypatch.setattr(ctx, "status", lambda client: {}["bug"])
     code, body, _ = call(app, "GET", "/status", headers={"X-Client-ID": "a", "X-API-Key": "k"})
     assert code == 500 and json.loads(body)["message"] == "internal server error: KeyError"
+
+
+def test_no_error_class_of_zfsmgr_is_defined_outside_errors_py():
+    import ast
+    from pathlib import Path
+
+    ours = {name for name, v in vars(errors).items()
+            if isinstance(v, type) and issubclass(v, Exception)}
+    package = Path(errors.__file__).parent
+    outside = []
+    for path in package.rglob("*.py"):
+        if path.name == "errors.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and b.id in ours for b in node.bases):
+                outside.append(f"{path.relative_to(package)}: {node.name}")
+    assert outside == []

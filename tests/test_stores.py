@@ -6,10 +6,13 @@ import gzip
 import hashlib
 import io
 import random
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -228,15 +231,36 @@ def test_staged_parts_lost_to_a_power_cut_are_dropped_not_committed(tmp_path):
 def test_a_committed_object_does_not_stay_in_the_page_cache(tmp_path):
     """Stored streams are written once and read rarely: the directory store drops their pages
     once they are on disk, so they do not crowd the server's memory (fincore, util-linux)."""
-    data = gzip.compress(random.Random(6).randbytes(24 << 20), 1, mtime=0)
-    store = DirectoryStore(str(tmp_path / "store"))
-    upload_id = uuid.uuid4().hex
-    stage(store, upload_id, data, 4 << 20)  # the last window may be dirty still
-    m = store.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data, "a"))
-    stored = tmp_path / "store" / m.key
-    assert _cached_bytes(stored) == 0
-    reader = store.open(m).reader
-    assert _read(reader) == data
+    assert shutil.which("fincore"), "fincore (util-linux) is needed to see the page cache"
+    rig.WORK.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="pagecache-", dir=rig.WORK))  # on disk, not /tmp
+    kind = _filesystem(root)
+    assert kind not in ("tmpfs", "ramfs"), f"{root} is on {kind}: its pages never leave memory"
+    try:
+        data = gzip.compress(random.Random(6).randbytes(24 << 20), 1, mtime=0)
+        store = DirectoryStore(str(root / "store"))
+        upload_id = uuid.uuid4().hex
+        stage(store, upload_id, data, 4 << 20)  # the last window may be dirty still
+        m = store.commit(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data,
+                                             "a"))
+        stored = root / "store" / m.key
+        assert _cached_bytes(stored) == 0
+        reader = store.open(m).reader
+        assert _read(reader) == data
+        assert _cached_bytes(stored) > 0  # the check can see cached pages at all
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it)."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount, fstype = fields[4], fields[fields.index("-") + 1]
+        if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 def _cached_bytes(path) -> int:

@@ -159,6 +159,10 @@ class Unsupported(StorageError):
     http_status = 409
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+
 class NeedsFullBackup(Unsupported):
     """An incremental cannot be stored on what the server holds; a full backup can."""
 

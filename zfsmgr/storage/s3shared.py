@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
+from zfsmgr.errors import PreconditionFailed  # noqa: F401 (imported from here)
 from zfsmgr.storage.base import NotFound, StorageError
 
 log = logging.getLogger("zfsmgr.storage.s3")
@@ -28,10 +29,6 @@ LEASES = ".zfsmgr-leases/"
 CHANGES = ".zfsmgr-changes/"
 LEASE_SECONDS = 900.0  # longer than any commit (a compose) or rotation takes
 LEASE_WAIT = 120.0  # how long a request waits for another server's lease before a 503
-
-
-class PreconditionFailed(StorageError):
-    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
 
 
 def holder_name() -> str:
