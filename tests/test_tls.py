@@ -89,7 +89,8 @@ def test_tls_1_2_is_the_minimum(server_factory, ca):
     plain.settimeout(5)
     assert b"200 OK" not in plain.recv(4096)
     plain.close()
-    ServerClient(server.url, "client1", "k", str(ca.cert)).ping()  # still serving
+    still = ServerClient(server.url, "client1", "k", str(ca.cert))
+    assert still.call("GET", protocol.HEALTH)["success"]  # serving on
 
 
 def test_sighup_reloads_the_certificate(server_factory, ca, tmp_path):
@@ -104,7 +105,8 @@ def test_sighup_reloads_the_certificate(server_factory, ca, tmp_path):
     while "certificate reloaded" not in server.log() and time.time() < deadline:
         time.sleep(0.1)
     assert "zfsmgr test renewed" in issuer_of(server.port)
-    ServerClient(server.url, "client1", "k", str(renewed.cert)).ping()
+    assert ServerClient(server.url, "client1", "k", str(renewed.cert)).call(
+        "GET", protocol.HEALTH)["success"]
     (tmp_path / "pki" / "server.key").write_text("not a key")  # a broken renewal
     server.proc.send_signal(signal.SIGHUP)
     deadline = time.time() + 10
