@@ -4,6 +4,7 @@ client's warning for plain HTTP (decided from the URL: no traffic leaves loopbac
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -49,6 +50,7 @@ def test_backup_and_restore_over_https(pool, server_factory, run_zfsmgr, ca):
     assert server.url.startswith("https://")
     dataset = pool.create("data")
     env = {**server.client_env, "LOCAL_DATASET": dataset}
+    (pool.mountpoint(dataset) / "big.bin").write_bytes(os.urandom(4 << 20))  # > RAW_LIMIT
     digests = [rig.write_files(pool.mountpoint(dataset), seed=1)]
     first = run_zfsmgr(["client", "backup"], env=env, check=True)
     digests.append(rig.write_files(pool.mountpoint(dataset), seed=2))
