@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
+import json
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -36,27 +39,28 @@ def _read(reader) -> bytes:
 @pytest.fixture(params=["dir", pytest.param("s3", marks=pytest.mark.s3),
                         pytest.param("local", marks=pytest.mark.zfs)])
 def backend(request, tmp_path):
-    """(store, a real zfs send stream maker) for each backend."""
+    """A store of each backend; `store.spec` rebuilds it in another process (a restart)."""
     kind = request.param
     if kind == "dir":
-        yield DirectoryStore(str(tmp_path / "store"))
+        spec = ("zfsmgr.storage.directory:DirectoryStore", [str(tmp_path / "store")])
     elif kind == "s3":
-        from zfsmgr.storage.s3 import S3Store
-
         s3 = request.getfixturevalue("s3")
-        store = S3Store(s3["endpoint"], s3["access_key"], s3["secret_key"], s3["bucket"],
-                        secure=False)
-        store.check()
-        yield store
+        spec = ("zfsmgr.storage.s3:S3Store",
+                [s3["endpoint"], s3["access_key"], s3["secret_key"], s3["bucket"], False])
     else:
-        from zfsmgr.storage.zfslocal import ZfsLocalStore
-
         pool = request.getfixturevalue("pool")
         base = f"{pool.name}/srv"
         rig.sh("zfs", "create", "-o", "mountpoint=none", base)
-        store = ZfsLocalStore(base, str(tmp_path / "staging"))
-        store.check()
-        yield store
+        spec = ("zfsmgr.storage.zfslocal:ZfsLocalStore", [base, str(tmp_path / "staging")])
+    store = _build(spec)
+    store.check()
+    store.spec = spec
+    yield store
+
+
+def _build(spec):
+    module, name = spec[0].split(":")
+    return getattr(importlib.import_module(module), name)(*spec[1])
 
 
 @pytest.fixture
@@ -74,6 +78,19 @@ def streams(request):
     return ds, gzip.compress(full, 1, mtime=0), gzip.compress(inc, 1, mtime=0), pool
 
 
+@pytest.fixture
+def payload(backend, request):
+    """(full, incremental) stored bytes for the backend: a real zfs send stream where the
+    store receives it (`local`), synthetic bytes where it only keeps them (dir, S3: no zfs)."""
+    if backend.receives_streams:
+        _, full, inc, _ = request.getfixturevalue("streams")
+        return full, inc
+    rng = random.Random(7)
+    full = gzip.compress(rng.randbytes(13 << 20), 1, mtime=0)  # over two 5 MiB S3 parts
+    inc = gzip.compress(rng.randbytes(300_000) + b"text " * 50_000, 1, mtime=0)
+    return full, inc
+
+
 def manifest(key, data, snapshot, parent=None, kind="dir"):
     return Manifest(key=key, client_id="c1", dataset="tank/data", snapshot=snapshot,
                     type="incremental" if parent else "full", parent=parent,
@@ -83,24 +100,47 @@ def manifest(key, data, snapshot, parent=None, kind="dir"):
                     storage_type=kind)
 
 
-def stage(store, upload_id, data, part=1 << 20):
+def stage(store, upload_id, data, part=1 << 20, first=0):
     parts = [data[i:i + part] for i in range(0, len(data), part)] if part else [data]
-    for index, chunk in enumerate(parts):
+    for index, chunk in enumerate(parts[first:], start=first):
         info = store.stage_part(upload_id, index, io.BytesIO(chunk), len(chunk))
         assert info.crc32 == f"{zlib.crc32(chunk):08x}" and info.size == len(chunk)
     return parts
 
 
+FULL_KEY = "c1/tank_data_2024-02-13_14:30:00.zfs.gz"
+# stages two parts in a process of its own, which then ends without any cleanup (os._exit)
+RESTART = """
+import io, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from importlib import import_module
+from zfsmgr.protocol import Manifest
+spec, upload_id, path, size = json.loads(sys.argv[2])
+module, name = spec[0].split(":")
+store = getattr(import_module(module), name)(*spec[1])
+store.check()
+data = open(path, "rb").read()
+store.begin(upload_id, Manifest.from_dict(json.loads(sys.argv[3])))
+for index in (0, 1):
+    chunk = data[index * size:(index + 1) * size]
+    store.stage_part(upload_id, index, io.BytesIO(chunk), len(chunk))
+os._exit(0)
+"""
+
+
+def _part_size(store) -> int:
+    return max(store.min_part_size, 64 << 10)
+
+
 class TestStoreContract:
     """What every Store must do (zfsmgr.storage.base)."""
 
-    def test_staged_parts_survive_and_commit_publishes(self, backend, streams):
-        ds, full, inc, _ = streams
+    def test_staged_parts_survive_and_commit_publishes(self, backend, payload):
+        full, _ = payload
         upload_id = uuid.uuid4().hex
-        part = 5 << 20 if backend.kind == "s3" else 64 << 10
-        m = manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", full, "a", kind=backend.kind)
+        m = manifest(FULL_KEY, full, "a", kind=backend.kind)
         backend.begin(upload_id, m)
-        parts = stage(backend, upload_id, full, part)
+        parts = stage(backend, upload_id, full, _part_size(backend))
         assert [p.index for p in backend.staged_parts(upload_id)] == list(range(len(parts)))
         assert list(backend.manifests("c1")) == []  # nothing visible before commit
         m = backend.commit(upload_id, m)
@@ -109,7 +149,7 @@ class TestStoreContract:
         download = backend.open(m)
         data = _read(download.reader)
         assert download.info == backend.describe(m)
-        if backend.kind == "local":  # a fresh full send of the received snapshot
+        if backend.receives_streams:  # a fresh full send of the received snapshot
             assert data[:16] == gzip.decompress(full)[:16]
             assert (download.info.sha256, download.info.size, download.info.ranged) == \
                 ("", None, False) and download.info.self_contained
@@ -120,8 +160,38 @@ class TestStoreContract:
             assert _read(download.reader) == full[100:] and download.length == len(full) - 100
             assert download.info.ranged
 
-    def test_incremental_on_its_parent_then_delete(self, backend, streams):
-        ds, full, inc, pool = streams
+    def test_a_restarted_store_continues_what_the_last_process_staged(self, backend, payload,
+                                                                      tmp_path):
+        full, _ = payload
+        upload_id, size = uuid.uuid4().hex, _part_size(backend)
+        m = manifest(FULL_KEY, full, "a", kind=backend.kind)
+        (tmp_path / "stream").write_bytes(full)
+        subprocess.run([sys.executable, "-c", RESTART, str(rig.ROOT),
+                        json.dumps([list(backend.spec), upload_id, str(tmp_path / "stream"),
+                                    size]), json.dumps(m.to_dict())], check=True, timeout=300)
+        restarted = _build(backend.spec)  # a new server process: nothing in memory
+        restarted.check()
+        held = restarted.staged_parts(upload_id)
+        if backend.receives_streams:
+            # the receive died with the process: zfs kept a resume token, or it starts over
+            assert held == [] or restarted.resume_token(upload_id)
+            if held:  # resuming takes a `zfs send -t` stream (the OpenZFS tier): start over
+                restarted.discard(upload_id)
+                restarted.begin(upload_id, m)
+            first = 0
+        else:
+            assert [(p.index, p.size, p.crc32) for p in held] == [
+                (i, size, f"{zlib.crc32(full[i * size:(i + 1) * size]):08x}") for i in (0, 1)]
+            first = 2
+        assert upload_id in dict(restarted.staged_uploads())
+        stage(restarted, upload_id, full, size, first=first)
+        m = restarted.commit(upload_id, m)
+        data = _read(restarted.open(m).reader)
+        assert data == full if not backend.receives_streams else \
+            data[:16] == gzip.decompress(full)[:16]
+
+    def test_incremental_on_its_parent_then_delete(self, backend, payload, request):
+        full, inc = payload
         keys = []
         for snapshot, data, parent, stamp in (("a", full, None, "14:30:00"),
                                               ("b", inc, "a", "15:30:00")):
@@ -133,26 +203,25 @@ class TestStoreContract:
             keys.append(backend.commit(upload_id, m))
         assert [m.snapshot for m in sorted(backend.manifests("c1"), key=lambda m: m.key)] == \
             ["a", "b"]
-        # the newest restores (for local, from its own full send)
         data = _read(backend.open(keys[1]).reader)
-        target = f"{pool.name}/check"
-        if backend.kind == "local":
-            subprocess.run(["zfs", "recv", "-u", target], input=data, check=True)
-        else:
-            for stored in (full, data):
-                subprocess.run(["zfs", "recv", "-u", "-F", target],
-                               input=gzip.decompress(stored), check=True)
+        if backend.receives_streams:  # the newest restores alone, from its own full send
+            pool = request.getfixturevalue("pool")
+            subprocess.run(["zfs", "recv", "-u", f"{pool.name}/check"], input=data, check=True)
+            assert backend.describe(keys[1]).self_contained
+        else:  # the stored bytes, as they came; the incremental needs its parent
+            assert data == inc and _read(backend.open(keys[0]).reader) == full
+            assert not backend.describe(keys[1]).self_contained
         backend.delete(keys[1])
         backend.delete(keys[0])
+        backend.delete(keys[0])  # gone already: not an error
         assert list(backend.manifests("c1")) == []
         with pytest.raises(NotFound):
             backend.open(keys[0]).reader.read(1)
 
-    def test_discard_leaves_nothing(self, backend, streams):
-        _, full, _, _ = streams
+    def test_discard_leaves_nothing(self, backend, payload):
+        full, _ = payload
         upload_id = uuid.uuid4().hex
-        backend.begin(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", full, "a",
-                                          kind=backend.kind))
+        backend.begin(upload_id, manifest(FULL_KEY, full, "a", kind=backend.kind))
         stage(backend, upload_id, full[:200_000], 0)
         assert upload_id in dict(backend.staged_uploads())
         backend.discard(upload_id)
@@ -160,13 +229,11 @@ class TestStoreContract:
         assert upload_id not in dict(backend.staged_uploads())
         backend.discard(upload_id)  # unknown: ignored
 
-    def test_parts_must_arrive_in_order_and_last_may_be_resent(self, backend, streams):
-        _, full, _, _ = streams
+    def test_parts_must_arrive_in_order_and_last_may_be_resent(self, backend, payload):
+        full, _ = payload
         upload_id = uuid.uuid4().hex
-        chunk = (full * (1 + (6 << 20) // len(full)))[:6 << 20] if backend.kind == "s3" \
-            else full[:1000]  # S3: a part that is not the last takes 5 MiB at least
-        backend.begin(upload_id, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", full, "a",
-                                          kind=backend.kind))
+        chunk = full[:6 << 20] if backend.kind == "s3" else full[:1000]
+        backend.begin(upload_id, manifest(FULL_KEY, full, "a", kind=backend.kind))
         backend.stage_part(upload_id, 0, io.BytesIO(chunk), len(chunk))
         with pytest.raises(StorageError, match="out of order"):
             backend.stage_part(upload_id, 2, io.BytesIO(b"x"), 1)
@@ -293,14 +360,17 @@ def test_local_store_refuses_a_damaged_stream_and_leaves_nothing(pool, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["dir", pytest.param("local", marks=pytest.mark.zfs)])
-def test_a_part_sent_twice_still_commits(kind, tmp_path, streams):
+def test_a_part_sent_twice_still_commits(kind, tmp_path, request):
     """The client resends a part whose answer it lost: the server keeps one copy, and the
     commit's part checksum matches."""
     from zfsmgr.server.clients import ClientConfig
     from zfsmgr.server.uploads import Conflict
     from zfsmgr.storage.zfslocal import ZfsLocalStore
 
-    _, full, _, pool = streams
+    if kind == "local":
+        _, full, _, pool = request.getfixturevalue("streams")
+    else:  # the directory store keeps bytes: synthetic ones will do, no zfs needed
+        full = gzip.compress(random.Random(8).randbytes(200_000), 1, mtime=0)
     if kind == "local":
         rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/srv")
         store = ZfsLocalStore(f"{pool.name}/srv", str(tmp_path / "staging"))
