@@ -207,3 +207,20 @@ def test_local_store_receives_under_the_clients_dataset_and_counts_pool_space(
     target = f"{pool.name}/restored"
     run_zfsmgr(["restore", "restore", "1", target], env=env, check=True)
     assert int(rig.sh("zfs", "get", "-Hp", "-o", "value", "referenced", target)) > 8 << 20
+
+
+def test_add_client_dataset_is_the_home_and_allowed_datasets_restrict(run_zfsmgr, tmp_path):
+    done = run_zfsmgr(["server", "add-client", "web1", "--dataset", "backup/web1",
+                       "--allowed-dataset", "tank/data", "--allowed-dataset", "tank/home"],
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [added] = json.loads((tmp_path / "clients.json").read_text())
+    assert added["dataset"] == "backup/web1"
+    assert added["allowed_datasets"] == ["tank/data", "tank/home"]
+    registry = ClientRegistry(str(tmp_path / "clients.json"))
+    [client] = registry.all()
+    assert client.dataset == "backup/web1" and client.may_back_up("tank/home/alice")
+    assert not client.may_back_up("backup/web1") and registry.warnings() == []
+    bad = run_zfsmgr(["server", "add-client", "web2", "--allowed-dataset", "../x"],
+                     cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid dataset" in bad.stderr
