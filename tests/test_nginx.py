@@ -1,10 +1,11 @@
-"""The documented reverse proxy, contrib/nginx/zfsmgr.conf, run by Debian's nginx in front of a
+"""The documented reverse proxy, the README's ```nginx block, run by Debian's nginx in front of a
 plain-HTTP zfsmgr: the same backup and restore go through it, part bodies streamed (nothing
 spooled to nginx's body files)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,14 @@ import pytest
 import rig
 
 pytestmark = [pytest.mark.zfs]
-SITE = rig.ROOT / "contrib" / "nginx" / "zfsmgr.conf"
+README = rig.ROOT / "README.md"
+
+
+def site_from_readme() -> str:
+    """The one ```nginx block of the README, as a user copies it."""
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", README.read_text(), re.S | re.M)
+    assert len(blocks) == 1, "the README must hold exactly one ```nginx block"
+    return blocks[0]
 
 
 class Nginx:
@@ -65,13 +73,13 @@ class Nginx:
 
 def site_for(port: int, cert, key, upstream: int) -> str:
     """The documented site with this test's port, certificate and upstream substituted."""
-    text = SITE.read_text()
+    text = site_from_readme()
     for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
                      ("/etc/ssl/zfsmgr/fullchain.pem", str(cert)),
                      ("/etc/ssl/zfsmgr/privkey.pem", str(key)),
                      ("proxy_pass http://127.0.0.1:8080;",
                       f"proxy_pass http://127.0.0.1:{upstream};")):
-        assert old in text, f"{SITE} no longer has {old!r}"
+        assert old in text, f"the README's nginx site no longer has {old!r}"
         text = text.replace(old, new)
     for needed in ("proxy_request_buffering off;", "client_max_body_size 0;",
                    "proxy_http_version 1.1;", "proxy_buffering off;"):
