@@ -14,6 +14,7 @@ import pytest
 
 import rig
 from zfsmgr import protocol
+from zfsmgr import remote
 from zfsmgr.remote import ServerClient
 
 
@@ -135,7 +136,8 @@ def test_a_bad_certificate_stops_the_start(tmp_path, run_zfsmgr, ca):
     ("http://[2001:db8::1]:8080", True), ("http://127.0.0.2:8080", False),
     ("http://localhost:8080", False), ("http://[::1]:8080", False),
     ("https://backup.example.com", False)])
-def test_plain_http_to_a_host_that_is_not_loopback_warns(url, warned, capsys):
+def test_plain_http_to_a_host_that_is_not_loopback_warns(url, warned, capsys, monkeypatch):
+    monkeypatch.setattr(remote, "_warned", set())  # a fresh process: other tests warned already
     ServerClient(url, "c1", "secret-key-value")  # no connection is made here
     err = capsys.readouterr().err
     assert ("is plain http" in err) == warned
