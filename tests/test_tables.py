@@ -29,6 +29,9 @@ def test_each_shared_constant_is_defined_once():
     for name in ("CHUNK", "COMPRESSIONS", "TIMESTAMP_FORMAT", "PROPS", "PROPERTY_PREFIX",
                  "HEADER_SHA256", "HEADER_COMPRESSION", "HEADER_STORED_SIZE", "BACKENDS"):
         assert len(_assignments(name)) == 1, (name, _assignments(name))
+    sources = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    for text in ('"%Y-%m-%d_%H:%M:%S"', '"%Y-%m-%d %H:%M:%S UTC"', '"org.zfsmgr:"'):
+        assert sources.count(text) == 1, text  # the key stamp, the stamp people read
     for name in ("write_atomic", "fsync_dir"):
         defined = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                    if f"def {name}(" in p.read_text()]

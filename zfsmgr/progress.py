@@ -9,6 +9,11 @@ from typing import Callable, Optional, TextIO
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
+def utc_text(epoch: float) -> str:
+    """A moment for people to read, in UTC: 2024-02-13 14:30:00 UTC."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
 def human(size: float) -> str:
     """Bytes in powers of 1024, labelled so: `512 B`, `635.8 MiB`, `1.2 GiB`."""
     value, unit = float(size), 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 from zfsmgr.errors import UsageError, ZfsmgrError
-from zfsmgr.progress import human
+from zfsmgr.progress import human, utc_text
 from zfsmgr.protocol import parse_key, validate_client_id, validate_dataset
 from zfsmgr.settings import as_duration, as_size
 
@@ -167,7 +167,7 @@ def rotate_key(clients: ClientsFile, name: str, grace: float) -> int:
         entry["api_key"] = hash_key(raw)
         return entry
     clients.edit(name, change)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    stamp = utc_text(until)
     print(f"new key for client {name}; the old one works until {stamp}")
     print(f"API_KEY={raw}")
     print("(shown once: put it in the client's .env; the server keeps only its SHA-256)")

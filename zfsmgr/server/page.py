@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from zfsmgr import __version__
 from zfsmgr.errors import Forbidden, Unauthorized
-from zfsmgr.progress import human
+from zfsmgr.progress import human, utc_text
 from zfsmgr.server.fleet import CRITICAL, DISABLED, NEVER, OK, STALE, DatasetRow, age_text
 
 CHALLENGE = 'Basic realm="zfsmgr", charset="UTF-8"'
@@ -143,7 +143,7 @@ def render(rows: Sequence[DatasetRow], sort: str = "state", order: str = "asc",
             f'<td class="{verify_class}">{verify_text}</td>'
             f'<td class="state">{state}</td></tr>')
     title = f"zfsmgr: {len(rows)} datasets, {late} need attention"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    stamp = utc_text(now)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
