@@ -15,6 +15,16 @@ b=$(python3 build_zipapp.py | awk '{print $NF}')
 [ "$a" = "$b" ] || { echo "zipapp build is not reproducible: $a vs $b"; exit 1; }
 (cd "$(mktemp -d)" && python3 -I -S "$OLDPWD/dist/zfsmgr.pyz" --version)
 
+image_pid=
+if [ "${ZFSMGR_SKIP_VM:-}" != 1 ]; then
+  # The VM image (cached by its inputs; 6-10 min to build on a fresh machine) is made while
+  # the host suite runs, so the two slow steps overlap.
+  echo "== OpenZFS VM image: ensured in the background (tests/openzfs/image.sh)"
+  image_log=$(mktemp)
+  bash tests/openzfs/image.sh >/dev/null 2>"$image_log" &
+  image_pid=$!
+fi
+
 echo "== pytest on zfs-fuse and SeaweedFS"
 report=$(mktemp)
 set +e
@@ -29,6 +39,9 @@ fi
 if [ "${ZFSMGR_SKIP_VM:-}" = 1 ]; then
   echo "== OpenZFS VM tier skipped (ZFSMGR_SKIP_VM=1)"
 elif [ -x tests/openzfs/run-tier.sh ] || [ -f tests/openzfs/run-tier.sh ]; then
+  if [ -n "$image_pid" ] && ! wait "$image_pid"; then
+    cat "$image_log"; echo "FAIL: the OpenZFS VM image could not be built"; exit 125
+  fi
   echo "== OpenZFS 2.3 tier in a VM"
   bash tests/openzfs/run-tier.sh
 fi
