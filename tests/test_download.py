@@ -137,3 +137,17 @@ def test_restore_accepts_a_resumed_download_only_where_the_server_says_where_it_
     else:
         with pytest.raises(ZfsmgrError, match="unexpected HTTP status 200"):
             stream._open()
+
+
+def test_an_imported_json_catalog_is_marked_by_its_stores(tmp_path, monkeypatch):
+    from zfsmgr import settings
+    from zfsmgr.server.context import ServerContext
+
+    monkeypatch.chdir(tmp_path)
+    local = _manifest("b", "a", 5, storage="local")
+    stored = _manifest("c", "b", 6, storage="dir")
+    (tmp_path / "metadata.json").write_text(json.dumps(
+        {"version": 1, "backups": {"client1": [local.to_dict(), stored.to_dict()]}}))
+    ctx = ServerContext(settings.load("server", environ={"STORAGE_DIR": str(tmp_path / "b")}))
+    found = {m.key: m for m in ctx.catalog.list("client1")}
+    assert found[local.key].self_contained and not found[stored.key].self_contained

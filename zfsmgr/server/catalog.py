@@ -176,8 +176,9 @@ class Catalog:
                              " storage_type = ?", (client_id, storage_type))
         return rows[0][0] if rows else None
 
-    def import_json(self, json_path: Path) -> int:
-        """Once, when the database is new: take the backups of an old JSON catalog."""
+    def import_json(self, json_path: Path, mark=lambda m: m) -> int:
+        """Once, when the database is new: take the backups of an old JSON catalog (each as
+        `mark` completes it: what its store says of its download)."""
         try:
             data = json.loads(json_path.read_bytes())
         except FileNotFoundError:
@@ -191,7 +192,7 @@ class Catalog:
         with self.db.transaction() as conn:
             for entries in backups.values():
                 for entry in entries:
-                    conn.execute(_INSERT, _row(Manifest.from_dict(entry)))
+                    conn.execute(_INSERT, _row(mark(Manifest.from_dict(entry))))
                     count += 1
             self.db.set_meta("imported_json", str(json_path))
         log.info("catalog: imported %d backups from %s into %s (the JSON file is no longer"

@@ -66,7 +66,7 @@ class ServerContext:
         """A new database takes over the JSON catalog and session files of an older server."""
         if metadata_file == self.db.path or metadata_file.suffix != ".json":
             return
-        self.catalog.import_json(metadata_file)
+        self.catalog.import_json(metadata_file, mark=registry.marked)
         self.sessions.import_folder(Path(str(metadata_file) + ".uploads"), time.time())
 
     @property
@@ -161,16 +161,11 @@ class ServerContext:
 
     def described(self, client: ClientConfig, manifests: List[Manifest]) -> List[Manifest]:
         """The manifests with `self_contained` set as their stores describe their downloads."""
-        kinds: Dict[str, type] = {}
         found, default = [], ""
         for m in manifests:
             if not m.storage_type and not default:  # old manifests: asked once, not per entry
                 default = self.default_kind(client)
-            kind = m.storage_type or default
-            if kind not in kinds:
-                backend = registry.BY_KIND.get(kind)
-                kinds[kind] = backend.load() if backend else Store
-            found.append(kinds[kind].marked(m))
+            found.append(registry.marked(m, default))
         return found
 
     def backups(self, client: ClientConfig) -> List[Manifest]:

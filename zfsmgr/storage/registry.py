@@ -53,6 +53,13 @@ KINDS = tuple(b.kind for b in BACKENDS)
 BY_KIND = {b.kind: b for b in BACKENDS}
 
 
+def marked(manifest, default_kind: str = ""):
+    """`manifest` with `self_contained` as its store describes its download (Store.marked);
+    as it is when its kind (or `default_kind`, for manifests that name none) is unknown."""
+    backend = BY_KIND.get(manifest.storage_type or default_kind)
+    return backend.load().marked(manifest) if backend else manifest
+
+
 def kinds_text(last: str = "or") -> str:
     """The kinds for messages: "s3, local or dir"."""
     return f"{', '.join(KINDS[:-1])} {last} {KINDS[-1]}"
