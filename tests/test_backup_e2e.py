@@ -13,6 +13,7 @@ import urllib.parse
 import pytest
 
 import rig
+from zfsmgr.client.base import server_tag
 
 pytestmark = [pytest.mark.zfs]
 
@@ -127,7 +128,7 @@ def test_an_old_base_held_by_someone_else_stays_but_stops_being_a_base(pool, ser
                                                                        run_zfsmgr):
     server = server_factory("dir")
     dataset = pool.create("data")
-    env = client_env(server, dataset)
+    env = client_env(server, dataset, BACKUP_UNCHANGED="true")
     rig.write_files(pool.mountpoint(dataset), seed=2, count=1)
     run_zfsmgr(["client", "backup"], env=env, check=True)
     first = rig.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset).strip()
@@ -138,10 +139,11 @@ def test_an_old_base_held_by_someone_else_stays_but_stops_being_a_base(pool, ser
             out = run_zfsmgr(["client", "backup"], env=env, check=True).stdout
             assert "incremental" in out
         rows = [line.split("\t") for line in rig.sh(
-            "zfs", "get", "-H", "-r", "-o", "name,value", "org.zfsmgr:base,userrefs",
+            "zfs", "get", "-H", "-r", "-o", "name,value", "org.zfsmgr:bases,userrefs",
             dataset).splitlines() if "@" in line]
         assert rows[:2] == [[first, "-"], [first, "1"]]  # kept for its holder, not a base
-        assert [value for _, value in rows[2:]] == ["yes", "1"]  # the newest alone is the base
+        tag = server_tag(server.url, env["CLIENT_ID"])
+        assert [value for _, value in rows[2:]] == [tag, "1"]  # the newest alone is the base
     finally:
         rig.sh("zfs", "release", "theirs", first)
 

@@ -28,6 +28,7 @@ case "$*" in
   "get -H -o value feature@bookmarks tank") echo active ;;
   "get -H -o value encryption tank/secret") echo aes-256-gcm ;;
   "get -H -o value encryption tank/data") echo off ;;
+  "get -H -o value encryption tank") echo off ;;
   "send -nvP -w tank/secret@s2") printf 'full\\ttank/secret@s2\\t4096\\nsize\\t4096\\n' ;;
   "send -nvP -i tank/data#b1 tank/data@s2")
       printf 'incremental\\tb1\\ttank/data@s2\\t123456\\nsize\\t123456\\n' ;;
@@ -48,7 +49,7 @@ esac
 
 def test_features_on_openzfs(tmp_path):
     zfs = Zfs(fake(tmp_path, "zfs", OPENZFS), fake(tmp_path, "zpool", OPENZFS))
-    assert zfs.features("tank/secret") == Features(True, True, True, True, True)
+    assert zfs.features("tank/secret") == Features(True, True, True, True, True, True)
     assert zfs.features("tank/data").raw_send is False
     assert zfs.features("tank/data").bookmarks is True
 
@@ -71,6 +72,8 @@ def test_send_command_lines():
     expected = ["zfs", "send", "-w", "-i", "t/d#b1", "t/d@s2"]
     assert zfs.send_argv("t/d@s2", "t/d#b1", raw=True) == expected
     assert zfs.send_argv("t/d@s2", compressed=True) == ["zfs", "send", "-c", "t/d@s2"]
+    assert zfs.send_argv("t/d@s2", "t/d@s1", properties=True) == [
+        "zfs", "send", "-p", "-i", "t/d@s1", "t/d@s2"]
 
 
 def test_errors_carry_the_command_line_and_zfs_message(tmp_path):
@@ -98,7 +101,7 @@ class FakeZfs:
     def get(self, name, prop):
         return {"compression": self.compression, "referenced": "1000"}[prop]
 
-    def estimate(self, snapshot, base=None, raw=False, compressed=False):
+    def estimate(self, snapshot, base=None, raw=False, compressed=False, properties=False):
         self.asked = (snapshot, base, raw, compressed)
         return 5000
 

@@ -15,6 +15,7 @@ Works with current OpenZFS and with zfs-fuse (no bookmarks, no `send -nvP/-c/-w/
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ _MISSING = re.compile(r"does not exist|no such pool|could not find any snapshots
 _SETTLING = re.compile(r"busy|already exists")
 _SETTLING_DATASET = re.compile(r"busy|already exists|dependent clones")  # a %recv clone
 DESTROY_PATIENCE = 5.0  # seconds a destroy waits for zfs to settle
+ARGV_LIMIT = 100_000  # bytes of one command line; Linux allows 2 MiB, keep well below
 
 
 def find_program(name: str) -> str:
@@ -208,7 +210,11 @@ class Snapshot:
 
     def prop(self, name: str) -> str:
         """A zfsmgr user property of this snapshot, '' when unset."""
-        value = (self.props or {}).get(PROPERTY_PREFIX + name, "-")
+        return self.native(PROPERTY_PREFIX + name)
+
+    def native(self, name: str) -> str:
+        """A property the listing asked for (`used`, `written`...), '' when unset/unknown."""
+        value = (self.props or {}).get(name, "-")
         return "" if value == "-" else value
 
 
@@ -221,6 +227,7 @@ class Features:
     compressed_send: bool = False  # send -c
     raw_send: bool = False  # send -w (dataset is encrypted)
     resumable_recv: bool = False  # recv -s / send -t
+    modern: bool = False  # OpenZFS >= 0.8: `written`, `encryption`, `zfs snapshot a@s b@s`
 
 
 class Zfs:
@@ -231,15 +238,27 @@ class Zfs:
 
     def props(self, targets: Sequence[str], props: Iterable[str],
               recursive_depth: int = 0) -> Dict[str, Dict[str, str]]:
-        """Raw property values by name: {target: {prop: value}} (`-` when unset)."""
+        """Raw property values by name: {target: {prop: value}} (`-` when unset);
+        recursive_depth -1 lists everything below the targets (`-r`)."""
+        return {name: {p: v for p, (v, _) in values.items()} for name, values in
+                self.props_with_source(targets, props, recursive_depth).items()}
+
+    def props_with_source(self, targets: Sequence[str], props: Iterable[str],
+                          recursive_depth: int = 0) -> Dict[str, Dict[str, tuple]]:
+        """As `props`, each value with zfs's source column: {target: {prop: (value, source)}}.
+
+        With recursion the listing holds the targets' descendants and their snapshots (one
+        call per pool serves a whole run: zfs-fuse's `zfs get` has no `-t`)."""
         argv = [self.zfs, "get", "-Hp"]
-        if recursive_depth:
+        if recursive_depth > 0:
             argv += ["-r", "-d", str(recursive_depth)]
-        argv += ["-o", "name,property,value", ",".join(props), *targets]
-        result: Dict[str, Dict[str, str]] = {}
+        elif recursive_depth < 0:
+            argv.append("-r")
+        argv += ["-o", "name,property,value,source", ",".join(props), *targets]
+        result: Dict[str, Dict[str, tuple]] = {}
         for line in run(argv).splitlines():
-            name, prop, value = line.split("\t", 2)
-            result.setdefault(name, {})[prop] = value
+            name, prop, value, source = line.split("\t", 3)
+            result.setdefault(name, {})[prop] = (value, source)
         return result
 
     def exists(self, name: str) -> bool:
@@ -263,21 +282,23 @@ class Zfs:
 
     def snapshots(self, dataset: str, user_props: Sequence[str] = ()) -> List[Snapshot]:
         """Snapshots of one dataset (not its children), oldest first."""
-        props = _snapshot_props(user_props)
+        props = snapshot_props(user_props)
         found = self.props([dataset], props, recursive_depth=1)
-        snaps = [_snapshot(name, values, props) for name, values in found.items()
+        snaps = [snapshot_from(name, values, props) for name, values in found.items()
                  if name.startswith(dataset + "@")]
         return sorted(snaps, key=lambda s: s.createtxg)
 
     def snapshot_info(self, name: str, user_props: Sequence[str] = ()) -> Snapshot:
         """One snapshot, as `snapshots` lists it."""
-        props = _snapshot_props(user_props)
-        return _snapshot(name, self.props([name], props)[name], props)
+        props = snapshot_props(user_props)
+        return snapshot_from(name, self.props([name], props)[name], props)
 
-    def bookmarks(self, dataset: str) -> List[Snapshot]:
-        """Bookmarks of one dataset, oldest first (empty where bookmarks are unsupported)."""
+    def bookmarks(self, dataset: str, recursive: bool = False) -> List[Snapshot]:
+        """Bookmarks of one dataset (or of its whole subtree), oldest first (empty where
+        bookmarks are unsupported)."""
+        depth = ["-r"] if recursive else ["-d", "1"]
         done = execute([self.zfs, "list", "-H", "-o", "name,guid,createtxg,creation", "-p",
-                        "-t", "bookmark", "-d", "1", dataset])
+                        "-t", "bookmark", *depth, dataset])
         if done.returncode != 0:
             return []
         marks = []
@@ -286,12 +307,27 @@ class Zfs:
             marks.append(Snapshot(name, guid, int(txg), int(creation)))
         return sorted(marks, key=lambda s: s.createtxg)
 
-    def snapshot(self, name: str, props: Optional[Dict[str, str]] = None) -> None:
-        """Create a snapshot, with user properties set atomically."""
-        argv = [self.zfs, "snapshot"]
+    def snapshot(self, name: str, props: Optional[Dict[str, str]] = None,
+                 recursive: bool = False) -> None:
+        """Create a snapshot (`-r`: of the whole subtree, atomically), with user properties
+        set atomically."""
+        self.snapshot_many([name], props, recursive)
+
+    def snapshot_many(self, names: Sequence[str], props: Optional[Dict[str, str]] = None,
+                      recursive: bool = False) -> None:
+        """One atomic `zfs snapshot` of every name (OpenZFS takes several; zfs-fuse one),
+        split into several calls only where one command line would be too long."""
+        argv = [self.zfs, "snapshot"] + (["-r"] if recursive else [])
         for key, value in (props or {}).items():
             argv += ["-o", f"{PROPERTY_PREFIX}{key}={value}"]
-        run(argv + [name])
+        batch: List[str] = []
+        for name in names:
+            if batch and sum(len(a) + 1 for a in argv + batch) + len(name) > ARGV_LIMIT:
+                run(argv + batch)
+                batch = []
+            batch.append(name)
+        if batch:
+            run(argv + batch)
 
     def destroy(self, name: str, recursive: bool = False, missing_ok: bool = False,
                 patience: float = DESTROY_PATIENCE) -> None:
@@ -363,25 +399,36 @@ class Zfs:
 
     def features(self, dataset: str) -> Features:
         """Probe what this host's zfs supports for `dataset` (no side effects)."""
-        pool = dataset.split("/")[0]
+        pool = self.pool_features(dataset.split("/")[0])
+        if not pool.send_estimate:
+            return pool
+        enc = execute([self.zfs, "get", "-H", "-o", "value", "encryption", dataset])
+        return dataclasses.replace(pool, raw_send=enc.stdout.strip() not in ("off", "-", ""))
+
+    def pool_features(self, pool: str) -> Features:
+        """What this host's zfs supports on `pool`, except raw sends (per dataset)."""
         marks = execute([self.zfs, "list", "-H", "-o", "name", "-t", "bookmark", pool]
                         ).returncode == 0
         if marks:
             state = execute([self.zpool, "get", "-H", "-o", "value", "feature@bookmarks", pool]
                             ).stdout.strip()
             marks = state in ("enabled", "active")
-        enc = execute([self.zfs, "get", "-H", "-o", "value", "encryption", dataset])
-        modern = enc.returncode == 0  # OpenZFS >= 0.8: -nvP, -c, -w, -t, recv -s
-        encrypted = modern and enc.stdout.strip() not in ("off", "-", "")
+        modern = execute([self.zfs, "get", "-H", "-o", "value", "encryption", pool]
+                         ).returncode == 0
+        # OpenZFS >= 0.8: -nvP, -c, -w, -t, recv -s, `written`, several names per snapshot
         return Features(bookmarks=marks, send_estimate=modern, compressed_send=modern,
-                        raw_send=encrypted, resumable_recv=modern)
+                        resumable_recv=modern, modern=modern)
 
     def send_argv(self, snapshot: str, base: Optional[str] = None, raw: bool = False,
-                  compressed: bool = False, estimate: bool = False) -> List[str]:
-        """The `zfs send` command line for a full or incremental stream."""
+                  compressed: bool = False, estimate: bool = False,
+                  properties: bool = False) -> List[str]:
+        """The `zfs send` command line for a full or incremental stream (`-p`: with the
+        dataset's properties)."""
         argv = [self.zfs, "send"]
         if estimate:
             argv.append("-nvP")
+        if properties:
+            argv.append("-p")
         if raw:
             argv.append("-w")
         elif compressed:
@@ -391,9 +438,10 @@ class Zfs:
         return argv + [snapshot]
 
     def estimate(self, snapshot: str, base: Optional[str] = None, raw: bool = False,
-                 compressed: bool = False) -> Optional[int]:
+                 compressed: bool = False, properties: bool = False) -> Optional[int]:
         """Size estimate from `send -nvP` (None where unsupported)."""
-        argv = self.send_argv(snapshot, base, raw, compressed, estimate=True)
+        argv = self.send_argv(snapshot, base, raw, compressed, estimate=True,
+                              properties=properties)
         done = execute(argv)
         if done.returncode != 0:
             return None
@@ -405,9 +453,10 @@ class Zfs:
         return None
 
     def send(self, snapshot: str, base: Optional[str] = None, raw: bool = False,
-             compressed: bool = False) -> StreamingCommand:
+             compressed: bool = False, properties: bool = False) -> StreamingCommand:
         """Start `zfs send`; read the stream from the returned context manager."""
-        return StreamingCommand(self.send_argv(snapshot, base, raw, compressed), "r")
+        return StreamingCommand(self.send_argv(snapshot, base, raw, compressed,
+                                               properties=properties), "r")
 
     def send_resume(self, token: str) -> StreamingCommand:
         """Start `zfs send -t token`: the rest of an interrupted stream, flags included."""
@@ -433,12 +482,15 @@ class Zfs:
         return StreamingCommand(argv, "w")
 
 
-def _snapshot_props(user_props: Sequence[str]) -> List[str]:
-    return ["guid", "createtxg", "creation", "userrefs"] + [
+def snapshot_props(user_props: Sequence[str], extra: Sequence[str] = ()) -> List[str]:
+    """What a listing asks for to build Snapshots: their identity, `extra` zfs properties
+    and zfsmgr's user properties `user_props`."""
+    return ["guid", "createtxg", "creation", "userrefs", *extra] + [
         PROPERTY_PREFIX + p for p in user_props]
 
 
-def _snapshot(name: str, values: Dict[str, str], props: List[str]) -> Snapshot:
+def snapshot_from(name: str, values: Dict[str, str], props: Sequence[str]) -> Snapshot:
+    """A Snapshot from one entry of a `props` listing that asked for `props`."""
     userrefs = values.get("userrefs", "-")
     return Snapshot(name, values["guid"], int(values["createtxg"]), int(values["creation"]),
                     int(userrefs) if userrefs.isdigit() else 0,

@@ -1,114 +1,99 @@
-"""`client backup`: snapshot, stream `zfs send` → compress → server in parts, commit, mark base.
+"""`client backup` of one dataset: check the base, snapshot, send (client/upload.py), mark the
+base for this server.
 
-Memory stays bounded: the stream passes in 1 MiB chunks, parts go out with chunked transfer.
-A dropped connection or a restarted server is retried with backoff; the deterministic stream is
-regenerated and the parts the server already holds are skipped after checking their CRC-32.
-Every part's answer carries the CRC-32 of what the server took, checked here; the commit sends
-the parts' combined checksum, which the server checks, and the sha256 of the whole stream
-(hashed here while sending), which restore checks. When the server's `local`
-store kept a resumable receive, the rest of the stream is `zfs send -t <token>` instead.
+A run over many datasets (client/run.py) drives the same phases for each: `prepare` (stale
+snapshots, chain limits, the base) from listings it made once per pool, one atomic snapshot per
+pool, then `send` per dataset. `run` does all of it for a single dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-import zlib
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 from zfsmgr import protocol
-from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_KIND, PROPS, Base, backup_snapshots,
-                                find_base, mark_base)
-from zfsmgr.client.readahead import Counter, ReadAhead, chain, take
-from zfsmgr.compress import LEVELS, compressor, zstd_available
-from zfsmgr.crypt import Encryption, age_binary
-from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, UsageError, ZfsmgrError
-from zfsmgr.files import CHUNK
-from zfsmgr.progress import Progress, human
-from zfsmgr.remote import ServerClient
-from zfsmgr.storage.base import crc32_hex
+from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_KIND, PROPS, Base,
+                                backup_snapshots, find_bases, mark_base)
+from zfsmgr.client.upload import Result, Uploader
+from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
-RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
 
 
-@dataclass
-class Sent:
-    """One stream sent as parts: what commit declares."""
-
-    raw_size: int
-    stored_size: int
-    sha256: str
-    parts_crc32: str
-
-    def commit_request(self) -> dict:
-        return {"sha256": self.sha256, "parts_crc32": self.parts_crc32,
-                "raw_size": self.raw_size, "stored_size": self.stored_size}
-
-
-@dataclass
-class Result:
-    """What one backup did."""
-
-    key: str
-    type: str
-    raw_size: int
-    stored_size: int
-    seconds: float
-    snapshot: str
+def free_snapshot_name(taken: set, now: Optional[datetime] = None) -> str:
+    """`zfsmgr_<UTC stamp>`, one second later while that name is in `taken`."""
+    moment = now or datetime.now(timezone.utc)
+    while True:
+        name = BACKUP_PREFIX + protocol.format_timestamp(moment)
+        if name not in taken:
+            return name
+        moment = datetime.fromtimestamp(moment.timestamp() + 1, timezone.utc)
 
 
 def new_snapshot_name(zfs: Zfs, dataset: str, now: Optional[datetime] = None) -> str:
     """`DS@zfsmgr_<UTC stamp>`, one second later if that name is taken."""
-    moment = now or datetime.now(timezone.utc)
-    taken = {s.short for s in zfs.snapshots(dataset)}
-    while True:
-        name = BACKUP_PREFIX + protocol.format_timestamp(moment)
-        if name not in taken:
-            return f"{dataset}@{name}"
-        moment = datetime.fromtimestamp(moment.timestamp() + 1, timezone.utc)
+    return f"{dataset}@{free_snapshot_name({s.short for s in zfs.snapshots(dataset)}, now)}"
 
 
-class Backup:
-    """One backup run of one dataset."""
+def wait_for_a_new_second(latest: int, sleep=time.sleep) -> None:
+    """Keys carry the snapshot's creation second: never reuse one (a quick re-run)."""
+    while time.time() < latest + 1:
+        sleep(latest + 1 - time.time() + 0.01)
 
-    def __init__(self, api: ServerClient, zfs: Zfs, dataset: str, compression: str, level: int,
-                 storage_type: str = "", progress: Optional[Callable[..., Progress]] = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 encryption: Encryption = Encryption()):
-        self.api, self.zfs, self.dataset = api, zfs, protocol.validate_dataset(dataset)
-        self.compression, self.level, self.storage_type = compression, level, storage_type
-        self.encryption = encryption
-        self.make_progress = progress or (lambda label, total: Progress(label, total))
-        self.sleep = sleep
 
-    def server_backups(self) -> List[dict]:
-        """The server's manifests for this dataset."""
-        return self.api.call("GET", protocol.SNAPSHOTS, query={"dataset": self.dataset})[
-            "snapshots"]
+def latest_second(on_server: List[dict], snaps: List[Snapshot]) -> int:
+    """The newest creation second among the dataset's snapshots and its backups."""
+    return max([s.creation for s in snaps] + [int(m["snapshot_time"]) for m in on_server],
+               default=0)
+
+
+def named_by_its_creation(snap: Snapshot) -> bool:
+    """Whether a backup snapshot's name is its creation second (the key's timestamp)."""
+    made = datetime.fromtimestamp(snap.creation, timezone.utc)
+    return snap.short == BACKUP_PREFIX + protocol.format_timestamp(made)
+
+
+def in_catalog(base: Base, on_server: List[dict]) -> bool:
+    """Whether the server holds the backup of the snapshot `base` stands for."""
+    return any(m["snapshot"] == base.snapshot and (not m.get("guid") or m["guid"] == base.guid)
+               for m in on_server)
+
+
+class Backup(Uploader):
+    """Backups of one dataset to one server (`tag`: that server's name in bases)."""
+
+    features: Features
+    base: Optional[Base] = None
+    mode = "auto"
+    snaps: List[Snapshot]
+    marks: Optional[List[Snapshot]] = None
+
+    def __init__(self, *args, tag: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tag = tag
 
     def choose_base(self, mode: str, features: Features, on_server: List[dict],
-                    snaps: Optional[List[Snapshot]] = None) -> Optional[Base]:
-        """The base to send from, after checking it against the server's catalog."""
+                    snaps: Optional[List[Snapshot]] = None,
+                    marks: Optional[List[Snapshot]] = None) -> Optional[Base]:
+        """This server's newest base that its catalog confirms (any server's base will do:
+        an incremental needs only that the server holds its parent)."""
         if mode == "full":
             return None
-        base = find_base(self.zfs, self.dataset, features, snaps)
-        problem = None
-        if base is None:
+        bases = find_bases(self.zfs, self.dataset, features, snaps, marks)
+        confirmed = next((b for b in bases if in_catalog(b, on_server)), None)
+        if confirmed is not None:
+            return confirmed
+        if not bases:
             problem = f"no incremental base for {self.dataset}: run a full backup first"
-        elif not any(m["snapshot"] == base.snapshot and (not m.get("guid")
-                     or m["guid"] == base.guid) for m in on_server):
-            problem = (f"the base {base.name} is not in the server's catalog"
-                       " (deleted or rotated there)")
-        if problem is None:
-            return base
+        else:
+            problem = (f"the base {bases[0].name} is not in the server's catalog"
+                       " (deleted or rotated there, or sent to another server)")
         if mode == "incremental":
             raise UsageError(problem)
-        if base is not None:
+        if bases:
             log.warning("%s; sending a full backup", problem)
         return None
 
@@ -126,50 +111,88 @@ class Backup:
             since_full += 1
         return bool(limit) and since_full >= limit
 
-    def cleanup_stale(self, features: Features, on_server: List[dict]) -> List[Snapshot]:
+    def cleanup_stale(self, features: Features, on_server: List[dict],
+                      snaps: Optional[List[Snapshot]] = None,
+                      marks: Optional[List[Snapshot]] = None) -> List[Snapshot]:
         """Adopt or remove backup snapshots left by an interrupted run; return the dataset's
         snapshots (with PROPS) as they are afterwards.
 
         One `zfs get -r` serves the whole run up to the new snapshot: on a dataset with
         thousands of snapshots each listing takes seconds."""
-        snaps = self.zfs.snapshots(self.dataset, PROPS)
-        base = find_base(self.zfs, self.dataset, features, snaps)
+        if snaps is None:
+            snaps = self.zfs.snapshots(self.dataset, PROPS)
+        bases = find_bases(self.zfs, self.dataset, features, snaps, marks)
+        newest = bases[0].snapshot if bases else ""
         stored = {(m["snapshot"], m.get("guid")) for m in on_server}
         changed = False
         for snap in backup_snapshots(self.zfs, self.dataset, snaps):
-            if snap.prop(PROP_BASE) == "yes" or (base and snap.short <= base.snapshot):
+            if snap.prop(PROP_BASE) == "yes" or snap.prop(PROP_BASES) or snap.short <= newest:
                 continue
             if (snap.short, snap.guid) in stored:
                 log.info("adopting %s: the server committed it", snap.name)
-                mark_base(self.zfs, self.dataset, snap, features)
+                mark_base(self.zfs, self.dataset, snap, features, self.tag)
             else:
                 log.info("removing %s left by an interrupted backup", snap.name)
                 self.zfs.destroy(snap.name)
             changed = True
         return self.zfs.snapshots(self.dataset, PROPS) if changed else snaps
 
+    def prepare(self, mode: str, features: Features, on_server: List[dict],
+                status: Optional[dict], snaps: Optional[List[Snapshot]] = None,
+                marks: Optional[List[Snapshot]] = None) -> None:
+        """Everything before the snapshot: stale snapshots, chain limits, the base."""
+        self.features, self.marks = features, marks
+        if self.send_properties and not features.modern:
+            # zfs-fuse's `send -p` takes a temporary hold that a killed send never releases
+            # (the snapshot stays undestroyable): properties travel only with OpenZFS
+            log.debug("%s: zfs-fuse: sending without properties", self.dataset)
+            self.send_properties = False
+        self.snaps = self.cleanup_stale(features, on_server, snaps, marks)
+        if self.snaps is not snaps:
+            self.marks = None  # listed again where needed
+        if self.send_properties and (status or {}).get("storage_type") == "local":
+            # the local store receives into zfs and refuses property (compound) streams
+            self.send_properties = False
+        if mode == "auto" and status is not None and self.chain_too_long(on_server, status):
+            log.info("%s: the chain reached the server's limit: sending a full backup",
+                     self.dataset)
+            mode = "full"
+        self.mode = mode
+        self.base = self.choose_base(mode, features, on_server, self.snaps, self.marks)
+
+    def send(self, snap: Snapshot) -> Result:
+        """Send the new snapshot from the prepared base, then make it this server's base; a
+        failed send destroys the snapshot (the next run starts clean)."""
+        try:
+            result = self._upload(snap, self.base, self.features, fallback=self.mode == "auto")
+        except BaseException:
+            self.discard(snap)
+            raise
+        mark_base(self.zfs, self.dataset, snap, self.features, self.tag, self.snaps, self.marks)
+        return result
+
+    def discard(self, snap: Snapshot, attempts: int = 3) -> None:
+        """Destroy a snapshot that was not sent, patiently (zfs-fuse keeps it busy a moment
+        after a killed send); if it stays, the next run removes it (cleanup_stale)."""
+        for attempt in range(attempts):
+            try:
+                self.zfs.destroy(snap.name)
+                return
+            except ZfsmgrError as exc:
+                if attempt == attempts - 1:
+                    log.warning("could not remove %s (the next run will): %s", snap.name, exc)
+                    return
+                self.sleep(1)
+
     def run(self, mode: str = "auto") -> Result:
-        """Run the backup: 'auto', 'full' or 'incremental'."""
+        """Back up this one dataset: 'auto', 'full' or 'incremental'."""
         if not self.zfs.exists(self.dataset):
             raise UsageError(f"dataset {self.dataset} does not exist")
-        features = self.zfs.features(self.dataset)
         on_server = self.server_backups()
-        snaps = self.cleanup_stale(features, on_server)
-        if mode == "auto" and self.chain_too_long(on_server, self.api.call("GET",
-                                                                           protocol.STATUS)):
-            log.info("the chain reached the server's limit: sending a full backup")
-            mode = "full"
-        base = self.choose_base(mode, features, on_server, snaps)
-        self._wait_for_a_new_second(on_server, snaps)
-        snap = self._new_snapshot()
-        name = snap.name
-        try:
-            result = self._upload(snap, base, features, fallback=mode == "auto")
-        except BaseException:
-            self.zfs.destroy(name)  # no stray snapshot: the next run starts clean
-            raise
-        mark_base(self.zfs, self.dataset, snap, features)
-        return result
+        status = self.api.call("GET", protocol.STATUS)
+        self.prepare(mode, self.zfs.features(self.dataset), on_server, status)
+        wait_for_a_new_second(latest_second(on_server, self.snaps), self.sleep)
+        return self.send(self._new_snapshot())
 
     def _new_snapshot(self) -> Snapshot:
         """Create `DS@zfsmgr_<stamp>` whose creation second is its stamp, so the storage key
@@ -179,251 +202,8 @@ class Backup:
             name = new_snapshot_name(self.zfs, self.dataset)
             self.zfs.snapshot(name, {PROP_KIND: "backup"})
             snap = self.zfs.snapshot_info(name, PROPS)
-            made = datetime.fromtimestamp(snap.creation, timezone.utc)
-            if snap.short == BACKUP_PREFIX + protocol.format_timestamp(made):
+            if named_by_its_creation(snap):
                 return snap
             self.zfs.destroy(name)
         raise ZfsmgrError(f"the clock of {self.dataset}'s pool disagrees with this host's:"
                           " cannot name a snapshot by its creation time")
-
-    def _compressed(self, features: Features) -> bool:
-        """Send blocks as the pool stores them (-c) when it compresses: no double work."""
-        if not hasattr(self, "_use_c"):
-            self._use_c = features.compressed_send and not features.raw_send and \
-                self.zfs.get(self.dataset, "compression") not in ("off", "-")
-        return self._use_c
-
-    def _wait_for_a_new_second(self, on_server: List[dict], snaps: List[Snapshot]) -> None:
-        """Keys carry the snapshot's creation second: never reuse one (a quick re-run)."""
-        latest = max([s.creation for s in snaps]
-                     + [int(m["snapshot_time"]) for m in on_server], default=0)
-        while time.time() < latest + 1:
-            self.sleep(latest + 1 - time.time() + 0.01)
-
-    def _request(self, snap: Snapshot, base: Optional[Base], features: Features,
-                 codec: str) -> dict:
-        estimate = None
-        if features.send_estimate:
-            estimate = self.zfs.estimate(snap.name, base.name if base else None,
-                                         raw=features.raw_send,
-                                         compressed=self._compressed(features))
-        if estimate is None and base is None:
-            estimate = int(self.zfs.get(snap.name, "referenced"))
-        return {"dataset": self.dataset, "snapshot": snap.short,
-                "type": "incremental" if base else "full",
-                "parent": base.snapshot if base else None, "compression": codec,
-                "guid": snap.guid, "parent_guid": base.guid if base else "",
-                "raw_send": features.raw_send, "compressed_send": self._compressed(features),
-                "snapshot_time": snap.creation, "estimated_size": estimate or 0,
-                "storage_type": self.storage_type,
-                "encryption": self._sealing(features).label}
-
-    def _sealing(self, features: Features) -> Encryption:
-        """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""
-        return Encryption() if features.raw_send else self.encryption
-
-    def _upload(self, snap: Snapshot, base: Optional[Base], features: Features,
-                fallback: bool = False) -> Result:
-        # ciphertext won't shrink, and -c blocks are compressed already
-        codec = "none" if features.raw_send or self._compressed(features) else self.compression
-        if codec == "zstd" and not zstd_available():
-            log.warning("COMPRESS=zstd but this host has no zstd binary: using gzip")
-            codec = "gzip"  # at most its own highest level (COMPRESS_LEVEL was zstd's)
-        if self._sealing(features).label:
-            age_binary()  # missing: a one-line error before any upload opens
-        request = self._request(snap, base, features, codec)
-        try:
-            session = self.api.call("POST", protocol.UPLOAD, request)
-        except ServerError as exc:
-            if not (base and fallback and exc.payload.get(protocol.FULL_BACKUP_REQUIRED)):
-                raise
-            log.warning("%s; sending a full backup", exc.server_message)
-            request = self._request(snap, None, features, codec)
-            session = self.api.call("POST", protocol.UPLOAD, request)
-            base = None
-        started = time.monotonic()
-        attempt, restarted = 0, False
-        try:  # whatever ends this (an error, Ctrl-C or SIGTERM, even mid-wait): abort
-            while True:
-                try:
-                    state = {"parts": []} if attempt == 0 else self.api.call(
-                        "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
-                    if state["parts"] and self._sealing(features).label:
-                        # age seals with a fresh key each run: held parts never match again
-                        log.info("an encrypted upload cannot skip what the server holds:"
-                                 " starting it again")
-                        self._abort(session)
-                        session, state = self.api.call("POST", protocol.UPLOAD, request), \
-                            {"parts": []}
-                    if state.get("resume_token") or state.get("segment"):
-                        sent = self._resume(state, features, codec, session,
-                                            request["estimated_size"])
-                    else:
-                        send = self.zfs.send(snap.name, base.name if base else None,
-                                             raw=features.raw_send,
-                                             compressed=self._compressed(features))
-                        sent = self._stream(send, f"backup {snap.name}", codec, session,
-                                            state["parts"], 0, request["estimated_size"],
-                                            self._sealing(features))
-                    manifest = self.api.call(
-                        "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
-                        sent.commit_request())["manifest"]
-                    return Result(manifest["key"], manifest["type"], sent.raw_size,
-                                  sent.stored_size, time.monotonic() - started, snap.name)
-                except StreamChanged as exc:
-                    if restarted:
-                        raise
-                    log.warning("%s: starting the upload again", exc)
-                    self._abort(session)
-                    session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
-                                                                request), 0, True
-                except (ServerUnreachable, ServerError) as exc:
-                    if attempt and isinstance(exc, ServerError) and exc.status == 404:
-                        done = self._committed(snap)  # a commit whose answer was lost
-                        if done is not None:
-                            return Result(done["key"], done["type"], done["raw_size"],
-                                          done["stored_size"], time.monotonic() - started,
-                                          snap.name)
-                    if not _worth_retrying(exc) or attempt >= len(RETRY_DELAYS):
-                        raise
-                    delay = RETRY_DELAYS[attempt]
-                    attempt += 1
-                    log.warning("%s; retry %d in %ds", exc, attempt, delay)
-                    self.sleep(delay)
-        except BaseException:
-            self._abort(session)
-            raise
-
-    def _committed(self, snap: Snapshot) -> Optional[dict]:
-        """The server's manifest of this very snapshot, if a commit made it already."""
-        for manifest in self.server_backups():
-            if manifest["snapshot"] == snap.short and manifest.get("guid") in ("", snap.guid):
-                log.info("the server committed %s before its answer was lost", snap.name)
-                return manifest
-        return None
-
-    def _abort(self, session: dict) -> None:
-        try:
-            self.api.call("POST", protocol.UPLOAD_ABORT.format(upload_id=session["upload_id"]))
-        except ZfsmgrError as exc:
-            log.info("could not abort upload %s: %s", session["upload_id"], exc)
-
-    def _resume(self, state: dict, features: Features, codec: str, session: dict,
-                estimate: int) -> Sent:
-        """The server's receive was interrupted and kept its state: continue it with
-        `zfs send -t`, or start the upload again where this host's zfs cannot."""
-        if not features.resumable_recv:
-            raise StreamChanged("the server holds a partial receive, but this host's zfs has"
-                                " no send -t")
-        if state.get("resume_token"):  # a new segment from where zfs stopped
-            token, first, held = state["resume_token"], len(state["parts"]), []
-            self.api.call("POST",
-                          protocol.UPLOAD_RESUME.format(upload_id=session["upload_id"]),
-                          {"token": token, "from_part": first})
-            log.info("resuming the server's receive with zfs send -t")
-        else:  # the resumed stream is still being received: send it again, skip what it has
-            token, first = state["resumed_with"], state["segment"]
-            held = state["parts"][first:]
-            log.info("sending the resumed stream again from part %d", first)
-        done = self.zfs.resumed_bytes(token)
-        log.info("the server's receive already has %s", human(done))
-        sent = self._stream(
-            self.zfs.send_resume(token), f"backup {self.dataset} (resumed)", codec, session,
-            held, first, max(0, estimate - done))
-        sent.raw_size += done
-        return sent
-
-    def _stream(self, send, label, codec, session, held, first, estimate,
-                sealing: Encryption = Encryption()) -> Sent:
-        """Send the stream of `send` once as parts from `first` on, skipping (and checking)
-        the parts the server holds."""
-        total, crcs = hashlib.sha256(), []
-        progress = self.make_progress(label, estimate or None)
-        with send:
-            counted = Counter(send)
-            level = min(self.level, LEVELS[codec][1]) if codec in LEVELS else self.level
-            with compressor(codec, counted, level=level) as compressed, \
-                    sealing.seal(compressed) as sealed:  # age, or as it is
-                stream = ReadAhead(sealed)
-                try:
-                    stored = self._send_parts(stream, session, held, first, total, crcs,
-                                              counted, progress)
-                finally:
-                    stream.close()
-        progress.finish()
-        return Sent(counted.count, stored, total.hexdigest(), protocol.parts_checksum(crcs))
-
-    def _send_parts(self, stream, session, held, first, total, crcs, counted, progress):
-        """Upload the stream as parts `first`, first+1, ..., skipping (after checking) the
-        parts the server holds; the sha256 of the stream goes into `total`, the CRC-32 of each
-        part into `crcs`.
-
-        Two parts are in flight: part n+1 is sent while the server stores part n. Each answer
-        must confirm the size and CRC-32 of what was sent.
-        """
-        index, stored, pending, sizes = first, 0, None, []
-
-        def check(number: int, answer, size: int, crc: int) -> None:
-            reply, mine = answer(), crc32_hex(crc)
-            if (reply.get("size"), reply.get("crc32")) != (size, mine):
-                # the server holds it and the next one: the upload starts again (once)
-                raise StreamChanged(f"part {number} arrived damaged (the server took"
-                                    f" {reply.get('size')} bytes with CRC-32"
-                                    f" {reply.get('crc32')}; sent were {size} with {mine})")
-            sizes.append(size)
-            crcs.append(mine)
-
-        while True:
-            size = protocol.part_size(index, session["part_size"],
-                                      session["part_growth_every"])
-            if index - first < len(held):
-                have = held[index - first]
-                crc, size_seen = 0, 0
-                for chunk in take(stream, have["size"]):
-                    crc = zlib.crc32(chunk, crc)
-                    total.update(chunk)
-                    size_seen += len(chunk)
-                stored += size_seen
-                if crc32_hex(crc) != have["crc32"] or size_seen != have["size"]:
-                    raise StreamChanged(f"part {index} regenerated differently")
-                crcs.append(have["crc32"])
-            else:
-                head = stream.read(min(CHUNK, size))
-                if not head:
-                    break
-                sent = [0, 0]  # bytes, CRC-32
-
-                def body(head=head, size=size, sent=sent) -> Iterator[bytes]:
-                    for chunk in chain(head, take(stream, size - len(head))):
-                        total.update(chunk)
-                        sent[0] += len(chunk)
-                        sent[1] = zlib.crc32(chunk, sent[1])
-                        progress.update(counted.count)
-                        yield chunk
-
-                answer = self.api.send_part(session["upload_id"], index, body(), first)
-                if pending is not None:
-                    check(*pending)
-                pending = (index, answer, sent[0], sent[1])
-            index += 1
-            progress.update(counted.count)
-        if pending is not None:
-            check(*pending)
-        return stored + sum(sizes)
-
-
-def _worth_retrying(exc: ZfsmgrError) -> bool:
-    """A dropped connection, server trouble, a busy server, or parts out of step with the
-    server (a 409 naming the parts it holds: the retry asks for them and goes on from there)."""
-    if isinstance(exc, ServerUnreachable):
-        return True
-    return isinstance(exc, ServerError) and (
-        exc.transient or (exc.status == 409 and "parts_held" in exc.payload))
-
-
-def summary(result: Result) -> str:
-    """The one line cron mails."""
-    rate = result.raw_size / max(result.seconds, 1e-6)
-    return (f"backup {result.snapshot}: {result.type}, {human(result.raw_size)} sent as"
-            f" {human(result.stored_size)} in {result.seconds:.1f}s ({human(rate)}/s)"
-            f" -> {result.key}")

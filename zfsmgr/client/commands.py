@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import sys
-import urllib.parse
 from pathlib import Path
 
 from zfsmgr import protocol
 from zfsmgr import settings as config
 from zfsmgr import systemd
-from zfsmgr.errors import LockedError, ServerUnreachable, ZfsmgrError
+from zfsmgr.client.locks import DatasetLock
+from zfsmgr.errors import ServerUnreachable, ZfsmgrError
 from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
 
 HELP = """commands:
-  backup [--json]      snapshot LOCAL_DATASET and send it (incremental when a base exists)
-  backup-full [--json] send a full backup
+  backup [--json]      snapshot the selected datasets (LOCAL_DATASET, RECURSIVE,
+                       EXCLUDE_DATASETS, org.zfsmgr:backup) and send each (incremental when
+                       this server has a base); --json: a summary per dataset
+  backup-full [--json] send full backups
   backup-incremental [--json]
-                       send an incremental from the base (error when there is none)
+                       send incrementals from the bases (a dataset without one fails)
+  datasets [--json]    what the next backup would back up, and why
   snapshot TYPE [--json]
-                       create an hourly|daily|weekly|monthly snapshot, then rotate that type
+                       create an hourly|daily|weekly|monthly snapshot of every selected
+                       dataset, then rotate that type
   rotate [--dry-run] [--json]
                        rotate zfsmgr's typed snapshots by the retention policy
   rotate-remote [--dry-run] [--json]
@@ -40,7 +42,8 @@ options anywhere on the line: --env-file PATH, -q/--quiet (nothing on stdout on 
 cron), -v/--verbose. zfs and zpool are looked up in PATH, then /sbin, /usr/sbin, /usr/local/sbin.
 
 settings (.env in the working directory, or --env-file, or the environment):
-  CLIENT_ID, API_KEY, SERVER_URL, LOCAL_DATASET, COMPRESS, STORAGE_TYPE, CA_FILE, STATE_DIR,
+  CLIENT_ID, API_KEY, SERVER_URL, LOCAL_DATASET, RECURSIVE, EXCLUDE_DATASETS,
+  SEND_PROPERTIES, BACKUP_UNCHANGED, COMPRESS, STORAGE_TYPE, CA_FILE, STATE_DIR,
   KEEP_HOURLY, KEEP_DAILY, KEEP_WEEKLY, KEEP_MONTHLY"""
 
 
@@ -50,7 +53,7 @@ def add_parser(sub) -> None:
                             usage="zfsmgr client COMMAND [options]",
                             epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in ("backup", "backup-full", "backup-incremental", "snapshot", "rotate",
+    for name in ("backup", "backup-full", "backup-incremental", "datasets", "snapshot", "rotate",
                  "rotate-remote", "status", "bookmarks"):
         command = commands.add_parser(name)
         command.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -73,27 +76,6 @@ def state_dir(settings) -> Path:
     path = Path(settings.state_dir or Path.home() / ".local" / "state" / "zfsmgr")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class DatasetLock:
-    """One zfsmgr run per dataset at a time (flock, released when the process dies)."""
-
-    def __init__(self, folder: Path, dataset: str):
-        # the real name, escaped: tank/a_b and tank/a/b must not share a lock
-        self.path = folder / ("lock-" + urllib.parse.quote(dataset, safe=""))
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise LockedError(f"another zfsmgr run is working on this dataset ({self.path})")\
-                from None
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
 
 
 def _api(settings):
@@ -122,41 +104,96 @@ def run(args, env_file) -> int:
     zfs = zfs_from_settings(settings)
     if command == "status":
         return status(_api(settings), args.json)
-    settings.require("LOCAL_DATASET")
-    dataset = protocol.validate_dataset(settings.local_dataset)
-    if command == "bookmarks":
-        from zfsmgr.client.base import list_bases
-
-        bases = list_bases(zfs, dataset, zfs.features(dataset))
-        if args.json:
-            print(json.dumps(bases, indent=1))
-        else:
-            for b in bases:
-                print(f"{b['name']}\t{b['type']}\tguid {b['guid']}")
-            if not bases:
-                print(f"no incremental base for {dataset}: the next backup is full")
-        return 0
     if command == "rotate-remote":
         result = _api(settings).call("POST", protocol.ROTATE, {"dry_run": args.dry_run})
         output.rotate_remote(result, args.json)
         return 0
-    with DatasetLock(state_dir(settings), dataset):
-        if command in ("snapshot", "rotate"):
-            return snapshot_and_rotate(settings, zfs, dataset, command, args)
-        from zfsmgr.client.backup import Backup, summary
-        from zfsmgr.client.healthcheck import pinged
+    settings.require("LOCAL_DATASET")
+    from zfsmgr.client import run as runs
 
-        mode = {"backup": "auto", "backup-full": "full", "backup-incremental": "incremental"}[
-            command]
-        from zfsmgr.crypt import Encryption
+    options = runs.Options.from_settings(settings, "")
+    if command == "datasets":
+        return datasets(zfs, options, args.json)
+    if command == "bookmarks":
+        return bookmarks(zfs, options, args.json)
+    if command in ("snapshot", "rotate"):
+        return snapshot_and_rotate(settings, zfs, options, command, args)
+    return backup(settings, zfs, options, command, args.json)
 
-        sealing = Encryption(settings.encrypt, settings.age_recipients)
-        with pinged(settings.healthcheck_url, f"zfsmgr client {command} {dataset}") as run:
-            result = Backup(_api(settings), zfs, dataset, settings.compress,
-                            settings.compress_level, settings.storage_type,
-                            encryption=sealing).run(mode)
-            output.backup(result, args.json)
-            run.note(summary(result))
+
+def backup(settings, zfs, options, command: str, as_json: bool) -> int:
+    """`backup`, `backup-full`, `backup-incremental` over the whole selection."""
+    from dataclasses import replace
+
+    from zfsmgr.client import output
+    from zfsmgr.client import run as runs
+    from zfsmgr.client.base import server_tag
+    from zfsmgr.client.healthcheck import pinged
+    from zfsmgr.client.locks import RunLock
+    from zfsmgr.crypt import Encryption
+
+    api = _api(settings)
+    options = replace(options, tag=server_tag(settings.server_url, settings.client_id))
+    mode = {"backup": "auto", "backup-full": "full", "backup-incremental": "incremental"}[
+        command]
+    folder = state_dir(settings)
+    show = (lambda outcome: None) if as_json else (lambda outcome: print(outcome.line(),
+                                                                         flush=True))
+    sealing = Encryption(settings.encrypt, settings.age_recipients)
+    what = f"zfsmgr client {command} {' '.join(options.roots)}"
+    with pinged(settings.healthcheck_url, what) as ping, RunLock(folder, options.tag):
+        report = runs.Run(api, zfs, options, folder, mode, show, encryption=sealing).execute()
+        for outcome in report.outcomes:
+            (ping.failed if outcome.status == "failed" else ping.note)(outcome.line())
+    if as_json:
+        output.emit_json(report.as_dict())
+        return report.exit_status()
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if len(report.outcomes) > 1:
+        print(report.total_line())
+    for failure in report.failed:
+        print(f"zfsmgr: error: {failure.dataset}: {failure.message}", file=sys.stderr)
+    if report.failed:
+        print(f"zfsmgr: error: {len(report.failed)} of {len(report.outcomes)} datasets failed",
+              file=sys.stderr)
+    return report.exit_status()
+
+
+def datasets(zfs, options, as_json: bool) -> int:
+    """What the next run backs up, and why."""
+    from zfsmgr.client import run as runs
+
+    _, choices = runs.plan(zfs, options)
+    if as_json:
+        from zfsmgr.client.output import emit_json
+
+        emit_json([c.as_dict() for c in choices])
+        return 0
+    for c in choices:
+        print(f"{c.name}\t{'backed up' if c.selected else 'left out'}\t{c.reason}")
+    return 0
+
+
+def bookmarks(zfs, options, as_json: bool) -> int:
+    """The incremental bases of every selected dataset."""
+    from zfsmgr.client import run as runs
+    from zfsmgr.client.base import list_bases
+    from zfsmgr.client.selection import selected
+
+    _, choices = runs.plan(zfs, options)
+    bases = []
+    for name in selected(choices):
+        found = list_bases(zfs, name, zfs.features(name))
+        bases += found
+        if not found and not as_json:
+            print(f"no incremental base for {name}: the next backup is full")
+    if as_json:
+        print(json.dumps(bases, indent=1))
+        return 0
+    for b in bases:
+        server = f"\tserver {b['server']}" if b.get("server") else ""
+        print(f"{b['name']}\t{b['type']}\tguid {b['guid']}{server}")
     return 0
 
 
@@ -198,21 +235,40 @@ def policy_for(settings) -> RetentionPolicy:
     return RetentionPolicy.from_mapping(answer["rotation_policy"]) if managed else local
 
 
-def snapshot_and_rotate(settings, zfs, dataset, command, args) -> int:
-    """`snapshot TYPE` then rotate that type; or `rotate` all types."""
-    from zfsmgr.client import output, snapshots
+def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
+    """`snapshot TYPE` of every selected dataset (one atomic snapshot per pool where zfs
+    can), then rotate that type; or `rotate` all types, dataset by dataset."""
+    import contextlib
 
-    kinds, created = SNAPSHOT_TYPES, None
-    if command == "snapshot":
-        created = snapshots.create(zfs, dataset, args.type)
-        kinds = (args.type,)
-    try:
-        policy = policy_for(settings)
-    except ZfsmgrError as exc:
-        print(f"zfsmgr: warning: no retention policy ({exc}); nothing rotated", file=sys.stderr)
-        output.local_rotation([], False, args.json, created)
-        return 0 if command == "snapshot" else 1
-    dry = getattr(args, "dry_run", False)
-    output.local_rotation(snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry), dry,
-                          args.json, created)
-    return 0
+    from zfsmgr.client import output
+    from zfsmgr.client import run as runs
+    from zfsmgr.client import snapshots
+    from zfsmgr.client.selection import selected
+
+    pools, choices = runs.plan(zfs, options)
+    missing = [c.name for c in choices if c.reason == "does not exist"]
+    names = selected(choices)
+    kinds = SNAPSHOT_TYPES
+    with contextlib.ExitStack() as locks:
+        for name in names:
+            locks.enter_context(DatasetLock(state_dir(settings), name))
+        created = None
+        if command == "snapshot":
+            kinds = (args.type,)
+            modern = {pool: info.features.modern for pool, info in pools.items()}
+            made = snapshots.create_many(zfs, names, args.type, modern)
+            created = made[0] if len(made) == 1 else made  # one dataset: the name, as before
+        dry = getattr(args, "dry_run", False)
+        try:
+            policy = policy_for(settings)
+        except ZfsmgrError as exc:
+            print(f"zfsmgr: warning: no retention policy ({exc}); nothing rotated",
+                  file=sys.stderr)
+            output.local_rotation([], False, args.json, created)
+            return 0 if command == "snapshot" and not missing else 1
+        actions = [a for dataset in names
+                   for a in snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry)]
+        output.local_rotation(actions, dry, args.json, created)
+    for name in missing:
+        print(f"zfsmgr: error: dataset {name} does not exist", file=sys.stderr)
+    return 1 if missing else 0

@@ -8,7 +8,7 @@ CLI (stdout goes nowhere on success); errors and warnings always go to stderr.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Tuple, Union
 
 from zfsmgr.progress import human
 
@@ -48,8 +48,9 @@ def rotate_remote(result: dict, as_json: bool) -> None:
 
 
 def local_rotation(actions: Iterable[Tuple[str, bool, str]], dry_run: bool, as_json: bool,
-                   created: Optional[str] = None) -> None:
-    """`snapshot TYPE` / `rotate`: the snapshot made, and each typed snapshot destroyed."""
+                   created: Union[str, List[str], None] = None) -> None:
+    """`snapshot TYPE` / `rotate`: the snapshot(s) made (one name, or a list for several
+    datasets), and each typed snapshot destroyed."""
     actions = list(actions)
     if as_json:
         emit_json({"created": created, "dry_run": dry_run,
@@ -57,8 +58,8 @@ def local_rotation(actions: Iterable[Tuple[str, bool, str]], dry_run: bool, as_j
                                  for name, keep, reason in actions if not keep],
                    "kept": [name for name, keep, _ in actions if keep]})
         return
-    if created:
-        print(f"created {created}")
+    for name in [created] if isinstance(created, str) else created or []:
+        print(f"created {name}")
     for name, keep, reason in actions:
         if not keep:
             print(f"{'would destroy' if dry_run else 'destroyed'} {name}: {reason}")

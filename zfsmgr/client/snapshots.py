@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from zfsmgr import protocol
 from zfsmgr.client.base import BACKUP_PREFIX, PROP_BASE, PROP_KIND, PROPS
@@ -24,13 +24,30 @@ def typed_name(dataset: str, kind: str, now: Optional[datetime] = None) -> str:
 
 def create(zfs: Zfs, dataset: str, kind: str) -> str:
     """Create one typed snapshot."""
+    return create_many(zfs, [dataset], kind)[0]
+
+
+def create_many(zfs: Zfs, datasets: Sequence[str], kind: str,
+                modern: Optional[Dict[str, bool]] = None) -> List[str]:
+    """The same typed snapshot of every dataset: one atomic `zfs snapshot` per pool where
+    `modern[pool]` (OpenZFS takes several names), else one per dataset (zfs-fuse)."""
     if kind not in SNAPSHOT_TYPES:
         raise protocol.ValidationError(f"snapshot type must be one of {', '.join(SNAPSHOT_TYPES)}")
-    name = typed_name(dataset, kind)
-    if zfs.exists(name):
-        raise ZfsError(["zfs", "snapshot", name], 1, f"snapshot {name} already exists")
-    zfs.snapshot(name, {PROP_KIND: kind})
-    return name
+    now = datetime.now(timezone.utc)
+    names = [typed_name(dataset, kind, now) for dataset in datasets]
+    for name in names:
+        if zfs.exists(name):
+            raise ZfsError(["zfs", "snapshot", name], 1, f"snapshot {name} already exists")
+    by_pool: Dict[str, List[str]] = {}
+    for name in names:
+        by_pool.setdefault(name.split("/")[0].split("@")[0], []).append(name)
+    for pool, members in by_pool.items():
+        if (modern or {}).get(pool):
+            zfs.snapshot_many(members, {PROP_KIND: kind})
+        else:
+            for name in members:
+                zfs.snapshot(name, {PROP_KIND: kind})
+    return names
 
 
 def rotation_plan(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES,

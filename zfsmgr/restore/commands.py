@@ -17,17 +17,24 @@ from zfsmgr.restore.chain import chain_for, self_contained
 from zfsmgr.zfs import zfs_from_settings
 
 HELP = """commands:
-  list [--json] [--dataset DS]
+  list [--json] [--dataset DS] [--tree]
                       the client's backups, newest first; the numbers are what the other
-                      commands take (--dataset filters the list but keeps the numbers)
+                      commands take (--dataset filters the list but keeps the numbers;
+                      --tree groups the backups by the run that made them)
   restore NUMBER DATASET [--force|-f]
                       rebuild backup NUMBER as DATASET: its full base, then each incremental
                       in order; every stream is checked against its sha256 as it is received,
                       and a failed restore leaves nothing behind. An existing DATASET is refused
                       unless --force: then the chain is received beside it and replaces it only
                       once complete and verified
-  latest DATASET [--force|-f] [--source-dataset DS]
-                      restore the newest backup (of source dataset DS)
+  restore NUMBER DATASET --recursive [--force]
+                      restore backup NUMBER and, below DATASET, each descendant of its source
+                      dataset (its newest backup no later than NUMBER), each with its chain;
+                      --force replaces the whole tree only once every chain is in
+  latest DATASET [--force|-f] [--source-dataset DS] [--recursive]
+                      restore the newest backup (of source dataset DS; with its descendants)
+  latest --all POOL/TARGET [--force]
+                      every dataset of the client, each as POOL/TARGET/<source dataset>
   save NUMBER FILE [--chain] [--force|-f]
                       write backup NUMBER's stream to FILE once verified (.gz gzip, .zst
                       zstd, .zfs plain; other names: compressed as the backup was); an
@@ -64,14 +71,21 @@ def add_parser(sub) -> None:
     show = commands.add_parser("list", help="list the backups on the server")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--dataset", help="only backups of this source dataset")
+    show.add_argument("--tree", action="store_true", help="group the backups by run")
     one = commands.add_parser("restore", help="restore backup NUMBER into DATASET")
     one.add_argument("number", type=_number)
     one.add_argument("dataset")
     one.add_argument("-f", "--force", action="store_true", help="replace an existing DATASET")
+    one.add_argument("-r", "--recursive", action="store_true",
+                     help="also the descendants of the backup's dataset, under DATASET")
     latest = commands.add_parser("latest", help="restore the newest backup into DATASET")
     latest.add_argument("dataset")
     latest.add_argument("-f", "--force", action="store_true", help="replace an existing DATASET")
     latest.add_argument("--source-dataset", help="the newest backup of this source dataset")
+    latest.add_argument("-r", "--recursive", action="store_true",
+                        help="also its descendants, under DATASET")
+    latest.add_argument("--all", action="store_true",
+                        help="every dataset of the client, as DATASET/<source dataset>")
     save = commands.add_parser("save", help="save backup NUMBER to a file")
     save.add_argument("number", type=_number)
     save.add_argument("filename")
@@ -115,6 +129,8 @@ def run(args, env_file) -> int:
     from zfsmgr.restore.receive import Target, progress_opener, restore_chain
 
     opener = progress_opener(client, identity=_identity(env_file))
+    if command in ("restore", "latest") and (args.recursive or getattr(args, "all", False)):
+        return _restore_tree(zfs, opener, manifests, rows, args)
     if command in ("restore", "latest"):
         target = listing.pick(rows, args.number) if command == "restore" else _latest(rows, args)
         chain = chain_for(manifests, target)  # a broken chain fails here, before any receive
@@ -160,6 +176,31 @@ def _report_verify(client: ServerClient, report) -> None:
               file=sys.stderr)
 
 
+def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args) -> int:
+    """`--recursive` (a dataset and its descendants) or `latest --all` (every dataset)."""
+    from zfsmgr.restore.receive import Target
+    from zfsmgr.restore.tree import descendants, every_dataset, restore_tree
+
+    if getattr(args, "all", False):
+        if args.recursive or args.source_dataset:
+            raise UsageError("--all restores every dataset: without --recursive or"
+                             " --source-dataset")
+        if not rows:
+            raise UsageError("the server holds no backups for this client")
+        items = every_dataset(manifests)
+    else:
+        top = listing.pick(rows, args.number) if args.command == "restore" else \
+            _latest(rows, args)
+        items = descendants(manifests, top)
+    into = Target(zfs, args.dataset, args.force)
+    into.check()
+    restored = restore_tree(zfs, opener, manifests, items, into)
+    print(f"restored {len(restored)} datasets into {args.dataset}")
+    for (_, manifest), name in zip(items, restored):
+        print(f"  {name}: {manifest.dataset}@{manifest.snapshot}")
+    return 0
+
+
 def _client(env_file) -> ServerClient:
     settings = config.load(config.RESTORE, env_file)
     settings.require("CLIENT_ID", "API_KEY", "SERVER_URL")
@@ -192,6 +233,8 @@ def _list(rows: listing.Numbered, args) -> int:
     rows = listing.only_dataset(rows, args.dataset)
     if args.json:
         print(json.dumps(listing.as_json(rows), indent=1))
+    elif rows and args.tree:
+        print(listing.format_tree(rows))
     elif not rows:
         print("no backups" + (f" of {args.dataset}" if args.dataset else ""), file=sys.stderr)
     else:

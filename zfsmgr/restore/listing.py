@@ -80,3 +80,23 @@ def format_table(rows: Numbered) -> str:
 def as_json(rows: Numbered) -> list:
     """The rows as JSON-ready dicts: the manifest plus `number` and `id`."""
     return [{"number": number, "id": snapshot_id(m.key), **m.to_dict()} for number, m in rows]
+
+
+def format_tree(rows: Numbered) -> str:
+    """The `list --tree` view: one block per run (the snapshot name a run gives every
+    dataset it backs up), newest first, each dataset indented under its parent."""
+    runs: dict[str, Numbered] = {}
+    for number, m in rows:
+        runs.setdefault(m.snapshot, []).append((number, m))
+    out = []
+    for snapshot, members in runs.items():
+        first = members[0][1]
+        total = sum(m.stored_size for _, m in members)
+        out.append(f"{snapshot}  {timestamp_text(first)}  {len(members)} datasets,"
+                   f" {human_size(total)}")
+        names = {m.dataset for _, m in members}
+        for number, m in sorted(members, key=lambda row: row[1].dataset):
+            depth = sum(1 for other in names if m.dataset.startswith(other + "/"))
+            out.append(f"  {'  ' * depth}{number:>4}  {m.dataset}  {m.type}"
+                       f"  {human_size(m.stored_size)}")
+    return "\n".join(out)

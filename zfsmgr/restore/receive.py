@@ -8,6 +8,7 @@ truncated object never reaches its end record, and `zfs recv` is killed instead.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import sys
@@ -161,6 +162,11 @@ class Target:
             return None
         if props.get("mounted") == "yes":
             return None
+        path = props["mountpoint"]
+        if os.path.ismount(path) or (os.path.isdir(path) and os.listdir(path)):
+            # a mountpoint that came with the stream (send -p) may be the live dataset's
+            return (f"{self.name} is restored but not mounted: its mountpoint {path} is in"
+                    " use; see `zfsmgr restore mount`")
         try:
             self.zfs.mount(self.name)
         except ZfsError as exc:

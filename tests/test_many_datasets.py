@@ -1,0 +1,155 @@
+"""One run over a tree of datasets on zfs-fuse: selection, exclusions, atomic snapshots, a
+dataset created and one destroyed between runs, a failing dataset, unchanged datasets."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import urllib.parse
+
+import pytest
+
+import rig
+
+pytestmark = [pytest.mark.zfs]
+
+
+def zfs(*args):
+    return rig.sh("zfs", *args)
+
+
+def make_tree(pool):
+    """root/{a/{x},b,skip/{deep},c(off)/{on(on)}}, with properties to carry."""
+    root = pool.create("host")
+    for child in ("a", "a/x", "b", "skip", "skip/deep", "c", "c/on"):
+        zfs("create", f"{root}/{child}")
+    zfs("set", "org.zfsmgr:backup=off", f"{root}/c")
+    zfs("set", "org.zfsmgr:backup=on", f"{root}/c/on")
+    zfs("set", "compression=gzip-3", f"{root}/a")
+    zfs("set", "recordsize=16K", f"{root}/b")
+    zfs("set", "org.example:owner=ann", f"{root}/a/x")
+    for i, child in enumerate(("", "/a", "/a/x", "/b", "/c/on")):
+        rig.write_files(pool.mountpoint(root + child), seed=10 + i, count=2, size=50_000)
+    return root
+
+
+def env_for(server, root, **extra):
+    return {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true",
+            "EXCLUDE_DATASETS": f"{root}/skip", **extra}
+
+
+def backup_json(run_zfsmgr, env, expect=0):
+    done = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert done.returncode == expect, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def statuses(report):
+    return {d["dataset"]: d["status"] for d in report["datasets"]}
+
+
+def test_a_tree_in_one_run_then_changes_over_time(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    root = make_tree(pool)
+    env = env_for(server, root)
+    shown = json.loads(run_zfsmgr(["client", "datasets", "--json"], env=env,
+                                  check=True).stdout)
+    verdict = {d["dataset"]: d["selected"] for d in shown}
+    assert verdict == {root: True, f"{root}/a": True, f"{root}/a/x": True, f"{root}/b": True,
+                       f"{root}/skip": False, f"{root}/skip/deep": False, f"{root}/c": False,
+                       f"{root}/c/on": True}
+    reasons = {d["dataset"]: d["reason"] for d in shown}
+    assert reasons[f"{root}/skip/deep"] == f"below {root}/skip, in EXCLUDE_DATASETS"
+    assert "inherited" not in reasons[f"{root}/c"] and "off" in reasons[f"{root}/c"]
+    text = run_zfsmgr(["client", "datasets"], env=env, check=True).stdout
+    assert f"{root}/skip\tleft out\tin EXCLUDE_DATASETS" in text
+
+    first = backup_json(run_zfsmgr, env)
+    chosen = [d for d, s in verdict.items() if s]
+    assert statuses(first) == {d: "full" for d in chosen}
+    assert first["failed"] == 0 and first["sent"] == len(chosen)
+    # one snapshot name for the whole run; nothing on the excluded datasets
+    assert {d["snapshot"] for d in first["datasets"]} == {f"{d}@{first['snapshot']}"
+                                                          for d in chosen}
+    for left_out in ("skip", "skip/deep", "c"):
+        assert zfs("list", "-H", "-t", "snapshot", "-r", "-d", "1", "-o", "name",
+                   f"{root}/{left_out}").strip() == ""
+    # what the server holds: one chain per dataset
+    catalog = {m["dataset"] for m in server_snapshots(server)}
+    assert catalog == set(chosen)
+
+    time.sleep(1.1)
+    rig.write_files(pool.mountpoint(f"{root}/a"), seed=99, count=1, size=30_000)
+    zfs("create", f"{root}/a/new")
+    rig.write_files(pool.mountpoint(f"{root}/a/new"), seed=98, count=1, size=30_000)
+    zfs("release", hold_of(server), f"{root}/b@{first['snapshot']}")  # zfs-fuse: a held base
+    rig.sh("zfs", "umount", f"{root}/b", check=False)  # zfs-fuse: a mounted one is busy
+    zfs("destroy", "-r", f"{root}/b")
+    second = backup_json(run_zfsmgr, env)
+    got = statuses(second)
+    assert got[f"{root}/a"] == "incremental" and got[f"{root}/a/new"] == "full"
+    # (the root changed: zfs removed b's mountpoint directory from it)
+    assert got[f"{root}/a/x"] == "unchanged" and got[f"{root}/c/on"] == "unchanged"
+    assert f"{root}/b" not in got
+    notes = " | ".join(second["notes"])
+    assert f"{root}/b was destroyed since the last run; its backups stay" in notes
+    assert f"{root}/a/new is new" in notes
+    # the unchanged datasets keep no new snapshot; the base stays
+    snaps = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1",
+                f"{root}/a/x").split()
+    assert snaps == [f"{root}/a/x@{first['snapshot']}"]
+    assert any(m["dataset"] == f"{root}/b" for m in server_snapshots(server))
+
+    time.sleep(1.1)
+    third = backup_json(run_zfsmgr, {**env, "BACKUP_UNCHANGED": "true"})
+    assert set(statuses(third).values()) == {"incremental"}
+    assert third["notes"] == []  # reported once
+
+
+def hold_of(server):
+    from zfsmgr.client.base import hold_tag, server_tag
+
+    env = server.client_env
+    return hold_tag(server_tag(env["SERVER_URL"], env["CLIENT_ID"]))
+
+
+def server_snapshots(server):
+    import urllib.request
+
+    env = server.client_env
+    request = urllib.request.Request(env["SERVER_URL"] + "/snapshots", headers={
+        "X-Client-ID": env["CLIENT_ID"], "X-API-Key": env["API_KEY"]})
+    with urllib.request.urlopen(request) as answer:
+        return json.loads(answer.read())["snapshots"]
+
+
+def test_one_failing_dataset_does_not_stop_the_others(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    root = make_tree(pool)
+    env = env_for(server, f"{root}/a, {root}/b {root}/missing", RECURSIVE="false",
+                  EXCLUDE_DATASETS="")
+    state = server.client_env["STATE_DIR"]
+    os.makedirs(state, exist_ok=True)
+    fd = os.open(os.path.join(state, "lock-" + urllib.parse.quote(f"{root}/b", safe="")),
+                 os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another zfsmgr process is busy with b
+    try:
+        report = backup_json(run_zfsmgr, env, expect=1)
+        text = run_zfsmgr(["client", "backup"], env=env)
+    finally:
+        os.close(fd)
+    got = statuses(report)
+    assert got == {f"{root}/a": "full", f"{root}/b": "failed", f"{root}/missing": "failed"}
+    messages = {d["dataset"]: d["message"] for d in report["datasets"]}
+    assert "another zfsmgr run is working on" in messages[f"{root}/b"]
+    assert messages[f"{root}/missing"] == f"dataset {root}/missing does not exist"
+    assert report["failed"] == 2 and report["exit_status"] == 1
+    assert text.returncode == 1
+    assert f"zfsmgr: error: {root}/b: another zfsmgr run" in text.stderr
+    assert "2 of 3 datasets failed" in text.stderr
+    assert "3 datasets: " in text.stdout
+    # b has no snapshot left behind
+    assert zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1",
+               f"{root}/b").strip() == ""

@@ -1,0 +1,142 @@
+"""Which datasets a run backs up (client/selection.py) and how a selection changes over time
+(client/changes.py): pure functions, no ZFS."""
+
+from __future__ import annotations
+
+from zfsmgr.client.base import Base
+from zfsmgr.client.changes import compare, unchanged
+from zfsmgr.client.selection import Candidate, Choice, parse_list, select, selected
+from zfsmgr.zfs import Snapshot
+
+
+def tree(*entries):
+    """Candidates from (name, backup, source) or plain names."""
+    out = []
+    for e in entries:
+        name, backup, source = (e, "-", "-") if isinstance(e, str) else e
+        out.append(Candidate(name, "filesystem", backup, source, guid=f"g-{name}"))
+    return out
+
+
+HOST = tree("tank", "tank/home", "tank/home/ann", "tank/home/bob", "tank/vm", "tank/vm/web",
+            ("tank/scratch", "off", "local"), ("tank/scratch/keep", "on", "local"),
+            ("tank/scratch/tmp", "off", "inherited from tank/scratch"), "rpool/ROOT")
+
+
+def verdicts(choices):
+    return {c.name: c.selected for c in choices}
+
+
+def test_lists_are_comma_or_space_separated_and_deduplicated():
+    assert parse_list("tank/home, tank/vm  tank/home,,rpool/ROOT/") == [
+        "tank/home", "tank/vm", "rpool/ROOT"]
+    assert parse_list("") == [] and parse_list(None) == []
+    assert parse_list("tank/data") == ["tank/data"]
+
+
+def test_without_recursion_only_the_named_datasets():
+    choices = select(HOST, ["tank/home", "tank/vm"], recursive=False)
+    assert verdicts(choices) == {"tank/home": True, "tank/vm": True}
+    assert choices[0].reason == "named in LOCAL_DATASET" and choices[0].guid == "g-tank/home"
+
+
+def test_recursion_adds_every_descendant_and_says_why():
+    choices = select(HOST, ["tank/home"], recursive=True)
+    assert selected(choices) == ["tank/home", "tank/home/ann", "tank/home/bob"]
+    assert choices[1].reason == "below tank/home (RECURSIVE=true)"
+
+
+def test_an_excluded_subtree_goes_whole():
+    choices = select(HOST, ["tank"], recursive=True, excludes=["tank/vm"])
+    v = verdicts(choices)
+    assert v["tank/vm"] is False and v["tank/vm/web"] is False and v["tank/home/ann"] is True
+    reasons = {c.name: c.reason for c in choices}
+    assert reasons["tank/vm"] == "in EXCLUDE_DATASETS"
+    assert reasons["tank/vm/web"] == "below tank/vm, in EXCLUDE_DATASETS"
+    assert "rpool/ROOT" not in v  # outside the roots
+
+
+def test_the_property_excludes_and_on_includes_again_below():
+    choices = select(HOST, ["tank"], recursive=True)
+    v = verdicts(choices)
+    assert v["tank/scratch"] is False and v["tank/scratch/tmp"] is False
+    assert v["tank/scratch/keep"] is True
+    reasons = {c.name: c.reason for c in choices}
+    assert reasons["tank/scratch"] == "org.zfsmgr:backup=off (set here)"
+    assert reasons["tank/scratch/tmp"] == "org.zfsmgr:backup=off (inherited from tank/scratch)"
+    assert reasons["tank/scratch/keep"] == "org.zfsmgr:backup=on (set here)"
+
+
+def test_exclude_datasets_wins_over_the_property():
+    choices = select(HOST, ["tank"], recursive=True, excludes=["tank/scratch"])
+    assert verdicts(choices)["tank/scratch/keep"] is False
+
+
+def test_a_missing_root_and_odd_values_and_unusable_names():
+    odd = tree(("tank/a", "maybe", "local"), "tank/b c", "tank/s@snap")
+    roots = ["tank/a", "tank/b c", "tank/gone", "tank/v"]
+    choices = select(odd + [Candidate("tank/v", "volume")], roots, recursive=False)
+    by = {c.name: c for c in choices}
+    assert by["tank/gone"] == Choice("tank/gone", False, "does not exist")
+    assert by["tank/a"].selected and "neither on nor off" in by["tank/a"].reason
+    assert not by["tank/b c"].selected and by["tank/b c"].reason.startswith("name not usable")
+    assert by["tank/v"].selected  # volumes are backed up too
+    assert "tank/s@snap" not in by
+
+
+def test_overlapping_roots_give_each_dataset_once():
+    choices = select(HOST, ["tank/home", "tank/home/ann"], recursive=True)
+    assert [c.name for c in choices] == ["tank/home", "tank/home/ann", "tank/home/bob"]
+
+
+def chosen(*names, guid=None):
+    return [Choice(n, True, "x", (guid or {}).get(n, f"g-{n}")) for n in names]
+
+
+def test_changes_in_the_selection_are_reported():
+    previous = {"tank/a": "g-tank/a", "tank/old": "g-old", "tank/gone": "g-gone",
+                "tank/was": "g-moved"}
+    now = chosen("tank/a", "tank/new", "tank/moved", guid={"tank/moved": "g-moved"}) + [
+        Choice("tank/old", False, "org.zfsmgr:backup=off (set here)", "g-old")]
+    notes = compare(previous, now)
+    assert any(n.startswith("tank/gone was destroyed") for n in notes)
+    assert any(n.startswith("tank/old is no longer backed up (org.zfsmgr:backup=off")
+               for n in notes)
+    assert any(n.startswith("tank/was was renamed to tank/moved") for n in notes)
+    assert "tank/new is new: it starts with a full backup" in notes
+    assert not any("tank/moved is new" in n for n in notes)
+    assert all("stay on the server" in n for n in notes if "new:" not in n)
+    assert compare(None, now) == []  # the first run has nothing to compare
+    assert compare({c.name: c.guid for c in now if c.selected}, now) == []
+
+
+def snap(name, guid, txg, **props):
+    return Snapshot(name, guid, txg, txg, 0, {k: str(v) for k, v in props.items()})
+
+
+BASE = Base("t/d@zfsmgr_1", "zfsmgr_1", "g1", False)
+
+
+def test_unchanged_on_openzfs_sums_written_after_the_base():
+    base = snap("t/d@zfsmgr_1", "g1", 5, written=900)
+    new = snap("t/d@zfsmgr_2", "g2", 9, written=0)
+    typed = snap("t/d@zfsmgr_daily_x", "g3", 7, written=0)
+    assert unchanged(new, BASE, [base, typed, new], [], modern=True)
+    busy = snap("t/d@zfsmgr_daily_x", "g3", 7, written=4096)
+    assert not unchanged(new, BASE, [base, busy, new], [], modern=True)
+    mark = Base("t/d#zfsmgr_1.ab", "zfsmgr_1", "g1", True, "ab")
+    # a bookmark whose snapshot is gone: the first later snapshot may count older writes
+    assert not unchanged(new, mark, [new], [snap("t/d#zfsmgr_1.ab", "g1", 5)], modern=True)
+
+
+def test_unchanged_on_zfs_fuse_needs_the_base_right_before_with_no_space_of_its_own():
+    base = snap("t/d@zfsmgr_1", "g1", 5, used=0, referenced=1000)
+    new = snap("t/d@zfsmgr_2", "g2", 9, used=0, referenced=1000)
+    assert unchanged(new, BASE, [base, new], [], modern=False)
+    assert not unchanged(new, BASE, [snap("t/d@zfsmgr_1", "g1", 5, used=4096,
+                                          referenced=1000), new], [], modern=False)
+    grown = snap("t/d@zfsmgr_2", "g2", 9, used=0, referenced=2000)
+    assert not unchanged(grown, BASE, [base, grown], [], modern=False)
+    between = snap("t/d@mine", "g4", 7, used=0, referenced=1000)
+    assert not unchanged(new, BASE, [base, between, new], [], modern=False)
+    assert not unchanged(new, BASE, [new], [], modern=False)  # base snapshot gone

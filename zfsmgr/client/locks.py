@@ -1,0 +1,47 @@
+"""Locks of the client: one run per server at a time, one zfsmgr process per dataset at a time
+(flock, released when the process dies)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import urllib.parse
+from pathlib import Path
+
+from zfsmgr.errors import LockedError
+
+
+class Lock:
+    """An exclusive, non-blocking flock on `path`; LockedError with `busy` when taken."""
+
+    def __init__(self, path: Path, busy: str):
+        self.path, self.busy = path, busy
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise LockedError(f"{self.busy} ({self.path})") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+class DatasetLock(Lock):
+    """One zfsmgr run per dataset at a time."""
+
+    def __init__(self, folder: Path, dataset: str):
+        # the real name, escaped: tank/a_b and tank/a/b must not share a lock
+        super().__init__(folder / ("lock-" + urllib.parse.quote(dataset, safe="")),
+                         f"another zfsmgr run is working on {dataset}")
+
+
+class RunLock(Lock):
+    """One backup run per server (`tag`) at a time."""
+
+    def __init__(self, folder: Path, tag: str):
+        super().__init__(folder / f"lock-run-{tag}", "another zfsmgr backup run to this server"
+                         " is in progress")

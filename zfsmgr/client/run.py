@@ -1,0 +1,292 @@
+"""One `client backup` run over every selected dataset of the host.
+
+One lock for the run (per server) and one per dataset; one listing per pool; one atomic
+`zfs snapshot` per pool naming every selected dataset of it (the same snapshot name in every
+pool, so a run is recognisable), then one stream and chain per dataset. A dataset that fails
+is reported and the others go on; when the server cannot be reached, the rest of the run is
+skipped (each would wait minutes for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from zfsmgr import protocol
+from zfsmgr.client import changes
+from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
+                                  named_by_its_creation, wait_for_a_new_second)
+from zfsmgr.client.base import PROP_KIND
+from zfsmgr.client.inventory import Pool, list_pools
+from zfsmgr.client.locks import DatasetLock
+from zfsmgr.client.selection import Choice, parse_list, select
+from zfsmgr.client.upload import Result, summary
+from zfsmgr.crypt import Encryption
+from zfsmgr.errors import ExitStatus, ServerUnreachable, ZfsmgrError
+from zfsmgr.progress import human
+from zfsmgr.zfs import Snapshot, Zfs, snapshot_from
+
+log = logging.getLogger("zfsmgr.client")
+
+
+@dataclass
+class Outcome:
+    """What the run did with one dataset: sent, unchanged or failed."""
+
+    dataset: str
+    status: str
+    message: str = ""
+    result: Optional[Result] = None
+    exit_status: int = ExitStatus.OK
+
+    def as_dict(self) -> dict:
+        out = {"dataset": self.dataset, "status": self.status, "message": self.message}
+        if self.result:
+            out.update(self.result.as_dict())
+        return out
+
+    def line(self) -> str:
+        if self.result:
+            return summary(self.result)
+        return f"{self.dataset}: {self.status}: {self.message}"
+
+
+@dataclass
+class Report:
+    """The whole run."""
+
+    outcomes: List[Outcome] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    snapshot: str = ""
+
+    @property
+    def failed(self) -> List[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def exit_status(self) -> int:
+        """0 when every dataset succeeded; else the failures' status when they agree, 1."""
+        codes = {o.exit_status for o in self.failed}
+        return ExitStatus.OK if not codes else codes.pop() if len(codes) == 1 \
+            else ExitStatus.ERROR
+
+    def as_dict(self) -> dict:
+        sent = [o.result for o in self.outcomes if o.result]
+        return {"snapshot": self.snapshot, "datasets": [o.as_dict() for o in self.outcomes],
+                "notes": self.notes, "sent": len(sent),
+                "unchanged": sum(o.status == "unchanged" for o in self.outcomes),
+                "failed": len(self.failed), "raw_size": sum(r.raw_size for r in sent),
+                "stored_size": sum(r.stored_size for r in sent),
+                "exit_status": int(self.exit_status())}
+
+    def total_line(self) -> str:
+        d = self.as_dict()
+        return (f"{len(self.outcomes)} datasets: {d['sent']} sent ({human(d['raw_size'])} as"
+                f" {human(d['stored_size'])}), {d['unchanged']} unchanged, {d['failed']}"
+                " failed")
+
+
+@dataclass
+class Options:
+    """The settings a run uses."""
+
+    roots: List[str]
+    recursive: bool = False
+    excludes: List[str] = field(default_factory=list)
+    compression: str = "gzip"
+    level: int = 1
+    storage_type: str = ""
+    send_properties: bool = True
+    backup_unchanged: bool = False
+    tag: str = ""
+
+    @classmethod
+    def from_settings(cls, settings, tag: str) -> "Options":
+        roots = [protocol.validate_dataset(r) for r in parse_list(settings.local_dataset)]
+        return cls(roots, settings.recursive, parse_list(settings.exclude_datasets),
+                   settings.compress, settings.compress_level, settings.storage_type,
+                   settings.send_properties, settings.backup_unchanged, tag)
+
+
+def plan(zfs: Zfs, options: Options):
+    """(pools, choices): the listing and the verdict on every dataset, as `client datasets`
+    shows them."""
+    pools = list_pools(zfs, options.roots, options.recursive)
+    candidates = [d.candidate() for p in pools.values() for d in p.datasets.values()]
+    return pools, select(candidates, options.roots, options.recursive, options.excludes)
+
+
+class Run:
+    """A backup run of every selected dataset to one server."""
+
+    def __init__(self, api, zfs: Zfs, options: Options, state_dir: Path, mode: str = "auto",
+                 report: Callable[[Outcome], None] = lambda outcome: None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 encryption: Encryption = Encryption()):
+        self.api, self.zfs, self.options, self.mode = api, zfs, options, mode
+        self.encryption = encryption
+        self.state_dir, self.report_one, self.sleep = state_dir, report, sleep
+        self.report = Report()
+
+    def _done(self, outcome: Outcome) -> None:
+        self.report.outcomes.append(outcome)
+        self.report_one(outcome)
+
+    def _fail(self, dataset: str, exc: BaseException) -> None:
+        self._done(Outcome(dataset, "failed", str(exc), None,
+                           getattr(exc, "exit_status", ExitStatus.ERROR)))
+
+    def execute(self) -> Report:
+        """Run it; the report says what happened to each dataset."""
+        pools, choices = plan(self.zfs, self.options)
+        history = changes.history_path(self.state_dir, self.options.tag)
+        self.report.notes = changes.compare(changes.load_history(history), choices)
+        for note in self.report.notes:
+            log.info("%s", note)
+        chosen = [c for c in choices if c.selected or c.reason == "does not exist"]
+        if not chosen:
+            raise ZfsmgrError("no dataset selected: see `zfsmgr client datasets`")
+        catalog = self.api.call("GET", protocol.SNAPSHOTS)["snapshots"]
+        status = self.api.call("GET", protocol.STATUS)
+        on_server: Dict[str, List[dict]] = {}
+        for manifest in catalog:
+            on_server.setdefault(manifest["dataset"], []).append(manifest)
+        with contextlib.ExitStack() as locks:
+            prepared = self._prepare(pools, chosen, on_server, status, locks)
+            self._snapshot_and_send(pools, prepared, on_server)
+        changes.save_history(history, choices)
+        order = {c.name: i for i, c in enumerate(choices)}
+        self.report.outcomes.sort(key=lambda o: order.get(o.dataset, 0))
+        return self.report
+
+    def _prepare(self, pools: Dict[str, Pool], chosen: List[Choice], on_server, status,
+                 locks: contextlib.ExitStack) -> Dict[str, Backup]:
+        prepared: Dict[str, Backup] = {}
+        for choice in chosen:
+            if not choice.selected:
+                self._fail(choice.name, ZfsmgrError(f"dataset {choice.name} does not exist"))
+                continue
+            pool = pools[choice.name.split("/")[0]]
+            info = pool.datasets[choice.name]
+            try:
+                locks.enter_context(DatasetLock(self.state_dir, choice.name))
+                o = self.options
+                backup = Backup(self.api, self.zfs, choice.name, o.compression, o.level,
+                                o.storage_type, sleep=self.sleep,
+                                encryption=self.encryption, send_properties=o.send_properties,
+                                tag=o.tag)
+                backup.compression_property = info.values.get("compression", "-")
+                backup.prepare(self.mode, pool.features_of(choice.name),
+                               on_server.get(choice.name, []), status, info.snaps,
+                               info.marks if pool.features.bookmarks else None)
+                prepared[choice.name] = backup
+            except ZfsmgrError as exc:
+                self._fail(choice.name, exc)
+        return prepared
+
+    def _snapshot_and_send(self, pools: Dict[str, Pool], prepared: Dict[str, Backup],
+                           on_server) -> None:
+        if not prepared:
+            return
+        taken = {s.short for b in prepared.values() for s in b.snaps}
+        latest = max(latest_second(on_server.get(n, []), b.snaps) for n, b in prepared.items())
+        wait_for_a_new_second(latest, self.sleep)
+        short = free_snapshot_name(taken)
+        self.report.snapshot = short
+        new: Dict[str, Snapshot] = {}
+        for pool in pools.values():
+            members = [n for n in prepared if n.split("/")[0] == pool.name]
+            if members:
+                new.update(self._named_snapshots(pool, members, short, taken, prepared))
+        unreachable: Optional[ServerUnreachable] = None
+        for name, backup in prepared.items():
+            snap = new.get(name)
+            if snap is None:
+                continue
+            if unreachable is not None:
+                backup.discard(snap)
+                self._fail(name, ServerUnreachable(f"skipped: {unreachable}"))
+                continue
+            pool = pools[name.split("/")[0]]
+            if self._unchanged(backup, snap, pool):
+                continue
+            try:
+                result = backup.send(snap)
+                self._done(Outcome(name, result.type, "", result))
+            except ServerUnreachable as exc:
+                unreachable = exc
+                self._fail(name, exc)
+            except ZfsmgrError as exc:
+                self._fail(name, exc)
+
+    def _named_snapshots(self, pool: Pool, members: List[str], short: str, taken: set,
+                         prepared: Dict[str, Backup]) -> Dict[str, Snapshot]:
+        """The pool's new snapshots, each named by its creation second (the storage key's
+        timestamp): snapshots that landed in the next second are made again under a new
+        name (the pool then differs from the run's name)."""
+        for _ in range(5):
+            made = self._snapshot_pool(pool, members, short, prepared)
+            if all(named_by_its_creation(snap) for snap in made.values()):
+                return made
+            for name, snap in made.items():
+                prepared[name].discard(snap)
+            taken = taken | {short}
+            short = free_snapshot_name(taken)
+        for name in members:
+            self._fail(name, ZfsmgrError(f"the clock of pool {pool.name} disagrees with this"
+                                         " host's: cannot name a snapshot by its creation"
+                                         " time"))
+        return {}
+
+    def _snapshot_pool(self, pool: Pool, members: List[str], short: str,
+                       prepared: Dict[str, Backup]) -> Dict[str, Snapshot]:
+        """Snapshot the pool's members atomically (zfs-fuse: one `zfs snapshot -r` per whole
+        subtree, else one per dataset); return the new snapshots as listed afterwards."""
+        props = {PROP_KIND: "backup"}
+        done: List[str] = []
+        if pool.features.modern:
+            batches = [(members, False)]
+        else:
+            tops = [m for m in members if pool.whole_subtree(m, members) and not any(
+                o != m and m.startswith(o + "/") and pool.whole_subtree(o, members)
+                for o in members)]
+            rest = [m for m in members if not any(m == t or m.startswith(t + "/")
+                                                  for t in tops)]
+            batches = [([t], True) for t in tops] + [([m], False) for m in rest]
+            if len(batches) > 1:
+                log.info("%s: zfs-fuse takes one snapshot at a time: %d snapshots instead of"
+                         " one atomic one", pool.name, len(batches))
+        for names, recursive in batches:
+            covered = [m for m in members if any(m == n or (recursive and m.startswith(n + "/"))
+                                                 for n in names)]
+            try:
+                self.zfs.snapshot_many([f"{n}@{short}" for n in names], props, recursive)
+                done += covered
+            except ZfsmgrError as exc:
+                for name in covered:
+                    self._fail(name, exc)
+        if not done:
+            return {}
+        names = [f"{n}@{short}" for n in done]
+        bases = [prepared[n].base.name for n in done
+                 if prepared[n].base and not prepared[n].base.is_bookmark]
+        listed = self.zfs.props(names + bases, pool.snapshot_props)
+        self._fresh = {n: snapshot_from(n, v, pool.snapshot_props) for n, v in listed.items()}
+        return {n: self._fresh[f"{n}@{short}"] for n in done}
+
+    def _unchanged(self, backup: Backup, snap: Snapshot, pool: Pool) -> bool:
+        """Skip (and destroy) the new snapshot when nothing changed since this server's base."""
+        if self.options.backup_unchanged or backup.base is None or backup.mode == "full":
+            return False
+        snaps = [self._fresh.get(s.name, s) for s in backup.snaps] + [snap]
+        if not changes.unchanged(snap, backup.base, snaps, backup.marks or [],
+                                 pool.features.modern):
+            return False
+        backup.discard(snap)
+        self._done(Outcome(backup.dataset, "unchanged",
+                           f"nothing written since {backup.base.name}: no backup sent"
+                           " (BACKUP_UNCHANGED=true sends one anyway)"))
+        return True

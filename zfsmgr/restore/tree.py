@@ -1,0 +1,86 @@
+"""Restoring a tree of datasets: a source dataset with its descendants (`--recursive`), or every
+dataset of the client (`latest --all`), each with its own chain, under one target.
+
+Which backup of each dataset: for `--recursive`, the chosen backup for the source dataset and,
+for each descendant, its newest backup taken no later than that one (a run does not send a
+dataset with nothing written, so its newest backup may come from an earlier run); for `--all`,
+each dataset's newest backup. The whole tree is received under the target the way a single
+restore is (restore/receive.py): into the target when it does not exist, else — with --force —
+under a temporary sibling that replaces the target only once every chain is in and verified.
+A failure removes everything the restore created.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from zfsmgr.protocol import Manifest
+from zfsmgr.restore.chain import chain_for
+from zfsmgr.restore.listing import moment
+from zfsmgr.restore.receive import StreamOpener, Target, receive_chain
+from zfsmgr.zfs import Zfs, run
+
+Items = list[tuple[str, Manifest]]  # (name relative to the target, '' for the target itself)
+
+
+def below(name: str, parent: str) -> bool:
+    return name.startswith(parent + "/")
+
+
+def descendants(manifests: Sequence[Manifest], top: Manifest) -> Items:
+    """`top` as '' and, per descendant dataset of `top.dataset`, its newest backup no later
+    than `top`, sorted parents first."""
+    newest: dict[str, Manifest] = {}
+    for m in manifests:
+        if below(m.dataset, top.dataset) and moment(m) <= moment(top):
+            if m.dataset not in newest or moment(m) > moment(newest[m.dataset]):
+                newest[m.dataset] = m
+    items = [(name[len(top.dataset) + 1:], m) for name, m in newest.items()]
+    return [("", top)] + sorted(items, key=lambda item: item[0])
+
+
+def every_dataset(manifests: Sequence[Manifest]) -> Items:
+    """Each source dataset's newest backup, named by its full source name, parents first."""
+    newest: dict[str, Manifest] = {}
+    for m in manifests:
+        if m.dataset not in newest or moment(m) > moment(newest[m.dataset]):
+            newest[m.dataset] = m
+    return sorted(newest.items(), key=lambda item: item[0])
+
+
+def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manifest],
+                 items: Items, target: Target) -> list[str]:
+    """Receive every item's chain under `target`; return the restored dataset names. Every
+    chain is checked before anything is received; on any failure, nothing stays."""
+    chains = [(rel, chain_for(manifests, m)) for rel, m in items]  # broken: fails here
+    dest = target.prepare()
+    restored = []
+    try:
+        target.received()
+        if not any(rel == "" for rel, _ in chains):
+            _placeholder(zfs, dest)
+        for rel, chain in chains:
+            into = f"{dest}/{rel}" if rel else dest
+            if rel and "/" in rel:
+                parent = into.rsplit("/", 1)[0]
+                if not zfs.exists(parent):
+                    _placeholder(zfs, parent)
+            print(f"restoring {chain[-1].dataset}@{chain[-1].snapshot} into"
+                  f" {target.name}{'/' + rel if rel else ''}", file=sys.stderr)
+            receive_chain(zfs, open_stream, chain, into)
+            restored.append(f"{target.name}/{rel}" if rel else target.name)
+        target.commit()
+    except BaseException:
+        target.undo()
+        raise
+    for name in restored:
+        warning = Target(zfs, name).mount()
+        if warning:
+            sys.stderr.write(f"zfsmgr: warning: {warning}\n")
+    return restored
+
+
+def _placeholder(zfs: Zfs, name: str) -> None:
+    """An empty dataset that only holds restored children (its own data was not backed up)."""
+    run([zfs.zfs, "create", "-p", "-o", "canmount=off", name])
