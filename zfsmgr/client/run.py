@@ -230,6 +230,7 @@ class Run:
         for _ in range(5):
             made = self._snapshot_pool(pool, members, short, prepared)
             if all(named_by_its_creation(snap) for snap in made.values()):
+                self.report.snapshot = short
                 return made
             for name, snap in made.items():
                 prepared[name].discard(snap)
