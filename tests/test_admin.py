@@ -24,7 +24,8 @@ def backups(run_zfsmgr, env):
 def test_disable_rotate_key_quota_delete_forget_remove(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     dataset = pool.create("data")
-    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    env = {**server.client_env, "LOCAL_DATASET": dataset,
+           "BACKUP_UNCHANGED": "true"}  # the refused run below would send nothing otherwise
     for seed in range(2):
         rig.write_files(pool.mountpoint(dataset), seed=seed, count=2)
         run_zfsmgr(["client", "backup"], env=env, check=True)

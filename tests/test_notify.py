@@ -66,7 +66,8 @@ def test_healthcheck_start_success_then_start_fail(pool, server_factory, run_zfs
     server = server_factory("dir")
     dataset = pool.create("data")
     check = receiver.url + "/ping/3f9a-secret-uuid"
-    env = {**server.client_env, "LOCAL_DATASET": dataset, "HEALTHCHECK_URL": check}
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "HEALTHCHECK_URL": check,
+           "BACKUP_UNCHANGED": "true"}  # each run sends, though nothing is written between
     done = run_zfsmgr(["client", "backup"], env=env, check=True)
     assert [(m, p) for m, p, _ in receiver.requests] == [
         ("POST", "/ping/3f9a-secret-uuid/start"), ("POST", "/ping/3f9a-secret-uuid")]
@@ -108,7 +109,7 @@ def test_webhook_on_stale_recovered_and_failed_verification(pool, server_factory
     server = server_factory("dir", env={"NOTIFY_URL": receiver.url + "/hook/T0KEN",
                                         "STALE_CHECK_INTERVAL": "1s", "CHECK_WARN": "15s"})
     dataset = pool.create("data")
-    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "BACKUP_UNCHANGED": "true"}
     run_zfsmgr(["client", "backup"], env=env, check=True)
 
     def event(name):

@@ -152,9 +152,11 @@ def backup(settings, zfs, options, command: str, as_json: bool) -> int:
         print(f"note: {note}", file=sys.stderr)
     if len(report.outcomes) > 1:
         print(report.total_line())
-    for failure in report.failed:
-        print(f"zfsmgr: error: {failure.dataset}: {failure.message}", file=sys.stderr)
-    if report.failed:
+    if len(report.outcomes) == 1 and report.failed:  # one dataset: its error, as ever
+        print(f"zfsmgr: error: {report.failed[0].message}", file=sys.stderr)
+    elif report.failed:
+        for failure in report.failed:
+            print(f"zfsmgr: error: {failure.dataset}: {failure.message}", file=sys.stderr)
         print(f"zfsmgr: error: {len(report.failed)} of {len(report.outcomes)} datasets failed",
               file=sys.stderr)
     return report.exit_status()
