@@ -156,3 +156,45 @@ def test_datasets_with_the_same_key_token_never_collide(store, pool, server_fact
     rotated = json.loads(run_zfsmgr(["client", "rotate", "--dry-run", "--json"], env=env,
                                     check=True).stdout)
     assert rotated["dry_run"] is True and made["created"] in rotated["kept"]
+
+
+def test_auto_rotate_makes_room_for_a_real_incremental_without_an_estimate(
+        pool, server_factory, run_zfsmgr):
+    """zfs-fuse has no `send -nvP`: the client's incremental arrives with estimate 0, and the
+    server makes room part by part (old chains go, the base stays)."""
+    server = server_factory("dir", rotation_policy=KEEP_DAILY, env={"AUTO_ROTATE": "true"})
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"],
+                       server.client_env["API_KEY"])
+    dataset = pool.create("data")
+    mnt = pool.mountpoint(dataset)
+    start = time.time() - 10 * 86400
+    for i in range(4):  # two old chains, days ago
+        for old in mnt.glob("*"):
+            old.unlink()
+        rig.write_files(mnt, seed=400 + i, count=1, size=200_000)
+        rig.sh("zfs", "snapshot", f"{dataset}@old{i}")
+        parent = None if i % 2 == 0 else f"old{i - 1}"
+        argv = ["zfs", "send"] + (["-i", f"{dataset}@{parent}"] if parent else []) + [
+            f"{dataset}@old{i}"]
+        stream = subprocess.run(argv, capture_output=True, check=True).stdout
+        upload(api, dataset, f"old{i}", stream, start + i * 86400, parent)
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    for old in mnt.glob("*"):
+        old.unlink()
+    run_zfsmgr(["client", "backup"], env=env, check=True)  # a full: the newest chain
+    used = api.call("GET", protocol.STATUS)["used_bytes"]
+    clients = json.loads((server.workdir / "clients.json").read_text())
+    clients[0]["max_size_bytes"] = used + 50_000  # the next ~100 KB do not fit as things are
+    (server.workdir / "clients.json").write_text(json.dumps(clients))
+    content = rig.write_files(mnt, seed=499, count=1, size=200_000)
+    done = json.loads(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
+    assert done["type"] == "incremental"
+    left = [m["snapshot"] for m in api.call("GET", protocol.SNAPSHOTS)["snapshots"]]
+    assert "old0" not in left and "old1" not in left  # the oldest chain made the room
+    assert left[-1] == done["snapshot"].split("@", 1)[1] and len(left) >= 2  # with its base
+    assert api.call("GET", protocol.STATUS)["used_bytes"] <= clients[0]["max_size_bytes"]
+    assert "rotation deleted" in server.log()
+    assert "type=incremental estimate=0" in server.log()  # made room as it streamed
+    target = f"{pool.name}/check"
+    run_zfsmgr(["restore", "restore", "1", target], env=env, check=True)
+    assert files_of(pool, target) == content
