@@ -153,3 +153,26 @@ def test_one_failing_dataset_does_not_stop_the_others(pool, server_factory, run_
     # b has no snapshot left behind
     assert zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1",
                f"{root}/b").strip() == ""
+
+
+def test_typed_snapshots_cover_the_selection(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir", rotation_policy={"keep_hourly": 0, "keep_daily": 1,
+                                                    "keep_weekly": 0, "keep_monthly": 0})
+    root = make_tree(pool)
+    env = env_for(server, root)
+    made = json.loads(run_zfsmgr(["client", "snapshot", "daily", "--json"], env=env,
+                                 check=True).stdout)["created"]
+    chosen = [root, f"{root}/a", f"{root}/a/x", f"{root}/b", f"{root}/c/on"]
+    assert sorted(n.split("@")[0] for n in made) == chosen
+    assert len({n.split("@")[1] for n in made}) == 1  # one name for all
+    assert zfs("list", "-H", "-t", "snapshot", "-r", "-d", "1", "-o", "name",
+               f"{root}/skip").strip() == ""
+    time.sleep(1.1)
+    second = json.loads(run_zfsmgr(["client", "snapshot", "daily", "--json"], env=env,
+                                   check=True).stdout)
+    # one daily bucket: the newer snapshot stands for it, every dataset's older one goes
+    assert sorted(d["snapshot"] for d in second["destroyed"]) == sorted(made)
+    assert len(second["created"]) == len(chosen) and not set(second["created"]) & set(made)
+    plan = json.loads(run_zfsmgr(["client", "rotate", "--dry-run", "--json"], env=env,
+                                 check=True).stdout)
+    assert plan["destroyed"] == [] and sorted(plan["kept"]) == sorted(second["created"])

@@ -179,7 +179,7 @@ def _report_verify(client: ServerClient, report) -> None:
 def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args) -> int:
     """`--recursive` (a dataset and its descendants) or `latest --all` (every dataset)."""
     from zfsmgr.restore.receive import Target
-    from zfsmgr.restore.tree import descendants, every_dataset, restore_tree
+    from zfsmgr.restore.tree import every_dataset, restore_tree, subtree
 
     if getattr(args, "all", False):
         if args.recursive or args.source_dataset:
@@ -189,9 +189,11 @@ def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args) -> int:
             raise UsageError("the server holds no backups for this client")
         items = every_dataset(manifests)
     else:
-        top = listing.pick(rows, args.number) if args.command == "restore" else \
-            _latest(rows, args)
-        items = descendants(manifests, top)
+        if args.command == "restore":
+            top = listing.pick(rows, args.number)
+            items = subtree(manifests, top.dataset, listing.moment(top))
+        else:
+            items = subtree(manifests, _latest(rows, args).dataset)
     into = Target(zfs, args.dataset, args.force)
     into.check()
     restored = restore_tree(zfs, opener, manifests, items, into)

@@ -1,12 +1,13 @@
 """Restoring a tree of datasets: a source dataset with its descendants (`--recursive`), or every
 dataset of the client (`latest --all`), each with its own chain, under one target.
 
-Which backup of each dataset: for `--recursive`, the chosen backup for the source dataset and,
-for each descendant, its newest backup taken no later than that one (a run does not send a
-dataset with nothing written, so its newest backup may come from an earlier run); for `--all`,
-each dataset's newest backup. The whole tree is received under the target the way a single
-restore is (restore/receive.py): into the target when it does not exist, else — with --force —
-under a temporary sibling that replaces the target only once every chain is in and verified.
+Which backup of each dataset: for `restore N --recursive`, the newest backup of the source
+dataset and of each descendant taken no later than backup N; for `latest --recursive`, the
+newest of each (a run does not send a dataset with nothing written, so a dataset's newest
+backup may come from an earlier run than its parent's); for `--all`, each dataset's newest.
+The whole tree is received under the target the way a single restore is (restore/receive.py):
+into the target when it does not exist, else — with --force — under a temporary sibling that
+replaces the target only once every chain is in and verified.
 A failure removes everything the restore created.
 """
 
@@ -28,16 +29,18 @@ def below(name: str, parent: str) -> bool:
     return name.startswith(parent + "/")
 
 
-def descendants(manifests: Sequence[Manifest], top: Manifest) -> Items:
-    """`top` as '' and, per descendant dataset of `top.dataset`, its newest backup no later
-    than `top`, sorted parents first."""
+def subtree(manifests: Sequence[Manifest], dataset: str, until: float | None = None) -> Items:
+    """`dataset` as '' and each of its descendants, each with its newest backup taken no
+    later than `until` (None: its newest), parents first; a run that found a dataset
+    unchanged sent nothing for it, so its newest backup may come from an earlier run."""
     newest: dict[str, Manifest] = {}
     for m in manifests:
-        if below(m.dataset, top.dataset) and moment(m) <= moment(top):
+        if (m.dataset == dataset or below(m.dataset, dataset)) and (
+                until is None or moment(m) <= until):
             if m.dataset not in newest or moment(m) > moment(newest[m.dataset]):
                 newest[m.dataset] = m
-    items = [(name[len(top.dataset) + 1:], m) for name, m in newest.items()]
-    return [("", top)] + sorted(items, key=lambda item: item[0])
+    items = [(name[len(dataset) + 1:], m) for name, m in newest.items()]
+    return sorted(items, key=lambda item: item[0])
 
 
 def every_dataset(manifests: Sequence[Manifest]) -> Items:

@@ -1,0 +1,114 @@
+"""A tree backed up in runs comes back whole: `restore --recursive`, `latest --all`,
+`list --tree`; and onsite + offsite servers alternate with incrementals on both."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import rig
+from test_many_datasets import backup_json, env_for, make_tree, statuses, zfs
+
+pytestmark = [pytest.mark.zfs]
+
+
+def files(pool, dataset):
+    """The files of a (mounted) dataset, without its children's."""
+    rig.sh("zfs", "mount", dataset, check=False)
+    top = pool.mountpoint(dataset)
+    below = zfs("list", "-H", "-o", "name", "-r", "-d", "1", dataset).split()[1:]
+    children = [pool.mountpoint(c) for c in below]
+    return {k: v for k, v in rig.tree_digest(top).items()
+            if not any((top / k).is_relative_to(c) for c in children)}
+
+
+def datasets_under(name):
+    return zfs("list", "-H", "-o", "name", "-r", name).split()
+
+
+def test_a_tree_restores_whole_with_recursive_and_all(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    root = make_tree(pool)
+    env = env_for(server, root)
+    first = backup_json(run_zfsmgr, env)
+    a_before = files(pool, f"{root}/a")
+    time.sleep(1.1)
+    rig.write_files(pool.mountpoint(f"{root}/a"), seed=77, count=1, size=40_000)
+    second = backup_json(run_zfsmgr, env)
+    assert statuses(second)[f"{root}/a"] == "incremental"
+    chosen = [root, f"{root}/a", f"{root}/a/x", f"{root}/b", f"{root}/c/on"]
+    expected = {d: files(pool, d) for d in chosen}
+
+    tree = run_zfsmgr(["restore", "list", "--tree"], env=server.client_env, check=True).stdout
+    assert tree.count(f"{len(chosen)} datasets") == 1 and "1 datasets" in tree
+
+    target = f"{pool.name}/back"
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+                      env=server.client_env, check=True)
+    assert f"restored {len(chosen)} datasets into {target}" in done.stdout, done.stderr
+    restored = {target + d[len(root):] for d in chosen}
+    assert set(datasets_under(target)) == restored | {f"{target}/c"}  # c: a placeholder
+    for d in chosen:
+        assert files(pool, target + d[len(root):]) == expected[d], d
+    assert zfs("get", "-H", "-o", "value", "canmount", f"{target}/c").strip() == "off"
+
+    # --force replaces the whole tree, and only the tree
+    rig.write_files(pool.mountpoint(f"{target}/a"), seed=5, count=1, size=1000)
+    again = run_zfsmgr(["restore", "latest", target, "--recursive", "--force",
+                        "--source-dataset", root], env=server.client_env)
+    assert again.returncode == 0, again.stderr
+    assert files(pool, f"{target}/a") == expected[f"{root}/a"]
+    assert set(datasets_under(target)) == restored | {f"{target}/c"}
+    refused = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset",
+                          root], env=server.client_env)
+    assert refused.returncode == 1 and "already exists" in refused.stderr
+
+    # restore N --recursive: the tree as that run left it
+    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                 check=True).stdout)
+    number = next(r["number"] for r in rows if r["dataset"] == root
+                  and r["snapshot"] == first["snapshot"])
+    then = f"{pool.name}/then"
+    done = run_zfsmgr(["restore", "restore", str(number), then, "--recursive"],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    assert files(pool, f"{then}/a") == a_before != expected[f"{root}/a"]
+    assert files(pool, f"{then}/a/x") == expected[f"{root}/a/x"]
+
+    # disaster recovery: every dataset of the client under one target
+    every = f"{pool.name}/dr"
+    done = run_zfsmgr(["restore", "latest", "--all", every], env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    for d in chosen:
+        assert files(pool, f"{every}/{d}") == expected[d], d
+
+
+def test_onsite_and_offsite_alternate_with_incrementals(pool, server_factory, run_zfsmgr):
+    onsite, offsite = server_factory("dir"), server_factory("dir")
+    root = pool.create("host")
+    zfs("create", f"{root}/child")
+    kinds = {"onsite": [], "offsite": []}
+    for turn in range(5):
+        for d in (root, f"{root}/child"):
+            rig.write_files(pool.mountpoint(d), seed=100 + turn, count=1, size=20_000)
+        name, server = ("onsite", onsite) if turn % 2 == 0 else ("offsite", offsite)
+        env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true",
+               "STATE_DIR": str(pool.dir / "state")}  # one host: one state directory
+        report = backup_json(run_zfsmgr, env)
+        kinds[name].append(sorted(set(statuses(report).values())))
+        time.sleep(1.1)
+    assert kinds == {"onsite": [["full"], ["incremental"], ["incremental"]],
+                     "offsite": [["full"], ["incremental"]]}
+    for server in (onsite, offsite):
+        done = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                     check=True).stdout)
+        newest = {}
+        for row in done:  # newest first
+            newest.setdefault(row["dataset"], row)
+        assert set(newest) == {root, f"{root}/child"}
+    # each server's base is its own; the other's stays
+    bases = json.loads(run_zfsmgr(["client", "bookmarks", "--json"], env={
+        **onsite.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}, check=True).stdout)
+    assert len({b["server"] for b in bases if b["name"].startswith(root + "@")}) == 2
