@@ -4,10 +4,12 @@ client's warning for plain HTTP (decided from the URL: no traffic leaves loopbac
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 import ssl
+import struct
 import time
 
 import pytest
@@ -152,3 +154,33 @@ def test_status_over_https_is_the_same_api(server_factory, ca):
     api = ServerClient(server.url, "client1", server.client_env["API_KEY"], str(ca.cert))
     status = api.call("GET", protocol.STATUS)
     assert status["client_id"] == "client1" and status["snapshot_count"] == 0
+
+
+def test_connections_reset_mid_part_give_back_the_clients_share(server_factory, ca):
+    """A connection reset (or a TLS error) mid-body closes the channel past waitress's
+    handle_close: the gate's count of bodies arriving must be given back all the same, or after
+    CLIENT_MAX_REQUESTS such drops every part of the client got 429 until a restart."""
+    server = server_factory("dir", tls=ca, env={"CLIENT_MAX_REQUESTS": "2"})
+    key = server.client_env["API_KEY"]
+    api = ServerClient(server.url, "client1", key, str(ca.cert))
+    session = api.call("POST", protocol.UPLOAD, {
+        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000, "estimated_size": 0})
+    path = protocol.UPLOAD_PART.format(upload_id=session["upload_id"], index=0)
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Client-ID: client1\r\nX-API-Key: {key}\r\n"
+            "Content-Length: 100000\r\n\r\n").encode()
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    for _ in range(4):
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", server.port),
+                                                           timeout=5),
+                                  server_hostname="127.0.0.1")
+        tls.sendall(head + b"x" * 1000)
+        time.sleep(0.5)  # the server has the headers: the body is counted
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()  # no close_notify, an RST
+    data = os.urandom(3000)
+    assert api.put_part(session["upload_id"], 0, [data])["success"]  # before: 429
+    api.call("POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]), {
+        "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+        "stored_size": len(data), "raw_size": len(data)})
+    assert api.call("GET", protocol.STATUS)["snapshot_count"] == 1

@@ -201,9 +201,15 @@ def channel_class(gate: Gate, base=HTTPChannel):
         parser_class = GatedParser
 
         def handle_close(self):
-            request = self.request  # a body cut off mid-way: waitress never closes it
+            self.released()
+            super().handle_close()
+
+        def released(self):
+            """Give back the count of a body cut off mid-way (waitress never closes it);
+            TLSChannel calls this on the closes that bypass handle_close."""
+            request = self.request
             if request is not None and hasattr(request, "uncount"):
                 request.uncount()
-            super().handle_close()
+            getattr(super(), "released", lambda: None)()
 
     return GatedChannel

@@ -201,8 +201,13 @@ class TLSChannel(HTTPChannel):
         self._close_now()
 
     def _close_now(self) -> None:
+        """Close at once; `released()` runs first (the gate gives back a half-read body)."""
         self._raw.clear()
+        self.released()
         HTTPChannel.handle_close(self)
+
+    def released(self) -> None:
+        """The hook a channel subclass overrides to let go of what its request holds."""
 
 
 class TLSServer(TcpWSGIServer):
