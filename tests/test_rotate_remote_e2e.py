@@ -48,6 +48,13 @@ def upload(api, dataset, snapshot, stream, when, parent=None):
         "raw_size": len(stream), "parts_crc32": rig.parts_crc32(pieces)})["manifest"]
 
 
+def sent(stdout: str) -> dict:
+    """The one dataset's outcome in `client backup --json`."""
+    [outcome] = json.loads(stdout)["datasets"]
+    assert outcome["status"] in ("full", "incremental") and outcome["key"], outcome
+    return outcome
+
+
 def files_of(pool, dataset):
     rig.sh("zfs", "set", f"mountpoint={pool.dir}/check-{dataset.replace('/', '_')}", dataset)
     subprocess.run(["zfs", "mount", dataset], capture_output=True)
@@ -126,8 +133,7 @@ def test_datasets_with_the_same_key_token_never_collide(store, pool, server_fact
     for dataset, seed in ((flat, 1), (nested, 2)):
         content = rig.write_files(pool.mountpoint(dataset), seed=seed, count=1, size=40_000)
         env = {**server.client_env, "LOCAL_DATASET": dataset}
-        result = json.loads(run_zfsmgr(["client", "backup", "--json"], env=env,
-                                       check=True).stdout)
+        result = sent(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
         assert result["type"] == "full" and result["stored_size"] > 0
         digests[dataset, result["snapshot"].split("@", 1)[1]] = content
         keys[dataset] = result["key"]
@@ -142,7 +148,7 @@ def test_datasets_with_the_same_key_token_never_collide(store, pool, server_fact
     assert protocol.parse_key(keys[nested]).dataset_token.startswith(token + "-")
     env = {**server.client_env, "LOCAL_DATASET": nested}
     rig.write_files(pool.mountpoint(nested), seed=3, count=1, size=20_000)
-    again = json.loads(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
+    again = sent(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
     assert again["type"] == "incremental"  # the nested dataset keeps its own token and chain
     assert protocol.parse_key(again["key"]).dataset_token == \
         protocol.parse_key(keys[nested]).dataset_token
@@ -187,7 +193,7 @@ def test_auto_rotate_makes_room_for_a_real_incremental_without_an_estimate(
     clients[0]["max_size_bytes"] = used + 50_000  # the next ~100 KB do not fit as things are
     (server.workdir / "clients.json").write_text(json.dumps(clients))
     content = rig.write_files(mnt, seed=499, count=1, size=200_000)
-    done = json.loads(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
+    done = sent(run_zfsmgr(["client", "backup", "--json"], env=env, check=True).stdout)
     assert done["type"] == "incremental"
     left = [m["snapshot"] for m in api.call("GET", protocol.SNAPSHOTS)["snapshots"]]
     assert "old0" not in left and "old1" not in left  # the oldest chain made the room
