@@ -179,3 +179,22 @@ def test_concurrent_commits_at_the_quota_edge(tmp_path):
     assert ctx.catalog.used_bytes("alice") == 10_000
     assert sorted(m.snapshot for m in stored) == sorted(
         f"s{n}" for n, code in results.items() if code == 200)
+
+
+def test_reindex_in_place_keeps_what_changed_while_it_listed(tmp_path):
+    """A commit after the rows were read stays; a row deleted after the listing stays gone;
+    a row whose backup is gone from storage goes; one database file throughout."""
+    from zfsmgr.server.catalog import Catalog
+
+    db = Database(str(tmp_path / "c.db"))
+    catalog = Catalog(db)
+    for n in (0, 1, 2):
+        catalog.add(_manifest("alice", n))
+    inode = (tmp_path / "c.db").stat().st_ino
+    known = db.query("SELECT client_id, key FROM backups")
+    listed = [_manifest("alice", 0), _manifest("alice", 1)]  # 2 is gone from storage
+    catalog.add(_manifest("alice", 3))  # committed while the stores were listed
+    catalog.remove("alice", _manifest("alice", 1).key)  # rotated while they were listed
+    assert catalog.rebuild(known, listed) == 1
+    assert [m.snapshot for m in catalog.list("alice")] == ["s0", "s3"]
+    assert (tmp_path / "c.db").stat().st_ino == inode

@@ -479,6 +479,14 @@ def test_missing_link_is_refused_before_receiving(rpool, server_factory, run_zfs
     assert f"{row['dataset']}@{row['snapshot']}" in done.stderr
     assert "[1/" not in done.stderr  # no stream was started
     assert datasets(rpool) == before
+    # the running server and a new process (the timer's `server rotate`) share one catalog
+    rig.write_files(rpool.mountpoint(backups.source), 4, count=1, size=50_000)
+    time.sleep(1.1)
+    backups.run_zfsmgr(["client", "backup"], env=backups.env, check=True)
+    clients = backups.run_zfsmgr(["server", "clients", "--json"], env=backups.server.env,
+                                 cwd=backups.server.workdir, check=True)
+    counted = json.loads(clients.stdout)["clients"][0]["backups"]
+    assert counted == len(backups.listing()) == 3
 
 
 @pytest.mark.zfs

@@ -123,6 +123,27 @@ class Catalog:
                 count += 1
         return count
 
+    def rebuild(self, known: Iterable[tuple], manifests: List[Manifest]) -> int:
+        """Reindex in place, in one transaction: the rows become `manifests`, except that a
+        row committed after `known` (the (client_id, key) rows read before the listing) stays,
+        and a listed backup whose row was removed since `known` (rotation, delete) stays gone.
+        Return the number of rows written."""
+        known = set(map(tuple, known))
+        listed = {(m.client_id, m.key) for m in manifests}
+        count = 0
+        with self.db.transaction() as conn:
+            now = set(map(tuple, conn.execute("SELECT client_id, key FROM backups")))
+            conn.executemany("DELETE FROM backups WHERE client_id = ? AND key = ?",
+                             sorted(known - listed))
+            for manifest in manifests:
+                row = (manifest.client_id, manifest.key)
+                if row in known and row not in now:  # deleted meanwhile
+                    continue
+                conn.execute(_INSERT, _row(manifest))
+                count += 1
+            conn.execute("DELETE FROM synced")
+        return count
+
     def kinds(self, client_id: str) -> List[str]:
         """The stores that hold a client's backups."""
         return [r[0] for r in self.db.query(

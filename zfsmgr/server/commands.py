@@ -26,7 +26,8 @@ HELP = """commands:
                       store receives under it; default ZFS_BASE_DATASET/NAME);
                       --allowed-dataset: the only source datasets (and their children) it
                       may back up (default: any)
-  reindex             rebuild METADATA_FILE from the manifests in storage
+  reindex             rebuild the catalog from the manifests in storage (the server may
+                      run; a damaged catalog needs it stopped)
   rotate [--client C] [--dry-run]
                       apply each client's rotation policy and quota (append-only clients
                       too), never under MIN_RETAIN_DAYS; for cron or a systemd timer
@@ -113,12 +114,12 @@ def run(args, env_file) -> int:
 
 
 def reindex(ctx) -> int:
-    """Rebuild the catalog from every configured store, into a new database file.
+    """Rebuild the catalog from every configured store (zfsmgr.server.rebuild).
 
-    The old file may be damaged: the new one is built beside it and then takes its place; the
-    open upload sessions come along when the old file can still be read. Run it while the
-    server is stopped. A store no client uses may be unusable (a warning), one that a client
-    uses may not."""
+    A sound database is rebuilt in place, in one transaction, while the server may run; a
+    damaged one (the server stopped) is replaced by a new file, keeping the open upload
+    sessions when it can still be read. A store no client uses may be unusable (a warning),
+    one that a client uses may not."""
     from zfsmgr.errors import ZfsmgrError
     from zfsmgr.server.rebuild import rebuild
 

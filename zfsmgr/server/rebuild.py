@@ -1,4 +1,10 @@
-"""`server reindex`: a new catalog database from the manifests in storage, swapped in whole."""
+"""`server reindex`: the catalog rebuilt from the manifests in storage.
+
+A database that opens and passes its check is rebuilt in place, in one transaction of the live
+file, so a running server (and `server rotate`) keep using the one database while it happens.
+Only a damaged file that cannot be opened is replaced by a new one built beside it; that needs
+the server stopped (it stops itself at start on a damaged file).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Tuple
 
+from zfsmgr.errors import CatalogDamaged
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.database import Database
@@ -57,8 +64,26 @@ def _copy_kept(old: Path, new: Database) -> int:
 
 
 def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
-    """Replace the database at `path` by one holding `manifests`; (backups, sessions kept)."""
+    """Make the database at `path` hold `manifests`; (backups, open sessions kept)."""
     path = Path(path)
+    try:
+        db = Database(str(path))
+    except CatalogDamaged as exc:
+        log.warning("%s; building a new file (the server must be stopped)", exc)
+        return _swap(path, manifests)
+    try:
+        known = db.query("SELECT client_id, key FROM backups")  # before the listing
+        count = Catalog(db).rebuild(known, list(manifests))
+        sessions = db.query("SELECT COUNT(*) FROM sessions")[0][0]
+        with db.transaction():
+            db.set_meta("reindexed", "1")
+    finally:
+        db.close()
+    return count, sessions
+
+
+def _swap(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
+    """A damaged file: a new one built beside it takes its place."""
     building = path.with_name(path.name + ".rebuild")
     _remove(building)
     new = Database(str(building), check=False)
