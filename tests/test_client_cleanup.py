@@ -78,9 +78,8 @@ def test_interrupted_while_waiting_to_retry_aborts_the_upload(sig, pool, server_
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
                             env=rig.clean_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and sum("/upload-stream/" in p for p in proxy.seen) < 2:
-        time.sleep(0.05)
+    rig.wait_until(lambda: sum("/upload-stream/" in p for p in proxy.seen) >= 2, 60,
+                   "two parts went through the proxy")
     time.sleep(0.3)  # the client sleeps 2 s before its second retry
     assert proc.poll() is None
     proc.send_signal(sig)

@@ -106,9 +106,8 @@ def test_sighup_reloads_the_certificate(server_factory, ca, tmp_path):
     (tmp_path / "pki" / "server.crt").write_bytes(cert.read_bytes())
     (tmp_path / "pki" / "server.key").write_bytes(key.read_bytes())
     server.proc.send_signal(signal.SIGHUP)
-    deadline = time.time() + 10
-    while "certificate reloaded" not in server.log() and time.time() < deadline:
-        time.sleep(0.1)
+    rig.wait_until(lambda: "certificate reloaded" in server.log(), 10,
+                   "the server reloaded its certificate", interval=0.1)
     assert "zfsmgr test renewed" in issuer_of(server.port)
     assert ServerClient(server.url, "client1", "k", str(renewed.cert)).call(
         "GET", protocol.HEALTH)["success"]

@@ -364,13 +364,12 @@ def test_server_killed_mid_receive_is_resumed_with_send_t(client_zfs, openzfs_po
                               env=rig.clean_env(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     states = server.storage_dir / ".uploads-local"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+
+    def six_parts_received() -> bool:
         held = [json.loads(p.read_text()) for p in states.glob("*.json")] \
             if states.is_dir() else []
-        if held and len(held[0]["parts"]) >= 6:
-            break
-        time.sleep(0.1)
+        return bool(held and len(held[0]["parts"]) >= 6)
+    rig.wait_until(six_parts_received, 120, "the server received six parts", interval=0.1)
     time.sleep(1)
     server.kill()
     assert "committed" not in server.log()
