@@ -79,7 +79,7 @@ def test_bookmark_is_the_base_and_survives_destroying_the_snapshot(openzfs_pool,
     backup(run_zfsmgr, server, dataset)
     bases = json.loads(backup(run_zfsmgr, server, dataset, "bookmarks", "--json").stdout)
     assert [b["type"] for b in bases] == ["bookmark"], bases
-    sent = bases[0]["name"].replace("#", "@")
+    sent = bases[0]["name"].replace("#", "@").rsplit(".", 1)[0]  # DS#snap.<server tag>
     assert sh("zfs", "get", "-H", "-o", "value", "userrefs", sent).strip() == "0"  # no hold
     sh("zfs", "destroy", sent)  # local rotation may destroy it: the bookmark carries the chain
     expected.append(write(mnt, 2))
@@ -91,7 +91,8 @@ def test_bookmark_is_the_base_and_survives_destroying_the_snapshot(openzfs_pool,
     receive_stored(server, api, manifests, target)
     assert mounted_files(target) == expected[-1]
     bases = json.loads(backup(run_zfsmgr, server, dataset, "bookmarks", "--json").stdout)
-    assert len(bases) == 1 and bases[0]["name"].endswith(manifests[-1]["snapshot"])
+    assert len(bases) == 1 and bases[0]["name"].endswith(
+        f"{manifests[-1]['snapshot']}.{bases[0]['server']}")
 
 
 def test_send_estimate_feeds_the_quota_check(openzfs_pool, server_factory, run_zfsmgr):

@@ -1,0 +1,144 @@
+"""Benchmark: one run over many datasets against a run over one (zfs-fuse, the built .pyz, a
+directory-store server on loopback). Prints figures; asserts nothing.
+
+    python3 tests/bench/many_datasets.py [--datasets 100] [--changed 20] [--size 64M]
+
+1. `--datasets` empty datasets, second run with nothing changed: wall time and `zfs`
+   invocations (counted by a wrapper given as ZFSMGR_ZFS), per dataset and in all, against the
+   same for one dataset (unchanged, and changed).
+2. `--changed` datasets with `--size`/N of new data each: aggregate MiB/s of the incremental
+   run against one dataset with `--size` of new data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+import rig  # noqa: E402
+
+ZFS = subprocess.run(["sh", "-c", "command -v zfs"], capture_output=True,
+                     text=True).stdout.strip() or "/sbin/zfs"
+
+
+def counting_zfs(folder: Path) -> tuple:
+    """A zfs that logs each call: (program path, log path)."""
+    log = folder / "zfs-calls.log"
+    wrapper = folder / "zfs"
+    wrapper.write_text(f"#!/bin/sh\necho \"$1\" >> {log}\nexec {ZFS} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper), log
+
+
+def server(folder: Path):
+    key = secrets.token_hex(16)
+    (folder / "clients.json").write_text(json.dumps([{
+        "client_id": "bench", "api_key": hashlib.sha256(key.encode()).hexdigest(),
+        "max_size_bytes": 0, "dataset": "", "enabled": True, "storage_type": "dir"}]))
+    env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1",
+           "STORAGE_DIR": str(folder / "backups"), "PART_SIZE": "8M"}
+    proc = rig.ServerProcess(folder, env).start()
+    return proc, {"CLIENT_ID": "bench", "API_KEY": key, "SERVER_URL": proc.url,
+                  "STATE_DIR": str(folder / "state"), "COMPRESS": "none"}
+
+
+def run(env: dict, log: Path) -> tuple:
+    """One `client backup --json`: (seconds, zfs calls, report)."""
+    if log.exists():
+        log.unlink()
+    started = time.monotonic()
+    done = rig.run_zfsmgr(["client", "backup", "--json"], env=env, timeout=3600)
+    took = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"backup failed: {done.stderr[-2000:]}")
+    calls = len(log.read_text().splitlines()) if log.exists() else 0
+    time.sleep(1.1)
+    return took, calls, json.loads(done.stdout)
+
+
+def fill(path: Path, size: int, seed: int) -> None:
+    with open(path / f"data{seed}.bin", "wb") as out:
+        out.write(os.urandom(size))
+    os.sync()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", type=int, default=100)
+    parser.add_argument("--changed", type=int, default=20)
+    parser.add_argument("--size", default="64M")
+    args = parser.parse_args()
+    from zfsmgr.settings import as_size
+
+    size = as_size(args.size)
+    rig.ensure_zfs_daemon()
+    subprocess.run([sys.executable, str(rig.ROOT / "build_zipapp.py")], check=True,
+                   capture_output=True)
+    rig.WORK.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-many-", dir=rig.WORK))
+    pool = rig.Pool("bm")
+    srv = None
+    try:
+        wrapper, log = counting_zfs(folder)
+        srv, client = server(folder)
+        client["ZFSMGR_ZFS"] = wrapper
+
+        one = pool.create("one")
+        env_one = {**client, "LOCAL_DATASET": one}
+        run(env_one, log)
+        fill(pool.mountpoint(one), 1 << 20, 1)
+        t_changed, c_changed, _ = run(env_one, log)
+        t_one, c_one, _ = run(env_one, log)
+
+        many = pool.create("many")
+        for i in range(args.datasets):
+            rig.sh("zfs", "create", "-o", "mountpoint=none", f"{many}/d{i:03d}")
+        env_many = {**client, "LOCAL_DATASET": many, "RECURSIVE": "true"}
+        t_first, c_first, _ = run(env_many, log)
+        t_many, c_many, report = run(env_many, log)
+        n = args.datasets + 1
+        assert report["unchanged"] == n, report
+        print(f"unchanged: {n} datasets {t_many:.2f}s, {c_many} zfs calls"
+              f" ({c_many / n:.2f}/dataset); one dataset {t_one:.2f}s, {c_one} zfs calls;"
+              f" ratio {t_many / t_one:.1f}x (target < 10x)")
+        print(f"  one dataset changed (incremental): {t_changed:.2f}s, {c_changed} zfs calls;"
+              f" first run of {n}: {t_first:.2f}s, {c_first} zfs calls")
+
+        each = size // args.changed
+        wide = pool.create("wide")
+        for i in range(args.changed):
+            rig.sh("zfs", "create", f"{wide}/d{i:02d}")
+        big = pool.create("big")
+        env_wide = {**client, "LOCAL_DATASET": wide, "RECURSIVE": "true"}
+        env_big = {**client, "LOCAL_DATASET": big}
+        run(env_wide, log)
+        run(env_big, log)
+        for i in range(args.changed):
+            fill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 2)
+        fill(pool.mountpoint(big), each * args.changed, 2)
+        t_wide, _, r_wide = run(env_wide, log)
+        t_big, _, r_big = run(env_big, log)
+        mib = 1 << 20
+        rate_wide, rate_big = r_wide["raw_size"] / t_wide / mib, r_big["raw_size"] / t_big / mib
+        print(f"changed: {args.changed} datasets x {each / mib:.1f} MiB: {rate_wide:.1f} MiB/s"
+              f" ({t_wide:.2f}s); one dataset of {each * args.changed / mib:.0f} MiB:"
+              f" {rate_big:.1f} MiB/s ({t_big:.2f}s); ratio {rate_wide / rate_big:.2f}"
+              " (target >= 0.9)")
+    finally:
+        if srv:
+            srv.stop()
+        pool.destroy()
+
+
+if __name__ == "__main__":
+    main()
