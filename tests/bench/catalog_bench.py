@@ -129,6 +129,27 @@ def pct(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
 
 
+def direct(path: Path, count: int) -> dict:
+    """The catalog's own share, in this process: one client's queries, and a commit's
+    transaction (the row in, the session out) without the store's writes and fsyncs."""
+    from zfsmgr.server.catalog import Catalog
+
+    catalog, times = Catalog(Database(str(path))), {"db-query": [], "db-commit": []}
+    for i in range(count):
+        started = time.perf_counter()
+        catalog.used_bytes("c00000")
+        catalog.summary("c00000")
+        catalog.has_snapshot("c00000", "tank/data", "zfsmgr_hourly_500")
+        times["db-query"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        with catalog.db.transaction():
+            catalog.add(manifest("c00000", 10**6 + i))
+            catalog.db.connection().execute("DELETE FROM sessions WHERE upload_id = ?", ("x",))
+        times["db-commit"].append(time.perf_counter() - started)
+    catalog.db.close()
+    return times
+
+
 def latency_case(args, label: str, workdir: Path, fill_clients, backups: int) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -154,6 +175,7 @@ def latency_case(args, label: str, workdir: Path, fill_clients, backups: int) ->
         rss = rss_mib(server.proc.pid)
     finally:
         server.stop()
+    timings.update(direct(workdir / "metadata.db", args.requests))
     row = {"catalog": label, "entries": len(fill_clients) * backups, "db_mib": size / 2**20,
            "generate_s": seconds, "start_s": startup, "rss_mib": rss}
     for name, values in timings.items():

@@ -85,12 +85,13 @@ def main() -> int:
                                          enumerate(keys)))
                 seconds.append(time.monotonic() - started)
                 time.sleep(max(0.0, 1.1 - seconds[-1]))  # distinct snapshot timestamps
-        lost, broken = 0, 0
+        lost, broken, fulls = 0, 0, 0
         for n, client in enumerate(keys):
             listed = json.loads(rig.run_zfsmgr(["restore", "list", "--json"], check=True,
                                                env=env(n, client, servers[n % 2])).stdout)
             lost += max(0, args.rounds - len(listed))
             snapshots = {m["snapshot"] for m in listed}
+            fulls += sum(1 for m in listed if m["type"] == "full")
             broken += sum(1 for m in listed if m["type"] == "incremental"
                           and m["parent"] not in snapshots)
         restored = []
@@ -108,7 +109,8 @@ def main() -> int:
         total = args.clients * args.rounds
         print(f"two servers, one bucket: {args.clients} clients x {args.rounds} rounds ="
               f" {total} backups alternating A/B; errors {len(errors)}, lost {lost}, broken"
-              f" chains {broken}; {sum(seconds) / len(seconds):.1f}s per round", flush=True)
+              f" chains {broken}; {fulls} full and {total - lost - fulls} incremental;"
+              f" {sum(seconds) / len(seconds):.1f}s per round", flush=True)
         print("restored (whole chain, latest): " + "; ".join(restored), flush=True)
         refreshed = sum(s.log().count("refreshed from s3") for s in servers)
         adopted = sum(s.log().count("opened by another server") for s in servers)
