@@ -164,3 +164,53 @@ def test_clients_alternating_between_two_servers_keep_their_chains(
         run_zfsmgr(["restore", "latest", target], env=env, check=True)
         assert files_of(pool, target) == expected[client]
     assert "refreshed from s3" in servers[0].log() and "refreshed from s3" in servers[1].log()
+
+
+def test_commits_through_two_servers_at_the_quota_edge(s3, tmp_path):
+    """Twelve 1 KiB uploads of one client race through two servers (each its own database) on
+    one bucket, against a quota of ten: the lease and the refresh under it let exactly ten
+    commit, and the bucket holds exactly those."""
+    from test_server_api import call
+    from zfsmgr import settings
+    from zfsmgr.server.app import make_app
+    from zfsmgr.server.context import ServerContext
+
+    key = secrets.token_hex(16)
+    (tmp_path / "clients.json").write_text(json.dumps([{
+        "client_id": "edge", "api_key": hashlib.sha256(key.encode()).hexdigest(),
+        "max_size_bytes": 10 * 1024, "enabled": True, "storage_type": "s3"}]))
+    apps = [make_app(ServerContext(settings.load("server", environ={
+        "CONFIG_FILE": str(tmp_path / "clients.json"), "S3_ENABLED": "true",
+        "S3_ENDPOINT": s3["endpoint"], "S3_ACCESS_KEY": s3["access_key"],
+        "S3_SECRET_KEY": s3["secret_key"], "S3_BUCKET": s3["bucket"], "S3_USE_SSL": "false",
+        "METADATA_FILE": str(tmp_path / f"server{n}" / "metadata.json"),
+        "CLIENT_MAX_UPLOADS": "20", "CLIENT_MAX_REQUESTS": "20"}))) for n in range(2)]
+    auth = {"X-Client-ID": "edge", "X-API-Key": key}
+    results, start = {}, threading.Barrier(12, timeout=60)
+
+    def race(n):
+        app, data = apps[n % 2], bytes([n]) * 1024
+        code, body, _ = call(app, "POST", "/upload", json.dumps({
+            "dataset": "tank/data", "snapshot": f"s{n}", "type": "full", "compression": "none",
+            "snapshot_time": 1700000000 + n}).encode(), auth)
+        assert code == 200, body
+        upload_id = json.loads(body)["upload_id"]
+        code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/0", data, auth)
+        assert code == 200, body
+        start.wait(60)
+        code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/commit", json.dumps({
+            "sha256": hashlib.sha256(data).hexdigest(), "stored_size": 1024,
+            "parts_crc32": rig.parts_crc32([data])}).encode(), auth)
+        results[n] = code
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results.values()) == [200] * 10 + [413] * 2, sorted(results.items())
+    store = _store(s3, s3["bucket"])
+    assert len(store.manifest_keys("edge")) == 10
+    for app in apps:
+        code, body, _ = call(app, "GET", "/status", headers=auth)
+        assert json.loads(body)["used_bytes"] == 10 * 1024

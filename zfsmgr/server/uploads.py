@@ -184,17 +184,19 @@ class Uploads:
                      if m.snapshot == session.parent), None) if session.parent else None
 
     def check_quota(self, client: ClientConfig, needed: int, upload_id: str = "",
-                    staged: int = 0) -> None:
+                    staged: int = 0, others_count: bool = True) -> None:
         """Raise QuotaExceeded unless `needed` more bytes fit; with `upload_id`, reserve them.
 
         Committed backups (as `usage` counts them) and what every other open upload of the
         client holds count, read in the transaction that records this upload's new
-        reservation (`staged + needed`)."""
+        reservation (`staged + needed`). Not `others_count`: the other uploads do not (a commit
+        to a store shared by servers, each of which admitted parts seeing only its own)."""
         if not client.max_size_bytes:
             return
         with self.table.db.transaction():
             used = self.usage(client.client_id)
-            others = self.table.reserved(client.client_id, besides=upload_id)
+            others = self.table.reserved(client.client_id, besides=upload_id) \
+                if others_count else 0
             if used + others + staged + needed > client.max_size_bytes:
                 raise QuotaExceeded(
                     f"quota exceeded for {client.client_id}: used {human(used)} + in progress"
@@ -305,7 +307,8 @@ class Uploads:
             with store.client_lease(client.client_id):  # servers sharing the store: one at once
                 self.catalog.refresh(store, client.client_id)
                 self._recheck(client, store, session)
-                self.check_quota(client, 0, session.upload_id, total)
+                self.check_quota(client, 0, session.upload_id, total,
+                                 others_count=not store.shared)
                 manifest = store.marked(store.commit(session.upload_id, manifest))
                 with self.table.db.transaction():  # visible and no longer open, at once
                     self.catalog.add(manifest)

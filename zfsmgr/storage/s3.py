@@ -111,8 +111,12 @@ class S3Store(Store):
             if self.lock:
                 self.lock.make_bucket()
             else:
-                self._call("bucket create", self.client.make_bucket, self.bucket)
-                log.info("created bucket %s", self.bucket)
+                try:
+                    self._call("bucket create", self.client.make_bucket, self.bucket)
+                    log.info("created bucket %s", self.bucket)
+                except StorageError as exc:  # another server sharing it created it meanwhile
+                    if "BucketAlreadyOwnedByYou" not in str(exc):
+                        raise
         if self.lock and not self.lock.proven:
             self.lock.prove()  # once per process: it writes a probe object
         self.coordination.probe_conditional()
