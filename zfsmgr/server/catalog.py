@@ -183,7 +183,7 @@ class Catalog:
         found = []
         for key in sorted(listed - known):
             try:
-                found.append(store.read_manifest(key))
+                found.append(store.marked(store.read_manifest(key)))
             except NotFound:  # deleted since the listing
                 continue
         self.sync(client_id, store.kind, known - listed, found, marker)
