@@ -301,6 +301,9 @@ def test_local_store_resumes_an_interrupted_receive_with_send_t(openzfs_pool, tm
         sh("zfs", "get", "-H", "-o", "value", "guid", f"{up.source}@s1")
     assert sh("zfs", "get", "-H", "-o", "value", "receive_resume_token", up.chain).strip() \
         == "-"
+    # the server never mounts what it received (canmount=off): an admin looking does
+    assert sh("zfs", "get", "-H", "-o", "value", "canmount", up.chain).strip() == "off"
+    sh("zfs", "set", "canmount=on", up.chain)
     sh("zfs", "set", f"mountpoint={openzfs_pool.mountpoint}/received", up.chain)
     assert mounted_files(up.chain) == rig.tree_digest(Path(f"{openzfs_pool.mountpoint}/src5"))
 
