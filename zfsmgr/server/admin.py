@@ -179,8 +179,10 @@ def _delete(ctx, manifests) -> None:
     for manifest in manifests:
         client = ctx.clients.get(manifest.client_id)
         kind = manifest.storage_type or (ctx.default_kind(client) if client else "dir")
-        ctx.catalog.remove(manifest.client_id, manifest.key)
-        ctx.store_named(kind).delete(manifest)
+        store = ctx.store_named(kind)
+        with store.client_lease(manifest.client_id):  # not amid another server's commit
+            ctx.catalog.remove(manifest.client_id, manifest.key)
+            store.delete(manifest)
         print(f"deleted {manifest.key}")
 
 
