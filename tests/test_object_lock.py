@@ -147,3 +147,24 @@ def test_the_local_store_holds_what_it_received(pool, server_factory, run_zfsmgr
                                     f"{pool.name}/srv").splitlines() if line]
     assert left == received[1:]
     assert len(api_of(server).call("GET", protocol.SNAPSHOTS)["snapshots"]) == 1
+
+
+@pytest.mark.zfs
+@pytest.mark.s3
+def test_a_locked_backup_an_admin_deletes_stays_listed(pool, server_factory, run_zfsmgr):
+    """`server delete` and `forget` of an object-locked backup fail with the store's reason,
+    and the backup, still stored, stays in the catalog (before: unlisted, yet stored)."""
+    server = server_factory("s3", env={"S3_OBJECT_LOCK": "governance", "MIN_RETAIN_DAYS": "1"})
+    api = api_of(server)
+    dataset, uploaded = make_history(pool, api, chains=1, length=1)
+    key = uploaded[0]["key"]
+    for argv in (["delete", key], ["forget", "client1", dataset]):
+        refused = run_zfsmgr(["server", *argv], env=server.env, cwd=server.workdir)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        listed = run_zfsmgr(["server", "clients", "--json"], env=server.env, cwd=server.workdir)
+        assert json.loads(listed.stdout)["clients"][0]["backups"] == 1  # the catalog as is
+        assert [m["key"] for m in api.call("GET", protocol.SNAPSHOTS)["snapshots"]] == [key]
+        assert f"{key} not deleted, still listed:" in refused.stderr
+        assert "Object Lock" in refused.stderr and "Traceback" not in refused.stderr
+    s3, bucket = server.s3["seaweed"].client(), server.s3["bucket"]
+    assert s3.stat_object(bucket, key).size == uploaded[0]["stored_size"]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from zfsmgr.errors import UsageError, ZfsmgrError
+from zfsmgr.errors import StorageError, UsageError, ZfsmgrError
 from zfsmgr.progress import human, utc_text
 from zfsmgr.protocol import parse_key, validate_client_id, validate_dataset
 from zfsmgr.settings import as_duration, as_size
@@ -175,14 +175,17 @@ def rotate_key(clients: ClientsFile, name: str, grace: float) -> int:
 
 
 def _delete(ctx, manifests) -> None:
-    """Delete backups in the order given: catalog entry first, then the stored object."""
+    """Delete backups in the order given (ServerContext.delete); the first the store refuses
+    or fails to delete stops here, still stored and listed, with the store's own error."""
     for manifest in manifests:
         client = ctx.clients.get(manifest.client_id)
-        kind = manifest.storage_type or (ctx.default_kind(client) if client else "dir")
-        store = ctx.store_named(kind)
-        with store.client_lease(manifest.client_id):  # not amid another server's commit
-            ctx.catalog.remove(manifest.client_id, manifest.key)
-            store.delete(manifest)
+        store = ctx.store_named(manifest.storage_type
+                                or (ctx.default_kind(client) if client else "dir"))
+        try:
+            with store.client_lease(manifest.client_id):  # not amid another server's commit
+                ctx.delete(manifest, store)
+        except StorageError as exc:
+            raise StorageError(f"{manifest.key} not deleted, still listed: {exc}") from None
         print(f"deleted {manifest.key}")
 
 

@@ -334,11 +334,9 @@ class ServerContext:
                            and c.key in locked for c in plan.delete):
                         locked.add(manifest.key)  # the base of a locked increment stays too
                         continue
-                    self.catalog.remove(client.client_id, manifest.key)
                     try:
-                        store.delete(manifest)
+                        self.delete(manifest, store)
                     except Locked as exc:  # the store's lock outlasts the policy: keep it
-                        self.catalog.add(manifest)
                         locked.add(manifest.key)
                         log.info("rotation keeps %s (client=%s): %s", manifest.key,
                                  client.client_id, exc)
@@ -364,6 +362,19 @@ class ServerContext:
             log.warning("client %s stays %d bytes over its quota after rotation (the newest"
                         " chain of each dataset is kept)", client.client_id, plan.over_bytes)
         return result
+
+    def delete(self, manifest: Manifest, store: Store) -> None:
+        """Delete one backup, the one way every deletion goes (rotation, `server delete`,
+        `forget`, `remove-client --delete-backups`): out of the catalog (no new download
+        starts), then out of its store. When the store refuses (Object Lock: Locked) or fails
+        (StorageError, anything), the entry is listed again, so a backup still stored is never
+        unlisted; the store's error is raised. The caller holds the client's lease."""
+        self.catalog.remove(manifest.client_id, manifest.key)
+        try:
+            store.delete(manifest)
+        except Exception:
+            self.catalog.add(manifest)
+            raise
 
     def make_room(self, client: ClientConfig, needed: int, parent_key: Optional[str]) -> None:
         """Make `needed` more bytes fit the quota: with AUTO_ROTATE, plan a rotation and apply
