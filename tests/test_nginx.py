@@ -4,13 +4,17 @@ spooled to nginx's body files)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -71,14 +75,15 @@ class Nginx:
                 self.proc.wait()
 
 
-def site_for(port: int, cert, key, upstream: int) -> str:
+def site_for(port: int, cert, key, upstream: int, access_log) -> str:
     """The documented site with this test's port, certificate and upstream substituted."""
     text = site_from_readme()
     for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
                      ("/etc/ssl/zfsmgr/fullchain.pem", str(cert)),
                      ("/etc/ssl/zfsmgr/privkey.pem", str(key)),
                      ("proxy_pass http://127.0.0.1:8080;",
-                      f"proxy_pass http://127.0.0.1:{upstream};")):
+                      f"proxy_pass http://127.0.0.1:{upstream};"),
+                     ("/var/log/nginx/zfsmgr.access.log", str(access_log))):
         assert old in text, f"the README's nginx site no longer has {old!r}"
         text = text.replace(old, new)
     for needed in ("proxy_request_buffering off;", "client_max_body_size 0;",
@@ -92,7 +97,8 @@ def test_backup_and_restore_through_nginx(pool, server_factory, run_zfsmgr, tmp_
     cert, key = ca.issue()
     server = server_factory("dir")  # plain HTTP on loopback, behind nginx
     port = rig.free_port()
-    nginx = Nginx(tmp_path / "nginx", site_for(port, cert, key, server.port))
+    access_log = tmp_path / "nginx" / "zfsmgr.access.log"
+    nginx = Nginx(tmp_path / "nginx", site_for(port, cert, key, server.port, access_log))
     try:
         nginx.wait(port)
         dataset = pool.create("data")
@@ -112,8 +118,18 @@ def test_backup_and_restore_through_nginx(pool, server_factory, run_zfsmgr, tmp_
         rig.sh("zfs", "set", f"mountpoint={pool.dir}/r", f"{pool.name}/r")
         rig.sh("zfs", "mount", f"{pool.name}/r", check=False)
         assert rig.tree_digest(pool.dir / "r") == digest
-        access = (tmp_path / "nginx" / "access.log").read_text()
+        secret = urllib.parse.urlencode({"client_id": env["CLIENT_ID"],
+                                         "api_key": env["API_KEY"]})
+        tls = ssl.create_default_context(cafile=str(ca.cert))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/rotation-policy?{secret}",
+                                    context=tls, timeout=10) as answer:
+            assert json.load(answer)["success"]  # the seed's query form works through nginx
+        time.sleep(0.2)  # nginx writes the line once the response is done
+        access = access_log.read_text()
         assert access.count("POST /upload-stream/") >= 5 and "GET /download" in access
+        assert "GET /rotation-policy HTTP/1.1\" 200" in access
+        assert env["API_KEY"] not in access and "api_key" not in access
+        assert (tmp_path / "nginx" / "access.log").read_text() == ""  # the site's own log
         assert "/upload-stream/" in server.log()  # it went through to zfsmgr
         assert "buffered to a temporary file" not in nginx.log()  # streamed, not spooled
     finally:
