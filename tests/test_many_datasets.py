@@ -176,3 +176,37 @@ def test_typed_snapshots_cover_the_selection(pool, server_factory, run_zfsmgr):
     plan = json.loads(run_zfsmgr(["client", "rotate", "--dry-run", "--json"], env=env,
                                  check=True).stdout)
     assert plan["destroyed"] == [] and sorted(plan["kept"]) == sorted(second["created"])
+
+
+def test_parallel_sends_and_an_interrupt_leaves_nothing(pool, server_factory, run_zfsmgr):
+    import signal
+    import subprocess
+    import sys
+
+    server = server_factory("dir", env={"CLIENT_MAX_REQUESTS": "12", "PART_SIZE": "128K"})
+    root = make_tree(pool)
+    env = env_for(server, root, PARALLEL="3")
+    first = backup_json(run_zfsmgr, env)
+    assert set(statuses(first).values()) == {"full"} and first["sent"] == 5
+    for child in ("a", "b", "c/on"):
+        rig.write_files(pool.mountpoint(f"{root}/{child}"), seed=40, count=6, size=400_000)
+    before = {d: zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1", d).split()
+              for d in (f"{root}/a", f"{root}/b", f"{root}/c/on")}
+    seen = server.log().count("/upload-stream/")
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env({**env, "COMPRESS": "gzip",
+                                               "COMPRESS_LEVEL": "9"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and server.log().count("/upload-stream/") < seen + 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err + out
+    assert "full" not in out and "incremental" not in out  # stopped while sending
+    assert "Traceback" not in err
+    after = {d: zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1", d).split()
+             for d in before}
+    assert after == before  # every new snapshot of the interrupted run is gone
+    again = backup_json(run_zfsmgr, env)
+    assert [statuses(again)[f"{root}/{c}"] for c in ("a", "b", "c/on")] == ["incremental"] * 3

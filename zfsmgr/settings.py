@@ -259,6 +259,8 @@ TABLE = (
             "send the datasets' properties with the streams (zfs send -p)"),
     Setting("BACKUP_UNCHANGED", as_bool, "false", (CLIENT,),
             "send a backup even when nothing was written since the last one"),
+    Setting("PARALLEL", as_positive_int, "1", (CLIENT,),
+            "datasets a run sends at once (each upload keeps 2 requests in the server)"),
     Setting("COMPRESS", as_compression, "true", (CLIENT,), "true/false, or gzip, zstd, none"),
     Setting("COMPRESS_LEVEL", as_level, "1", (CLIENT,), "gzip 1-9 or zstd 1-19"),
     Setting("ENCRYPT", as_encryption, "none", (CLIENT,),

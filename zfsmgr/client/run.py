@@ -9,8 +9,10 @@ skipped (each would wait minutes for it).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from zfsmgr.client.selection import Choice, parse_list, select
 from zfsmgr.client.upload import Result, summary
 from zfsmgr.crypt import Encryption
 from zfsmgr.errors import ExitStatus, ServerUnreachable, ZfsmgrError
-from zfsmgr.progress import human
+from zfsmgr.progress import Progress, human
 from zfsmgr.zfs import Snapshot, Zfs, snapshot_from
 
 log = logging.getLogger("zfsmgr.client")
@@ -53,6 +55,20 @@ class Outcome:
         if self.result:
             return summary(self.result)
         return f"{self.dataset}: {self.status}: {self.message}"
+
+
+class Cancellable(Progress):
+    """A progress line whose transfer stops (KeyboardInterrupt in its thread) once the run is
+    cancelled: a parallel upload ends at its next chunk, as a single one does on Ctrl-C."""
+
+    def __init__(self, label: str, total: Optional[int], cancelled: threading.Event):
+        super().__init__(label, total)
+        self.cancelled = cancelled
+
+    def update(self, done: int) -> None:
+        if self.cancelled.is_set():
+            raise KeyboardInterrupt
+        super().update(done)
 
 
 @dataclass
@@ -102,13 +118,15 @@ class Options:
     send_properties: bool = True
     backup_unchanged: bool = False
     tag: str = ""
+    parallel: int = 1
 
     @classmethod
     def from_settings(cls, settings, tag: str) -> "Options":
         roots = [protocol.validate_dataset(r) for r in parse_list(settings.local_dataset)]
         return cls(roots, settings.recursive, parse_list(settings.exclude_datasets),
                    settings.compress, settings.compress_level, settings.storage_type,
-                   settings.send_properties, settings.backup_unchanged, tag)
+                   settings.send_properties, settings.backup_unchanged, tag,
+                   settings.parallel)
 
 
 def plan(zfs: Zfs, options: Options):
@@ -128,6 +146,7 @@ class Run:
                  encryption: Encryption = Encryption()):
         self.api, self.zfs, self.options, self.mode = api, zfs, options, mode
         self.encryption = encryption
+        self.cancelled = threading.Event()
         self.state_dir, self.report_one, self.sleep = state_dir, report, sleep
         self.report = Report()
 
@@ -177,7 +196,7 @@ class Run:
                 backup = Backup(self.api, self.zfs, choice.name, o.compression, o.level,
                                 o.storage_type, sleep=self.sleep,
                                 encryption=self.encryption, send_properties=o.send_properties,
-                                tag=o.tag)
+                                tag=o.tag, progress=self._progress)
                 backup.compression_property = info.values.get("compression", "-")
                 backup.prepare(self.mode, pool.features_of(choice.name),
                                on_server.get(choice.name, []), status, info.snaps,
@@ -201,26 +220,52 @@ class Run:
             members = [n for n in prepared if n.split("/")[0] == pool.name]
             if members:
                 new.update(self._named_snapshots(pool, members, short, taken, prepared))
-        unreachable: Optional[ServerUnreachable] = None
+        todo = []
         for name, backup in prepared.items():
             snap = new.get(name)
-            if snap is None:
-                continue
-            if unreachable is not None:
+            if snap is not None and not self._unchanged(backup, snap, pools[name.split("/")[0]]):
+                todo.append((name, backup, snap))
+        self._send_all(todo)
+
+    def _send_all(self, todo: List[tuple]) -> None:
+        """Send each (dataset, backup, snapshot), `options.parallel` at a time. Once the
+        server is unreachable the datasets not started yet are skipped; an interrupt stops
+        the uploads under way at their next chunk (each removes its snapshot) and skips the
+        rest."""
+        stop, why = threading.Event(), []
+
+        def one(name: str, backup: Backup, snap: Snapshot) -> None:
+            if stop.is_set():
                 backup.discard(snap)
-                self._fail(name, ServerUnreachable(f"skipped: {unreachable}"))
-                continue
-            pool = pools[name.split("/")[0]]
-            if self._unchanged(backup, snap, pool):
-                continue
+                self._fail(name, why[0] if why else ZfsmgrError("skipped: interrupted"))
+                return
             try:
                 result = backup.send(snap)
                 self._done(Outcome(name, result.type, "", result))
             except ServerUnreachable as exc:
-                unreachable = exc
+                why.append(ServerUnreachable(f"skipped: {exc}"))
+                stop.set()
                 self._fail(name, exc)
             except ZfsmgrError as exc:
                 self._fail(name, exc)
+
+        workers = max(1, min(self.options.parallel, len(todo)))
+        if workers == 1:
+            for item in todo:
+                one(*item)
+            return
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(one, *item) for item in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()
+                self.cancelled.set()
+                raise
+
+    def _progress(self, label: str, total: Optional[int]) -> Progress:
+        return Cancellable(label, total, self.cancelled)
 
     def _named_snapshots(self, pool: Pool, members: List[str], short: str, taken: set,
                          prepared: Dict[str, Backup]) -> Dict[str, Snapshot]:
