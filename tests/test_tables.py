@@ -7,8 +7,9 @@ import uuid
 from pathlib import Path
 
 from test_server_api import server, upload  # noqa: F401 (server: a fixture)
-from zfsmgr import compress, files, protocol
+from zfsmgr import compress, crypt, files, protocol
 from zfsmgr.restore.save import wanted_codec
+from zfsmgr.settings import as_encryption
 
 PACKAGE = Path(__file__).resolve().parent.parent / "zfsmgr"
 
@@ -27,7 +28,8 @@ def _assignments(name: str):
 
 def test_each_shared_constant_is_defined_once():
     for name in ("CHUNK", "COMPRESSIONS", "TIMESTAMP_FORMAT", "PROPS", "PROPERTY_PREFIX",
-                 "HEADER_SHA256", "HEADER_COMPRESSION", "HEADER_STORED_SIZE", "BACKENDS"):
+                 "HEADER_SHA256", "HEADER_COMPRESSION", "HEADER_STORED_SIZE", "BACKENDS",
+                 "ENCRYPTIONS"):
         assert len(_assignments(name)) == 1, (name, _assignments(name))
     sources = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     for text in ('"%Y-%m-%d_%H:%M:%S"', '"%Y-%m-%d %H:%M:%S UTC"', '"org.zfsmgr:"'):
@@ -46,6 +48,13 @@ def test_the_codec_table_is_protocols():
     assert wanted_codec("x.gz") == "gzip" and wanted_codec("x.zst") == "zstd"
     assert wanted_codec("x.tar") is None
     assert files.CHUNK == 1 << 20
+
+
+def test_the_encryption_methods_are_protocols():
+    assert crypt.METHODS == ("none", "age") and set(protocol.ENCRYPTIONS) == {"", "age"}
+    for method in crypt.METHODS:
+        assert crypt.Encryption(method, ("age1x",)).label in protocol.ENCRYPTIONS
+        assert as_encryption(method) == method
 
 
 def test_an_ended_upload_leaves_no_lock_behind(server):  # noqa: F811

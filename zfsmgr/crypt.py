@@ -17,9 +17,10 @@ from typing import Tuple
 
 from zfsmgr.compress import _ProcessFilter  # the runner's filter: child fed from a thread
 from zfsmgr.errors import CryptError, UsageError  # noqa: F401 (CryptError: imported from here)
+from zfsmgr.protocol import ENCRYPTIONS
 from zfsmgr.zfs import find_program, program_available
 
-ENCRYPTIONS = ("none", "age")
+METHODS = tuple(label or "none" for label in ENCRYPTIONS)  # ENCRYPT's values; "": "none"
 
 
 def age_binary() -> str:
@@ -50,8 +51,8 @@ class Encryption:
     recipients: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.method not in ENCRYPTIONS:
-            raise UsageError(f"ENCRYPT={self.method}: expected none or age")
+        if self.method not in METHODS:
+            raise UsageError(f"ENCRYPT={self.method}: expected {' or '.join(METHODS)}")
         if self.method == "age" and not self.recipients:
             raise UsageError("ENCRYPT=age needs AGE_RECIPIENTS (the public keys to"
                              " encrypt to, e.g. from age-keygen -y key.txt)")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from zfsmgr.compress import LEVELS
 from zfsmgr.errors import SettingsError
-from zfsmgr.protocol import COMPRESSIONS, codecs_text, redact_url
+from zfsmgr.protocol import COMPRESSIONS, ENCRYPTIONS, codecs_text, redact_url
 from zfsmgr.storage import registry
 
 
@@ -155,9 +155,9 @@ def as_encryption(text: str) -> str:
     value = text.strip().lower()
     if value in ("", "none", "false", "off", "no"):
         return "none"
-    if value == "age":
+    if value and value in ENCRYPTIONS:
         return value
-    raise ValueError("none or age")
+    raise ValueError(" or ".join(label or "none" for label in ENCRYPTIONS))
 
 
 _AGE_RECIPIENT = re.compile(r"^(age1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{58}"
