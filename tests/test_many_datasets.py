@@ -210,3 +210,21 @@ def test_parallel_sends_and_an_interrupt_leaves_nothing(pool, server_factory, ru
     assert after == before  # every new snapshot of the interrupted run is gone
     again = backup_json(run_zfsmgr, env)
     assert [statuses(again)[f"{root}/{c}"] for c in ("a", "b", "c/on")] == ["incremental"] * 3
+
+
+def test_a_renamed_dataset_is_recognised_by_its_guid(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    root = pool.create("host")
+    zfs("create", f"{root}/old")
+    env = env_for(server, root)
+    first = backup_json(run_zfsmgr, env)
+    # zfs-fuse renames neither a mounted dataset nor one with a held snapshot
+    rig.sh("zfs", "umount", f"{root}/old", check=False)
+    zfs("release", hold_of(server), f"{root}/old@{first['snapshot']}")
+    zfs("rename", f"{root}/old", f"{root}/new")
+    zfs("hold", hold_of(server), f"{root}/new@{first['snapshot']}")
+    report = backup_json(run_zfsmgr, env)
+    assert statuses(report)[f"{root}/new"] == "full"
+    notes = " | ".join(report["notes"])
+    assert f"{root}/old was renamed to {root}/new (same guid)" in notes
+    assert "destroyed" not in notes and f"{root}/new is new" not in notes

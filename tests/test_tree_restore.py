@@ -112,3 +112,28 @@ def test_onsite_and_offsite_alternate_with_incrementals(pool, server_factory, ru
     bases = json.loads(run_zfsmgr(["client", "bookmarks", "--json"], env={
         **onsite.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}, check=True).stdout)
     assert len({b["server"] for b in bases if b["name"].startswith(root + "@")}) == 2
+
+
+def test_a_damaged_stream_leaves_the_old_tree_as_it_was(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir")
+    root = make_tree(pool)
+    env = env_for(server, root, EXCLUDE_DATASETS=f"{root}/skip {root}/c")
+    backup_json(run_zfsmgr, env)
+    target = f"{pool.name}/back"
+    run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+               env=server.client_env, check=True)
+    before = {d: files(pool, d) for d in datasets_under(target)}
+    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                 check=True).stdout)
+    damaged = next(r for r in rows if r["dataset"] == f"{root}/a/x")
+    path = server.storage_dir / damaged["key"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--force",
+                       "--source-dataset", root], env=server.client_env)
+    assert done.returncode == 5, done.stderr
+    assert damaged["key"] in done.stderr
+    assert {d: files(pool, d) for d in datasets_under(target)} == before
+    assert not [d for d in zfs("list", "-H", "-o", "name", "-r", pool.name).split()
+                if "zfsmgr-restore" in d]  # the temporary tree is gone
