@@ -33,7 +33,8 @@ HELP = """  clients [--json]    every client: enabled, quota, usage, backups, la
   remove-client NAME [--delete-backups]
                       refused while the client has backups, unless they are deleted with it
   set-quota NAME SIZE  e.g. 200G; 0 for none
-  delete BACKUP       delete one backup by its key (refused while an incremental needs it)
+  delete BACKUP       delete one backup by its key (refused while an incremental or an open
+                      upload needs it)
   forget CLIENT DATASET
                       delete every backup of one dataset of a client
   admin-key           a new admin key for the status page (prints it once, and the
@@ -176,16 +177,21 @@ def rotate_key(clients: ClientsFile, name: str, grace: float) -> int:
 
 def _delete(ctx, manifests) -> None:
     """Delete backups in the order given (ServerContext.delete); the first the store refuses
-    or fails to delete stops here, still stored and listed, with the store's own error."""
+    or fails to delete stops here, still stored and listed, with the store's own error; so does
+    one that a committed backup or an open upload has as its base (since it was listed), with
+    the reason (UsageError)."""
     for manifest in manifests:
         client = ctx.clients.get(manifest.client_id)
         store = ctx.store_named(manifest.storage_type
                                 or (ctx.default_kind(client) if client else "dir"))
         try:
             with store.client_lease(manifest.client_id):  # not amid another server's commit
-                ctx.delete(manifest, store)
+                why = ctx.delete(manifest, store)
         except StorageError as exc:
             raise StorageError(f"{manifest.key} not deleted, still listed: {exc}") from None
+        if why:
+            raise UsageError(f"{manifest.key} stays: it is {why} (let that upload finish or"
+                             " abort it, or delete that backup first)")
         print(f"deleted {manifest.key}")
 
 

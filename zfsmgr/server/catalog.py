@@ -97,6 +97,17 @@ class Catalog:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ?", (client_id, key))
 
+    def children(self, client_id: str, dataset: str, snapshot: str) -> List[str]:
+        """Keys of the backups whose download needs dataset@snapshot before it (incrementals on
+        it that do not restore alone)."""
+        found = []
+        for text in self.list_json(client_id, dataset):
+            entry = json.loads(text)
+            if entry.get("parent") == snapshot and entry.get("type") != "full" and \
+                    not entry.get("self_contained"):
+                found.append(entry["key"])
+        return found
+
     def used_bytes(self, client_id: str) -> int:
         """Stored bytes of a client's committed backups."""
         return self.db.query("SELECT COALESCE(SUM(stored_size), 0) FROM backups"

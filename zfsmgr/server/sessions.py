@@ -79,6 +79,11 @@ class SessionTable:
         return [Session.from_json(r[0]) for r in self.db.query(
             "SELECT session FROM sessions WHERE client_id = ? ORDER BY upload_id", (client_id,))]
 
+    def based_on(self, client_id: str, dataset: str, snapshot: str) -> List[str]:
+        """The ids of a client's open incremental uploads on dataset@snapshot."""
+        return [s.upload_id for s in self.of_client(client_id)
+                if s.dataset == dataset and s.parent == snapshot]
+
     def idle(self, before: float) -> List[Session]:
         """Sessions not touched since `before` (the janitor's, never a request's, listing)."""
         return [Session.from_json(r[0]) for r in self.db.query(

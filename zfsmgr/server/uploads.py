@@ -310,10 +310,26 @@ class Uploads:
                 self.check_quota(client, 0, session.upload_id, total,
                                  others_count=not store.shared)
                 manifest = store.marked(store.commit(session.upload_id, manifest))
-                with self.table.db.transaction():  # visible and no longer open, at once
-                    self.catalog.add(manifest)
-                    self._forget(session)
+                self._record(store, session, manifest)
             return manifest
+
+    def _record(self, store: Store, session: Session, manifest: Manifest) -> None:
+        """Make a committed backup visible and its upload no longer open, in one transaction
+        that checks again that its base is in the catalog (a deletion that raced the commit);
+        without it, the stored backup is deleted and NeedsFullBackup raised."""
+        try:
+            with self.table.db.transaction():
+                if session.parent and not self.catalog.has_snapshot(
+                        session.client_id, session.dataset, session.parent):
+                    raise NeedsFullBackup(f"the base {session.dataset}@{session.parent} of this"
+                                          " incremental was deleted while it committed: send a"
+                                          " full backup")
+                self.catalog.add(manifest)
+                self._forget(session)
+        except NeedsFullBackup:
+            store.delete(manifest)
+            self._forget(session)
+            raise
 
     def _recheck(self, client: ClientConfig, store: Store, session: Session) -> None:
         """What `open` checked may have changed since (another server, a rotation)."""
