@@ -25,7 +25,7 @@ from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
 from zfsmgr.client.base import PROP_KIND
 from zfsmgr.client.inventory import Pool, list_pools
 from zfsmgr.client.locks import DatasetLock
-from zfsmgr.client.selection import Choice, parse_list, select
+from zfsmgr.client.selection import Choice, parse_list, select, under
 from zfsmgr.client.upload import Result, summary
 from zfsmgr.crypt import Encryption
 from zfsmgr.errors import ExitStatus, ServerUnreachable, ZfsmgrError
@@ -220,12 +220,36 @@ class Run:
             members = [n for n in prepared if n.split("/")[0] == pool.name]
             if members:
                 new.update(self._named_snapshots(pool, members, short, taken, prepared))
-        todo = []
+        todo, unchanged = [], []
         for name, backup in prepared.items():
             snap = new.get(name)
-            if snap is not None and not self._unchanged(backup, snap, pools[name.split("/")[0]]):
+            if snap is None:
+                continue
+            if self._unchanged(backup, snap, pools[name.split("/")[0]]):
+                unchanged.append(name)
+            else:
                 todo.append((name, backup, snap))
+        self._discard_unchanged(unchanged, new, prepared)
         self._send_all(todo)
+
+    def _discard_unchanged(self, unchanged: List[str], new: Dict[str, Snapshot],
+                           prepared: Dict[str, Backup]) -> None:
+        """Destroy the snapshots nothing needs: one `zfs destroy -r DS@snap` for a subtree
+        whose new snapshots are all unneeded, else one by one."""
+        gone, done = set(unchanged), set()
+        for name in sorted(unchanged):  # parents first
+            if name in done:
+                continue
+            below = [n for n in new if under(n, name)]
+            if len(below) > 1 and all(n in gone for n in below):
+                try:  # the run's snapshot name is new: only this run's snapshots carry it
+                    self.zfs.destroy(new[name].name, recursive=True)
+                    done.update(below)
+                    continue
+                except ZfsmgrError as exc:
+                    log.info("%s: %s; removing them one by one", new[name].name, exc)
+            prepared[name].discard(new[name])
+            done.add(name)
 
     def _send_all(self, todo: List[tuple]) -> None:
         """Send each (dataset, backup, snapshot), `options.parallel` at a time. Once the
@@ -324,14 +348,14 @@ class Run:
         return {n: self._fresh[f"{n}@{short}"] for n in done}
 
     def _unchanged(self, backup: Backup, snap: Snapshot, pool: Pool) -> bool:
-        """Skip (and destroy) the new snapshot when nothing changed since this server's base."""
+        """Whether to skip the new snapshot (reported; _discard_unchanged destroys it): nothing
+        changed since this server's base."""
         if self.options.backup_unchanged or backup.base is None or backup.mode == "full":
             return False
         snaps = [self._fresh.get(s.name, s) for s in backup.snaps] + [snap]
         if not changes.unchanged(snap, backup.base, snaps, backup.marks or [],
                                  pool.features.modern):
             return False
-        backup.discard(snap)
         self._done(Outcome(backup.dataset, "unchanged",
                            f"nothing written since {backup.base.name}: no backup sent"
                            " (BACKUP_UNCHANGED=true sends one anyway)"))
