@@ -145,3 +145,47 @@ def test_a_small_s3_part_that_is_not_the_last_is_400_not_503(server_factory):
     declaration = {"sha256": "0" * 64, "parts_crc32": rig.parts_crc32([b"a" * 1000]),
                    "stored_size": 1000, "raw_size": 1000}
     assert hostile.commit(server.url, alice, session, declaration)[0] == 200
+
+
+SLOW_ZFS = """#!/bin/sh
+# zfs, with `list` and `get` 2 s slow once FLAG exists (a store check that takes its time)
+if [ -e FLAG ] && { [ "$1" = list ] || [ "$1" = get ]; }; then sleep 2; fi
+exec zfs "$@"
+"""
+
+
+@pytest.mark.zfs
+def test_parts_to_unknown_uploads_never_wait_for_a_store_check(pool, server_factory, tmp_path):
+    """A flood of parts to random upload ids, from a client on the server's default store
+    (`local`, probed): the gate answers them from the server's own table (404), never by
+    checking the store on waitress's one network thread, so another client's /status stays
+    quick while every zfs list/get takes 2 s."""
+    base = f"{pool.name}/srv"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    flag = tmp_path / "slow"
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text(SLOW_ZFS.replace("FLAG", str(flag)))
+    wrapper.chmod(0o755)
+    server = server_factory("local", base_dataset=base, env={"ZFSMGR_ZFS": str(wrapper)},
+                            client_fields={"storage_type": ""},
+                            extra_clients=[hostile.client_entry("bob", BOB)])
+    alice = auth_of(server.client_env)
+    flag.touch()
+    with concurrent.futures.ThreadPoolExecutor(6) as threads:
+        def flood():
+            answers = []
+            for _ in range(6):
+                status, _, _ = request(server.url, "POST",
+                                       f"/upload-stream/{os.urandom(16).hex()}/0",
+                                       b"x" * 65536, alice, 30)
+                answers.append(status)
+            return answers
+        attack = [threads.submit(flood) for _ in range(3)]
+        seconds = []
+        while not all(f.done() for f in attack) or not seconds:
+            status, _, took = request(server.url, "GET", "/status", None, _bob(server), 30)
+            assert status == 200
+            seconds.append(took)
+        statuses = [s for f in attack for s in f.result()]
+    assert set(statuses) == {404}, statuses
+    assert max(seconds) < 1.0, seconds

@@ -41,6 +41,7 @@ class ServerContext:
         self.catalog_path = catalog_path(settings.metadata_file, settings.catalog_db)
         self.notifier = Notifier(settings.notify_url)
         self._stores: Dict[str, Store] = {}
+        self._default = ""  # the server's default store kind, once probed (default_kind)
         self._lock = threading.Lock()
         self.working = Shares(self.client_max_requests, "requests")  # worker threads in use
         if open_catalog:  # `reindex` builds a new one instead
@@ -112,6 +113,17 @@ class ServerContext:
                  upload_id, client_id)
         return session
 
+    def may_adopt(self, client_id: str) -> bool:
+        """Whether an upload of the client that this server does not hold may be in its store
+        (shared by several servers), answered without a store check or any I/O: True unless
+        the client's store is known (made already) and not shared."""
+        client = self.clients.get(client_id)
+        if client is None:
+            return False
+        kind = client.storage_type or self._default
+        store = self._stores.get(kind) if kind else None  # not under _lock: _make checks
+        return store is None or store.shared
+
     def configured_kinds(self) -> List[str]:
         """Backends this server has settings for."""
         return [b.kind for b in registry.BACKENDS if b.configured(self.settings)]
@@ -121,6 +133,11 @@ class ServerContext:
         prefer (one that must probe only if its check passes: local ZFS when usable)."""
         if client and client.storage_type:
             return client.storage_type
+        if not self._default:  # probed once; health() probes again when a store fails
+            self._default = self._probe_default()
+        return self._default
+
+    def _probe_default(self) -> str:
         for backend in registry.BACKENDS:
             if not backend.preferred(self.settings):
                 continue
@@ -202,6 +219,7 @@ class ServerContext:
             except (StorageError, ZfsmgrError) as exc:
                 with self._lock:
                     self._stores.pop(kind, None)
+                self._default = ""
                 checks[kind] = {"ok": False, "needed": kind in needed, "error": str(exc)}
         return checks
 

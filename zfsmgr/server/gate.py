@@ -153,11 +153,19 @@ class Gate:
         return 0
 
     def _part_limit(self, client_id: str, upload_id: str, index: int):
+        """The part's limit from this server's own table of sessions; storage is never asked
+        here (this is waitress's one network thread). An id it does not hold passes with the
+        largest part size only where another server may have opened it in a shared store (the
+        worker thread adopts it, or answers 404); elsewhere it is refused (404) at once."""
         try:
-            session = self.ctx.uploads.get(client_id, upload_id)
+            session = self.ctx.uploads.held(client_id, upload_id)
         except ZfsmgrError as exc:
             return Refusal(exc.http_status, str(exc))
-        return protocol.part_size(index, session.part_base, session.part_every)
+        if session is not None:
+            return protocol.part_size(index, session.part_base, session.part_every)
+        if self.ctx.may_adopt(client_id):
+            return protocol.MAX_PART_SIZE
+        return Refusal(404, f"no open upload {upload_id}")
 
 
 def channel_class(gate: Gate, base=HTTPChannel):

@@ -205,6 +205,12 @@ class Uploads:
             if upload_id:
                 self.table.reserve(upload_id, staged + needed)
 
+    def held(self, client_id: str, upload_id: str) -> Optional[Session]:
+        """An open session of this client in this server's own table, None otherwise: never
+        adopts, never asks a store (the gate runs on waitress's one network thread)."""
+        session = self.table.get(protocol.validate_upload_id(upload_id))
+        return session if session is not None and session.client_id == client_id else None
+
     def get(self, client_id: str, upload_id: str) -> Session:
         """An open session of this client (NotFound for anyone else's)."""
         session = self.table.get(protocol.validate_upload_id(upload_id))
