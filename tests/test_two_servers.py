@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import secrets
@@ -214,3 +215,24 @@ def test_commits_through_two_servers_at_the_quota_edge(s3, tmp_path):
     for app in apps:
         code, body, _ = call(app, "GET", "/status", headers=auth)
         assert json.loads(body)["used_bytes"] == 10 * 1024
+
+
+def test_an_upload_busy_on_the_other_server_does_not_expire_here(s3, tmp_path):
+    """Server A opened an upload whose parts now arrive through B: A's janitor finds its own
+    row idle, but the bucket shows the upload active, so A keeps it."""
+    from zfsmgr.server.clients import ClientConfig
+
+    store = _store(s3, s3["bucket"])
+    a, b = rig.uploads(tmp_path / "a"), rig.uploads(tmp_path / "b")
+    client = ClientConfig("c1", "0" * 64)
+    session = a.open(client, store, {"dataset": "tank/data", "snapshot": "s1", "type": "full",
+                                     "compression": "none", "snapshot_time": 1700000000})
+    b.table.add(session, time.time())
+    part = b"q" * 1024
+    b.put_part(client, store, session, 0, io.BytesIO(part), len(part))
+    a.table.db.connection().execute("UPDATE sessions SET touched = 0")
+    assert a.expire({"s3": store}) == []
+    assert a.table.exists(session.upload_id) and store.staged_parts(session.upload_id)
+    # truly abandoned (the bucket idle too): it goes
+    assert a.expire({"s3": store}, now=time.time() + 7200) == [session.upload_id]
+    assert store.staged_parts(session.upload_id) == []

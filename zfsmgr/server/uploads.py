@@ -363,10 +363,19 @@ class Uploads:
         """Abort sessions idle longer than the expiry, and staged data with no session."""
         now = time.time() if now is None else now
         expired = []
+        activity: Dict[str, Dict[str, float]] = {}  # a shared store's, per upload
         for session in self.table.idle(now - self.expiry):
-            if session.storage_type in stores:
-                self.abort(session, stores[session.storage_type])
-                expired.append(session.upload_id)
+            store = stores.get(session.storage_type)
+            if store is None:
+                continue
+            if store.shared:  # its parts may be arriving through another server
+                if store.kind not in activity:
+                    activity[store.kind] = dict(store.staged_uploads())
+                if now - activity[store.kind].get(session.upload_id, 0.0) <= self.expiry:
+                    self.table.touch(session.upload_id, now)
+                    continue
+            self.abort(session, store)
+            expired.append(session.upload_id)
         for store in stores.values():
             for upload_id, stamp in store.staged_uploads():
                 if now - stamp > self.expiry and not self.table.exists(upload_id):
