@@ -56,6 +56,22 @@ def named_by_its_creation(snap: Snapshot) -> bool:
     return snap.short == BACKUP_PREFIX + protocol.format_timestamp(made)
 
 
+def name_by_creation(zfs: Zfs, snap: Snapshot) -> Snapshot:
+    """The snapshot renamed to its creation second when it landed in a later second than its
+    name says (a slow or loaded pool: each `zfs` call may take more than a second), so the
+    storage key, built from the creation time, carries the snapshot's own name. A name that is
+    taken already leaves the snapshot as it is (the caller makes a new one)."""
+    if named_by_its_creation(snap):
+        return snap
+    made = datetime.fromtimestamp(snap.creation, timezone.utc)
+    dataset = snap.name.split("@", 1)[0]
+    wanted = f"{dataset}@{BACKUP_PREFIX}{protocol.format_timestamp(made)}"
+    if zfs.exists(wanted):
+        return snap
+    zfs.rename(snap.name, wanted)
+    return zfs.snapshot_info(wanted, PROPS)
+
+
 def in_catalog(base: Base, on_server: List[dict]) -> bool:
     """Whether the server holds the backup of the snapshot `base` stands for."""
     return any(m["snapshot"] == base.snapshot and (not m.get("guid") or m["guid"] == base.guid)
@@ -197,13 +213,13 @@ class Backup(Uploader):
     def _new_snapshot(self) -> Snapshot:
         """Create `DS@zfsmgr_<stamp>` whose creation second is its stamp, so the storage key
         (built from the creation time) carries the snapshot's own timestamp; a snapshot that
-        landed in the next second is made again."""
+        landed in a later second takes that second's name, or is made again."""
         for _ in range(5):
             name = new_snapshot_name(self.zfs, self.dataset)
             self.zfs.snapshot(name, {PROP_KIND: "backup"})
-            snap = self.zfs.snapshot_info(name, PROPS)
+            snap = name_by_creation(self.zfs, self.zfs.snapshot_info(name, PROPS))
             if named_by_its_creation(snap):
                 return snap
-            self.zfs.destroy(name)
+            self.zfs.destroy(snap.name)
         raise ZfsmgrError(f"the clock of {self.dataset}'s pool disagrees with this host's:"
                           " cannot name a snapshot by its creation time")
