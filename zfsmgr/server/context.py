@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 from zfsmgr import __version__
-from zfsmgr.errors import Locked, ZfsmgrError
+from zfsmgr.errors import ZfsmgrError
+from zfsmgr.server import deletion
 from zfsmgr.server.catalog import Catalog, catalog_path
 from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
@@ -345,7 +345,7 @@ class ServerContext:
             if plan is None or home.shared:  # planned before the lease: plan again under it
                 plan = self.plan(client, needed, keep)
             if not dry_run:
-                plan = self._apply(client, plan)
+                plan = deletion.apply(self, client, plan)
         if not dry_run:
             self.ledger.record_rotation(client.client_id, len(plan.delete))
         result = {"dry_run": dry_run, "deleted": [m.key for m in plan.delete],
@@ -358,62 +358,10 @@ class ServerContext:
                         " chain of each dataset is kept)", client.client_id, plan.over_bytes)
         return result
 
-    def _apply(self, client: ClientConfig, plan: RotationPlan) -> RotationPlan:
-        """Delete what `plan` deletes, children first; a backup that turns out to be needed
-        (the base of a kept or newly committed backup, or of an open upload) or that its store
-        locks stays, and the plan returned says so, with the reason."""
-        kept: Dict[str, str] = {}
-        for manifest in plan.delete:
-            store = self.store_named(manifest.storage_type or self.default_kind(client))
-            child = next((c.key for c in plan.delete if c.parent == manifest.snapshot
-                          and c.dataset == manifest.dataset and c.key in kept), None)
-            why = f"the base of {child}, which stays" if child else ""
-            if not why:
-                try:
-                    why = self.delete(manifest, store)
-                except Locked as exc:  # the store's lock outlasts the policy: keep it
-                    why = f"locked by the store (S3 Object Lock) for now: {exc}"
-            if why:
-                kept[manifest.key] = why
-                log.info("rotation keeps %s (client=%s): %s", manifest.key, client.client_id,
-                         why)
-                continue
-            log.info("rotation deleted %s (client=%s): %s", manifest.key, client.client_id,
-                     plan.reasons[manifest.key])
-        if not kept:
-            return plan
-        size = sum(m.stored_size for m in plan.delete if m.key in kept)
-        plan = replace(plan, delete=[m for m in plan.delete if m.key not in kept],
-                       freed_bytes=plan.freed_bytes - size, used_after=plan.used_after + size,
-                       keep=plan.keep + [m for m in plan.delete if m.key in kept])
-        plan.reasons.update(kept)
-        return plan
-
     def delete(self, manifest: Manifest, store: Store) -> str:
-        """Delete one backup, the one way every deletion goes (rotation, `server delete`,
-        `forget`, `remove-client --delete-backups`): out of the catalog (no new download
-        starts), then out of its store; '' when deleted. A backup that a committed backup or an
-        open upload has as its base stays, and the reason is returned: that is checked in the
-        transaction that removes the row (a commit records its row, and checks its base, in one
-        too). When the store refuses (Object Lock: Locked) or fails (StorageError, anything),
-        the entry is listed again, so a backup still stored is never unlisted; the store's
-        error is raised. The caller holds the client's lease."""
-        with self.db.transaction():
-            needed = self.catalog.children(manifest.client_id, manifest.dataset,
-                                           manifest.snapshot)
-            if needed:
-                return f"the base of {', '.join(needed)}"
-            uploads = self.sessions.based_on(manifest.client_id, manifest.dataset,
-                                             manifest.snapshot)
-            if uploads:
-                return f"the base of the open upload {', '.join(uploads)}"
-            self.catalog.remove(manifest.client_id, manifest.key)
-        try:
-            store.delete(manifest)
-        except Exception:
-            self.catalog.add(manifest)
-            raise
-        return ""
+        """Delete one backup, the one way every deletion goes (zfsmgr.server.deletion.delete):
+        '' when deleted, else why it stays. The caller holds the client's lease."""
+        return deletion.delete(self, manifest, store)
 
     def make_room(self, client: ClientConfig, needed: int, parent_key: Optional[str]) -> None:
         """Make `needed` more bytes fit the quota: with AUTO_ROTATE, plan a rotation and apply
