@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import time
 
 import pytest
 
@@ -189,3 +190,40 @@ def test_parts_to_unknown_uploads_never_wait_for_a_store_check(pool, server_fact
         statuses = [s for f in attack for s in f.result()]
     assert set(statuses) == {404}, statuses
     assert max(seconds) < 1.0, seconds
+
+
+@pytest.mark.zfs
+def test_a_flood_of_health_checks_costs_one_store_check_per_interval(pool, server_factory,
+                                                                     tmp_path):
+    """/health needs no key; each one ran the store's check (zfs commands for `local`). Now
+    the answer is kept OPEN_CACHE_SECONDS and the open routes share one client's share of
+    threads: 60 at once run the check about once, and a client's /status answers meanwhile."""
+    from zfsmgr.server.cache import OPEN_CACHE_SECONDS
+
+    base = f"{pool.name}/backup"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    calls = tmp_path / "zfs-calls"
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec zfs \"$@\"\n")
+    wrapper.chmod(0o755)
+    server = server_factory("local", base_dataset=base, env={"ZFSMGR_ZFS": str(wrapper)})
+    count = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
+    time.sleep(OPEN_CACHE_SECONDS + 0.1)
+    before = count()
+    assert request(server.url, "GET", "/health")[0] == 200
+    one = count() - before  # what one check costs
+    assert one >= 1
+    time.sleep(OPEN_CACHE_SECONDS + 0.1)
+    before, started = count(), time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(30) as workers:
+        flood = [workers.submit(request, server.url, "GET", "/health", None, {}, 30)
+                 for _ in range(60)]
+        mine = [workers.submit(request, server.url, "GET", "/status", None,
+                               auth_of(server.client_env), 30) for _ in range(3)]
+        health = [f.result()[0] for f in flood]
+        status = [f.result() for f in mine]
+    elapsed = time.monotonic() - started
+    assert set(health) <= {200, 429} and 200 in health, health
+    assert [s for s, _, _ in status] == [200] * 3, status
+    intervals = 1 + int(elapsed // OPEN_CACHE_SECONDS) + 1
+    assert count() - before <= one * intervals, (count() - before, one, elapsed)

@@ -16,11 +16,14 @@ from zfsmgr.errors import (NeedsFullBackup, NotFound, QuotaExceeded, Unauthorize
                            ValidationError, ZfsmgrError)
 from zfsmgr.files import CHUNK
 from zfsmgr.protocol import HEADER_API_KEY, HEADER_CLIENT_ID, HEADER_SHA256
+from zfsmgr.server.cache import Cached
 from zfsmgr.server.clients import ClientConfig
 from zfsmgr.server.context import ServerContext
+from zfsmgr.server.fleet import fleet
 from zfsmgr.storage import registry
 
 log = logging.getLogger("zfsmgr.server")
+OPEN_ROUTES = " open routes"  # their one share of worker threads (no client id has a space)
 
 
 def _json(status: int, body: dict) -> bottle.HTTPResponse:
@@ -55,6 +58,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     """The WSGI application of one server."""
     app = bottle.Bottle()
     app.config["catchall"] = False
+    # the open routes' answers, kept a moment: a flood of them costs one computation
+    health_view, fleet_view = Cached(ctx.health_report), Cached(lambda: fleet(ctx))
 
     def handler(auth: bool = True, write: bool = True) -> Callable:
         """`write=False`: a disabled client may still call the route (list, restore, verify)."""
@@ -70,6 +75,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                         client_id = client.client_id
                         ctx.working.take(client_id)
                         slot = client_id
+                    else:  # all of the open routes together: one client's share
+                        ctx.working.take(OPEN_ROUTES)
+                        slot = OPEN_ROUTES
                     result = func(client, *args, **kwargs)
                     if slot and isinstance(result, bottle.HTTPResponse) and \
                             isinstance(result.body, _Body):  # held while the body streams
@@ -93,6 +101,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                 finally:
                     if slot:
                         ctx.working.give(slot)
+                    if auth and bottle.request.method != "GET":  # a client changed something
+                        health_view.clear()
+                        fleet_view.clear()
                     log.info("%s %s %s client=%s %.3fs", bottle.request.method,
                              bottle.request.path, status, client_id, time.monotonic() - started)
             return run
@@ -119,7 +130,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @app.get(protocol.HEALTH)
     @handler(auth=False)
     def health(_):
-        report = ctx.health_report()
+        report = health_view.get(ctx.clients.stamp())
         return _json(200 if report["success"] else 503, report)
 
     @app.post(protocol.UPLOAD)
@@ -291,12 +302,12 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler(auth=False)
     def metrics(_):
         from zfsmgr.server import metrics as exposition
-        from zfsmgr.server.fleet import fleet
 
         s = ctx.settings
         exposition.authorize(s.metrics_no_auth, s.metrics_token,
                              _header("Authorization"))
-        text = exposition.render(ctx.clients.all(), fleet(ctx), ctx.ledger.view()["clients"],
+        rows = fleet_view.get(ctx.clients.stamp())
+        text = exposition.render(ctx.clients.all(), rows, ctx.ledger.view()["clients"],
                                  len(ctx.clients.warnings()))
         return bottle.HTTPResponse(text, status=200,
                                    headers={"Content-Type": exposition.CONTENT_TYPE})
@@ -305,7 +316,6 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler(auth=False)
     def status_page(_):
         from zfsmgr.server import page
-        from zfsmgr.server.fleet import fleet
 
         try:
             page.authorize(ctx.settings.admin_api_key, _header("Authorization"))
@@ -313,7 +323,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
             return bottle.HTTPResponse(f"{exc}\n", status=401, headers={
                 "WWW-Authenticate": page.CHALLENGE, "Content-Type": "text/plain"})
         query = bottle.request.query
-        text = page.render(fleet(ctx), query.get("sort") or "state", query.get("order") or "asc",
+        text = page.render(fleet_view.get(ctx.clients.stamp()), query.get("sort") or "state",
+                           query.get("order") or "asc",
                            problems=ctx.clients.warnings())
         return bottle.HTTPResponse(text, status=200, headers={
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",

@@ -199,6 +199,12 @@ class ClientRegistry:
         with self._lock:
             return list(self._problems)
 
+    def stamp(self) -> Any:
+        """What identifies the configuration in force (changes when clients.json does)."""
+        self._load()
+        with self._lock:
+            return self._stamp, len(self._problems)
+
     def all(self) -> List[ClientConfig]:
         """Every configured (valid) client."""
         return list(self._load().values())
