@@ -7,6 +7,7 @@ own decisions: missing programs, timeouts, "does not exist" against "failed", on
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -42,6 +43,18 @@ def test_only_the_runner_starts_processes():
                     and isinstance(node.value, ast.Name) and node.value.id == "os":
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+def test_no_module_builds_zfs_command_lines_of_its_own():
+    """Typed commands are methods of Zfs: nobody else hands raw zfs argv to the runner."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "zfs.py" and path.parent == PACKAGE:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\b(run|execute|spawn)\(\s*\[[\w.]*\.(zfs|zpool)\b", line):
+                found.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert found == []
 
 
 def test_a_missing_program_is_a_clear_zfs_error(tmp_path):

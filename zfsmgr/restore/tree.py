@@ -20,7 +20,7 @@ from zfsmgr.protocol import Manifest
 from zfsmgr.restore.chain import chain_for
 from zfsmgr.restore.listing import moment
 from zfsmgr.restore.receive import StreamOpener, Target, receive_chain
-from zfsmgr.zfs import Zfs, run
+from zfsmgr.zfs import Zfs
 
 Items = list[tuple[str, Manifest]]  # (name relative to the target, '' for the target itself)
 
@@ -86,4 +86,4 @@ def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manife
 
 def _placeholder(zfs: Zfs, name: str) -> None:
     """An empty dataset that only holds restored children (its own data was not backed up)."""
-    run([zfs.zfs, "create", "-p", "-o", "canmount=off", name])
+    zfs.create(name, parents=True, props={"canmount": "off"})
