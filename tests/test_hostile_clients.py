@@ -120,6 +120,8 @@ def test_bodies_are_refused_before_they_are_read(server_factory):
     }
     heads[413.1] = "GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n" + me
     heads[401.1] = ("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    heads[401.2] = (f"POST {part} HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
+                    "Expect: 100-continue\r\nX-Client-ID: alice\r\nX-API-Key: wrong\r\n\r\n")
     for code, head in heads.items():
         answer = hostile.headers_only(server.url, head.encode())
         assert answer.startswith(f"HTTP/1.1 {int(code)} ".encode()), (code, answer[:200])

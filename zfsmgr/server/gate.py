@@ -184,7 +184,7 @@ def channel_class(gate: Gate, base=HTTPChannel):
                 log.info("%s %s %d refused before the body: %s", self.command, self.path,
                          refusal.code, refusal.body)
                 self.error, self.completed, self.body_rcv = refusal, True, None
-                self.content_length = 0
+                self.content_length, self.expect_continue = 0, False  # no "100 Continue"
             elif limit:  # chunked: the framing counts too, ~10 bytes per chunk
                 self.adj = _Limits(self.adj, limit + limit // 64 + (64 << 10))
 
