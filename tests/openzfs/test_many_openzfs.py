@@ -1,0 +1,139 @@
+"""Many datasets per run on real OpenZFS 2.3: one atomic `zfs snapshot a@s b@s`, per-server
+bookmark bases for onsite + offsite, `written` for unchanged datasets, properties sent with
+`-p` (an encrypted dataset too) and a tree restored property by property."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rig  # noqa: E402
+from test_zfsmgr_openzfs import mounted_files, sh, write  # noqa: E402
+
+PROPS = ("compression", "recordsize", "atime", "org.example:owner")
+
+
+def props(dataset):
+    out = sh("zfs", "get", "-H", "-o", "property,value", ",".join(PROPS), dataset)
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+def run_json(run_zfsmgr, env, *command):
+    done = run_zfsmgr(["client", *(command or ("backup",)), "--json"], env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    time.sleep(1.1)
+    return json.loads(done.stdout)
+
+
+def kinds(report):
+    return {d["dataset"]: d["status"] for d in report["datasets"]}
+
+
+def tree(pool):
+    root = f"{pool}/host"
+    sh("zfs", "create", "-o", "compression=gzip-3", root)
+    sh("zfs", "create", "-o", "recordsize=32K", f"{root}/a")
+    sh("zfs", "create", "-o", "org.example:owner=ann", "-o", "compression=zle", f"{root}/a/x")
+    for i, d in enumerate((root, f"{root}/a", f"{root}/a/x")):
+        write(f"{pool.mountpoint}{d[len(str(pool)):]}", seed=i, size=100_000)
+    return root, [root, f"{root}/a", f"{root}/a/x"]
+
+
+def test_one_atomic_snapshot_per_bookmarks_per_server_and_unchanged(openzfs_pool,
+                                                                    server_factory,
+                                                                    run_zfsmgr, tmp_path):
+    onsite, offsite = server_factory("dir"), server_factory("dir")
+    root, chosen = tree(openzfs_pool)
+    state = str(tmp_path / "state")
+
+    def env(server):
+        return {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true",
+                "STATE_DIR": state}
+
+    first = run_json(run_zfsmgr, env(onsite))
+    assert set(kinds(first).values()) == {"full"}
+    # one `zfs snapshot` for the pool: every new snapshot has the same createtxg
+    txgs = {sh("zfs", "get", "-Hp", "-o", "value", "createtxg",
+               f"{d}@{first['snapshot']}").strip() for d in chosen}
+    assert len(txgs) == 1
+    seen = {"onsite": [], "offsite": []}
+    for turn in range(4):
+        name, server = ("offsite", offsite) if turn % 2 == 0 else ("onsite", onsite)
+        for d in chosen:
+            write(sh("zfs", "get", "-H", "-o", "value", "mountpoint", d).strip(),
+                  seed=50 + turn, size=30_000)
+        seen[name].append(set(kinds(run_json(run_zfsmgr, env(server))).values()))
+    assert seen == {"offsite": [{"full"}, {"incremental"}],
+                    "onsite": [{"incremental"}, {"incremental"}]}
+    marks = sh("zfs", "list", "-H", "-o", "name", "-t", "bookmark", "-r", root).split()
+    for d in chosen:
+        mine = [m for m in marks if m.startswith(d + "#")]
+        assert len(mine) == 2 and len({m.rsplit(".", 1)[1] for m in mine}) == 2, mine
+    # nothing held: bookmarks carry the chains; local rotation may destroy every snapshot
+    snaps = sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", root).split()
+    assert all(sh("zfs", "get", "-H", "-o", "value", "userrefs", s).strip() == "0"
+               for s in snaps)
+    for s in snaps:
+        sh("zfs", "destroy", s)
+    for d in chosen:
+        write(sh("zfs", "get", "-H", "-o", "value", "mountpoint", d).strip(), seed=90,
+              size=20_000)
+    assert set(kinds(run_json(run_zfsmgr, env(offsite))).values()) == {"incremental"}
+    # nothing written since: `written` says so, nothing is sent and no snapshot stays
+    quiet = run_json(run_zfsmgr, env(offsite))
+    assert set(kinds(quiet).values()) == {"unchanged"}
+    assert not sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r",
+                  root).count(quiet["snapshot"] or "none")
+
+
+def test_properties_travel_and_the_tree_restores_property_by_property(
+        openzfs_pool, server_factory, run_zfsmgr, tmp_path):
+    server = server_factory("dir")
+    root, chosen = tree(openzfs_pool)
+    keyfile = tmp_path / "key"
+    keyfile.write_text("correct horse battery staple\n")
+    secret = f"{root}/secret"
+    sh("zfs", "create", "-o", "encryption=on", "-o", "keyformat=passphrase",
+       "-o", f"keylocation=file://{keyfile}", "-o", "org.example:owner=bob",
+       "-o", "recordsize=64K", secret)
+    write(f"{openzfs_pool.mountpoint}/host/secret", seed=9, size=50_000)
+    chosen.append(secret)
+    env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
+    run_json(run_zfsmgr, env)
+    for d in chosen:
+        write(sh("zfs", "get", "-H", "-o", "value", "mountpoint", d).strip(), seed=31,
+              size=20_000)
+    assert set(kinds(run_json(run_zfsmgr, env)).values()) == {"incremental"}
+    expected = {d: (props(d), mounted_files(d)) for d in chosen}
+    target = f"{openzfs_pool}/back"
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    copy_of_secret = target + secret[len(root):]
+    # a raw -p stream: received without the key, its properties with it
+    assert sh("zfs", "get", "-H", "-o", "value", "keystatus", copy_of_secret).strip() == \
+        "unavailable"
+    sh("zfs", "load-key", "-L", f"file://{keyfile}", copy_of_secret)
+    for d in chosen:  # parents first: each mounted before its parent's files are compared
+        rig.sh("zfs", "mount", target + d[len(root):], check=False)
+    for d in chosen:
+        copy = target + d[len(root):]
+        got = props(copy)
+        assert got == expected[d][0], (d, got)
+        assert mounted_files(copy) == expected[d][1], d
+    # the stored stream itself carries them: plain zfs recv of the full stream gets them too
+    assert props(f"{target}/a/x")["org.example:owner"] == "ann"
+
+
+def test_the_local_store_gets_plain_streams(openzfs_pool, server_factory, run_zfsmgr):
+    base = f"{openzfs_pool}/srv"
+    sh("zfs", "create", "-o", "mountpoint=none", base)
+    server = server_factory("local", base_dataset=base)
+    root, chosen = tree(openzfs_pool)
+    env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
+    assert set(kinds(run_json(run_zfsmgr, env)).values()) == {"full"}
+    assert rig.sh("zfs", "list", "-H", "-o", "name", "-r", base).count("\n") > len(chosen)
