@@ -147,3 +147,21 @@ def test_compressed_send_only_where_the_pool_compresses():
                  level=1)
     assert lz4._compressed(features) is True and off._compressed(features) is False
     assert lz4._request(snap("t/d@s", "1", 1), None, features, "none")["compressed_send"]
+
+
+def test_one_snapshot_call_names_every_dataset_until_the_line_is_too_long(
+        tmp_path, monkeypatch):
+    import zfsmgr.zfs as zfs_module
+
+    calls = tmp_path / "calls"
+    zfs = Zfs(fake(tmp_path, "zfs", f'echo "$@" >> {calls}\n'))
+    names = [f"tank/d{i:03d}@zfsmgr_x" for i in range(30)]
+    zfs.snapshot_many(names, {"kind": "backup"})
+    [line] = calls.read_text().splitlines()
+    assert line.split() == ["snapshot", "-o", "org.zfsmgr:kind=backup", *names]
+    calls.unlink()
+    monkeypatch.setattr(zfs_module, "ARGV_LIMIT", 200)
+    zfs.snapshot_many(names, {"kind": "backup"})
+    lines = [line.split()[3:] for line in calls.read_text().splitlines()]
+    assert len(lines) > 1 and [n for batch in lines for n in batch] == names
+    assert all(len(" ".join(batch)) < 200 for batch in lines)
