@@ -28,8 +28,14 @@ def datasets_under(name):
     return zfs("list", "-H", "-o", "name", "-r", name).split()
 
 
-def test_a_tree_restores_whole_with_recursive_and_all(pool, server_factory, run_zfsmgr):
-    server = server_factory("dir")
+@pytest.mark.parametrize("storage", ["dir", pytest.param("s3", marks=pytest.mark.s3), "local"])
+def test_a_tree_restores_whole_with_recursive_and_all(storage, pool, server_factory,
+                                                      run_zfsmgr):
+    base = ""
+    if storage == "local":
+        base = f"{pool.name}/srvbase"
+        zfs("create", "-o", "mountpoint=none", base)
+    server = server_factory(storage, base_dataset=base)
     root = make_tree(pool)
     env = env_for(server, root)
     first = backup_json(run_zfsmgr, env)
