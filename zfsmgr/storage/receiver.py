@@ -174,6 +174,9 @@ class LiveReceive:
                 text in self.error.stderr for text in ("out of space", "quota exceeded")):
             raise StorageFull(f"the local store is full: cannot receive into {self.target}:"
                               f" {self.error}")
+        if isinstance(self.error, ValueError) and not isinstance(self.error, ValidationError):
+            raise ValidationError(f"the stream sent for {self.target} does not decompress"
+                                  f" as {self.codec}: {self.error}")
         if isinstance(self.error, ZfsError) and any(
                 text in self.error.stderr for text in REFUSED_STREAM):
             raise ValidationError(f"zfs recv refused the stream sent for {self.target}:"
