@@ -6,10 +6,12 @@ import hashlib
 import json
 import re
 import time
+import urllib.request
 
 import pytest
 
 import rig
+from zfsmgr.remote import ServerClient
 from zfsmgr.server.check import CRITICAL, OK, UNKNOWN, WARNING, evaluate
 from zfsmgr.server.fleet import DatasetRow, age_text
 
@@ -99,3 +101,32 @@ def test_unusable_settings_are_unknown_not_a_usage_error(pyz, tmp_path):
     done = rig.run_zfsmgr(["server", "check"], env={"PORT": "abc"}, cwd=tmp_path)
     assert done.returncode == UNKNOWN
     assert done.stdout.startswith("UNKNOWN: cannot check: PORT='abc'")
+
+
+def test_an_unchanged_dataset_that_checks_in_is_not_stale(pool, server_factory, run_zfsmgr):
+    """BACKUP_UNCHANGED=false: a run that finds nothing written sends no backup; it tells the
+    server so (POST /checkin), and the dataset's age counts from that check: `server check`
+    stays OK while the client runs, and goes CRITICAL once it stops."""
+    server = server_factory("dir", env={"METRICS_NO_AUTH": "true"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=1)
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    run_zfsmgr(["client", "backup"], env=env, check=True)
+    limits = ("--warn", "3s", "--crit", "6s")
+    for _ in range(2):  # each run past the warning age of the newest backup
+        time.sleep(3.3)
+        again = run_zfsmgr(["client", "backup"], env=env, check=True)
+        assert ": unchanged: " in again.stdout and "warning" not in again.stderr, again
+        fine = check(server, *limits)
+        assert fine.returncode == OK, fine.stdout  # before: WARNING, then CRITICAL
+    api = ServerClient(server.url, "client1", env["API_KEY"])
+    assert len(api.call("GET", "/snapshots")["snapshots"]) == 1
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    checked = re.search(r'^zfsmgr_backup_last_checked_timestamp_seconds\{[^}]*\} (\S+)$', text,
+                        re.M)
+    assert checked and time.time() - 10 < float(checked.group(1)) <= time.time(), text
+    time.sleep(6.3)  # the client stops checking in
+    gone = check(server, *limits)
+    assert gone.returncode == CRITICAL
+    assert gone.stdout.startswith(f"CRITICAL: 1/1 datasets stale: client1:{dataset} ")

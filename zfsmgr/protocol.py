@@ -34,6 +34,7 @@ ROTATE = "/rotate"  # POST {"dry_run": bool}
 DOWNLOAD = "/download"  # GET ?key=KEY, honours Range
 ROTATION_POLICY = "/rotation-policy"  # GET
 VERIFY_REPORT = "/verify-report"  # POST {"results": [{"key", "ok", "message"}]}
+CHECKIN = "/checkin"  # POST {"dataset", "snapshot"}: checked, nothing written since that backup
 METRICS = "/metrics"  # GET, Prometheus text (METRICS_TOKEN bearer)
 STATUS_PAGE = "/"  # GET, HTML for admins (ADMIN_API_KEY)
 

@@ -195,6 +195,16 @@ class ServerClient:
                 conn.close()
         return answer
 
+    def checkin(self, dataset: str, snapshot: str) -> None:
+        """Tell the server `dataset` was checked and nothing was written since its backup
+        `snapshot` (an unchanged dataset sends no backup, and would look stale). A refusal
+        (a server without POST /checkin) is a warning on stderr; the run goes on."""
+        try:
+            self.call("POST", protocol.CHECKIN, {"dataset": dataset, "snapshot": snapshot})
+        except ServerError as exc:
+            sys.stderr.write(f"zfsmgr: warning: {dataset} unchanged, but the server did not"
+                             f" record the check: {exc}\n")
+
     def download(self, key: str, offset: int = 0) -> Download:
         """Open the stored stream of `key` from byte `offset`."""
         path = protocol.DOWNLOAD + "?" + urllib.parse.urlencode({"key": key})

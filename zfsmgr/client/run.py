@@ -359,4 +359,5 @@ class Run:
         self._done(Outcome(backup.dataset, "unchanged",
                            f"nothing written since {backup.base.name}: no backup sent"
                            " (BACKUP_UNCHANGED=true sends one anyway)"))
+        self.api.checkin(backup.dataset, backup.base.snapshot)  # so it is not called stale
         return True

@@ -298,6 +298,19 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         return protocol.ok(f"recorded the verification of {len(recorded)} datasets",
                            datasets=recorded)
 
+    @app.post(protocol.CHECKIN)
+    @handler()
+    def checkin(client):
+        body = body_json()
+        dataset = protocol.validate_dataset(body.get("dataset"))
+        snapshot = body.get("snapshot")
+        ctx.refresh(client, strict=False)  # a backup another server sharing the store took
+        if not any(m.snapshot == snapshot for m in ctx.catalog.list(client.client_id, dataset)):
+            raise NotFound(f"client {client.client_id} has no backup {dataset}@{snapshot}"
+                           " to be unchanged from")
+        at = ctx.ledger.record_checkin(client.client_id, dataset)
+        return protocol.ok(f"{dataset} checked, unchanged since {snapshot}", checked_at=at)
+
     @app.get(protocol.METRICS)
     @handler(auth=False)
     def metrics(_):

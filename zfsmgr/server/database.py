@@ -86,6 +86,10 @@ MIGRATIONS: List[str] = [
         ON backups (client_id, dataset, snapshot, snapshot_time, stored_size, created);
     CREATE INDEX backups_by_kind ON backups (client_id, storage_type, stored_size);
     """,
+    # 4: the ledger's last "checked, unchanged" of a dataset (POST /checkin)
+    """
+    ALTER TABLE dataset_events ADD COLUMN last_checked REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -2,7 +2,8 @@
 
 Pure over its inputs (clients, the catalog's manifests, the ledger's view, thresholds and
 `now`), so staleness is tested without a clock. A dataset's age is that of its newest backed-up
-snapshot (how old the data on the server is), not of the upload.
+snapshot (how old the data on the server is), not of the upload, or of the client's last check
+that nothing was written since (an unchanged dataset sends no backup: BACKUP_UNCHANGED=false).
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class DatasetRow:
     last_verify_failure: Optional[float]
     warn: float
     crit: float
+    last_checked: Optional[float] = None  # the client found nothing written (POST /checkin)
 
     def age(self, now: float) -> Optional[float]:
-        """Seconds since the newest backed-up snapshot; None without a backup."""
-        return None if self.newest_snapshot is None else max(0.0, now - self.newest_snapshot)
+        """Seconds since the data on the server was last known current: its newest backed-up
+        snapshot, or the client's later check that nothing was written since; None without a
+        backup."""
+        if self.newest_snapshot is None:
+            return None
+        return max(0.0, now - max(self.newest_snapshot, self.last_checked or 0.0))
 
     def state(self, now: float) -> str:
         """ok, stale (past warn), critical (past crit), never (no backup) or disabled."""
@@ -126,6 +132,7 @@ def rows(clients: Sequence[ClientConfig], backups: Mapping[str, List[Manifest]],
                 last_failure_message=seen.get("last_failure_message", ""),
                 last_verify=seen.get("last_verify_success"),
                 last_verify_failure=seen.get("last_verify_failure"),
+                last_checked=seen.get("last_checked") if group else None,
                 warn=client.check_warn or warn,
                 crit=max(client.check_crit or crit, client.check_warn or warn)))
     return found

@@ -38,6 +38,7 @@ from zfsmgr.errors import TooBusy, ZfsmgrError
 log = logging.getLogger("zfsmgr.server")
 _PART = re.compile(r"/upload-stream/([^/]+)/([0-9]{1,6})")
 _JSON_ROUTES = (re.compile(r"/upload"), re.compile(r"/rotate"), re.compile(r"/verify-report"),
+                re.compile(r"/checkin"),
                 re.compile(r"/upload-stream/[^/]+/(commit|resume)"))
 # routes without a client's key: their own token (metrics), the admin's (status page), none
 _OPEN = (protocol.HEALTH, protocol.METRICS, protocol.STATUS_PAGE)

@@ -1,13 +1,15 @@
 """What happened to each dataset, which the catalog of committed backups does not say.
 
 The ledger keeps, per client and dataset, the time of the last committed upload, the last
-failed one (with its message), the last verification a restore tool reported (success and
-failure), and whether the stale notification was sent; per client, the counters that
-`/metrics` exports (uploads by result, bytes uploaded, backups deleted by rotation). Counters
-survive a restart (Prometheus handles resets anyway).
+failed one (with its message), the last "checked, unchanged" the client reported (POST
+/checkin: BACKUP_UNCHANGED=false sends nothing for such a dataset), the last verification a
+restore tool reported (success and failure), and whether the stale notification was sent; per
+client, the counters that `/metrics` exports (uploads by result, bytes uploaded, backups
+deleted by rotation). Counters survive a restart (Prometheus handles resets anyway).
 
 Its tables (`dataset_events`, `client_counters`) live in the server's database beside the
-catalog (migration 2 of zfsmgr.server.database); `reindex` carries them into the new file.
+catalog (migrations 2 and 4 of zfsmgr.server.database); `reindex` carries them into the new
+file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from zfsmgr.server.database import Database
 
 UPLOAD_RESULTS = ("committed", "failed", "aborted")
 _EVENTS = ("last_success", "last_failure", "last_failure_message", "last_verify_success",
-           "last_verify_failure", "last_verify_message", "stale")
+           "last_verify_failure", "last_verify_message", "stale", "last_checked")
 
 
 class Ledger:
@@ -59,6 +61,14 @@ class Ledger:
             elif dataset:
                 self._set(conn, client_id, dataset, last_failure=now,
                           last_failure_message=message[-500:])
+
+    def record_checkin(self, client_id: str, dataset: str) -> float:
+        """The client checked the dataset and found nothing written since its newest backup:
+        the data on the server is current as of now (the server's clock, not the client's)."""
+        now = self.clock()
+        with self.db.transaction() as conn:
+            self._set(conn, client_id, dataset, last_checked=now)
+        return now
 
     def record_rotation(self, client_id: str, deleted: int) -> None:
         """Rotation deleted `deleted` backups of a client."""

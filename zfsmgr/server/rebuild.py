@@ -50,17 +50,20 @@ def _copy_kept(old: Path, new: Database) -> int:
     try:
         for table in KEPT_TABLES:
             try:
-                copied[table] = source.execute(f"SELECT * FROM {table}").fetchall()
+                cursor = source.execute(f"SELECT * FROM {table}")
+                names = ", ".join(d[0] for d in cursor.description)  # an older file: fewer
+                copied[table] = (names, cursor.fetchall())
             except sqlite3.Error as exc:
                 log.warning("the %s of %s are lost (%s)", table, old, exc)
     finally:
         source.close()
     with new.transaction() as conn:
-        for table, rows in copied.items():
+        for table, (names, rows) in copied.items():
             if rows:
                 marks = ", ".join("?" * len(rows[0]))
-                conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
-    return len(copied.get("sessions", []))
+                conn.executemany(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})",
+                                 rows)
+    return len(copied.get("sessions", ("", []))[1])
 
 
 def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
