@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import logging
 import zlib
 
@@ -214,3 +215,22 @@ def test_add_client_is_picked_up_without_restart_and_reindex(server, tmp_path):
 
     assert reindex(ctx) == 0
     assert ctx.catalog.list("alice") == before
+
+
+def test_a_checkin_needs_a_backup_of_the_client_to_be_unchanged_from(server):
+    ctx, app = server
+    assert upload(app, "alice", b"a" * 3000)[0] == 200
+
+    def checkin(client, body):
+        code, answer, _ = call(app, "POST", "/checkin", json.dumps(body).encode(), auth(client))
+        return code, json.loads(answer)
+
+    code, answer = checkin("alice", {"dataset": "tank/data", "snapshot": "zfsmgr_1700000000"})
+    assert code == 200 and answer["checked_at"] <= time.time(), answer
+    assert ctx.ledger.view()["datasets"]["alice"]["tank/data"]["last_checked"] == \
+        answer["checked_at"]
+    for body in ({"dataset": "tank/data", "snapshot": "zfsmgr_1"}, {"dataset": "tank/other"}):
+        assert checkin("alice", body)[0] == 404  # no such backup: nothing recorded
+    assert checkin("bob", {"dataset": "tank/data", "snapshot": "zfsmgr_1700000000"})[0] == 404
+    assert checkin("alice", {"dataset": "../x", "snapshot": "s"})[0] == 400
+    assert "bob" not in ctx.ledger.view()["datasets"]
