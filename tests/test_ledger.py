@@ -43,3 +43,25 @@ def test_events_and_counters_survive_a_reindex(tmp_path, monkeypatch):
     assert list(ctx.ledger.view()["datasets"]["web1"]) == ["tank/db"]
     ctx.ledger.forget("web1")
     assert ctx.ledger.view() == {"datasets": {}, "clients": {}}
+
+
+def test_a_reindex_carries_the_ledger_of_an_older_schema(tmp_path):
+    """A file of schema 3 (no `last_checked` yet): its ledger rows are copied by column name
+    into the new file, the new column empty."""
+    import sqlite3
+
+    from zfsmgr.server.database import MIGRATIONS, Database
+    from zfsmgr.server.rebuild import _copy_kept
+
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        for migration in MIGRATIONS[:3]:
+            conn.executescript(migration)
+        conn.execute("PRAGMA user_version = 3")
+        conn.execute("INSERT INTO dataset_events (client_id, dataset, last_success)"
+                     " VALUES ('alice', 'tank/data', 1700000000.0)")
+    conn.close()
+    new = Database(str(tmp_path / "new.db"))
+    _copy_kept(old, new)
+    assert new.query("SELECT client_id, dataset, last_success, last_checked"
+                     " FROM dataset_events") == [("alice", "tank/data", 1700000000.0, None)]
