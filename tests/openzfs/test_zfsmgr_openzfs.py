@@ -491,15 +491,19 @@ class Proxy:
         self.armed.clear()
 
 
-def _wait_for_state(folder, done, timeout=180):
+def _wait_for_state(folder, done, timeout=180, client=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         states = [json.loads(p.read_text()) for p in folder.glob("*.json")] \
             if folder.is_dir() else []
         if states and done(states[0]):
             return states[0]
+        if client is not None and client.poll() is not None:
+            break  # the client ended: the state will not move any more
         time.sleep(0.1)
-    raise AssertionError(f"upload state never got there: {states}")
+    ended = "" if client is None or client.poll() is None else \
+        f"; the client exited {client.returncode}: {client.stderr.read()[-2000:]}"
+    raise AssertionError(f"upload state never got there: {states}{ended}")
 
 
 def test_a_dropped_connection_during_a_resumed_stream_sends_it_again(
@@ -526,12 +530,12 @@ def test_a_dropped_connection_during_a_resumed_stream_sends_it_again(
                               stderr=subprocess.PIPE, text=True)
     try:
         states = server.storage_dir / ".uploads-local"
-        _wait_for_state(states, lambda st: len(st["parts"]) >= 6)
+        _wait_for_state(states, lambda st: len(st["parts"]) >= 6, client=client)
         time.sleep(1)
         server.kill()
         server.start()
         _wait_for_state(states, lambda st: st["segment"] and not st["resuming"]
-                        and len(st["parts"]) >= st["segment"] + 3)
+                        and len(st["parts"]) >= st["segment"] + 3, client=client)
         proxy.cut()
         out, err = client.communicate(timeout=600)
     finally:
