@@ -208,7 +208,9 @@ def test_a_flood_of_health_checks_costs_one_store_check_per_interval(pool, serve
     wrapper = tmp_path / "zfs"
     wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec zfs \"$@\"\n")
     wrapper.chmod(0o755)
-    server = server_factory("local", base_dataset=base, env={"ZFSMGR_ZFS": str(wrapper)})
+    # three /status at once fit the client's own share (CLIENT_MAX_REQUESTS defaults to 2)
+    server = server_factory("local", base_dataset=base, env={"ZFSMGR_ZFS": str(wrapper),
+                                                             "CLIENT_MAX_REQUESTS": "3"})
     count = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
     time.sleep(OPEN_CACHE_SECONDS + 0.1)
     before = count()

@@ -60,14 +60,21 @@ class SessionTable:
     def __init__(self, db: Database):
         self.db = db
 
-    def add(self, session: Session, now: float) -> None:
-        """Record a new (or resumed) session."""
+    def add(self, session: Session, now: float, max_open: int = 0) -> bool:
+        """Record a new (or resumed) session; with `max_open`, only while its client has fewer
+        other open sessions, counted in the same transaction (False: nothing recorded), so
+        concurrent opens never take a client past its limit."""
         with self.db.transaction() as conn:
+            if max_open and conn.execute(
+                    "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND upload_id != ?",
+                    (session.client_id, session.upload_id)).fetchone()[0] >= max_open:
+                return False
             conn.execute("INSERT OR REPLACE INTO sessions (upload_id, client_id, key, reserved,"
                          " touched, session) VALUES (?, ?, ?, COALESCE((SELECT reserved FROM"
                          " sessions WHERE upload_id = ?), 0), ?, ?)",
                          (session.upload_id, session.client_id, session.key,
                           session.upload_id, now, session.to_json()))
+        return True
 
     def get(self, upload_id: str) -> Optional[Session]:
         """A session by id, None when there is none."""

@@ -119,11 +119,8 @@ class Uploads:
         for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
             if other.key == key:
                 self.abort(other, store)
-        open_now = len(self.table.of_client(client.client_id))
-        if open_now >= self.max_open:
-            raise TooManyUploads(f"client {client.client_id} has {open_now} open uploads, the"
-                                 f" most it may have: finish or abort one (abandoned ones expire"
-                                 f" after {self.expiry / 3600:g} h)")
+        if len(self.table.of_client(client.client_id)) >= self.max_open:
+            raise self._too_many(client)
         base, every = self.schedule(store, estimate)
         session = Session(
             upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,
@@ -133,7 +130,8 @@ class Uploads:
             compressed_send=flags["compressed_send"], snapshot_time=snapshot_time,
             estimated_size=estimate,
             part_base=base, part_every=every, created=time.time())
-        self.table.add(session, time.time())
+        if not self.table.add(session, time.time(), max_open=self.max_open):
+            raise self._too_many(client)  # another open of this client came first
         try:
             if store.shared:
                 store.save_session(session.upload_id, session.to_json())
@@ -143,6 +141,11 @@ class Uploads:
             self.abort(session, store)
             raise
         return session
+
+    def _too_many(self, client: ClientConfig) -> TooManyUploads:
+        return TooManyUploads(f"client {client.client_id} has {self.max_open} open uploads, the"
+                              f" most it may have: finish or abort one (abandoned ones expire"
+                              f" after {self.expiry / 3600:g} h)")
 
     def resume(self, store: Store, session: Session, request: dict) -> Session:
         """The client continues an interrupted receive with `zfs send -t`, from a given part."""
