@@ -372,8 +372,17 @@ def test_server_killed_mid_receive_is_resumed_with_send_t(client_zfs, openzfs_po
     def six_parts_received() -> bool:
         held = [json.loads(p.read_text()) for p in states.glob("*.json")] \
             if states.is_dir() else []
+        if client.poll() is not None:  # it ended: the parts will not come
+            raise AssertionError(f"the client exited {client.returncode} before six parts"
+                                 f" arrived: {client.stderr.read()[-2000:]}")
         return bool(held and len(held[0]["parts"]) >= 6)
-    rig.wait_until(six_parts_received, 120, "the server received six parts", interval=0.1)
+    try:  # a client that retries (429/409 under load) regenerates its slow stream: be patient
+        rig.wait_until(six_parts_received, 300, "the server received six parts", interval=0.1)
+    except AssertionError as exc:
+        if client.poll() is None:
+            client.kill()
+        raise AssertionError(f"{exc}; client (exit {client.wait()}):"
+                             f" {client.stderr.read()[-3000:]}; server: {server.log()[-3000:]}")
     time.sleep(1)
     server.kill()
     assert "committed" not in server.log()
