@@ -173,6 +173,19 @@ def as_recipients(text: str) -> tuple:
     return found
 
 
+def option_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A setting's converter as an argparse `type=`: its ValueError becomes a usage error."""
+    def parse(text: str) -> Any:
+        import argparse
+
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {exc}") from None
+    parse.__name__ = convert.__name__
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     """One declared setting."""

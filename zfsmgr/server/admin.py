@@ -9,7 +9,6 @@ first, so no chain is ever left without its base half-way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -20,7 +19,7 @@ from typing import Any, Callable, Dict, List
 from zfsmgr.errors import StorageError, UsageError, ZfsmgrError
 from zfsmgr.progress import human, utc_text
 from zfsmgr.protocol import parse_key, validate_client_id, validate_dataset
-from zfsmgr.settings import as_duration, as_size
+from zfsmgr.settings import as_duration, as_size, option_type
 
 COMMANDS = ("clients", "enable", "disable", "rotate-key", "remove-client", "set-quota",
             "delete", "forget", "admin-key")
@@ -41,18 +40,10 @@ HELP = """  clients [--json]    every client: enabled, quota, usage, backups, la
                       ADMIN_API_KEY line, its SHA-256, for the server's .env)"""
 
 
-def _duration(text: str) -> float:
-    try:
-        return as_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+_duration = option_type(as_duration)
 
 
-def _size(text: str) -> int:
-    try:
-        return as_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+_size = option_type(as_size)
 
 
 def register(commands) -> None:

@@ -12,12 +12,11 @@ Perfdata: each dataset's age in seconds with its warn and crit thresholds.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import List, Sequence, Tuple
 
 from zfsmgr.server.fleet import age_text
-from zfsmgr.settings import as_duration
+from zfsmgr.settings import as_duration, option_type
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _WORDS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -27,11 +26,7 @@ HELP = """  check [--client C] [--dataset D] [--warn 26h] [--crit 50h]
                       2 CRITICAL, 3 UNKNOWN"""
 
 
-def _duration(text: str) -> float:
-    try:
-        return as_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+_duration = option_type(as_duration)
 
 
 def register(commands) -> None:

@@ -12,7 +12,7 @@ from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.errors import UsageError
 from zfsmgr.server import admin, check
-from zfsmgr.settings import as_size
+from zfsmgr.settings import as_size, option_type
 from zfsmgr.storage import registry
 
 log = logging.getLogger("zfsmgr.server")
@@ -71,11 +71,7 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run, group_parser=parser)
 
 
-def _size(text: str) -> int:
-    try:
-        return as_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+_size = option_type(as_size)
 
 
 def run(args, env_file) -> int:
