@@ -15,8 +15,9 @@ import pytest
 
 import rig
 from zfsmgr import protocol
+from zfsmgr.errors import MissingProgram
 from zfsmgr.remote import ServerClient
-from zfsmgr.zfs import SBIN_DIRS, MissingProgram, find_program, run
+from zfsmgr.runner import SBIN_DIRS, find_program, run
 
 
 def test_zfs_is_found_in_sbin_when_path_lacks_it(monkeypatch):

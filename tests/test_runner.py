@@ -1,4 +1,5 @@
-"""The one runner for external commands (zfsmgr/zfs.py), against small fake programs.
+"""The one runner for external commands (zfsmgr/runner.py) and the typed zfs commands on it
+(zfsmgr/zfs.py), against small fake programs.
 
 What the fakes stand for runs for real on zfs-fuse in the other tests; these pin the runner's
 own decisions: missing programs, timeouts, "does not exist" against "failed", one retry loop.
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from zfsmgr import settings, zfs as runner
+from zfsmgr import runner, settings
 from zfsmgr.errors import ZfsError, ZfsNotFound
-from zfsmgr.zfs import Zfs
+from zfsmgr.zfs import Zfs, zfs_from_settings
 
 PACKAGE = Path(__file__).resolve().parent.parent / "zfsmgr"
 
@@ -29,10 +30,11 @@ def fake(tmp_path, name, body):
 
 
 def test_only_the_runner_starts_processes():
-    """No module but zfs.py calls subprocess (compress.py's zstd goes through zfs.spawn)."""
+    """No module but runner.py calls subprocess (compress.py's zstd goes through
+    runner.spawn)."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "zfs.py" and path.parent == PACKAGE:
+        if path.name == "runner.py" and path.parent == PACKAGE:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
@@ -156,8 +158,8 @@ def test_zfsmgr_zfs_is_a_setting_of_every_role_and_the_server_uses_it(tmp_path, 
     program = fake(tmp_path, "myzfs", 'echo "$*" >> ' + str(tmp_path / "argv") + "\n")
     for role in (settings.SERVER, settings.CLIENT, settings.RESTORE):
         loaded = settings.load(role, environ={"ZFSMGR_ZFS": program})
-        assert runner.zfs_from_settings(loaded).zfs == program
-    assert runner.zfs_from_settings(settings.load("server", environ={})).zfs == "zfs"
+        assert zfs_from_settings(loaded).zfs == program
+    assert zfs_from_settings(settings.load("server", environ={})).zfs == "zfs"
     monkeypatch.chdir(tmp_path)
     ctx = ServerContext(settings.load("server", environ={
         "ZFSMGR_ZFS": program, "ZFS_BASE_DATASET": "tank/backups",

@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from zfsmgr.errors import ZfsError
 from zfsmgr.protocol import COMPRESSIONS
-from zfsmgr.zfs import program_available, spawn
+from zfsmgr.runner import program_available, spawn
 
 CODECS = tuple(COMPRESSIONS)  # the codecs of zfsmgr.protocol, which names their extensions
 LEVELS = {"gzip": (0, 9), "zstd": (1, 19)}  # the levels each codec takes (COMPRESS_LEVEL)

@@ -18,7 +18,7 @@ from typing import Tuple
 from zfsmgr.compress import _ProcessFilter  # the runner's filter: child fed from a thread
 from zfsmgr.errors import CryptError, UsageError  # noqa: F401 (CryptError: imported from here)
 from zfsmgr.protocol import ENCRYPTIONS
-from zfsmgr.zfs import find_program, program_available
+from zfsmgr.runner import find_program, program_available
 
 METHODS = tuple(label or "none" for label in ENCRYPTIONS)  # ENCRYPT's values; "": "none"
 

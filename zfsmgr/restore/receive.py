@@ -19,7 +19,8 @@ from zfsmgr.files import CHUNK
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
 from zfsmgr.restore.stream import Progress, StoredStream, plain, reported
-from zfsmgr.zfs import StreamingCommand, Zfs, ZfsError
+from zfsmgr.runner import StreamingCommand
+from zfsmgr.zfs import Zfs, ZfsError
 
 # What `zfs recv` says about a stream that is damaged rather than refused.
 _STREAM_TROUBLE = re.compile(r"invalid|checksum|corrupt|truncat|bad magic|unexpected end",
