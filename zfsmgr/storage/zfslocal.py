@@ -1,99 +1,42 @@
-"""The `local` store: the server `zfs recv`s each backup into the client's home dataset.
-
-A client's home is its `dataset` in clients.json (the seed's `backup/client1`), else
-`ZFS_BASE_DATASET/<client>`. Each chain (a full stream and the incrementals on it) lives in its
-own dataset `HOME/<dataset token>/<first snapshot>`, so a second full backup never has to destroy
-an older chain. The manifest is kept as a user property of the received snapshot, so the
-catalog can be rebuilt from the pool alone. Downloads are full `zfs send` streams of the
-snapshot, which stay valid whatever older snapshots rotation has removed.
+"""The `local` store's receive path: the server `zfs recv`s each upload into a chain of the
+client's home dataset (zfschains.py lays the chains out, lists, reads and deletes them).
 
 Uploads are not staged: each part is piped into a live `zfs recv` as it arrives (see
 receiver.py), and a small JSON file per upload records the target and the parts taken. Where
 the pool supports it the receive is `recv -s`: if the server dies mid-stream, the state of the
 upload offers the target's `receive_resume_token`, the client answers with `zfs send -t`, and
 the receive continues where zfs stopped. Without resumable receive (or once an upload is
-abandoned) the partial receive is dropped (`recv -A`) and the stream is sent again.
-
-Every committed snapshot carries the user hold `zfsmgr-retain`, so that a `zfs destroy` by
-hand, a script or another tool fails; only the server's own deletion (rotation, admin delete)
-releases it first.
+abandoned) the partial receive is dropped (`recv -A`) and the stream is sent again. A receive
+that no commit published leaves nothing behind: no snapshot, no change to its chain. A commit
+stores the manifest on the received snapshot and puts the retain hold on it.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import inspect
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from zfsmgr.files import CHUNK, write_atomic
-from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, parse_key, validate_upload_id
-from zfsmgr.storage.base import (CountingReader, Download, NeedsFullBackup, NotFound,
-                                 OutOfOrder, PartInfo, StorageError, Store, StreamInfo)
+from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, validate_upload_id
+from zfsmgr.storage.base import (CountingReader, NeedsFullBackup, NotFound, OutOfOrder, PartInfo,
+                                 StorageError)
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.storage.sendstream import check_head
-from zfsmgr.zfs import PROPERTY_PREFIX, Zfs, ZfsError, zfs_from_settings
+from zfsmgr.storage.zfschains import (MANIFEST_PROP, NO_TOKEN, RETAIN_TAG, ReceivedChains,
+                                      chain_of, zfs_failures_are_storage_errors)
+from zfsmgr.zfs import Zfs, ZfsError, zfs_from_settings
 
 log = logging.getLogger("zfsmgr.storage.local")
-MANIFEST_PROP = PROPERTY_PREFIX + "manifest"
-RETAIN_TAG = "zfsmgr-retain"  # the hold on every committed snapshot; only delete() releases it
-NO_TOKEN = ("-", "")
 DISCARDED_KEPT = 512
 
 
-def _storage_failure(func):
-    """A zfs failure escaping the store is a StorageError (503), with zfs's own message."""
-    if inspect.isgeneratorfunction(func):
-        @functools.wraps(func)
-        def generate(*args, **kwargs):
-            try:
-                yield from func(*args, **kwargs)
-            except ZfsError as exc:
-                raise StorageError(f"local store: {exc}") from exc
-        return generate
-
-    @functools.wraps(func)
-    def call(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ZfsError as exc:
-            raise StorageError(f"local store: {exc}") from exc
-    return call
-
-
-def _zfs_failures_are_storage_errors(cls):
-    """Wrap every method of the Store interface that `cls` defines with _storage_failure."""
-    for name, value in list(vars(cls).items()):
-        if callable(value) and not name.startswith("_") and hasattr(Store, name):
-            setattr(cls, name, _storage_failure(value))
-    return cls
-
-
-class _SendBody:
-    """A running `zfs send` as a closable reader that reports failure."""
-
-    def __init__(self, command):
-        self.command, self.done = command, False
-
-    @_storage_failure
-    def read(self, size: int = CHUNK) -> bytes:
-        data = self.command.read(CHUNK if size is None or size < 0 else size)
-        if not data and not self.done:
-            self.done = True
-            self.command.finish()  # raises ZfsError if the send failed
-        return data
-
-    def close(self) -> None:
-        if not self.done:
-            self.command.kill()
-
-
-@_zfs_failures_are_storage_errors
-class ZfsLocalStore(Store):
+@zfs_failures_are_storage_errors
+class ZfsLocalStore(ReceivedChains):
     """Backups received into a local ZFS dataset tree."""
 
     kind = "local"
@@ -101,12 +44,8 @@ class ZfsLocalStore(Store):
 
     def __init__(self, base: str, staging_dir: str, zfs: Optional[Zfs] = None,
                  homes: Optional[Callable[[], Dict[str, str]]] = None):
-        """`homes()`: {client id: home dataset} of the clients that have their own (the
-        `dataset` of clients.json); the others live under BASE/<client>."""
-        if not base:
-            raise StorageError("ZFS_BASE_DATASET is not set")
-        self.base, self.zfs = base, zfs or Zfs()
-        self._homes = homes or dict
+        """`homes()`: as ReceivedChains; upload state lives under `staging_dir`."""
+        super().__init__(base, zfs, homes)
         self._resumable: Optional[bool] = None
         self.state_dir = Path(staging_dir) / ".uploads-local"
         self._live: Dict[str, LiveReceive] = {}
@@ -127,7 +66,7 @@ class ZfsLocalStore(Store):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self._resumable is None:
             self._resumable = self.zfs.features(self.base).resumable_recv
-            owned = frozenset(_dataset(st["target"]) for st in self._states().values())
+            owned = frozenset(chain_of(st["target"]) for st in self._states().values())
             self.abandon_partial(self.base, recursive=True, keep=owned)
 
     def abandon_partial(self, root: str, recursive: bool = False,
@@ -176,7 +115,7 @@ class ZfsLocalStore(Store):
         return found
 
     def _token(self, target: str) -> Optional[str]:
-        dataset = _dataset(target)
+        dataset = chain_of(target)
         if not self._resumable or not self.zfs.exists(dataset):
             return None
         token = self.zfs.get(dataset, "receive_resume_token")
@@ -197,10 +136,10 @@ class ZfsLocalStore(Store):
                                   f" {ZFS_MAX_NAME}: use a shorter dataset or snapshot name")
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
             raise StorageError(f"{target} already holds a committed backup")
-        published = [s for s in self.zfs.snapshots(_dataset(target), ["manifest"])
+        published = [s for s in self.zfs.snapshots(chain_of(target), ["manifest"])
                      if s.prop("manifest")] if manifest.type == "incremental" else []
         if published and published[-1].short != manifest.parent:
-            raise NeedsFullBackup(f"{_dataset(target)} holds backups newer than the base"
+            raise NeedsFullBackup(f"{chain_of(target)} holds backups newer than the base"
                                   f" {manifest.parent} of this incremental: send a full backup")
         state = {"target": target, "compression": manifest.compression, "parts": [],
                  "segment": 0, "resuming": False, "token": "",
@@ -211,7 +150,7 @@ class ZfsLocalStore(Store):
     def _drop_unpublished(self, state: dict) -> None:
         """Clear what a receive left that no manifest published: a partial receive (recv -A),
         a received snapshot with no manifest, and the changes it made to its chain."""
-        target, chain = state["target"], _dataset(state["target"])
+        target, chain = state["target"], chain_of(state["target"])
         self.abandon_partial(chain)
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) in NO_TOKEN:
             self.zfs.destroy(target)
@@ -348,33 +287,6 @@ class ZfsLocalStore(Store):
             return []
         return [(p.stem, p.stat().st_mtime) for p in self.state_dir.glob("*.json")]
 
-    def home(self, client_id: str) -> str:
-        """The dataset that holds a client's chains."""
-        return self._homes().get(client_id) or f"{self.base}/{client_id}"
-
-    def _container(self, manifest: Manifest) -> str:
-        return f"{self.home(manifest.client_id)}/{parse_key(manifest.key).dataset_token}"
-
-    def _snapshots(self, root: str) -> Dict[str, Dict[str, str]]:
-        """Every snapshot under `root` with its guid and manifest property."""
-        if not self.zfs.exists(root):
-            return {}
-        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=4)
-        return {name: props for name, props in found.items() if "@" in name}
-
-    def _chain_for(self, manifest: Manifest) -> str:
-        """The dataset that receives this stream: a new chain, or the chain of its parent."""
-        container = self._container(manifest)
-        if manifest.type == "full":
-            return f"{container}/{manifest.snapshot}"
-        for name, props in self._snapshots(container).items():
-            dataset, snap = name.split("@", 1)
-            if snap == manifest.parent and (not manifest.parent_guid
-                                            or props.get("guid") == manifest.parent_guid):
-                return dataset
-        raise NeedsFullBackup(f"the base {manifest.dataset}@{manifest.parent} of this"
-                              " incremental is not on the server: send a full backup")
-
     def commit(self, upload_id, manifest):
         state = self._state(upload_id)
         target = state["target"]
@@ -387,7 +299,7 @@ class ZfsLocalStore(Store):
         finally:
             self._live.pop(upload_id, None)
         if state["new_dataset"]:  # whatever it holds never mounts on the server
-            self.zfs.set(_dataset(target), "canmount", "off")
+            self.zfs.set(chain_of(target), "canmount", "off")
         extra = {**manifest.extra, "zfs_snapshot": target}
         if state["segment"]:
             extra["resumed_at_part"] = state["segment"]
@@ -396,89 +308,3 @@ class ZfsLocalStore(Store):
         self.zfs.hold(target, RETAIN_TAG)  # a plain `zfs destroy` now fails: only delete() frees
         os.unlink(self._state_path(upload_id))
         return stored
-
-    def _located(self, manifest: Manifest) -> str:
-        target = manifest.extra.get("zfs_snapshot", "")
-        inside = any(target.startswith(root + "/") for root in
-                     (self.base, self.home(manifest.client_id)))
-        if not inside or not self.zfs.exists(target):
-            raise NotFound(f"{manifest.key} is missing from {self.home(manifest.client_id)}")
-        return target
-
-    def footprint(self, manifests: Iterable[Manifest]) -> Dict[str, int]:
-        """What each backup takes on the pool (zfs `used`): a chain's datasets `used` is split
-        so that its snapshots count their own `used` and the newest counts the rest; so the
-        backups of a chain add up to what destroying the chain frees."""
-        chains: Dict[str, List[Manifest]] = {}
-        for manifest in manifests:
-            target = manifest.extra.get("zfs_snapshot", "")
-            chains.setdefault(_dataset(target), []).append(manifest)
-        sizes = {}
-        for chain, members in chains.items():
-            try:
-                used = {name: int(props["used"]) for name, props in self.zfs.props(
-                    [chain], ["used"], recursive_depth=1).items()}
-            except (ZfsError, ValueError, KeyError):
-                used = {}
-            members.sort(key=lambda m: m.snapshot_time)
-            own = [used.get(m.extra.get("zfs_snapshot", ""), 0) for m in members]
-            for manifest, size in zip(members, own):
-                sizes[manifest.key] = size
-            if chain in used:
-                sizes[members[-1].key] = max(0, used[chain] - sum(own[:-1]))
-        return sizes
-
-    @classmethod
-    def describe(cls, manifest):
-        """A fresh full `zfs send` of the snapshot: it restores alone whatever rotation removed,
-        has no stored size or sha256 (zfs checks its own records), and an offset is skipped."""
-        return StreamInfo(size=None, sha256="", compression="none", ranged=False,
-                          self_contained=True)
-
-    def open(self, manifest, offset=0):
-        body = _SendBody(self.zfs.send(self._located(manifest)))
-        skip = offset
-        while skip > 0:  # a resumed download: the send stream is deterministic
-            chunk = body.read(min(CHUNK, skip))
-            if not chunk:
-                break
-            skip -= len(chunk)
-        return Download(body, None, self.describe(manifest))
-
-    def manifests(self, client_id=None):
-        if client_id:
-            roots = [self.home(client_id)]
-        else:  # BASE, and the homes of clients whose `dataset` lies outside it
-            roots = [self.base] + sorted({h for h in self._homes().values()
-                                          if h and not h.startswith(self.base + "/")})
-        for root in roots:
-            for name, props in sorted(self._snapshots(root).items()):
-                value = props.get(MANIFEST_PROP, "-")
-                if value in ("-", ""):
-                    continue
-                try:
-                    manifest = Manifest.from_dict(json.loads(value))
-                except ValueError as exc:
-                    raise StorageError(f"manifest on {name} is unreadable: {exc}") from exc
-                if not client_id or manifest.client_id == client_id:
-                    yield manifest
-
-    def delete(self, manifest):
-        try:
-            target = self._located(manifest)
-        except NotFound:  # gone already: what delete wants
-            return
-        self.zfs.release(target, RETAIN_TAG)
-        self._destroy(target)
-
-    def _destroy(self, target: str) -> None:
-        """Destroy a snapshot, and its chain dataset once no snapshot is left in it."""
-        self.zfs.destroy(target, missing_ok=True)
-        chain = target.split("@", 1)[0]
-        if not [s for s in self._snapshots(chain) if s.startswith(chain + "@")]:
-            self.zfs.destroy(chain)
-
-
-def _dataset(target: str) -> str:
-    """The dataset that holds a receive's partial state: the target without its snapshot."""
-    return target.split("@", 1)[0]
