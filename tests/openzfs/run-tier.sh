@@ -63,6 +63,10 @@ if [ ${#need[@]} -gt 0 ]; then
         || die "apt-get install ${need[*]} failed"
 fi
 
+# --- 0. the zipapp the guest runs (tests/rig.py: dist/zfsmgr.pyz): built from this checkout,
+# so the tier never tests a stale build (reproducible: the same bytes as run-all.sh's build)
+python3 "$CHECKOUT/build_zipapp.py" >&2 || die "build_zipapp.py failed"
+
 # --- 1. the image (cached; built on first use)
 T_IMG=$(now)
 IMG=$(bash "$HERE/image.sh") || die "no VM image (image.sh failed)"

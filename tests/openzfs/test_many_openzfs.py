@@ -137,3 +137,26 @@ def test_the_local_store_gets_plain_streams(openzfs_pool, server_factory, run_zf
     env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
     assert set(kinds(run_json(run_zfsmgr, env)).values()) == {"full"}
     assert rig.sh("zfs", "list", "-H", "-o", "name", "-r", base).count("\n") > len(chosen)
+
+
+def test_typed_snapshots_of_the_selection_are_one_atomic_snapshot(
+        openzfs_pool, server_factory, run_zfsmgr):
+    server = server_factory("dir", rotation_policy={"keep_hourly": 0, "keep_daily": 1,
+                                                    "keep_weekly": 0, "keep_monthly": 0})
+    root, chosen = tree(openzfs_pool)
+    sh("zfs", "create", f"{root}/skip")
+    sh("zfs", "set", "org.zfsmgr:backup=off", f"{root}/skip")
+    env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
+    made = run_json(run_zfsmgr, env, "snapshot", "daily")["created"]
+    assert sorted(n.split("@")[0] for n in made) == sorted(chosen)
+    # one `zfs snapshot a@s b@s ...`: one name, one transaction group for the whole selection
+    assert len({n.split("@")[1] for n in made}) == 1
+    assert len({sh("zfs", "get", "-Hp", "-o", "value", "createtxg", n).strip()
+                for n in made}) == 1
+    assert sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{root}/skip") == ""
+    second = run_json(run_zfsmgr, env, "snapshot", "daily")
+    assert sorted(d["snapshot"] for d in second["destroyed"]) == sorted(made)
+    assert len({sh("zfs", "get", "-Hp", "-o", "value", "createtxg", n).strip()
+                for n in second["created"]}) == 1
+    plan = run_json(run_zfsmgr, env, "rotate", "--dry-run")
+    assert plan["destroyed"] == [] and sorted(plan["kept"]) == sorted(second["created"])
