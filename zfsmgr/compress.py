@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import collections
 import os
-import shlex
 import struct
-import subprocess
-import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from zfsmgr.errors import ZfsError
+from zfsmgr.pipes import CHUNK, ProcessFilter, Reader, read_bytes, read_full
 from zfsmgr.protocol import COMPRESSIONS
-from zfsmgr.runner import program_available, spawn
+from zfsmgr.runner import program_available
 
 CODECS = tuple(COMPRESSIONS)  # the codecs of zfsmgr.protocol, which names their extensions
 LEVELS = {"gzip": (0, 9), "zstd": (1, 19)}  # the levels each codec takes (COMPRESS_LEVEL)
@@ -47,7 +44,6 @@ LEVELS = {"gzip": (0, 9), "zstd": (1, 19)}  # the levels each codec takes (COMPR
 DEFAULT_BLOCK_SIZE = 1 << 20
 DEFAULT_GZIP_LEVEL = 1
 DEFAULT_ZSTD_LEVEL = 3
-_CHUNK = 1 << 16  # input read size for the decompressor and the zstd feeder
 # Unit of the stored-or-deflated choice in a gzip member; its rest after the probe must fit in
 # one stored block (at most 65535 bytes).
 _SEGMENT_SIZE = 64 * 1024
@@ -72,48 +68,7 @@ def _check_codec(codec: str) -> None:
         raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
-def _read_bytes(source, size: int) -> bytes:
-    """Read up to size bytes from source as bytes; b"" only at EOF ('' is accepted as EOF)."""
-    data = source.read(size)
-    if data == "":
-        return b""
-    if not isinstance(data, (bytes, bytearray, memoryview)):  # None: a non-blocking source
-        raise TypeError(f"source.read() returned {type(data).__name__}, not bytes")
-    return data if type(data) is bytes else bytes(data)
-
-
-def _read_full(source, size: int) -> bytes:
-    """Read exactly size bytes unless EOF comes first (pipes return short reads)."""
-    parts, got = [], 0
-    while got < size:
-        data = _read_bytes(source, size - got)
-        if not data:
-            break
-        parts.append(data)
-        got += len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class _Reader:
-    """Shared file-like plumbing: sized reads only, context manager."""
-
-    def close(self) -> None:
-        """Release resources; the source is not closed."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    @staticmethod
-    def _check_size(size) -> int:
-        if size is None or size < 0:
-            raise ValueError("read() needs a size: whole-stream reads are not allowed")
-        return size
-
-
-class _Passthrough(_Reader):
+class _Passthrough(Reader):
     """Pass the source through unchanged (codec "none")."""
 
     def __init__(self, source) -> None:
@@ -122,7 +77,7 @@ class _Passthrough(_Reader):
 
     def read(self, size: int = -1) -> bytes:
         """Return up to size bytes of the source; b"" at EOF."""
-        data = _read_bytes(self._source, size) if self._check_size(size) else b""
+        data = read_bytes(self._source, size) if self._check_size(size) else b""
         self.raw_bytes += len(data)
         return data
 
@@ -175,7 +130,7 @@ def _probe_segment(segment: memoryview, level: int, parts: list):
     return deflater
 
 
-class GzipBlockCompressor(_Reader):
+class GzipBlockCompressor(Reader):
     """Compress a byte stream into independent gzip members, one per block, on `threads` threads."""
 
     def __init__(self, source, level: int = DEFAULT_GZIP_LEVEL,
@@ -233,7 +188,7 @@ class GzipBlockCompressor(_Reader):
     def _fill(self) -> None:
         """Read and submit blocks until max_in_flight are queued or the source ends."""
         while len(self._pending) < self.max_in_flight and not self._source_eof:
-            block = _read_full(self._source, self._block_size)
+            block = read_full(self._source, self._block_size)
             self._source_eof = len(block) < self._block_size
             if not block and self._blocks:
                 break
@@ -256,7 +211,7 @@ class GzipBlockCompressor(_Reader):
         self._shutdown()
 
 
-class GzipDecompressor(_Reader):
+class GzipDecompressor(Reader):
     """Read plain bytes from a (multi-member) gzip source in bounded chunks."""
 
     def __init__(self, source) -> None:
@@ -272,7 +227,7 @@ class GzipDecompressor(_Reader):
         self._check_size(size)
         while size:
             if not self._input and not self._source_eof:
-                self._input = _read_bytes(self._source, _CHUNK)
+                self._input = read_bytes(self._source, CHUNK)
                 self._source_eof = not self._input
             if self._source_eof and not self._input and not self._in_member:
                 if not self._members:
@@ -298,97 +253,7 @@ class GzipDecompressor(_Reader):
         return b""
 
 
-def _write_all(pipe, data: bytes) -> bool:
-    """Write all of data to an unbuffered pipe; False if the reading end has gone away."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[pipe.write(view):]
-    except BrokenPipeError:
-        return False  # the child exited; its exit status says why
-    return True
-
-
-class _ProcessFilter(_Reader):
-    """Run argv with the source fed to stdin from a thread; read() returns its stdout."""
-
-    def __init__(self, argv: list[str], source) -> None:
-        self._argv = argv
-        self._source = source
-        self._feed_error: BaseException | None = None
-        self._error: BaseException | None = None
-        self._stderr_tail = bytearray()
-        self._finished = False
-        self.raw_bytes = 0  # bytes fed to the child so far
-        try:
-            self._proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, bufsize=0)
-        except ZfsError as exc:
-            raise RuntimeError(f"cannot start {shlex.join(argv)}: {exc.stderr}") from exc
-        self._feeder = threading.Thread(target=self._feed, name="zstd-feed", daemon=True)
-        self._drainer = threading.Thread(target=self._drain, name="zstd-stderr", daemon=True)
-        self._feeder.start()
-        self._drainer.start()
-
-    def _feed(self) -> None:
-        stdin = self._proc.stdin
-        try:
-            while True:
-                data = _read_bytes(self._source, _CHUNK)
-                if not data:
-                    break
-                self.raw_bytes += len(data)
-                if not _write_all(stdin, data):
-                    break
-        except Exception as exc:  # noqa: BLE001 - handed to the reading thread by _finish()
-            self._feed_error = exc
-            self._proc.kill()  # the child must not end its output cleanly on a partial input
-        finally:
-            stdin.close()  # unbuffered: nothing to flush, so no BrokenPipeError here
-
-    def _drain(self) -> None:
-        for data in iter(lambda: self._proc.stderr.read(_CHUNK), b""):
-            self._stderr_tail += data
-            del self._stderr_tail[:-4096]
-
-    def read(self, size: int = -1) -> bytes:
-        """Return up to size bytes of the child's output; b"" at EOF; RuntimeError if it failed."""
-        self._check_size(size)
-        if self._error is not None:
-            raise self._error
-        if self._finished or not size:
-            return b""
-        data = self._proc.stdout.read(size)
-        if not data:
-            self._finished = True
-            returncode = self._reap()
-            if self._feed_error is not None:
-                self._error = self._feed_error
-            elif returncode != 0:
-                tail = self._stderr_tail.decode("utf-8", "replace").strip()
-                self._error = RuntimeError(
-                    f"{shlex.join(self._argv)} exited with {returncode}: {tail}")
-            if self._error is not None:
-                raise self._error
-        return data
-
-    def _reap(self) -> int:
-        returncode = self._proc.wait()
-        self._feeder.join()
-        self._drainer.join()
-        self._proc.stdout.close()
-        self._proc.stderr.close()
-        return returncode
-
-    def close(self) -> None:
-        """Kill the child if it still runs and reap it; the source is not closed."""
-        if not self._finished:
-            self._finished = True
-            self._proc.kill()  # no-op once it has exited; it is reaped below either way
-            self._reap()
-
-
-class ZstdCompressor(_ProcessFilter):
+class ZstdCompressor(ProcessFilter):
     """Compress the source with the system `zstd` binary; read() returns zstd frames."""
 
     def __init__(self, source, level: int = DEFAULT_ZSTD_LEVEL, threads: int | None = None) -> None:
@@ -398,7 +263,7 @@ class ZstdCompressor(_ProcessFilter):
         super().__init__(["zstd", "-q", "-c", f"-{level}", f"-T{threads or 0}"], source)
 
 
-class ZstdDecompressor(_ProcessFilter):
+class ZstdDecompressor(ProcessFilter):
     """Decompress a zstd source with the system `zstd` binary."""
 
     def __init__(self, source) -> None:

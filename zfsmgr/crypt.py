@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from zfsmgr.compress import _ProcessFilter  # the runner's filter: child fed from a thread
 from zfsmgr.errors import CryptError, UsageError  # noqa: F401 (CryptError: imported from here)
+from zfsmgr.pipes import ProcessFilter
 from zfsmgr.protocol import ENCRYPTIONS
 from zfsmgr.runner import find_program, program_available
 
@@ -31,7 +31,7 @@ def age_binary() -> str:
     return find_program("age")
 
 
-class _AgeFilter(_ProcessFilter):
+class _AgeFilter(ProcessFilter):
     """`age` between a source and its reader, its failures as CryptError."""
 
     def read(self, size: int = -1) -> bytes:
