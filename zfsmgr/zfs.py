@@ -195,9 +195,9 @@ class Zfs:
             argv += ["-o", f"{key}={value}"]
         run(argv + [name])
 
-    def rename(self, old: str, new: str) -> None:
-        """Rename a dataset."""
-        run([self.zfs, "rename", old, new])
+    def rename(self, old: str, new: str, recursive: bool = False) -> None:
+        """Rename a dataset or snapshot (`-r`: a snapshot of every descendant too)."""
+        run([self.zfs, "rename"] + (["-r"] if recursive else []) + [old, new])
 
     def mount(self, dataset: str) -> None:
         """Mount a filesystem at its mountpoint."""

@@ -1,8 +1,9 @@
 """One `client backup` run over every selected dataset of the host.
 
 One lock for the run (per server) and one per dataset; one listing per pool; one atomic
-`zfs snapshot` per pool naming every selected dataset of it (the same snapshot name in every
-pool, so a run is recognisable), then one stream and chain per dataset. A dataset that fails
+`zfs snapshot` per pool naming every selected dataset of it (client/poolsnapshot.py: one name
+for the pool, and the same in every pool as a rule, so a run is recognisable), then one stream
+and chain per dataset. A dataset that fails
 is reported and the others go on; when the server cannot be reached, the rest of the run is
 skipped (each would wait minutes for it).
 """
@@ -21,16 +22,16 @@ from typing import Callable, Dict, List, Optional
 from zfsmgr import protocol
 from zfsmgr.client import changes
 from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
-                                  named_by_its_creation, wait_for_a_new_second)
-from zfsmgr.client.base import PROP_KIND
+                                  wait_for_a_new_second)
 from zfsmgr.client.inventory import Pool, list_pools
 from zfsmgr.client.locks import DatasetLock
+from zfsmgr.client.poolsnapshot import snapshot_pool
 from zfsmgr.client.selection import Choice, parse_list, select, under
 from zfsmgr.client.upload import Result, summary
 from zfsmgr.crypt import Encryption
 from zfsmgr.errors import ExitStatus, ServerUnreachable, ZfsmgrError
 from zfsmgr.progress import Progress, human
-from zfsmgr.zfs import Snapshot, Zfs, snapshot_from
+from zfsmgr.zfs import Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
 
@@ -77,7 +78,14 @@ class Report:
 
     outcomes: List[Outcome] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
-    snapshot: str = ""
+    pools: Dict[str, str] = field(default_factory=dict)  # pool: the name of its new snapshots
+
+    @property
+    def snapshot(self) -> str:
+        """The run's snapshot name: one for every pool, as a rule; '' when the pools' differ
+        (a pool whose snapshots landed in a later second took that second's name)."""
+        names = set(self.pools.values())
+        return names.pop() if len(names) == 1 else ""
 
     @property
     def failed(self) -> List[Outcome]:
@@ -91,7 +99,8 @@ class Report:
 
     def as_dict(self) -> dict:
         sent = [o.result for o in self.outcomes if o.result]
-        return {"snapshot": self.snapshot, "datasets": [o.as_dict() for o in self.outcomes],
+        return {"snapshot": self.snapshot, "snapshots": self.pools,
+                "datasets": [o.as_dict() for o in self.outcomes],
                 "notes": self.notes, "sent": len(sent),
                 "unchanged": sum(o.status == "unchanged" for o in self.outcomes),
                 "failed": len(self.failed), "raw_size": sum(r.raw_size for r in sent),
@@ -149,6 +158,7 @@ class Run:
         self.cancelled = threading.Event()
         self.state_dir, self.report_one, self.sleep = state_dir, report, sleep
         self.report = Report()
+        self._fresh: Dict[str, Snapshot] = {}  # the new snapshots and bases, listed again
 
     def _done(self, outcome: Outcome) -> None:
         self.report.outcomes.append(outcome)
@@ -214,12 +224,21 @@ class Run:
         latest = max(latest_second(on_server.get(n, []), b.snaps) for n, b in prepared.items())
         wait_for_a_new_second(latest, self.sleep)
         short = free_snapshot_name(taken)
-        self.report.snapshot = short
         new: Dict[str, Snapshot] = {}
         for pool in pools.values():
             members = [n for n in prepared if n.split("/")[0] == pool.name]
-            if members:
-                new.update(self._named_snapshots(pool, members, short, taken, prepared))
+            if not members:
+                continue
+            bases = [prepared[n].base.name for n in members
+                     if prepared[n].base and not prepared[n].base.is_bookmark]
+            taken_here = snapshot_pool(self.zfs, pool, members, short, taken, bases,
+                                       lambda name, snap: prepared[name].discard(snap))
+            for name, exc in taken_here.failed.items():
+                self._fail(name, exc)
+            if taken_here.made:  # the next pool tries the same name (its second, often)
+                self.report.pools[pool.name] = short = taken_here.short
+            self._fresh.update(taken_here.listed)
+            new.update(taken_here.made)
         todo, unchanged = [], []
         for name, backup in prepared.items():
             snap = new.get(name)
@@ -290,62 +309,6 @@ class Run:
 
     def _progress(self, label: str, total: Optional[int]) -> Progress:
         return Cancellable(label, total, self.cancelled)
-
-    def _named_snapshots(self, pool: Pool, members: List[str], short: str, taken: set,
-                         prepared: Dict[str, Backup]) -> Dict[str, Snapshot]:
-        """The pool's new snapshots, each named by its creation second (the storage key's
-        timestamp): snapshots that landed in the next second are made again under a new
-        name (the pool then differs from the run's name)."""
-        for _ in range(5):
-            made = self._snapshot_pool(pool, members, short, prepared)
-            if all(named_by_its_creation(snap) for snap in made.values()):
-                self.report.snapshot = short
-                return made
-            for name, snap in made.items():
-                prepared[name].discard(snap)
-            taken = taken | {short}
-            short = free_snapshot_name(taken)
-        for name in members:
-            self._fail(name, ZfsmgrError(f"the clock of pool {pool.name} disagrees with this"
-                                         " host's: cannot name a snapshot by its creation"
-                                         " time"))
-        return {}
-
-    def _snapshot_pool(self, pool: Pool, members: List[str], short: str,
-                       prepared: Dict[str, Backup]) -> Dict[str, Snapshot]:
-        """Snapshot the pool's members atomically (zfs-fuse: one `zfs snapshot -r` per whole
-        subtree, else one per dataset); return the new snapshots as listed afterwards."""
-        props = {PROP_KIND: "backup"}
-        done: List[str] = []
-        if pool.features.modern:
-            batches = [(members, False)]
-        else:
-            tops = [m for m in members if pool.whole_subtree(m, members) and not any(
-                o != m and m.startswith(o + "/") and pool.whole_subtree(o, members)
-                for o in members)]
-            rest = [m for m in members if not any(m == t or m.startswith(t + "/")
-                                                  for t in tops)]
-            batches = [([t], True) for t in tops] + [([m], False) for m in rest]
-            if len(batches) > 1:
-                log.info("%s: zfs-fuse takes one snapshot at a time: %d snapshots instead of"
-                         " one atomic one", pool.name, len(batches))
-        for names, recursive in batches:
-            covered = [m for m in members if any(m == n or (recursive and m.startswith(n + "/"))
-                                                 for n in names)]
-            try:
-                self.zfs.snapshot_many([f"{n}@{short}" for n in names], props, recursive)
-                done += covered
-            except ZfsmgrError as exc:
-                for name in covered:
-                    self._fail(name, exc)
-        if not done:
-            return {}
-        names = [f"{n}@{short}" for n in done]
-        bases = [prepared[n].base.name for n in done
-                 if prepared[n].base and not prepared[n].base.is_bookmark]
-        listed = self.zfs.props(names + bases, pool.snapshot_props)
-        self._fresh = {n: snapshot_from(n, v, pool.snapshot_props) for n, v in listed.items()}
-        return {n: self._fresh[f"{n}@{short}"] for n in done}
 
     def _unchanged(self, backup: Backup, snap: Snapshot, pool: Pool) -> bool:
         """Whether to skip the new snapshot (reported; _discard_unchanged destroys it): nothing
