@@ -217,6 +217,10 @@ class ServerError(ZfsmgrError):
         return self.status in RETRYABLE_HTTP
 
 
+class AnswerTooLarge(ZfsmgrError):
+    """The server's JSON answer is larger than a client reads (protocol.MAX_ANSWER)."""
+
+
 class CryptError(ZfsmgrError, RuntimeError):
     """`age` failed (a RuntimeError as well, as the codecs' failures are)."""
 

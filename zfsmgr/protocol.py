@@ -29,7 +29,7 @@ UPLOAD_RESUME = "/upload-stream/{upload_id}/resume"  # POST {"token", "from_part
 UPLOAD_PART = "/upload-stream/{upload_id}/{index}"
 UPLOAD_SESSION = "/upload-stream/{upload_id}"
 STATUS = "/status"  # GET
-SNAPSHOTS = "/snapshots"  # GET ?dataset=: the client's manifests, oldest first
+SNAPSHOTS = "/snapshots"  # GET [?dataset=A&dataset=B…]: the client's manifests, oldest first
 ROTATE = "/rotate"  # POST {"dry_run": bool}
 DOWNLOAD = "/download"  # GET ?key=KEY, honours Range
 ROTATION_POLICY = "/rotation-policy"  # GET
@@ -103,6 +103,8 @@ MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: what a timestamp in a key can 
 MAX_BYTES = (1 << 63) - 1  # sizes as zfs reports them (u64, kept signed-safe)
 MAX_PART_INDEX = 100_000  # above any provider's part limit (S3: 10,000)
 MAX_JSON_BODY = 64 << 10  # a request's JSON body
+MAX_ANSWER = 16 << 20  # the largest JSON answer a client reads (GET /snapshots of a whole catalog)
+MAX_QUERY_DATASETS = 100  # datasets one GET /snapshots may name
 MAX_JSON_DEPTH = 8  # nesting of a JSON body (the protocol uses 2)
 
 

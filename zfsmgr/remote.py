@@ -12,10 +12,11 @@ import socket
 import ssl
 import sys
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 from zfsmgr import protocol
-from zfsmgr.errors import ServerError, ServerUnreachable, SettingsError, ZfsmgrError
+from zfsmgr.errors import (AnswerTooLarge, ServerError, ServerUnreachable, SettingsError,
+                           ZfsmgrError)
 
 HANDSHAKE_TIMEOUT = 8.0  # seconds for connect + TLS handshake
 
@@ -136,9 +137,11 @@ class ServerClient:
             raise ServerUnreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") \
                 from None
 
-    @staticmethod
-    def _decode(response: http.client.HTTPResponse) -> dict:
-        raw = response.read(1 << 24)
+    def _decode(self, response: http.client.HTTPResponse, what: str = "request") -> dict:
+        raw = response.read(protocol.MAX_ANSWER + 1)
+        if len(raw) > protocol.MAX_ANSWER:  # not a broken connection: the rest is unread
+            raise AnswerTooLarge(f"the answer of {self.url} to {what} is larger than"
+                                 f" {protocol.MAX_ANSWER >> 20} MiB, more than a client reads")
         if response.length:  # read(n) returns short at EOF instead of raising IncompleteRead
             raise http.client.IncompleteRead(raw, response.length)
         try:
@@ -151,15 +154,17 @@ class ServerClient:
         return data
 
     def call(self, method: str, path: str, payload: Optional[dict] = None,
-             query: Optional[Dict[str, str]] = None) -> dict:
-        """A JSON request; returns the decoded success body or raises ServerError."""
+             query: Union[Dict[str, str], Sequence[Tuple[str, str]], None] = None) -> dict:
+        """A JSON request; returns the decoded success body or raises ServerError
+        (AnswerTooLarge past protocol.MAX_ANSWER)."""
+        what = f"{method} {path}"
         if query:
             path += "?" + urllib.parse.urlencode(query)
         body = json.dumps(payload).encode() if payload is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn, response = self._send(method, path, body, headers)
         try:
-            return self._decode(response)
+            return self._decode(response, what)
         except (OSError, http.client.HTTPException) as exc:
             raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
         finally:

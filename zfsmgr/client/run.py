@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from zfsmgr import protocol
-from zfsmgr.client import changes
+from zfsmgr.client import catalog, changes
 from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
                                   wait_for_a_new_second)
 from zfsmgr.client.inventory import Pool, list_pools
@@ -178,11 +178,12 @@ class Run:
         chosen = [c for c in choices if c.selected or c.reason == "does not exist"]
         if not chosen:
             raise ZfsmgrError("no dataset selected: see `zfsmgr client datasets`")
-        catalog = self.api.call("GET", protocol.SNAPSHOTS)["snapshots"]
         status = self.api.call("GET", protocol.STATUS)
-        on_server: Dict[str, List[dict]] = {}
-        for manifest in catalog:
-            on_server.setdefault(manifest["dataset"], []).append(manifest)
+        on_server, unreadable = catalog.manifests(self.api, [c.name for c in chosen
+                                                             if c.selected])
+        for name, exc in unreadable.items():
+            self._fail(name, exc)
+        chosen = [c for c in chosen if c.name not in unreadable]
         with contextlib.ExitStack() as locks:
             prepared = self._prepare(pools, chosen, on_server, status, locks)
             self._snapshot_and_send(pools, prepared, on_server)

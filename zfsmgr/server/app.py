@@ -233,13 +233,20 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @app.get(protocol.SNAPSHOTS)
     @handler(write=False)
     def snapshots(client):
-        dataset = bottle.request.query.get("dataset") or None
-        if dataset:
+        # ?dataset=A&dataset=B: those datasets' manifests (the answer names them, so a client
+        # can tell this from an older server that took only one); none: all of the client's
+        datasets = list(dict.fromkeys(bottle.request.query.getall("dataset")))
+        if len(datasets) > protocol.MAX_QUERY_DATASETS:
+            raise ValidationError(f"at most {protocol.MAX_QUERY_DATASETS} datasets per"
+                                  " request")
+        for dataset in datasets:
             protocol.validate_dataset(dataset)
         ctx.refresh(client, strict=False)
-        found = ctx.catalog.list_json(client.client_id, dataset)
+        found = [text for d in datasets for text in ctx.catalog.list_json(client.client_id, d)
+                 ] if datasets else ctx.catalog.list_json(client.client_id)
+        named = {"datasets": datasets} if datasets else {}
         # the stored manifests are JSON already: spliced in, not parsed and dumped again
-        head = json.dumps(protocol.ok(f"{len(found)} backups", snapshots=[]))[:-3]
+        head = json.dumps(protocol.ok(f"{len(found)} backups", **named, snapshots=[]))[:-3]
         return bottle.HTTPResponse(head + "[" + ",".join(found) + "]}", status=200,
                                    headers={"Content-Type": "application/json"})
 
