@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYZ = ROOT / "dist" / "zfsmgr.pyz"
@@ -122,7 +123,8 @@ class Seaweed:
 
     access_key, secret_key = "zfsmgr-test-access", "zfsmgr-test-secret"
 
-    def __init__(self):
+    def __init__(self, extra: Sequence[str] = ()):
+        """`extra`: more `weed mini` flags (a small volume limit, say)."""
         self.dir = Path(tempfile.mkdtemp(prefix="weed-", dir=WORK))
         (self.dir / "tmp").mkdir()
         (self.dir / "s3.json").write_text(json.dumps({"identities": [{
@@ -141,7 +143,7 @@ class Seaweed:
                 f"-admin.port={ports[8]}", "-admin.ui=false", f"-s3.config={d}/s3.json",
                 "-s3.allowDeleteBucketNotEmpty=false", "-s3.autoCreateBucket=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-                "-master.telemetry=false"]
+                "-master.telemetry=false", *extra]
         env = dict(os.environ, GOMEMLIMIT="512MiB", TMPDIR=f"{d}/tmp")
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
@@ -164,6 +166,16 @@ class Seaweed:
     @property
     def endpoint(self):
         return f"127.0.0.1:{self.port}"
+
+    def shell(self, command: str) -> str:
+        """What `weed shell` prints for one command (bucket quotas and the like)."""
+        def port(flag):
+            return next(a for a in self.proc.args if a.startswith(flag + "=")).split("=")[1]
+        master = f"127.0.0.1:{port('-master.port')}.{port('-master.port.grpc')}"
+        filer = f"127.0.0.1:{port('-filer.port')}.{port('-filer.port.grpc')}"
+        return subprocess.run([weed_binary(), "shell", f"-master={master}", f"-filer={filer}"],
+                              input=command + "\nexit\n", capture_output=True, text=True,
+                              timeout=60, check=True).stdout
 
     def client(self):
         from minio import Minio

@@ -4,6 +4,11 @@ Upload parts are staged as objects under `.zfsmgr-uploads/<id>/`, each written w
 memory; `commit` composes them server-side (UploadPartCopy) into the final key, so an object of
 any size appears at its key at once, and nothing of it travels through the server twice.
 With S3_OBJECT_LOCK, committed objects are retained (zfsmgr/storage/s3lock.py).
+A provider that refuses a write for want of room (a quota, a full cluster, an object over its
+size cap: PROVIDER_FULL) is a StorageFull (507) naming the bucket and the bytes the write
+needed; the client then aborts, and the abort deletes what was staged (deletes still work).
+SeaweedFS 4.48 cannot be told apart: an enforced bucket quota and full volumes both answer
+500 InternalError with a generic message, which stays a StorageError (503).
 Several servers may share one bucket (zfsmgr.storage.s3shared): the bucket holds the manifests,
 the upload sessions (`<staging>/<id>/session.json`), a lease and a change marker per client.
 """
@@ -15,7 +20,7 @@ import logging
 from datetime import datetime
 from typing import Dict, Optional
 
-from zfsmgr.errors import Conflict
+from zfsmgr.errors import Conflict, StorageFull
 from zfsmgr.files import CHUNK
 from zfsmgr.protocol import (MIN_S3_PART_SIZE, Manifest, ValidationError, manifest_key,
                              validate_upload_id)
@@ -26,9 +31,22 @@ from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
 S3_PART = 16 << 20  # minio buffers one part of this size in memory while uploading
+# What providers answer a write they have no room for: AWS's object size cap, Ceph RGW's and
+# OpenStack's quotas, MinIO's full drives and bucket quota; any 507; B2's "storage cap exceeded".
+PROVIDER_FULL = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull",
+                           "XMinioAdminBucketQuotaExceeded", "InsufficientStorage",
+                           "StorageFull"})
+_FULL_WORDS = ("quota exceeded", "cap exceeded", "storage full", "insufficient storage")
 # what OpenSSL says when https meets a plain-http endpoint
 _PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
                      "packet length too long", "http request")
+
+
+def provider_full(exc) -> bool:
+    """Whether an S3Error says the provider has no room for the write (PROVIDER_FULL)."""
+    status = getattr(exc.response, "status", 0) if exc.response is not None else 0
+    message = (exc.message or "").lower()
+    return exc.code in PROVIDER_FULL or status == 507 or any(w in message for w in _FULL_WORDS)
 
 
 def _client(endpoint: str, access_key: str, secret_key: str, secure: bool, region: str):
@@ -67,6 +85,8 @@ class S3Store(Store):
         if not endpoint:
             raise StorageError("S3_ENDPOINT is not set")
         self.bucket = bucket
+        self.where = f"S3 bucket {bucket} on {endpoint}"
+        self.refused_full = False  # the last write the provider refused for want of room
         self.secure = secure and not endpoint.startswith("http://")
         self.client = _client(endpoint, access_key, secret_key, secure, region)
         self.lock = None
@@ -83,8 +103,9 @@ class S3Store(Store):
         return cls(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, s.s3_use_ssl,
                    s.s3_region, s.get("S3_OBJECT_LOCK", ""))
 
-    def _call(self, what: str, func, *args, **kwargs):
-        """Call minio; S3's answers and transport trouble become StorageError/NotFound.
+    def _call(self, what: str, func, *args, needs: int = 0, **kwargs):
+        """Call minio; S3's answers and transport trouble become StorageError/NotFound, and
+        a write refused for want of room a StorageFull saying it `needs` that many bytes.
 
         Only those: anything else (a TypeError, our own bug) is not the storage's fault and
         propagates as it is, to be logged with its traceback."""
@@ -92,12 +113,20 @@ class S3Store(Store):
         from urllib3.exceptions import HTTPError
 
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if needs:
+                self.refused_full = False
+            return result
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchUpload", "ResourceNotFound"):
                 raise NotFound(f"{what}: {exc.code}") from None
             if exc.code == "PreconditionFailed":
                 raise PreconditionFailed(f"S3 {what}: precondition failed") from None
+            if provider_full(exc):
+                self.refused_full = True
+                need = f"needs {needs} bytes" if needs else "was refused"
+                raise StorageFull(f"{self.where} is full: {what} {need}"
+                                  f" ({exc.code}: {exc.message})") from None
             raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
         except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
             hint = ""
@@ -121,6 +150,11 @@ class S3Store(Store):
             self.lock.prove()  # once per process: it writes a probe object
         self.coordination.probe_conditional()
 
+    def free_bytes(self) -> Optional[int]:
+        """0 while the provider's last answer to a write was "no room" (S3 tells no free
+        space), else unknown."""
+        return 0 if self.refused_full else None
+
     def _part_key(self, upload_id: str, index: int) -> str:
         return f"{STAGING}{validate_upload_id(upload_id)}/part-{index:06d}"
 
@@ -135,7 +169,8 @@ class S3Store(Store):
 
         sent = genheaders(None, None, None, retention, False)
         sent.update({"Content-Type": "application/json", **(headers or {})})
-        result = self._call(f"put {key}", self.client._put_object, self.bucket, key, data, sent)
+        result = self._call(f"put {key}", self.client._put_object, self.bucket, key, data, sent,
+                            needs=len(data))
         return (result.etag or "").strip('"')
 
     def get_small_etag(self, key: str):
@@ -200,9 +235,9 @@ class S3Store(Store):
         parts = parts[:index]
         _check_sizes(parts)
         reader = CountingReader(source, size)
-        self._call(f"upload of part {index}", self.client.put_object, self.bucket,
+        self._call(f"part {index} of upload {upload_id}", self.client.put_object, self.bucket,
                    self._part_key(upload_id, index), reader, size,
-                   part_size=S3_PART, num_parallel_uploads=1)
+                   part_size=S3_PART, num_parallel_uploads=1, needs=size)
         part = PartInfo(index, size, reader.crc32)
         self.put_small(self._list_key(upload_id),
                        json.dumps([p.__dict__ for p in parts + [part]]).encode())
@@ -223,8 +258,9 @@ class S3Store(Store):
         _check_sizes(parts[:-1])
         sources = [ComposeSource(self.bucket, self._part_key(upload_id, p.index)) for p in parts]
         retention = self._retention(manifest)
-        self._call(f"compose of {manifest.key}", self.client.compose_object, self.bucket,
-                   manifest.key, sources, retention=retention)
+        self._call(f"the commit of {manifest.key}", self.client.compose_object, self.bucket,
+                   manifest.key, sources, retention=retention,
+                   needs=sum(p.size for p in parts))
         if retention is not None:  # a composed object may have ignored it: set and check
             self.lock.extend(manifest.key, retention.retain_until_date)
         exclusive = {"If-None-Match": "*"} if self.coordination.conditional else {}

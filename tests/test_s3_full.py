@@ -1,0 +1,243 @@
+"""An S3 provider with no room left: a 507 naming the bucket and the bytes needed, and nothing
+staged left behind.
+
+SeaweedFS (the real S3 server here) enforces a bucket quota by making the bucket read-only, and
+then answers every write 500 InternalError with a generic message, as it does when its volumes
+are full: nothing tells "full" apart from a fault, so that stays a 503 (pinned below, with the
+abort that still frees what was staged). The answers of the providers that do say it (Ceph's and
+OpenStack's QuotaExceeded, MinIO's XMinioStorageFull, AWS's EntityTooLarge) are played by a
+relay in front of SeaweedFS, so that the minio client parses real S3 error responses.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import io
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import rig
+from hostile import request
+from zfsmgr.errors import StorageError, StorageFull
+from zfsmgr.protocol import MIN_S3_PART_SIZE, Manifest
+from zfsmgr.storage.s3 import STAGING, S3Store
+
+PART = MIN_S3_PART_SIZE
+ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+             '<Message>{message}</Message><Resource>{path}</Resource>'
+             '<RequestId>relay</RequestId></Error>')
+ANSWERS = {  # what providers answer a write they have no room for
+    "QuotaExceeded": (403, "The quota has been exceeded."),
+    "XMinioStorageFull": (507, "Storage backend has reached its minimum free drive threshold."
+                               " Please delete a few objects to proceed."),
+    "EntityTooLarge": (400, "Your proposed upload exceeds the maximum allowed object size."),
+}
+
+
+class FullRelay(http.server.ThreadingHTTPServer):
+    """Passes S3 requests on to SeaweedFS, except the writes `refuse(method, path, headers)`
+    picks, which get the S3 error `code`: the provider is full for them."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, code: str = "QuotaExceeded", refuse=None):
+        host, port = upstream.split(":")
+        self.upstream, self.code, self.refused = (host, int(port)), code, []
+        self.refuse = refuse or (lambda method, path, headers: False)
+        super().__init__(("127.0.0.1", 0), _Relay)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _Relay(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.server.refuse(self.command, self.path, self.headers):
+            self.server.refused.append(f"{self.command} {self.path}")
+            status, message = ANSWERS[self.server.code]
+            self._answer(status, [("Content-Type", "application/xml")], ERROR_XML.format(
+                code=self.server.code, message=message, path=self.path.split("?")[0]).encode())
+            return
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+        try:  # the Host header goes on as it came: the request is signed with it
+            upstream.request(self.command, self.path, body=body or None,
+                             headers=dict(self.headers.items()))
+            answer = upstream.getresponse()
+            data = answer.read()
+            headers = [(k, v) for k, v in answer.getheaders()
+                       if k.lower() not in ("content-length", "connection", "transfer-encoding")]
+            length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+        finally:
+            upstream.close()
+        self._answer(answer.status, headers, data, length)
+
+    def _answer(self, status, headers, data, length=None):
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+
+def _parts_from(first: int):
+    """Refuse the upload of staged part `first` and those after it."""
+    def refuse(method, path, headers):
+        found = re.search(r"/part-(\d{6})(\?|$)", path)
+        return method == "PUT" and found is not None and int(found.group(1)) >= first
+    return refuse
+
+
+def _compose(method, path, headers):
+    """Refuse UploadPartCopy: the server-side copy of a commit."""
+    return method == "PUT" and "x-amz-copy-source" in {k.lower() for k in headers}
+
+
+def _leftovers(seaweed, bucket):
+    """Staged objects and incomplete multipart uploads left in the bucket."""
+    client = seaweed.client()
+    objects = [o.object_name for o in client.list_objects(bucket, prefix=STAGING,
+                                                          recursive=True)]
+    pending = client._list_multipart_uploads(bucket, prefix=STAGING).uploads
+    return objects + [u.object_name for u in pending]
+
+
+def _manifest(size):
+    return Manifest(key="client1/tank_data_s1700000000.zfs", client_id="client1",
+                    dataset="tank/data", snapshot="s1700000000", type="full", parent=None,
+                    compression="none", raw_size=size, stored_size=size, sha256="0" * 64,
+                    created="2023-11-14T22:13:20+00:00", snapshot_time=1700000000.0,
+                    storage_type="s3")
+
+
+@pytest.mark.parametrize("code", sorted(ANSWERS))
+def test_a_provider_full_answer_is_a_507_naming_the_bucket_and_the_bytes(s3, code):
+    seaweed = s3["seaweed"]
+    relay = FullRelay(seaweed.endpoint, code, _parts_from(1))
+    try:
+        store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
+                        secure=False)
+        store.check()
+        assert store.free_bytes() is None
+        store.stage_part("a" * 32, 0, io.BytesIO(os.urandom(PART)), PART)
+        with pytest.raises(StorageFull) as full:
+            store.stage_part("a" * 32, 1, io.BytesIO(b"x" * 1000), 1000)
+        assert full.value.http_status == 507
+        message = str(full.value)
+        assert message.startswith(f"S3 bucket {s3['bucket']} on {relay.endpoint} is full:")
+        assert f"part 1 of upload {'a' * 32} needs 1000 bytes ({code}:" in message
+        assert store.free_bytes() == 0  # /health says full until a write succeeds again
+        assert [p.index for p in store.staged_parts("a" * 32)] == [0]
+        store.discard("a" * 32)  # what the client's abort does
+        assert _leftovers(seaweed, s3["bucket"]) == []
+        relay.refuse = lambda *args: False  # room again
+        store.stage_part("b" * 32, 0, io.BytesIO(b"y" * 1000), 1000)
+        assert store.free_bytes() is None
+        store.discard("b" * 32)
+    finally:
+        relay.shutdown()
+
+
+def test_a_commit_the_provider_has_no_room_for_is_a_507_and_can_be_retried(s3):
+    seaweed = s3["seaweed"]
+    relay = FullRelay(seaweed.endpoint, "QuotaExceeded", _compose)
+    try:
+        store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
+                        secure=False)
+        store.check()
+        data = os.urandom(PART + 1000)
+        store.stage_part("c" * 32, 0, io.BytesIO(data[:PART]), PART)
+        store.stage_part("c" * 32, 1, io.BytesIO(data[PART:]), 1000)
+        manifest = _manifest(len(data))
+        with pytest.raises(StorageFull, match=rf"the commit of {re.escape(manifest.key)} needs"
+                                              rf" {len(data)} bytes \(QuotaExceeded:"):
+            store.commit("c" * 32, manifest)
+        client = seaweed.client()
+        assert [o.object_name for o in client.list_objects(s3["bucket"], prefix="client1/",
+                                                           recursive=True)] == []
+        assert client._list_multipart_uploads(s3["bucket"], prefix="client1/").uploads == []
+        relay.refuse = lambda *args: False
+        assert store.commit("c" * 32, manifest).key == manifest.key  # kept staged: a retry
+        got = client.get_object(s3["bucket"], manifest.key)
+        assert got.read() == data
+        got.close()
+        assert _leftovers(seaweed, s3["bucket"]) == []
+    finally:
+        relay.shutdown()
+
+
+def test_a_backup_told_the_provider_is_full_stops_in_one_line_and_leaves_nothing(
+        pool, s3, server_factory):
+    seaweed = s3["seaweed"]
+    relay = FullRelay(seaweed.endpoint, "QuotaExceeded", _parts_from(1))
+    try:
+        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
+        dataset = pool.create("data")
+        rig.write_files(pool.mountpoint(dataset), seed=5, count=3, size=4 << 20)
+        env = rig.clean_env({**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none"})
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"zfsmgr: error: server refused \(507\): S3 bucket {s3['bucket']}"
+                            rf" on {relay.endpoint} is full: part 1 of upload [0-9a-f]{{32}}"
+                            rf" needs \d+ bytes \(QuotaExceeded: The quota has been exceeded\.\)",
+                            last), proc.stderr
+        assert "retry" not in proc.stderr and "Traceback" not in proc.stderr
+        assert time.monotonic() - started < 60
+        assert relay.refused  # the relay did refuse the part
+        assert _leftovers(seaweed, s3["bucket"]) == []  # the abort deleted part 0
+        assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+        health = request(server.url, "GET", "/health")[1]
+        assert health["status"] == "full" and health["storage"]["s3"]["full"] is True
+
+        relay.refuse = lambda *args: False  # room again: the same backup goes through
+        proc = subprocess.run([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert request(server.url, "GET", "/health")[1]["status"] == "healthy"
+        assert "Traceback" not in server.log()
+    finally:
+        relay.shutdown()
+
+
+def test_seaweedfs_over_its_bucket_quota_answers_a_fault_and_the_abort_still_frees(seaweed):
+    """Measured on SeaweedFS 4.48: `s3.bucket.quota.enforce -apply` makes a bucket over its
+    quota read-only; writes then get 500 InternalError (minio retries it, then gives up), which
+    the store cannot tell from a fault (503, not 507); deletes still work."""
+    bucket = f"zfsmgr-quota-{os.getpid()}"
+    store = S3Store(seaweed.endpoint, seaweed.access_key, seaweed.secret_key, bucket,
+                    secure=False)
+    store.check()
+    store.stage_part("d" * 32, 0, io.BytesIO(os.urandom(PART)), PART)
+    seaweed.shell(f"s3.bucket.quota -name={bucket} -op=set -sizeMB=1")
+    deadline = time.monotonic() + 90  # the master learns the bucket's size every few seconds
+    while "read only" not in seaweed.shell("s3.bucket.quota.enforce -apply"):
+        assert time.monotonic() < deadline, "SeaweedFS did not enforce the quota"
+        time.sleep(2)
+    with pytest.raises(StorageError) as refused:
+        store.stage_part("d" * 32, 1, io.BytesIO(b"x" * 1000), 1000)
+    assert not isinstance(refused.value, StorageFull) and refused.value.http_status == 503
+    assert "500" in str(refused.value)
+    store.discard("d" * 32)
+    assert _leftovers(seaweed, bucket) == []
