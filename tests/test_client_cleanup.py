@@ -20,15 +20,23 @@ import rig
 pytestmark = [pytest.mark.zfs]
 
 
-class FailingParts(http.server.ThreadingHTTPServer):
-    """A proxy to a zfsmgr server that answers every upload part with a 503 (a store that is
-    down) and passes everything else on; it records the paths it saw."""
+class Relay(http.server.ThreadingHTTPServer):
+    """A proxy to a zfsmgr server that passes requests on and records the paths it saw; with
+    `fail_parts` it answers every upload part with a 503 (a store that is down), with
+    `open_delay` it holds the server's answer to POST /upload back that many seconds (the
+    session is open on the server meanwhile)."""
 
     daemon_threads = True
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, fail_parts: bool = True, open_delay: float = 0.0):
         self.upstream_port, self.seen = upstream_port, []
+        self.fail_parts, self.open_delay = fail_parts, open_delay
         super().__init__(("127.0.0.1", 0), _Relay)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 class _Relay(http.server.BaseHTTPRequestHandler):
@@ -37,7 +45,8 @@ class _Relay(http.server.BaseHTTPRequestHandler):
 
     def _any(self):
         self.server.seen.append(f"{self.command} {self.path}")
-        if re.fullmatch(r"/upload-stream/[0-9a-f]{32}/[0-9]+", self.path):
+        if self.server.fail_parts and re.fullmatch(r"/upload-stream/[0-9a-f]{32}/[0-9]+",
+                                                   self.path):
             body = b'{"success": false, "message": "storage unavailable"}'
             self.send_response(503)
             self.send_header("Content-Type", "application/json")
@@ -54,6 +63,9 @@ class _Relay(http.server.BaseHTTPRequestHandler):
         upstream.request(self.command, self.path, body=body, headers=headers)
         answer = upstream.getresponse()
         data = answer.read()
+        if self.server.open_delay and (self.command, self.path) == ("POST", "/upload"):
+            self.server.seen.append("answered POST /upload")
+            time.sleep(self.server.open_delay)
         self.send_response(answer.status)
         for name, value in answer.getheaders():
             if name.lower() not in ("content-length", "connection", "date", "server"):
@@ -69,12 +81,11 @@ class _Relay(http.server.BaseHTTPRequestHandler):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_while_waiting_to_retry_aborts_the_upload(sig, pool, server_factory):
     server = server_factory("dir")
-    proxy = FailingParts(server.port)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy = Relay(server.port)
     dataset = pool.create("data")
     rig.write_files(pool.mountpoint(dataset), seed=5, count=2)
     env = {**server.client_env, "LOCAL_DATASET": dataset,
-           "SERVER_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
+           "SERVER_URL": proxy.url}
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
                             env=rig.clean_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -94,6 +105,76 @@ def test_interrupted_while_waiting_to_retry_aborts_the_upload(sig, pool, server_
     assert not list((server.storage_dir / ".uploads").glob("*")) \
         if (server.storage_dir / ".uploads").exists() else True
     assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+
+
+def _open_sessions(server) -> int:
+    with sqlite3.connect(server.workdir / "metadata.db") as db:
+        return db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+
+def _backup_through(proxy, server, dataset):
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "SERVER_URL": proxy.url}
+    return subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_while_opening_the_upload_aborts_the_session_it_opened(
+        sig, pool, server_factory):
+    """The signal lands while POST /upload is in flight (the server has opened the session,
+    its answer is on the way): the client waits for the answer and aborts that session."""
+    server = server_factory("dir")
+    proxy = Relay(server.port, fail_parts=False, open_delay=2.0)
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=7, count=2)
+    proc = _backup_through(proxy, server, dataset)
+    rig.wait_until(lambda: "answered POST /upload" in proxy.seen, 60,
+                   "the server answered POST /upload")
+    assert _open_sessions(server) == 1  # open on the server, its id not yet at the client
+    proc.send_signal(sig)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    proxy.shutdown()
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "zfsmgr: interrupted"
+    assert not [p for p in proxy.seen if re.fullmatch(r"POST /upload-stream/\w+/\d+", p)]
+    assert any(p.endswith("/abort") for p in proxy.seen), proxy.seen  # no part, the abort
+    assert _open_sessions(server) == 0, "the upload session stayed open"
+    uploads = server.storage_dir / ".uploads"
+    assert not uploads.exists() or not list(uploads.glob("*"))
+    assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+
+
+def test_a_held_interrupt_waits_for_the_answer_a_bounded_time_and_a_second_breaks_in(
+        pool, server_factory):
+    from zfsmgr.client.interrupts import PATIENCE
+
+    server = server_factory("dir")
+    proxy = Relay(server.port, fail_parts=False, open_delay=120.0)
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=8, count=1)
+    for second in (False, True):
+        before = proxy.seen.count("answered POST /upload")
+        proc = _backup_through(proxy, server, dataset)
+        rig.wait_until(lambda: proxy.seen.count("answered POST /upload") > before, 60,
+                       "POST /upload is in flight")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        if second:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == "zfsmgr: interrupted"
+        if second:  # asked twice: it stops at once
+            assert took < 3, took
+        else:  # no answer within PATIENCE: it gives up waiting (the session is left to expire)
+            assert PATIENCE - 1 < took < PATIENCE + 5, took
+        assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+    proxy.shutdown()
 
 
 def test_a_part_out_of_step_is_mended_from_the_parts_the_server_holds(pool, server_factory):

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, List, Optional
 
 from zfsmgr import protocol
 from zfsmgr.client.base import Base
+from zfsmgr.client.interrupts import Held
 from zfsmgr.client.readahead import Counter, ReadAhead, chain, take
 from zfsmgr.compress import LEVELS, compressor, zstd_available
 from zfsmgr.crypt import Encryption, age_binary
@@ -126,13 +127,13 @@ class Uploader:
             age_binary()  # missing: a one-line error before any upload opens
         request = self._request(snap, base, features, codec)
         try:
-            session = self.api.call("POST", protocol.UPLOAD, request)
+            session = self._open(request)
         except ServerError as exc:
             if not (base and fallback and exc.payload.get(protocol.FULL_BACKUP_REQUIRED)):
                 raise
             log.warning("%s; sending a full backup", exc.server_message)
             request = self._request(snap, None, features, codec)
-            session = self.api.call("POST", protocol.UPLOAD, request)
+            session = self._open(request)
             base = None
         started = time.monotonic()
         attempt, restarted = 0, False
@@ -146,8 +147,7 @@ class Uploader:
                         log.info("an encrypted upload cannot skip what the server holds:"
                                  " starting it again")
                         self._abort(session)
-                        session, state = self.api.call("POST", protocol.UPLOAD, request), \
-                            {"parts": []}
+                        session, state = self._open(request), {"parts": []}
                     if state.get("resume_token") or state.get("segment"):
                         sent = self._resume(state, features, codec, session,
                                             request["estimated_size"])
@@ -169,8 +169,7 @@ class Uploader:
                         raise
                     log.warning("%s: starting the upload again", exc)
                     self._abort(session)
-                    session, attempt, restarted = self.api.call("POST", protocol.UPLOAD,
-                                                                request), 0, True
+                    session, attempt, restarted = self._open(request), 0, True
                 except (ServerUnreachable, ServerError) as exc:
                     if attempt and isinstance(exc, ServerError) and exc.status == 404:
                         done = self._committed(snap)  # a commit whose answer was lost
@@ -195,6 +194,18 @@ class Uploader:
                 log.info("the server committed %s before its answer was lost", snap.name)
                 return manifest
         return None
+
+    def _open(self, request: dict) -> dict:
+        """POST /upload with interrupts held until its answer is in (client/interrupts.py),
+        so that an interrupted run still aborts the session it opened (both within the
+        held interrupt's patience)."""
+        with Held() as held:
+            session = self.api.call("POST", protocol.UPLOAD, request)
+            if held.signum:
+                self._abort(session)
+        if held.signum:
+            raise KeyboardInterrupt
+        return session
 
     def _abort(self, session: dict) -> None:
         try:
