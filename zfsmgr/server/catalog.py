@@ -123,6 +123,35 @@ class Catalog:
                           "latest_snapshot": snapshot}
                 for dataset, count, used, _, snapshot, created in rows}
 
+    def dataset_totals(self, client_id: str) -> List[tuple]:
+        """(dataset, backups, stored bytes) of each of a client's datasets, kept by triggers
+        (migration 5): no backup row is read."""
+        return self.db.query("SELECT dataset, backups, stored_bytes FROM dataset_totals"
+                             " WHERE client_id = ? ORDER BY dataset", (client_id,))
+
+    def dataset_span(self, client_id: str, dataset: str) -> tuple:
+        """(oldest snapshot_time, newest snapshot_time, latest `created`) of a dataset's
+        backups, each one index lookup; Nones without backups."""
+        where = "FROM backups WHERE client_id = ?1 AND dataset = ?2"
+        return self.db.query(f"SELECT (SELECT MIN(snapshot_time) {where}),"
+                             f" (SELECT MAX(snapshot_time) {where}), (SELECT MAX(created) {where})",
+                             (client_id, dataset))[0]
+
+    def newest(self, client_id: str, dataset: str) -> Optional[dict]:
+        """The stored mapping of a dataset's newest backup (by snapshot_time, key)."""
+        rows = self.db.query("SELECT manifest FROM backups WHERE client_id = ? AND dataset = ?"
+                             " ORDER BY snapshot_time DESC, key DESC LIMIT 1",
+                             (client_id, dataset))
+        return json.loads(rows[0][0]) if rows else None
+
+    def first_of_snapshot(self, client_id: str, dataset: str, snapshot: str) -> Optional[dict]:
+        """The stored mapping of the first backup (by snapshot_time, key) of dataset@snapshot."""
+        rows = self.db.query("SELECT manifest FROM backups INDEXED BY backups_by_dataset"
+                             " WHERE client_id = ? AND dataset = ? AND snapshot = ?"
+                             " ORDER BY snapshot_time, key LIMIT 1",
+                             (client_id, dataset, snapshot))
+        return json.loads(rows[0][0]) if rows else None
+
     def replace(self, manifests: Iterable[Manifest]) -> int:
         """Replace every backup row (reindex); return the number of entries."""
         count = 0

@@ -90,8 +90,49 @@ MIGRATIONS: List[str] = [
     """
     ALTER TABLE dataset_events ADD COLUMN last_checked REAL;
     """,
+    # 5: per-dataset totals kept by triggers, and indexes for a dataset's oldest, newest and
+    # last committed backup: a scrape of the fleet (/metrics, check, the status page) reads a
+    # few rows per dataset, not every backup. A REPLACE fires the delete trigger because every
+    # connection turns recursive_triggers on.
+    """
+    CREATE TABLE dataset_totals (
+        client_id TEXT NOT NULL,
+        dataset TEXT NOT NULL,
+        backups INTEGER NOT NULL,
+        stored_bytes INTEGER NOT NULL,
+        PRIMARY KEY (client_id, dataset)
+    ) WITHOUT ROWID;
+    INSERT INTO dataset_totals
+        SELECT client_id, dataset, COUNT(*), SUM(stored_size) FROM backups
+        GROUP BY client_id, dataset;
+    CREATE TRIGGER backups_added AFTER INSERT ON backups BEGIN
+        INSERT INTO dataset_totals VALUES (NEW.client_id, NEW.dataset, 1, NEW.stored_size)
+            ON CONFLICT (client_id, dataset) DO UPDATE SET backups = backups + 1,
+            stored_bytes = stored_bytes + excluded.stored_bytes;
+    END;
+    CREATE TRIGGER backups_removed AFTER DELETE ON backups BEGIN
+        UPDATE dataset_totals SET backups = backups - 1,
+            stored_bytes = stored_bytes - OLD.stored_size
+            WHERE client_id = OLD.client_id AND dataset = OLD.dataset;
+        DELETE FROM dataset_totals
+            WHERE client_id = OLD.client_id AND dataset = OLD.dataset AND backups <= 0;
+    END;
+    CREATE INDEX backups_by_dataset_time ON backups (client_id, dataset, snapshot_time, key);
+    CREATE INDEX backups_by_dataset_created ON backups (client_id, dataset, created);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, one at a time (a trigger's body holds ';' too)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def damaged(path: Path, why: object) -> CatalogDamaged:
@@ -127,6 +168,7 @@ class Database:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")  # a committed backup survives power loss
             conn.execute("PRAGMA cache_size = -2000")  # 2 MB a connection, whatever the size
+            conn.execute("PRAGMA recursive_triggers = ON")  # REPLACE fires the delete trigger
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -158,9 +200,8 @@ class Database:
                 raise ZfsmgrError(f"catalog {self.path} has schema version {version}; this"
                                   f" zfsmgr knows up to {SCHEMA_VERSION}: upgrade zfsmgr")
             for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(MIGRATIONS[number]):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number + 1}")
             if version < SCHEMA_VERSION and version:
                 log.info("catalog %s: schema upgraded from version %d to %d", self.path,

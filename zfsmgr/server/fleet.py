@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.clients import ClientConfig
@@ -82,22 +82,88 @@ def _epoch(iso: str) -> Optional[float]:
         return None
 
 
-def chain_length(backups: Sequence[Manifest]) -> int:
-    """How many streams restoring the newest of one dataset's backups replays."""
-    if not backups:
-        return 0
-    by_snapshot: Dict[str, Manifest] = {}
-    for m in sorted(backups, key=lambda m: (m.snapshot_time, m.key)):
-        by_snapshot.setdefault(m.snapshot, m)  # rotation.parent_key takes the first match
-    current: Optional[Manifest] = max(backups, key=lambda m: (m.snapshot_time, m.key))
-    length, seen = 0, set()
+def chain_length(newest: Optional[Manifest],
+                 first_of: Callable[[str], Optional[Manifest]]) -> int:
+    """How many streams restoring `newest` replays; `first_of(snapshot)` is the dataset's first
+    backup of that snapshot by (snapshot_time, key), as rotation.parent_key takes it."""
+    length, seen, current = 0, set(), newest
     while current is not None and current.key not in seen:
         seen.add(current.key)
         length += 1
         if current.restores_alone:  # as its store described it at commit (Store.marked)
             break
-        current = by_snapshot.get(current.parent or "")
+        current = first_of(current.parent or "")
     return length
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a row says of one dataset's backups, from the catalog or from manifests."""
+
+    dataset: str
+    backups: int
+    stored_bytes: int
+    oldest_snapshot: Optional[float]
+    newest_snapshot: Optional[float]
+    last_created: Optional[float]  # the latest commit of a stored backup
+    chain_length: int
+
+
+def facts_of(dataset: str, group: Sequence[Manifest]) -> DatasetFacts:
+    """The facts of one dataset's manifests."""
+    by_snapshot: Dict[str, Manifest] = {}
+    for m in sorted(group, key=lambda m: (m.snapshot_time, m.key)):
+        by_snapshot.setdefault(m.snapshot, m)
+    newest = max(group, key=lambda m: (m.snapshot_time, m.key)) if group else None
+    times = [m.snapshot_time for m in group]
+    committed = [t for t in (_epoch(m.created) for m in group) if t is not None]
+    return DatasetFacts(dataset, len(group), sum(m.stored_size for m in group),
+                        min(times) if times else None, max(times) if times else None,
+                        max(committed) if committed else None,
+                        chain_length(newest, by_snapshot.get))
+
+
+def catalog_facts(catalog, client_id: str) -> List[DatasetFacts]:
+    """The facts of a client's datasets as the catalog keeps them: its per-dataset totals and
+    a few indexed rows each (the oldest, the newest and the streams of its chain), so their cost
+    follows the datasets reported, not the backups stored."""
+    found = []
+    for dataset, count, size in catalog.dataset_totals(client_id):
+        oldest, newest, created = catalog.dataset_span(client_id, dataset)
+        head = catalog.newest(client_id, dataset)
+        found.append(DatasetFacts(
+            dataset, count, size, oldest, newest, _epoch(created),
+            chain_length(_stored(head), lambda snap, d=dataset: _stored(
+                catalog.first_of_snapshot(client_id, d, snap)))))
+    return found
+
+
+def _row(client: ClientConfig, facts: DatasetFacts, total: int, events: Mapping[str, dict],
+         warn: float, crit: float) -> DatasetRow:
+    seen = events.get(facts.dataset, {})
+    last_success = max(seen.get("last_success") or 0.0, facts.last_created or 0.0)
+    return DatasetRow(
+        client_id=client.client_id, dataset=facts.dataset, enabled=client.enabled,
+        backups=facts.backups, chain_length=facts.chain_length,
+        stored_bytes=facts.stored_bytes, client_stored_bytes=total,
+        quota_bytes=client.max_size_bytes, newest_snapshot=facts.newest_snapshot,
+        oldest_snapshot=facts.oldest_snapshot, last_success=last_success or None,
+        last_failure=seen.get("last_failure"),
+        last_failure_message=seen.get("last_failure_message", ""),
+        last_verify=seen.get("last_verify_success"),
+        last_verify_failure=seen.get("last_verify_failure"),
+        last_checked=seen.get("last_checked") if facts.backups else None,
+        warn=client.check_warn or warn,
+        crit=max(client.check_crit or crit, client.check_warn or warn))
+
+
+def _client_rows(client: ClientConfig, facts: List[DatasetFacts], ledger: Mapping[str, dict],
+                 warn: float, crit: float) -> List[DatasetRow]:
+    """A client's rows, by dataset; one row of dataset "" when it has no backup."""
+    events = ledger.get("datasets", {}).get(client.client_id, {})
+    total = sum(f.stored_bytes for f in facts)
+    facts = sorted(facts, key=lambda f: f.dataset) or [facts_of("", [])]
+    return [_row(client, f, total, events, warn, crit) for f in facts]
 
 
 def rows(clients: Sequence[ClientConfig], backups: Mapping[str, List[Manifest]],
@@ -106,55 +172,34 @@ def rows(clients: Sequence[ClientConfig], backups: Mapping[str, List[Manifest]],
 
     `backups` maps a client id to its manifests; `ledger` is `Ledger.view()`; a client's own
     `check_warn`/`check_crit` override `warn`/`crit`."""
-    events: Dict[str, Dict[str, dict]] = ledger.get("datasets", {})
     found = []
     for client in sorted(clients, key=lambda c: c.client_id):
-        mine = backups.get(client.client_id, [])
         by_dataset: Dict[str, List[Manifest]] = {}
-        for m in mine:
+        for m in backups.get(client.client_id, []):
             by_dataset.setdefault(m.dataset, []).append(m)
-        if not by_dataset:
-            by_dataset[""] = []
-        total = sum(m.stored_size for m in mine)
-        for dataset, group in sorted(by_dataset.items()):
-            seen = events.get(client.client_id, {}).get(dataset, {})
-            committed = [t for t in (_epoch(m.created) for m in group) if t is not None]
-            last_success = max([seen.get("last_success") or 0.0] + committed)
-            times = [m.snapshot_time for m in group]
-            found.append(DatasetRow(
-                client_id=client.client_id, dataset=dataset, enabled=client.enabled,
-                backups=len(group), chain_length=chain_length(group),
-                stored_bytes=sum(m.stored_size for m in group), client_stored_bytes=total,
-                quota_bytes=client.max_size_bytes,
-                newest_snapshot=max(times) if times else None,
-                oldest_snapshot=min(times) if times else None,
-                last_success=last_success or None, last_failure=seen.get("last_failure"),
-                last_failure_message=seen.get("last_failure_message", ""),
-                last_verify=seen.get("last_verify_success"),
-                last_verify_failure=seen.get("last_verify_failure"),
-                last_checked=seen.get("last_checked") if group else None,
-                warn=client.check_warn or warn,
-                crit=max(client.check_crit or crit, client.check_warn or warn)))
+        facts = [facts_of(dataset, group) for dataset, group in by_dataset.items()]
+        found += _client_rows(client, facts, ledger, warn, crit)
     return found
 
 
 _FIELDS = frozenset(f.name for f in fields(Manifest))
 
 
-def _stored(entries: List[dict]) -> List[Manifest]:
-    """Manifests from the catalog's stored mappings, which were validated when they entered
-    (a scrape reads the whole fleet: validating every key again cost 90% of it)."""
-    return [Manifest(**{k: v for k, v in e.items() if k in _FIELDS}) for e in entries]
+def _stored(entry: Optional[dict]) -> Optional[Manifest]:
+    """A manifest from the catalog's stored mapping, which was validated when it entered."""
+    if entry is None:
+        return None
+    return Manifest(**{k: v for k, v in entry.items() if k in _FIELDS})
 
 
 def fleet(ctx, warn: Optional[float] = None, crit: Optional[float] = None) -> List[DatasetRow]:
-    """The rows of a server context (settings' thresholds unless given)."""
+    """The rows of a server context (settings' thresholds unless given), from the catalog's
+    per-dataset facts (catalog_facts)."""
     view = ctx.ledger.view()
     warn = ctx.settings.check_warn if warn is None else warn
     crit = ctx.settings.check_crit if crit is None else crit
     found: List[DatasetRow] = []
     for client in sorted(ctx.clients.all(), key=lambda c: c.client_id):
-        # one client's manifests in memory at a time, whatever the size of the catalog
-        mine = _stored(ctx.catalog.list_dicts(client.client_id))
-        found += rows([client], {client.client_id: mine}, view, warn, crit)
+        found += _client_rows(client, catalog_facts(ctx.catalog, client.client_id), view,
+                              warn, crit)
     return found

@@ -298,7 +298,10 @@ class DirectoryStore(Store):
                 self._path(key).unlink()
             except FileNotFoundError:
                 pass
-        fsync_dir(self._path(manifest.key).parent)
+        try:
+            fsync_dir(self._path(manifest.key).parent)
+        except FileNotFoundError:  # the client's folder is gone too: nothing to make durable
+            pass
 
 
 def _unlink(path: Path) -> None:
