@@ -9,6 +9,9 @@ directory store) over HTTP; p50/p99 of GET /status (a random client each time), 
 (one client's BACKUPS entries), POST /upload and a commit (one part of 1 KiB), and the server's
 RSS after them; the same on an empty catalog (the clients, no backups) and on a catalog of that
 one client's backups alone, for comparison.
+metrics: the fleet view of CLIENTS × BACKUPS (what /metrics, `server check` and the status page
+build): in this process from the catalog's per-dataset totals, and as before from every
+client's manifests, for comparison; and the server's first (uncached) GET /metrics.
 concurrent: COMMITTERS clients, two uploaders each, commit 1 KiB backups against a quota of ten
 of them at once: commits per second, and a check of the catalog and the store (nothing lost or
 doubled, no quota exceeded).
@@ -35,7 +38,7 @@ from zfsmgr.protocol import Manifest  # noqa: E402
 from zfsmgr.server.catalog import _INSERT, _row  # noqa: E402
 from zfsmgr.server.database import Database  # noqa: E402
 
-CASES = ("latency", "concurrent")
+CASES = ("latency", "concurrent", "metrics")
 T0 = 1_600_000_000
 
 
@@ -108,11 +111,11 @@ def upload(api: Api, client_n: int, when: float, data: bytes):
     return (200, t_open), (status, t_commit)
 
 
-def start_server(workdir: Path, threads: int = 8) -> rig.ServerProcess:
+def start_server(workdir: Path, threads: int = 8, **settings: str) -> rig.ServerProcess:
     env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1", "THREADS": str(threads),
            "STORAGE_DIR": str(workdir / "backups"), "PART_SIZE": "1M",
            "CONFIG_FILE": str(workdir / "clients.json"),
-           "METADATA_FILE": str(workdir / "metadata.json")}
+           "METADATA_FILE": str(workdir / "metadata.json"), **settings}
     return rig.ServerProcess(workdir, env).start()
 
 
@@ -237,6 +240,53 @@ def concurrent_case(args, workdir: Path) -> dict:
             "problems": problems}
 
 
+def metrics_case(args, workdir: Path, clients) -> dict:
+    """The fleet view's cost, from the totals and from every manifest (the view before)."""
+    import types
+    import urllib.request
+
+    from zfsmgr.server import fleet
+    from zfsmgr.server.catalog import Catalog
+    from zfsmgr.server.clients import ClientConfig
+    from zfsmgr.server.ledger import Ledger
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    write_clients(workdir, args.clients)
+    generate(workdir / "metadata.db", clients, args.backups)
+    catalog = Catalog(Database(str(workdir / "metadata.db")))
+    configs = [ClientConfig(c, "0" * 64) for c in clients]
+    ctx = types.SimpleNamespace(catalog=catalog, ledger=Ledger(catalog.db),
+                                settings=types.SimpleNamespace(check_warn=3600.0,
+                                                               check_crit=7200.0),
+                                clients=types.SimpleNamespace(all=lambda: configs))
+
+    def every_manifest():
+        view = ctx.ledger.view()
+        return [row for c in configs for row in fleet.rows(
+            [c], {c.client_id: [fleet._stored(e) for e in catalog.list_dicts(c.client_id)]},
+            view, 3600.0, 7200.0)]
+
+    figures = {"label": f"metrics {args.clients} x {args.backups}"}
+    for name, build in (("totals_ms", lambda: fleet.fleet(ctx)), ("every_row_ms", every_manifest)):
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            build()
+            times.append(time.perf_counter() - started)
+        figures[name] = round(min(times) * 1000, 1)
+    catalog.db.close()
+    server = start_server(workdir, METRICS_NO_AUTH="true")
+    started = time.perf_counter()
+    with urllib.request.urlopen(server.url + "/metrics", timeout=600) as answer:
+        size = len(answer.read())
+    figures["scrape_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    figures["scrape_bytes"] = size
+    server.stop()
+    print(json.dumps(figures), flush=True)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +314,8 @@ def main() -> int:
                                  clients, args.backups))
     if "concurrent" in cases:
         rows.append(concurrent_case(args, work / "concurrent"))
+    if "metrics" in cases:
+        rows.append(metrics_case(args, work / "metrics", clients))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
