@@ -29,8 +29,9 @@ class Held:
 
     def __enter__(self) -> "Held":
         if threading.current_thread() is threading.main_thread():
-            self._saved = {sig: signal.signal(sig, self._note)
-                           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+            held = [sig for sig in (signal.SIGINT, signal.SIGTERM)  # an ignored one stays so
+                    if signal.getsignal(sig) is not signal.SIG_IGN] + [signal.SIGALRM]
+            self._saved = {sig: signal.signal(sig, self._note) for sig in held}
         return self
 
     def _note(self, signum, _frame) -> None:
