@@ -322,6 +322,8 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     self_contained: bool = False  # its download restores alone, though incremental (the
     # server says so from its store when it lists backups: a `local` download is a full send)
+    properties: Optional[dict] = None  # the dataset's own properties when the stream lacks
+    # them (zfsmgr/properties.py); None: no record (the stream has them, or none were sent)
 
     @property
     def restores_alone(self) -> bool:
@@ -349,6 +351,8 @@ class Manifest:
             _reject("encryption", manifest.encryption, "expected age or none")
         if manifest.type not in BACKUP_TYPES:
             _reject("backup type", manifest.type, "expected full or incremental")
+        if manifest.properties is not None and not isinstance(manifest.properties, dict):
+            _reject("properties", manifest.properties, "expected an object or null")
         return manifest
 
 

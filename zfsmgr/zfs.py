@@ -95,6 +95,24 @@ class Zfs:
             result.setdefault(name, {})[prop] = (value, source)
         return result
 
+    def own_properties(self, datasets: Sequence[str]) -> Dict[str, Dict[str, tuple]]:
+        """The properties set on each dataset itself, as `send -p` would send them: {dataset:
+        {prop: (value, source)}} with source `local` or `received` (one `zfs get -s` for all
+        of them; no descendants, no snapshots). A value that holds a tab stays whole; a line
+        broken by a newline in a value is left out."""
+        argv = [self.zfs, "get", "-Hp", "-s", "local,received", "-o",
+                "name,property,value,source", "all", *datasets]
+        wanted = set(datasets)
+        result: Dict[str, Dict[str, tuple]] = {}
+        for line in run(argv).splitlines():
+            fields = line.split("\t")
+            if len(fields) < 4 or fields[0] not in wanted or \
+                    fields[-1] not in ("local", "received"):
+                continue
+            result.setdefault(fields[0], {}).setdefault(
+                fields[1], ("\t".join(fields[2:-1]), fields[-1]))
+        return result
+
     def exists(self, name: str) -> bool:
         """Whether a dataset or snapshot exists; ZfsError when zfs fails for another reason."""
         argv = [self.zfs, "list", "-H", "-o", "name"]
@@ -309,10 +327,15 @@ class Zfs:
         return 0
 
     def receive(self, target: str, force: bool = False, unmounted: bool = True,
-                resumable: bool = False) -> StreamingCommand:
-        """Start `zfs recv` into `target`; write the stream to the returned context manager."""
+                resumable: bool = False,
+                props: Optional[Dict[str, str]] = None) -> StreamingCommand:
+        """Start `zfs recv` into `target` (`props`: set on it with `-o`, OpenZFS only); write
+        the stream to the returned context manager."""
         argv = [self.zfs, "recv"] + (["-F"] if force else []) + (["-u"] if unmounted else [])
-        argv += (["-s"] if resumable else []) + [target]
+        argv += (["-s"] if resumable else [])
+        for name, value in (props or {}).items():
+            argv += ["-o", f"{name}={value}"]
+        argv.append(target)
         return StreamingCommand(argv, "w")
 
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 from zfsmgr import protocol
 from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_KIND, PROPS, Base,
                                 backup_snapshots, find_bases, mark_base)
+from zfsmgr.client import record
 from zfsmgr.client.upload import Result, Uploader
 from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.zfs import Features, Snapshot, Zfs
@@ -158,17 +159,17 @@ class Backup(Uploader):
                 marks: Optional[List[Snapshot]] = None) -> None:
         """Everything before the snapshot: stale snapshots, chain limits, the base."""
         self.features, self.marks = features, marks
-        if self.send_properties and not features.modern:
+        if self.send_properties and (
+                not features.modern or (status or {}).get("storage_type") == "local"):
             # zfs-fuse's `send -p` takes a temporary hold that a killed send never releases
-            # (the snapshot stays undestroyable): properties travel only with OpenZFS
-            log.debug("%s: zfs-fuse: sending without properties", self.dataset)
-            self.send_properties = False
+            # (the snapshot stays undestroyable), and the local store, which receives into
+            # zfs, refuses property (compound) streams: the properties go as a record instead
+            # (client/record.py)
+            log.debug("%s: sending without -p, with a property record", self.dataset)
+            self.send_properties, self.records_properties = False, True
         self.snaps = self.cleanup_stale(features, on_server, snaps, marks)
         if self.snaps is not snaps:
             self.marks = None  # listed again where needed
-        if self.send_properties and (status or {}).get("storage_type") == "local":
-            # the local store receives into zfs and refuses property (compound) streams
-            self.send_properties = False
         if mode == "auto" and status is not None and self.chain_too_long(on_server, status):
             log.info("%s: the chain reached the server's limit: sending a full backup",
                      self.dataset)
@@ -208,7 +209,9 @@ class Backup(Uploader):
         status = self.api.call("GET", protocol.STATUS)
         self.prepare(mode, self.zfs.features(self.dataset), on_server, status)
         wait_for_a_new_second(latest_second(on_server, self.snaps), self.sleep)
-        return self.send(self._new_snapshot())
+        snap = self._new_snapshot()
+        record.attach(self.zfs, [(self.dataset, self, snap)])
+        return self.send(snap)
 
     def _new_snapshot(self) -> Snapshot:
         """Create `DS@zfsmgr_<stamp>` whose creation second is its stamp, so the storage key

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from zfsmgr import protocol
-from zfsmgr.client import catalog, changes
+from zfsmgr.client import catalog, changes, record
 from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
                                   wait_for_a_new_second)
 from zfsmgr.client.inventory import Pool, list_pools
@@ -250,6 +250,7 @@ class Run:
             else:
                 todo.append((name, backup, snap))
         self._discard_unchanged(unchanged, new, prepared)
+        record.attach(self.zfs, todo)  # one `zfs get` per pool, where streams go without -p
         self._send_all(todo)
 
     def _discard_unchanged(self, unchanged: List[str], new: Dict[str, Snapshot],

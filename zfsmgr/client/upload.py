@@ -67,7 +67,11 @@ class Result:
 
 
 class Uploader:
-    """Sends snapshots of one dataset to the server (`send_properties`: `zfs send -p`)."""
+    """Sends snapshots of one dataset to the server (`send_properties`: `zfs send -p`;
+    `properties`: the property record of a stream sent without them, zfsmgr/properties.py)."""
+
+    records_properties = False  # this dataset's streams go without -p, with a record
+    properties: Optional[dict] = None
 
     def __init__(self, api: ServerClient, zfs: Zfs, dataset: str, compression: str, level: int,
                  storage_type: str = "", progress: Optional[Callable[..., Progress]] = None,
@@ -110,7 +114,7 @@ class Uploader:
                 "raw_send": features.raw_send, "compressed_send": self._compressed(features),
                 "snapshot_time": snap.creation, "estimated_size": estimate or 0,
                 "storage_type": self.storage_type,
-                "encryption": self._sealing(features).label}
+                "encryption": self._sealing(features).label, "properties": self.properties}
 
     def _sealing(self, features: Features) -> Encryption:
         """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""

@@ -18,6 +18,7 @@ from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.files import CHUNK
 from zfsmgr.protocol import Manifest, validate_dataset
 from zfsmgr.restore.listing import snapshot_id
+from zfsmgr.restore.record import Records
 from zfsmgr.restore.stream import Progress, StoredStream, plain, reported
 from zfsmgr.runner import StreamingCommand
 from zfsmgr.zfs import Zfs, ZfsError
@@ -39,10 +40,12 @@ def _write(recv: StreamingCommand, data: bytes, source: StoredStream) -> None:
         raise
 
 
-def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool) -> None:
-    """Feed one stored stream into `zfs recv -u [-F] dest`, checked as it passes."""
+def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool,
+                   props: dict[str, str] | None = None) -> None:
+    """Feed one stored stream into `zfs recv -u [-F] [-o prop=value...] dest`, checked as it
+    passes."""
     decoded = plain(source)
-    recv = zfs.receive(dest, force=force, unmounted=True)
+    recv = zfs.receive(dest, force=force, unmounted=True, props=props)
     try:
         pending = b""
         while True:
@@ -77,12 +80,38 @@ def _zfs_message(exc: ZfsError) -> str:
 
 
 def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest],
-                  dest: str) -> None:
-    """Receive every stream of `chain` into `dest` in order (`recv -F` after the first)."""
+                  dest: str, props: dict[str, str] | None = None) -> None:
+    """Receive every stream of `chain` into `dest` in order (`recv -F` after the first; the
+    first with `-o` for each of `props`). When zfs refuses the first stream for its `-o`
+    properties, it is received again without them (restore/record.py sets them afterwards,
+    one by one)."""
     for index, manifest in enumerate(chain, start=1):
         label = f"[{index}/{len(chain)}] {snapshot_id(manifest.key)}"
-        with reported(open_stream(manifest, label), "received") as source:
-            receive_stream(zfs, source, dest, force=index > 1)
+        options = props if index == 1 else None
+        try:
+            with reported(open_stream(manifest, label), "received") as source:
+                receive_stream(zfs, source, dest, force=index > 1, props=options)
+        except ZfsmgrError as exc:
+            refusal = _property_trouble(exc)
+            if not options or refusal is None:
+                raise
+            if zfs.exists(f"{dest}@{manifest.snapshot}"):  # in: only a property failed
+                sys.stderr.write(f"zfsmgr: warning: {dest}: {refusal}\n")
+                continue
+            if zfs.exists(dest):
+                raise
+            sys.stderr.write(f"zfsmgr: warning: zfs recv -o refused the recorded properties"
+                             f" of {manifest.dataset} ({refusal}): receiving without them\n")
+            with reported(open_stream(manifest, label), "received") as source:
+                receive_stream(zfs, source, dest, force=False)
+
+
+def _property_trouble(exc: ZfsmgrError) -> str | None:
+    """zfs's complaint when a failed receive names a property, else None."""
+    cause = exc.__cause__
+    if not isinstance(cause, ZfsError) or not re.search(r"propert", cause.stderr, re.I):
+        return None
+    return _zfs_message(cause)
 
 
 class Target:
@@ -178,18 +207,21 @@ class Target:
 
 def restore_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest],
                   target: Target) -> None:
-    """Receive `chain` into `target`; on any failure remove everything it created."""
+    """Receive `chain` into `target` with its property record (restore/record.py); on any
+    failure remove everything it created."""
+    records = Records(zfs, target.name)
     dest = target.prepare()
     try:
         target.received()
-        receive_chain(zfs, open_stream, chain, dest)
+        receive_chain(zfs, open_stream, chain, dest, records.on_receive(chain, target.name))
+        records.settle(dest, chain, target.name)
         target.commit()
     except BaseException:
         target.undo()
         raise
-    warning = target.mount()
-    if warning:
-        sys.stderr.write(f"zfsmgr: warning: {warning}\n")
+    for warning in records.warnings + [target.mount()]:
+        if warning:
+            sys.stderr.write(f"zfsmgr: warning: {warning}\n")
 
 
 def progress_opener(client, stream=None, identity: str = "") -> StreamOpener:

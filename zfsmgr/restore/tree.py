@@ -20,6 +20,7 @@ from zfsmgr.protocol import Manifest
 from zfsmgr.restore.chain import chain_for
 from zfsmgr.restore.listing import moment
 from zfsmgr.restore.receive import StreamOpener, Target, receive_chain
+from zfsmgr.restore.record import Records
 from zfsmgr.zfs import Zfs
 
 Items = list[tuple[str, Manifest]]  # (name relative to the target, '' for the target itself)
@@ -57,6 +58,7 @@ def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manife
     """Receive every item's chain under `target`; return the restored dataset names. Every
     chain is checked before anything is received; on any failure, nothing stays."""
     chains = [(rel, chain_for(manifests, m)) for rel, m in items]  # broken: fails here
+    records = Records(zfs, target.name)
     dest = target.prepare()
     restored = []
     try:
@@ -71,14 +73,15 @@ def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manife
                     _placeholder(zfs, parent)
             print(f"restoring {chain[-1].dataset}@{chain[-1].snapshot} into"
                   f" {target.name}{'/' + rel if rel else ''}", file=sys.stderr)
-            receive_chain(zfs, open_stream, chain, into)
-            restored.append(f"{target.name}/{rel}" if rel else target.name)
+            shown = f"{target.name}/{rel}" if rel else target.name
+            receive_chain(zfs, open_stream, chain, into, records.on_receive(chain, shown))
+            records.settle(into, chain, shown)
+            restored.append(shown)
         target.commit()
     except BaseException:
         target.undo()
         raise
-    for name in restored:
-        warning = Target(zfs, name).mount()
+    for warning in records.warnings + [Target(zfs, name).mount() for name in restored]:
         if warning:
             sys.stderr.write(f"zfsmgr: warning: {warning}\n")
     return restored

@@ -43,6 +43,7 @@ class Session:
     encryption: str = ""  # "age": the client seals the stream (never for `local`)
     segment: int = 0  # the first part of the stream the commit verifies (after a send -t)
     resumed_with: str = ""  # the resume token whose `zfs send -t` stream starts at `segment`
+    properties: Optional[dict] = None  # the client's property record (zfsmgr/properties.py)
 
     def to_json(self) -> str:
         """The session as stored (in the database, and in a store that shares sessions)."""

@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
-from zfsmgr import protocol
+from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
                            QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed)
 from zfsmgr.protocol import Manifest
@@ -100,6 +100,7 @@ class Uploads:
             raise protocol.ValidationError("a raw send is encrypted already: it is never"
                                            " wrapped again")
         snapshot_time = protocol.validate_epoch(request.get("snapshot_time"))
+        record = properties.validate(request.get("properties"))  # kept, never applied
         flags = {name: request.get(name, False) for name in ("raw_send", "compressed_send")}
         if not all(isinstance(v, bool) for v in flags.values()):
             raise protocol.ValidationError("raw_send and compressed_send must be true or false")
@@ -128,7 +129,7 @@ class Uploads:
             parent=parent, compression=compression, encryption=encryption,
             guid=guid, parent_guid=parent_guid, raw_send=flags["raw_send"],
             compressed_send=flags["compressed_send"], snapshot_time=snapshot_time,
-            estimated_size=estimate,
+            estimated_size=estimate, properties=record,
             part_base=base, part_every=every, created=time.time())
         if not self.table.add(session, time.time(), max_open=self.max_open):
             raise self._too_many(client)  # another open of this client came first
@@ -398,4 +399,5 @@ def _manifest(session: Session, store: Store, **sizes) -> Manifest:
         created=protocol.now_iso(),
         snapshot_time=session.snapshot_time, guid=session.guid,
         parent_guid=session.parent_guid, raw_send=session.raw_send,
-        compressed_send=session.compressed_send, storage_type=store.kind, **sizes)
+        compressed_send=session.compressed_send, storage_type=store.kind,
+        properties=session.properties, **sizes)
