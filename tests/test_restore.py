@@ -194,7 +194,7 @@ class FakeZfs:
     def __init__(self):
         self.recv = FakeRecv()
 
-    def receive(self, target, force=False, unmounted=True):
+    def receive(self, target, force=False, unmounted=True, props=None):
         return self.recv
 
 
