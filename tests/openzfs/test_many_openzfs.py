@@ -129,14 +129,49 @@ def test_properties_travel_and_the_tree_restores_property_by_property(
     assert props(f"{target}/a/x")["org.example:owner"] == "ann"
 
 
-def test_the_local_store_gets_plain_streams(openzfs_pool, server_factory, run_zfsmgr):
+def test_the_local_store_gets_plain_streams_and_restore_applies_their_record(
+        openzfs_pool, server_factory, run_zfsmgr):
     base = f"{openzfs_pool}/srv"
     sh("zfs", "create", "-o", "mountpoint=none", base)
     server = server_factory("local", base_dataset=base)
     root, chosen = tree(openzfs_pool)
+    sh("zfs", "set", "atime=off", f"{root}/a")
     env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
     assert set(kinds(run_json(run_zfsmgr, env)).values()) == {"full"}
-    assert rig.sh("zfs", "list", "-H", "-o", "name", "-r", base).count("\n") > len(chosen)
+    held = sh("zfs", "list", "-H", "-o", "name", "-r", base).split()[1:]
+    assert len(held) > len(chosen)
+    # the server received plain streams and applied nothing of the client's
+    for name in held:
+        assert sh("zfs", "get", "-H", "-o", "value", "mountpoint,mounted", name).split() == \
+            ["none", "no"], name
+        own = sh("zfs", "get", "-H", "-s", "local,received", "-o", "property", "all",
+                 name).split()
+        assert not set(own) & set(PROPS), (name, own)
+        if sh("zfs", "list", "-H", "-t", "snapshot", "-d", "1", "-o", "name", name).strip():
+            assert sh("zfs", "get", "-H", "-o", "value", "canmount", name).strip() == "off"
+    # the record went with each backup instead
+    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                 check=True).stdout)
+    records = {r["dataset"]: r["properties"] for r in rows}
+    assert records == {root: {"compression": "gzip-3"},
+                       f"{root}/a": {"atime": "off", "recordsize": "32768"},
+                       f"{root}/a/x": {"compression": "zle", "org.example:owner": "ann"}}
+    expected = {d: (props(d), mounted_files(d)) for d in chosen}
+    target = f"{openzfs_pool}/back"
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr and "refused" not in done.stderr, done.stderr
+    for d in chosen:  # parents first: each mounted before its parent's files are compared
+        rig.sh("zfs", "mount", target + d[len(root):], check=False)
+    for d in chosen:
+        copy = target + d[len(root):]
+        assert props(copy) == expected[d][0], (d, props(copy))
+        assert mounted_files(copy) == expected[d][1], d
+    # set on the restored datasets themselves (recv -o with the full stream), as on the source
+    sources = sh("zfs", "get", "-H", "-o", "source", "compression,recordsize",
+                 f"{target}/a/x").splitlines()
+    assert sources[0] == "local" and sources[1] == f"inherited from {target}/a", sources
 
 
 def test_typed_snapshots_of_the_selection_are_one_atomic_snapshot(
