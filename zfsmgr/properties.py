@@ -69,8 +69,9 @@ def refusal(name: Any, value: Any) -> Optional[str]:
 
 
 def size(record: Mapping[str, str]) -> int:
-    """The record's size as the manifest carries it (compact JSON, UTF-8)."""
-    return len(json.dumps(dict(record), separators=(",", ":"), ensure_ascii=False).encode())
+    """The record's size as compact JSON with non-ASCII escaped: the most any store writes
+    (the `local` store's user property holds it that way)."""
+    return len(json.dumps(dict(record), separators=(",", ":")))
 
 
 def validate(value: Any) -> Optional[Dict[str, str]]:
