@@ -201,4 +201,13 @@ def test_hostile_records_get_400_and_a_refused_property_is_a_restore_warning(
     assert own(target) == {"compression": "gzip-2", "org.example:owner": "eve"}
     assert files(pool, target) == files(pool, source)
     assert json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
-                                 check=True).stdout)[0]["key"]
+                                 check=True).stdout)[0]["properties"] == record
+
+    # --force: the record goes on the temporary sibling, which then replaces the target
+    zfs("set", "compression=off", target)
+    zfs("inherit", "org.example:owner", target)
+    again = run_zfsmgr(["restore", "latest", target, "--force"], env=server.client_env)
+    assert again.returncode == 0, again.stderr
+    assert own(target) == {"compression": "gzip-2", "org.example:owner": "eve"}
+    assert set(zfs("list", "-H", "-o", "name", "-r", pool.name).split()) == {
+        pool.name, source, target}  # no temporary sibling left

@@ -5,6 +5,7 @@ bookmark bases for onsite + offsite, `written` for unchanged datasets, propertie
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -172,6 +173,51 @@ def test_the_local_store_gets_plain_streams_and_restore_applies_their_record(
     sources = sh("zfs", "get", "-H", "-o", "source", "compression,recordsize",
                  f"{target}/a/x").splitlines()
     assert sources[0] == "local" and sources[1] == f"inherited from {target}/a", sources
+    # and the data was written with them: set after the receive, gzip-3 would cover no block
+    ratios = {sh("zfs", "get", "-H", "-o", "value", "compressratio", d).strip()
+              for d in (root, target)}
+    assert len(ratios) == 1, ratios
+
+
+def test_a_record_recv_o_refuses_is_set_one_by_one_and_a_refused_property_warns(
+        openzfs_pool, server_factory, run_zfsmgr):
+    import hostile
+
+    server = server_factory("dir")
+    auth = hostile.auth_of(server.client_env)
+    source = f"{openzfs_pool}/src"
+    sh("zfs", "create", source)
+    write(f"{openzfs_pool.mountpoint}/src", seed=4, size=200_000)
+    records = {"tank/bad": {"compression": "gzip-2", "checksum": "nope",
+                            "org.example:owner": "eve"},
+               "tank/quota": {"compression": "gzip", "refquota": "64K"}}
+    for when, (dataset, record) in enumerate(records.items(), start=1767225600):
+        snap = f"{source}@zfsmgr_{when}"
+        sh("zfs", "snapshot", snap)
+        stream = subprocess.run(["zfs", "send", snap], check=True, capture_output=True).stdout
+        status, session, _ = hostile.request(server.url, "POST", "/upload", {
+            "dataset": dataset, "snapshot": f"zfsmgr_{when}", "type": "full",
+            "compression": "none", "snapshot_time": when, "estimated_size": len(stream),
+            "properties": record}, auth)
+        assert status == 200, session
+        statuses, declaration = hostile.send_parts(server.url, auth, session, stream)
+        assert set(statuses) == {200} and hostile.commit(server.url, auth, session,
+                                                         declaration)[0] == 200
+    expected = mounted_files(source)
+    for dataset, record in records.items():
+        target = f"{openzfs_pool}/{dataset.split('/')[1]}"
+        done = run_zfsmgr(["restore", "latest", target, "--source-dataset", dataset],
+                          env=server.client_env)
+        assert done.returncode == 0, done.stderr
+        warned = [line for line in done.stderr.splitlines() if "warning" in line]
+        bad = "checksum=nope" if dataset == "tank/bad" else "refquota=64K"
+        assert any(bad in line for line in warned), done.stderr
+        got = props(target)
+        assert got["compression"] == record["compression"], got
+        if dataset == "tank/bad":  # zfs checks -o values before it takes any data
+            assert got["org.example:owner"] == "eve"
+            assert "zfs recv -o refused the recorded properties" in done.stderr, done.stderr
+        assert mounted_files(target) == expected
 
 
 def test_typed_snapshots_of_the_selection_are_one_atomic_snapshot(

@@ -26,6 +26,7 @@ from zfsmgr.zfs import Zfs, ZfsError
 # What `zfs recv` says about a stream that is damaged rather than refused.
 _STREAM_TROUBLE = re.compile(r"invalid|checksum|corrupt|truncat|bad magic|unexpected end",
                              re.IGNORECASE)
+_PROPERTY_TROUBLE = re.compile(r"propert", re.IGNORECASE)  # refused `-o` (not the stream)
 
 StreamOpener = Callable[[Manifest, str], StoredStream]
 
@@ -35,7 +36,7 @@ def _write(recv: StreamingCommand, data: bytes, source: StoredStream) -> None:
     try:
         recv.write(data)
     except ZfsError as exc:
-        if _STREAM_TROUBLE.search(exc.stderr):
+        if _STREAM_TROUBLE.search(exc.stderr) and not _PROPERTY_TROUBLE.search(exc.stderr):
             source.blame()
         raise
 
@@ -109,7 +110,7 @@ def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest]
 def _property_trouble(exc: ZfsmgrError) -> str | None:
     """zfs's complaint when a failed receive names a property, else None."""
     cause = exc.__cause__
-    if not isinstance(cause, ZfsError) or not re.search(r"propert", cause.stderr, re.I):
+    if not isinstance(cause, ZfsError) or not _PROPERTY_TROUBLE.search(cause.stderr):
         return None
     return _zfs_message(cause)
 
