@@ -10,6 +10,8 @@ import subprocess
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hostile
 import rig
@@ -72,6 +74,37 @@ def test_the_record_keeps_own_settable_properties_and_leaves_out_the_rest():
 def test_hostile_records_are_refused(record):
     with pytest.raises(ValidationError):
         properties.validate(record)
+
+
+SOURCES = ["local", "received", "default", "inherited from tank", "-"]
+
+
+@given(st.dictionaries(st.text(st.sampled_from("abz09_.:-A \t\n"), min_size=1, max_size=80),
+                       st.tuples(st.text(max_size=1500), st.sampled_from(SOURCES)),
+                       max_size=120))
+@settings(max_examples=200, deadline=None)
+def test_every_record_the_client_makes_is_one_the_server_takes(listing):
+    made = properties.record(listing)
+    assert properties.validate(made) == made
+    assert all(listing[name] == (value, listing[name][1]) for name, value in made.items())
+
+
+def test_the_record_is_kept_with_the_manifest_and_survives_a_reindex(tmp_path):
+    from test_catalog import _clients, _context
+    from test_server_api import auth, call, upload
+    from zfsmgr.server.app import make_app
+    from zfsmgr.server.commands import reindex
+
+    _clients(tmp_path, quota=0)
+    ctx = _context(tmp_path)
+    record = {"compression": "gzip", "org.example:owner": "ann"}
+    assert upload(make_app(ctx), "alice", b"stream", properties=record)[0] == 200
+    assert upload(make_app(ctx), "alice", b"other", when=1700000100)[0] == 200
+    code, body, _ = call(make_app(ctx), "GET", "/snapshots", headers=auth("alice"))
+    assert code == 200
+    assert [m["properties"] for m in json.loads(body)["snapshots"]] == [record, None]
+    assert reindex(ctx) == 0
+    assert [m.properties for m in _context(tmp_path).catalog.list("alice")] == [record, None]
 
 
 # --- on zfs-fuse, through the server ---------------------------------------------------------

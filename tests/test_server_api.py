@@ -57,11 +57,11 @@ def server(tmp_path, monkeypatch):
     return ctx, make_app(ctx)
 
 
-def upload(app, client, data, dataset="tank/data", when=1700000000):
+def upload(app, client, data, dataset="tank/data", when=1700000000, **extra):
     code, body, _ = call(app, "POST", "/upload", json.dumps({
         "dataset": dataset, "snapshot": f"zfsmgr_{when}", "type": "full",
-        "compression": "none", "snapshot_time": when, "estimated_size": len(data)}).encode(),
-        auth(client))
+        "compression": "none", "snapshot_time": when, "estimated_size": len(data),
+        **extra}).encode(), auth(client))
     assert code == 200, body
     session = json.loads(body)
     size = session["part_size"]
