@@ -162,6 +162,23 @@ def test_a_zfs_fuse_tree_restores_property_by_property(storage, pool, server_fac
         assert shown(copy) == expected[d][1], d  # and what it inherits, too
         assert files(pool, copy) == expected[d][2], d
 
+    # `latest --all`: every dataset as POOL/TARGET/<source>, each with its record
+    every = f"{pool.name}/every"
+    done = run_zfsmgr(["restore", "latest", "--all", every], env=server.client_env)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    for d in chosen:
+        assert own(f"{every}/{d}") == expected[d][0], d
+    # `restore N --recursive` of the first run: that run's record (the owner was ann then)
+    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                 check=True).stdout)
+    number = next(r["number"] for r in rows if r["dataset"] == root
+                  and r["snapshot"] == first["snapshot"])
+    then = f"{pool.name}/then"
+    done = run_zfsmgr(["restore", "restore", str(number), then, "--recursive"],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    assert own(f"{then}/a/x") == {"checksum": "sha256", "org.example:owner": "ann"}
+
 
 @pytest.mark.zfs
 def test_send_properties_false_sends_no_record(pool, server_factory, run_zfsmgr):
