@@ -62,14 +62,14 @@ def ensure_zfs_daemon() -> None:
 
 
 class Pool:
-    """A file-backed zfs-fuse pool, unique per test."""
+    """A file-backed zfs-fuse pool, unique per test (`size`: of its sparse image file)."""
 
-    def __init__(self, prefix="zt"):
+    def __init__(self, prefix="zt", size="512M"):
         self.name = f"{prefix}{uuid.uuid4().hex[:8]}"
         self.dir = WORK / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.image = self.dir / "pool.img"
-        sh("truncate", "-s", "512M", str(self.image))
+        sh("truncate", "-s", size, str(self.image))
         self.mnt = self.dir / "mnt"
         sh("zpool", "create", "-o", "cachefile=none", "-O", "atime=off", "-m", str(self.mnt),
            self.name, str(self.image))

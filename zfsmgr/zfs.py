@@ -12,7 +12,7 @@ import dataclasses
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from zfsmgr.errors import ZfsError, ZfsNotFound
 from zfsmgr.runner import StreamingCommand, execute, run
@@ -130,7 +130,29 @@ class Zfs:
 
     def set(self, name: str, prop: str, value: str) -> None:
         """Set a property."""
-        run([self.zfs, "set", f"{prop}={value}", name])
+        self.set_all([name], prop, value)
+
+    def set_all(self, names: Sequence[str], prop: str, value: str) -> None:
+        """Set a property on every name (one `zfs set` takes many)."""
+        self._each([self.zfs, "set", f"{prop}={value}"], names)
+
+    def _each(self, argv: List[str], names: Sequence[str],
+              harmless: Callable[[ZfsError], bool] = lambda exc: False) -> None:
+        """Run `argv + names`, split into several calls only where one command line would
+        be too long; a failure that is `harmless` is no error."""
+        batches: List[List[str]] = [[]]
+        for name in names:
+            if batches[-1] and sum(len(a) + 1 for a in argv + batches[-1]) + len(name) > \
+                    ARGV_LIMIT:
+                batches.append([])
+            batches[-1].append(name)
+        for batch in batches:
+            if batch:
+                try:
+                    run(argv + batch)
+                except ZfsError as exc:
+                    if not harmless(exc):
+                        raise
 
     def snapshots(self, dataset: str, user_props: Sequence[str] = ()) -> List[Snapshot]:
         """Snapshots of one dataset (not its children), oldest first."""
@@ -172,14 +194,7 @@ class Zfs:
         argv = [self.zfs, "snapshot"] + (["-r"] if recursive else [])
         for key, value in (props or {}).items():
             argv += ["-o", f"{PROPERTY_PREFIX}{key}={value}"]
-        batch: List[str] = []
-        for name in names:
-            if batch and sum(len(a) + 1 for a in argv + batch) + len(name) > ARGV_LIMIT:
-                run(argv + batch)
-                batch = []
-            batch.append(name)
-        if batch:
-            run(argv + batch)
+        self._each(argv, names)
 
     def destroy(self, name: str, recursive: bool = False, missing_ok: bool = False,
                 patience: float = DESTROY_PATIENCE) -> None:
@@ -235,15 +250,25 @@ class Zfs:
 
     def hold(self, snapshot: str, tag: str = HOLD_TAG) -> None:
         """Put a user hold on a snapshot."""
-        run([self.zfs, "hold", tag, snapshot])
+        self.hold_all([snapshot], tag)
+
+    def hold_all(self, snapshots: Sequence[str], tag: str = HOLD_TAG) -> None:
+        """Put a user hold on every snapshot (one `zfs hold` takes many)."""
+        self._each([self.zfs, "hold", tag], snapshots)
 
     def release(self, snapshot: str, tag: str = HOLD_TAG) -> None:
         """Release a user hold; a missing hold is not an error."""
-        try:
-            run([self.zfs, "release", tag, snapshot])
-        except ZfsError as exc:
-            if "no such tag" not in exc.stderr and "does not exist" not in exc.stderr:
-                raise
+        self.release_all([snapshot], tag)
+
+    def release_all(self, snapshots: Sequence[str], tag: str = HOLD_TAG) -> None:
+        """Release a user hold of every snapshot (one `zfs release` takes many, and goes on
+        past a snapshot without it); a missing hold is not an error."""
+        def missing(exc: ZfsError) -> bool:
+            lines = [line for line in exc.stderr.splitlines() if line.strip()]
+            return bool(lines) and all("no such tag" in line or "does not exist" in line
+                                       for line in lines)
+
+        self._each([self.zfs, "release", tag], snapshots, missing)
 
     def bookmark(self, snapshot: str, bookmark: str) -> None:
         """Create bookmark `pool/ds#name` of a snapshot."""

@@ -2,14 +2,15 @@
 directory-store server on loopback). Prints figures; asserts nothing.
 
     python3 tests/bench/many_datasets.py [--datasets 100] [--changed 20] [--size 64M]
-                                         [--parallel 4]
+                                         [--parallel 4] [--pool-size 4G]
 
 1. `--datasets` empty datasets, second run with nothing changed: wall time and `zfs`
    invocations (counted by a wrapper given as ZFSMGR_ZFS), per dataset and in all, against the
    same for one dataset (unchanged, and changed).
 2. `--changed` datasets with `--size`/N of new data each: aggregate MiB/s of the incremental
-   run, one dataset at a time and `--parallel` at once, against one dataset with `--size` of
-   new data.
+   run, one dataset at a time, as many as the default (PARALLEL unset: two where the server's
+   share allows) and `--parallel` at once, against one dataset with `--size` of new data; the
+   pool's image is `--pool-size` (default: room for all of that).
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def counting_zfs(folder: Path) -> tuple:
     return str(wrapper), log
 
 
-def server(folder: Path):
+def server(folder: Path, parallel: int):
     key = secrets.token_hex(16)
     (folder / "clients.json").write_text(json.dumps([{
         "client_id": "bench", "api_key": hashlib.sha256(key.encode()).hexdigest(),
         "max_size_bytes": 0, "dataset": "", "enabled": True, "storage_type": "dir"}]))
     env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1",
            "STORAGE_DIR": str(folder / "backups"), "PART_SIZE": "8M",
-           "CLIENT_MAX_REQUESTS": "16"}  # room for PARALLEL uploads (2 requests each)
+           "CLIENT_MAX_REQUESTS": str(max(4, 2 * parallel))}  # room for PARALLEL uploads
     proc = rig.ServerProcess(folder, env).start()
     return proc, {"CLIENT_ID": "bench", "API_KEY": key, "SERVER_URL": proc.url,
                   "STATE_DIR": str(folder / "state"), "COMPRESS": "none"}
@@ -81,20 +82,23 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=20)
     parser.add_argument("--size", default="64M")
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--pool-size", default="",
+                        help="the pool's image file (default: room for 4 x --size of data)")
     args = parser.parse_args()
     from zfsmgr.settings import as_size
 
     size = as_size(args.size)
+    pool_size = args.pool_size or str(max(512 << 20, 5 * size + (256 << 20)))
     rig.ensure_zfs_daemon()
     subprocess.run([sys.executable, str(rig.ROOT / "build_zipapp.py")], check=True,
                    capture_output=True)
     rig.WORK.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-many-", dir=rig.WORK))
-    pool = rig.Pool("bm")
+    pool = rig.Pool("bm", pool_size)
     srv = None
     try:
         wrapper, log = counting_zfs(folder)
-        srv, client = server(folder)
+        srv, client = server(folder, args.parallel)
         client["ZFSMGR_ZFS"] = wrapper
 
         one = pool.create("one")
@@ -127,20 +131,21 @@ def main() -> None:
         env_big = {**client, "LOCAL_DATASET": big}
         run(env_wide, log)
         run(env_big, log)
-        for i in range(args.changed):
-            fill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 2)
         fill(pool.mountpoint(big), each * args.changed, 2)
-        t_wide, _, r_wide = run(env_wide, log)
         t_big, _, r_big = run(env_big, log)
-        for i in range(args.changed):
-            fill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 3)
-        t_par, _, r_par = run({**env_wide, "PARALLEL": str(args.parallel)}, log)
+        rows = []
+        for seed, label, parallel in ((3, "one at a time", "1"), (4, "default", ""),
+                                      (5, f"PARALLEL={args.parallel}", str(args.parallel))):
+            for i in range(args.changed):
+                fill(pool.mountpoint(f"{wide}/d{i:02d}"), each, seed)
+            took, calls, report = run({**env_wide, **({"PARALLEL": parallel} if parallel
+                                                      else {})}, log)
+            rows.append((f"{label} ({calls} zfs calls)", took, report))
         mib = 1 << 20
         rate_big = r_big["raw_size"] / t_big / mib
         print(f"changed: one dataset of {each * args.changed / mib:.0f} MiB: {rate_big:.1f}"
               f" MiB/s ({t_big:.2f}s)")
-        for label, took, report in (("one at a time", t_wide, r_wide),
-                                    (f"PARALLEL={args.parallel}", t_par, r_par)):
+        for label, took, report in rows:
             rate = report["raw_size"] / took / mib
             print(f"  {args.changed} datasets x {each / mib:.1f} MiB, {label}: {rate:.1f} MiB/s"
                   f" ({took:.2f}s), ratio {rate / rate_big:.2f} (target >= 0.9)")

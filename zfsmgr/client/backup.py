@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from zfsmgr import protocol
 from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_KIND, PROPS, Base,
-                                backup_snapshots, find_bases, mark_base)
+                                Committed, backup_snapshots, find_bases, mark_base)
 from zfsmgr.client import record
 from zfsmgr.client.upload import Result, Uploader
 from zfsmgr.errors import UsageError, ZfsmgrError
@@ -178,15 +178,28 @@ class Backup(Uploader):
         self.base = self.choose_base(mode, features, on_server, self.snaps, self.marks)
 
     def send(self, snap: Snapshot) -> Result:
-        """Send the new snapshot from the prepared base, then make it this server's base; a
-        failed send destroys the snapshot (the next run starts clean)."""
+        """Send the new snapshot from the prepared base, then make it this server's base."""
+        result = self.upload(snap)
+        self.mark(snap)
+        return result
+
+    def upload(self, snap: Snapshot) -> Result:
+        """Send the new snapshot from the prepared base; a failed send destroys the snapshot
+        (the next run starts clean)."""
         try:
-            result = self._upload(snap, self.base, self.features, fallback=self.mode == "auto")
+            return self._upload(snap, self.base, self.features, fallback=self.mode == "auto")
         except BaseException:
             self.discard(snap)
             raise
+
+    def mark(self, snap: Snapshot) -> None:
+        """Make the committed snapshot this server's base (until then, or if this fails, the
+        next run adopts it: cleanup_stale)."""
         mark_base(self.zfs, self.dataset, snap, self.features, self.tag, self.snaps, self.marks)
-        return result
+
+    def committed(self, snap: Snapshot) -> Committed:
+        """The committed snapshot, for base.mark_bases (marked with others)."""
+        return Committed(self.dataset, snap, self.features, self.snaps, self.marks)
 
     def discard(self, snap: Snapshot, attempts: int = 3) -> None:
         """Destroy a snapshot that was not sent, patiently (zfs-fuse keeps it busy a moment

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from zfsmgr.zfs import HOLD_TAG, PROPERTY_PREFIX, Features, Snapshot, Zfs, ZfsError
 
@@ -95,46 +95,141 @@ def hold_tag(tag: str) -> str:
     return f"{HOLD_TAG}-{tag}" if tag else HOLD_TAG
 
 
+@dataclass(frozen=True)
+class Committed:
+    """A snapshot the server committed, to become server `tag`'s base (`snaps`/`marks`: its
+    dataset's listings from before the commit, when the caller has them)."""
+
+    dataset: str
+    snapshot: Snapshot
+    features: Features
+    snaps: Optional[List[Snapshot]] = None
+    marks: Optional[List[Snapshot]] = None
+
+
 def mark_base(zfs: Zfs, dataset: str, snapshot: Snapshot, features: Features, tag: str = "",
               snaps: Optional[List[Snapshot]] = None,
               marks: Optional[List[Snapshot]] = None) -> None:
     """Make a committed snapshot server `tag`'s base and retire that server's previous bases
     (`snaps`/`marks`: listings from before this commit, when the caller has them)."""
-    if features.bookmarks:
-        mark = f"{dataset}#{snapshot.short}" + (f".{tag}" if tag else "")
-        known = zfs.bookmarks(dataset) if marks is None else marks
-        if not any(b.name == mark for b in known):
-            zfs.bookmark(snapshot.name, mark)
-    else:  # without bookmarks the snapshot itself must survive until the next backup
-        zfs.hold(snapshot.name, hold_tag(tag))
-    if tag:
-        tags = sorted(set(_tags(snapshot)) | {tag})
-        zfs.set(snapshot.name, PROPERTY_PREFIX + PROP_BASES, ",".join(tags))
-    else:
-        zfs.set(snapshot.name, PROPERTY_PREFIX + PROP_BASE, "yes")
-    retire_old(zfs, dataset, keep=snapshot.short, features=features, tag=tag, snaps=snaps,
-               marks=marks)
+    failed = mark_bases(zfs, [Committed(dataset, snapshot, features, snaps, marks)], tag)
+    if failed:
+        raise failed[dataset]
 
 
-def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features, tag: str = "",
-               snaps: Optional[List[Snapshot]] = None,
-               marks: Optional[List[Snapshot]] = None) -> List[str]:
-    """Release server `tag`'s (and older releases') older bases; destroy the backup
-    snapshots no server needs any more; return what went."""
-    gone = []
+def mark_bases(zfs: Zfs, items: Sequence[Committed], tag: str = "") -> Dict[str, ZfsError]:
+    """mark_base of each item, the zfs calls batched where one call takes many names: one
+    `zfs hold` of every new snapshot (pools without bookmarks), one `zfs set` of the bases
+    property, one `zfs release` per hold of the older bases; bookmarks and destroys one by one.
+    A batched call that fails is made again item by item, so each dataset gets its own error:
+    {dataset: error} of those that failed."""
+    failed: Dict[str, ZfsError] = {}
+
+    def each(action: Callable[[Committed], None], chosen: Sequence[Committed]) -> None:
+        for item in chosen:
+            if item.dataset not in failed:
+                try:
+                    action(item)
+                except ZfsError as exc:
+                    failed[item.dataset] = exc
+
+    def batched(action_all: Callable[[List[Committed]], None],
+                action: Callable[[Committed], None], chosen: Sequence[Committed]) -> None:
+        chosen = [i for i in chosen if i.dataset not in failed]
+        if len(chosen) < 2:
+            return each(action, chosen)
+        try:
+            action_all(chosen)
+        except ZfsError:
+            each(action, chosen)  # whatever the batch did is done again, harmlessly
+
+    hold = hold_tag(tag)
+    each(lambda i: _bookmark(zfs, i, tag), [i for i in items if i.features.bookmarks])
+    # without bookmarks the snapshot itself must survive until the next backup
+    batched(lambda c: zfs.hold_all([i.snapshot.name for i in c], hold),
+            lambda i: _hold_once(zfs, i.snapshot.name, hold),
+            [i for i in items if not i.features.bookmarks])
+    prop = PROPERTY_PREFIX + (PROP_BASES if tag else PROP_BASE)
+    values: Dict[str, List[Committed]] = {}
+    for item in items:
+        values.setdefault(",".join(sorted(set(_tags(item.snapshot)) | {tag})) if tag else
+                          "yes", []).append(item)
+    for value, chosen in values.items():
+        batched(lambda c: zfs.set_all([i.snapshot.name for i in c], prop, value),
+                lambda i: zfs.set(i.snapshot.name, prop, value), chosen)
+    old = {i.dataset: retiring(zfs, i.dataset, i.snapshot.short, tag, i.snaps)
+           for i in items if i.dataset not in failed}
+    releases = sorted({h for found in old.values() for r in found for h in r.holds})
+    for release in releases:
+        def one(i: Committed, release=release) -> None:
+            for r in old[i.dataset]:
+                if release in r.holds:
+                    zfs.release(r.snap.name, release)
+        batched(lambda c, release=release: zfs.release_all(
+            [r.snap.name for i in c for r in old[i.dataset] if release in r.holds], release),
+            one, [i for i in items if i.dataset in old])
+    each(lambda i: finish_retiring(zfs, i.dataset, i.snapshot.short, i.features,
+                                   old[i.dataset], tag, i.marks),
+         [i for i in items if i.dataset in old])
+    return failed
+
+
+def _bookmark(zfs: Zfs, item: Committed, tag: str) -> None:
+    mark = f"{item.dataset}#{item.snapshot.short}" + (f".{tag}" if tag else "")
+    known = zfs.bookmarks(item.dataset) if item.marks is None else item.marks
+    if not any(b.name == mark for b in known):
+        zfs.bookmark(item.snapshot.name, mark)
+
+
+def _hold_once(zfs: Zfs, snapshot: str, hold: str) -> None:
+    """A hold, where a batch that failed may have put it already."""
+    try:
+        zfs.hold(snapshot, hold)
+    except ZfsError as exc:
+        if "tag already exists" not in exc.stderr:
+            raise
+
+
+@dataclass
+class Retiring:
+    """An older backup snapshot of a dataset whose base for server `tag` retires: the holds
+    to release, then the servers it stays a base for (none: it is destroyed)."""
+
+    snap: Snapshot
+    holds: List[str]
+    tags: List[str]
+    legacy: bool
+
+
+def retiring(zfs: Zfs, dataset: str, keep: str, tag: str = "",
+             snaps: Optional[List[Snapshot]] = None) -> List[Retiring]:
+    """The backup snapshots of `dataset` but `keep`, with what retiring tag's base takes."""
+    found = []
     for snap in backup_snapshots(zfs, dataset, snaps):
         if snap.short == keep:
             continue
         tags, legacy = _tags(snap), snap.prop(PROP_BASE) == "yes"
+        holds = []
         if tag in tags:
-            zfs.release(snap.name, hold_tag(tag))
+            holds.append(hold_tag(tag))
             tags.remove(tag)
         if legacy:
-            zfs.release(snap.name, HOLD_TAG)
+            holds.append(HOLD_TAG)
+        found.append(Retiring(snap, holds, tags, legacy))
+    return found
+
+
+def finish_retiring(zfs: Zfs, dataset: str, keep: str, features: Features, old: List[Retiring],
+                    tag: str = "", marks: Optional[List[Snapshot]] = None) -> List[str]:
+    """After the holds of `old` are released: record the servers each stays a base for, or
+    destroy it; destroy tag's (and older releases') older bookmarks; return what went."""
+    gone = []
+    for item in old:
+        snap, tags = item.snap, item.tags
         if tags:  # still another server's base
             if tags != _tags(snap):
                 zfs.set(snap.name, PROPERTY_PREFIX + PROP_BASES, ",".join(tags))
-            if legacy:
+            if item.legacy:
                 zfs.inherit(snap.name, PROPERTY_PREFIX + PROP_BASE)
             continue
         try:
@@ -152,6 +247,18 @@ def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features, tag: str =
                 zfs.destroy(mark.name)
                 gone.append(mark.name)
     return gone
+
+
+def retire_old(zfs: Zfs, dataset: str, keep: str, features: Features, tag: str = "",
+               snaps: Optional[List[Snapshot]] = None,
+               marks: Optional[List[Snapshot]] = None) -> List[str]:
+    """Release server `tag`'s (and older releases') older bases; destroy the backup
+    snapshots no server needs any more; return what went."""
+    old = retiring(zfs, dataset, keep, tag, snaps)
+    for item in old:
+        for hold in item.holds:
+            zfs.release(item.snap.name, hold)
+    return finish_retiring(zfs, dataset, keep, features, old, tag, marks)
 
 
 def list_bases(zfs: Zfs, dataset: str, features: Features) -> List[dict]:

@@ -23,7 +23,9 @@ from zfsmgr import protocol
 from zfsmgr.client import catalog, changes, record
 from zfsmgr.client.backup import (Backup, free_snapshot_name, latest_second,
                                   wait_for_a_new_second)
+from zfsmgr.client.base import Committed
 from zfsmgr.client.inventory import Pool, list_pools
+from zfsmgr.client.marker import Marker
 from zfsmgr.client.locks import DatasetLock
 from zfsmgr.client.poolsnapshot import snapshot_pool
 from zfsmgr.client.selection import Choice, parse_list, select, under
@@ -34,6 +36,8 @@ from zfsmgr.progress import Progress, human
 from zfsmgr.zfs import Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
+AUTO_PARALLEL = 2  # uploads at once by default: a second hides the first's fixed costs
+REQUESTS_PER_UPLOAD = 2
 
 
 @dataclass
@@ -127,7 +131,7 @@ class Options:
     send_properties: bool = True
     backup_unchanged: bool = False
     tag: str = ""
-    parallel: int = 1
+    parallel: int = 0  # 0: AUTO_PARALLEL where the server's share allows
 
     @classmethod
     def from_settings(cls, settings, tag: str) -> "Options":
@@ -136,6 +140,20 @@ class Options:
                    settings.compress, settings.compress_level, settings.storage_type,
                    settings.send_properties, settings.backup_unchanged, tag,
                    settings.parallel)
+
+
+def uploads_at_once(parallel: int, status: dict) -> int:
+    """How many datasets to send at once: PARALLEL (0: AUTO_PARALLEL), at most what the
+    client's share of requests in the server allows (`client_max_requests` of /status, two
+    per upload: part n+1 arrives while the server stores part n; beyond the share it answers
+    429 and the upload backs off). A server that does not say allows one."""
+    share = status.get("client_max_requests")
+    allowed = max(1, share // REQUESTS_PER_UPLOAD) if isinstance(share, int) else 1
+    wanted = parallel or AUTO_PARALLEL
+    if parallel and wanted > allowed:
+        log.info("PARALLEL=%d, but the server allows this client %s requests at once: sending"
+                 " %d datasets at a time", parallel, share, allowed)
+    return min(wanted, allowed)
 
 
 def plan(zfs: Zfs, options: Options):
@@ -158,6 +176,7 @@ class Run:
         self.cancelled = threading.Event()
         self.state_dir, self.report_one, self.sleep = state_dir, report, sleep
         self.report = Report()
+        self.workers = 1  # uploads at once: uploads_at_once, from the server's /status
         self._fresh: Dict[str, Snapshot] = {}  # the new snapshots and bases, listed again
 
     def _done(self, outcome: Outcome) -> None:
@@ -179,6 +198,7 @@ class Run:
         if not chosen:
             raise ZfsmgrError("no dataset selected: see `zfsmgr client datasets`")
         status = self.api.call("GET", protocol.STATUS)
+        self.workers = uploads_at_once(self.options.parallel, status)
         on_server, unreadable = catalog.manifests(self.api, [c.name for c in chosen
                                                              if c.selected])
         for name, exc in unreadable.items():
@@ -273,11 +293,19 @@ class Run:
             done.add(name)
 
     def _send_all(self, todo: List[tuple]) -> None:
-        """Send each (dataset, backup, snapshot), `options.parallel` at a time. Once the
-        server is unreachable the datasets not started yet are skipped; an interrupt stops
-        the uploads under way at their next chunk (each removes its snapshot) and skips the
-        rest."""
+        """Send each (dataset, backup, snapshot), `options.parallel` at a time; a Marker
+        marks the committed ones as bases while the next stream (a dataset's outcome comes
+        once its base is marked). Once the server is unreachable the datasets not started yet
+        are skipped; an interrupt stops the uploads under way at their next chunk (each
+        removes its snapshot) and skips the rest; what was committed is still marked."""
         stop, why = threading.Event(), []
+
+        def marked(item: Committed, result, exc: Optional[ZfsmgrError]) -> None:
+            self._done(Outcome(item.dataset, result.type, "", result) if exc is None else
+                       Outcome(item.dataset, "failed", f"{exc}", None,
+                               getattr(exc, "exit_status", ExitStatus.ERROR)))
+
+        marker = Marker(self.zfs, self.options.tag, marked)
 
         def one(name: str, backup: Backup, snap: Snapshot) -> None:
             if stop.is_set():
@@ -285,8 +313,8 @@ class Run:
                 self._fail(name, why[0] if why else ZfsmgrError("skipped: interrupted"))
                 return
             try:
-                result = backup.send(snap)
-                self._done(Outcome(name, result.type, "", result))
+                result = backup.upload(snap)
+                marker.add(backup.committed(snap), result)
             except ServerUnreachable as exc:
                 why.append(ServerUnreachable(f"skipped: {exc}"))
                 stop.set()
@@ -294,20 +322,23 @@ class Run:
             except ZfsmgrError as exc:
                 self._fail(name, exc)
 
-        workers = max(1, min(self.options.parallel, len(todo)))
-        if workers == 1:
-            for item in todo:
-                one(*item)
-            return
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(one, *item) for item in todo]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                stop.set()
-                self.cancelled.set()
-                raise
+        workers = max(1, min(self.workers, len(todo)))
+        try:
+            if workers == 1:
+                for item in todo:
+                    one(*item)
+                return
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                futures = [pool.submit(one, *item) for item in todo]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    stop.set()
+                    self.cancelled.set()
+                    raise
+        finally:
+            marker.close()
 
     def _progress(self, label: str, total: Optional[int]) -> Progress:
         return Cancellable(label, total, self.cancelled)

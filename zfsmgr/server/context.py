@@ -294,7 +294,8 @@ class ServerContext:
                 "rotation_policy": client.rotation_policy.to_mapping()
                 if client.rotation_policy else None,
                 "max_incrementals": client.max_incrementals,
-                "max_chain_age_days": client.max_chain_age_days}
+                "max_chain_age_days": client.max_chain_age_days,
+                "client_max_requests": self.client_max_requests}
 
     def append_only(self, client: ClientConfig) -> bool:
         """Whether the client may not delete backups (clients.json, else APPEND_ONLY)."""

@@ -1,0 +1,131 @@
+"""A run sends two datasets at once where the server's share of requests for the client allows
+(learnt from /status), never more than it allows (no 429, no stall); committed backups become
+bases in batches (base.mark_bases) while the next ones stream."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import rig
+import test_server_api
+from zfsmgr import settings
+from zfsmgr.client.base import PROPS, Committed, hold_tag, mark_bases, server_tag
+from zfsmgr.client.run import uploads_at_once
+from zfsmgr.zfs import Zfs
+
+in_process_server = test_server_api.server  # the fixture: the server's app in-process
+
+
+def test_uploads_at_once_follow_parallel_and_the_servers_share():
+    assert uploads_at_once(0, {"client_max_requests": 4}) == 2  # the default: two
+    assert uploads_at_once(0, {"client_max_requests": 2}) == 1
+    assert uploads_at_once(0, {"client_max_requests": 12}) == 2
+    assert uploads_at_once(5, {"client_max_requests": 12}) == 5
+    assert uploads_at_once(5, {"client_max_requests": 5}) == 2  # never past the share
+    assert uploads_at_once(3, {}) == 1  # a server that does not say: one at a time
+    assert uploads_at_once(1, {"client_max_requests": 40}) == 1
+
+
+def test_status_says_the_clients_share_and_the_default_leaves_room_for_two(
+        in_process_server):
+    from test_server_api import auth, call
+
+    ctx, app = in_process_server
+    status = json.loads(call(app, "GET", "/status", headers=auth("alice"))[1])
+    assert settings.load("server", environ={}).threads == ctx.settings.threads == 12
+    assert status["client_max_requests"] == ctx.client_max_requests == 4
+    assert uploads_at_once(0, status) == 2
+
+
+def _opened_and_committed(log_text):
+    """The server's log as a list of ('opened'|'committed', upload id), in order."""
+    events = []
+    for line in log_text.splitlines():
+        for what in ("opened", "committed"):
+            if f" {what}: client=" in line:
+                events.append((what, line.split("upload ", 1)[1].split()[0]))
+    return events
+
+
+def _write(pool, datasets, seed):
+    for i, dataset in enumerate(datasets):
+        with open(pool.mountpoint(dataset) / f"data{seed}.bin", "wb") as out:
+            out.write(os.urandom(700_000 + 10_000 * i))
+    rig.sh("sync")
+
+
+@pytest.mark.zfs
+def test_a_run_sends_two_at_once_by_default_without_a_429(pool, server_factory, run_zfsmgr):
+    server = server_factory("dir", env={"PART_SIZE": "128K"})  # the server's default share
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(4)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    env = {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true"}
+    first = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    _write(pool, children, 1)
+    second = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    report = json.loads(second.stdout)
+    assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
+        **{c: "incremental" for c in children}, root: "unchanged"}
+    log_text = server.log()
+    assert " 429 " not in log_text and "retry" not in second.stderr
+    events = _opened_and_committed(log_text)[-8:]  # the second run's four uploads
+    assert [e for e, _ in events[:2]] == ["opened", "opened"], events  # two at once
+    tag = server_tag(env["SERVER_URL"], env["CLIENT_ID"])
+    for child in children:  # each marked as the base, the older one gone
+        snaps = rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs",
+                       "-r", "-d", "1", child).split("\n")
+        assert snaps[:-1] == [f"{child}@{report['snapshot']}\t1"], snaps
+        assert rig.sh("zfs", "get", "-H", "-o", "value", "org.zfsmgr:bases",
+                      f"{child}@{report['snapshot']}").strip() == tag
+
+
+@pytest.mark.zfs
+def test_parallel_past_the_servers_share_sends_what_it_allows(pool, server_factory,
+                                                              run_zfsmgr):
+    server = server_factory("dir", env={"PART_SIZE": "128K", "CLIENT_MAX_REQUESTS": "2"})
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(3)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    _write(pool, children, 1)
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children), "PARALLEL": "4"}
+    done = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("PARALLEL=4, but the server allows this client 2 requests at once: sending 1"
+            " datasets at a time") in done.stderr
+    log_text = server.log()
+    assert " 429 " not in log_text and "retry" not in done.stderr
+    events = [e for e, _ in _opened_and_committed(log_text)]
+    assert events == ["opened", "committed"] * 3  # one at a time
+
+
+@pytest.mark.zfs
+def test_marking_in_a_batch_gives_each_dataset_its_own_error(pool):
+    zfs = Zfs()
+    tag = "0badcafe"
+    names = [pool.create(n) for n in ("a", "b", "c")]
+    for dataset in names:  # an older base, held for this server
+        zfs.snapshot(f"{dataset}@zfsmgr_2020-01-01_00:00:00", {"kind": "backup"})
+        zfs.hold(f"{dataset}@zfsmgr_2020-01-01_00:00:00", hold_tag(tag))
+        zfs.set(f"{dataset}@zfsmgr_2020-01-01_00:00:00", "org.zfsmgr:bases", tag)
+        zfs.snapshot(f"{dataset}@zfsmgr_2020-01-02_00:00:00", {"kind": "backup"})
+    items = [Committed(d, zfs.snapshot_info(f"{d}@zfsmgr_2020-01-02_00:00:00", PROPS),
+                       zfs.features(d), zfs.snapshots(d, PROPS)) for d in names]
+    zfs.destroy(f"{names[1]}@zfsmgr_2020-01-02_00:00:00")  # gone before it is marked
+    failed = mark_bases(zfs, items, tag)
+    assert list(failed) == [names[1]] and "does not exist" in str(failed[names[1]])
+    for dataset in (names[0], names[2]):
+        assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs",
+                      "-r", "-d", "1", dataset).split("\n")[:-1] == [
+            f"{dataset}@zfsmgr_2020-01-02_00:00:00\t1"]
+    # the failed one keeps its older base as it was
+    kept = rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs", "-r", "-d",
+                  "1", names[1]).split("\n")[:-1]
+    assert kept == [f"{names[1]}@zfsmgr_2020-01-01_00:00:00\t1"]
