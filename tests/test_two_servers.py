@@ -169,8 +169,10 @@ def test_clients_alternating_between_two_servers_keep_their_chains(
 
 def test_commits_through_two_servers_at_the_quota_edge(s3, tmp_path):
     """Twelve 1 KiB uploads of one client race through two servers (each its own database) on
-    one bucket, against a quota of ten: the lease and the refresh under it let exactly ten
-    commit, and the bucket holds exactly those."""
+    one bucket, against a quota of ten: the reservations in the bucket refuse parts past the
+    quota, and the lease and the refresh under it let exactly ten commit (the check and the
+    reservation of a part are not one step across servers, so more may stage), and the bucket
+    holds exactly those."""
     from test_server_api import call
     from zfsmgr import settings
     from zfsmgr.server.app import make_app
@@ -197,8 +199,11 @@ def test_commits_through_two_servers_at_the_quota_edge(s3, tmp_path):
         assert code == 200, body
         upload_id = json.loads(body)["upload_id"]
         code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/0", data, auth)
-        assert code == 200, body
+        assert code in (200, 413), body  # 413: the parts staged through both servers count
         start.wait(60)
+        if code != 200:
+            results[n] = code
+            return
         code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/commit", json.dumps({
             "sha256": hashlib.sha256(data).hexdigest(), "stored_size": 1024,
             "parts_crc32": rig.parts_crc32([data])}).encode(), auth)
@@ -236,3 +241,66 @@ def test_an_upload_busy_on_the_other_server_does_not_expire_here(s3, tmp_path):
     # truly abandoned (the bucket idle too): it goes
     assert a.expire({"s3": store}, now=time.time() + 7200) == [session.upload_id]
     assert store.staged_parts(session.upload_id) == []
+
+
+def test_the_quota_counts_the_parts_staged_through_the_other_server(s3, tmp_path):
+    """Each server records what an upload of a client with a quota holds in the bucket, so
+    the other's quota check counts it; an abort or a commit drops it."""
+    from test_server_api import call
+    from zfsmgr import settings
+    from zfsmgr.server.app import make_app
+    from zfsmgr.server.context import ServerContext
+    from zfsmgr.storage.s3shared import RESERVED
+
+    key = secrets.token_hex(16)
+    (tmp_path / "clients.json").write_text(json.dumps([{
+        "client_id": "edge", "api_key": hashlib.sha256(key.encode()).hexdigest(),
+        "max_size_bytes": 10 * 1024, "enabled": True, "storage_type": "s3"}]))
+    a, b = (make_app(ServerContext(settings.load("server", environ={
+        "CONFIG_FILE": str(tmp_path / "clients.json"), "S3_ENABLED": "true",
+        "S3_ENDPOINT": s3["endpoint"], "S3_ACCESS_KEY": s3["access_key"],
+        "S3_SECRET_KEY": s3["secret_key"], "S3_BUCKET": s3["bucket"], "S3_USE_SSL": "false",
+        "METADATA_FILE": str(tmp_path / f"server{n}" / "metadata.json")}))) for n in range(2))
+    auth = {"X-Client-ID": "edge", "X-API-Key": key}
+    store = _store(s3, s3["bucket"])
+
+    def open_on(app, n, estimate=0):
+        code, body, _ = call(app, "POST", "/upload", json.dumps({
+            "dataset": "tank/data", "snapshot": f"s{n}", "type": "full", "compression": "none",
+            "snapshot_time": 1700000000 + n, "estimated_size": estimate}).encode(), auth)
+        return code, json.loads(body)
+
+    def part(app, upload_id, size):
+        code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/0", b"p" * size, auth)
+        return code, json.loads(body)
+
+    code, u1 = open_on(a, 1)
+    assert code == 200 and part(a, u1["upload_id"], 6 * 1024)[0] == 200
+    assert store.reservations("edge", 3600) == {u1["upload_id"]: 6 * 1024}
+    code, u2 = open_on(b, 2)
+    assert code == 200
+    code, refused = part(b, u2["upload_id"], 6 * 1024)  # 6 KiB staged through A + 6 > 10
+    assert code == 413 and "12.0 KiB > quota 10.0 KiB" in refused["message"], refused
+    assert store.staged_parts(u2["upload_id"]) == []  # refused and aborted: nothing staged
+    code, refused = open_on(b, 3, estimate=6 * 1024)
+    assert code == 413, refused
+    code, u4 = open_on(b, 4)
+    assert code == 200 and part(b, u4["upload_id"], 4 * 1024)[0] == 200  # 6 + 4 fit
+
+    assert call(a, "POST", f"/upload-stream/{u1['upload_id']}/abort", b"", auth)[0] == 200
+    assert store.reservations("edge", 3600) == {u4["upload_id"]: 4 * 1024}
+    code, u5 = open_on(a, 5)
+    assert code == 200 and part(a, u5["upload_id"], 6 * 1024)[0] == 200  # 4 + 6 fit now
+    data = b"p" * 4 * 1024
+    code, body, _ = call(b, "POST", f"/upload-stream/{u4['upload_id']}/commit", json.dumps({
+        "sha256": hashlib.sha256(data).hexdigest(), "stored_size": len(data),
+        "parts_crc32": rig.parts_crc32([data])}).encode(), auth)
+    assert code == 200, body
+    assert store.reservations("edge", 3600) == {u5["upload_id"]: 6 * 1024}
+
+    # a reservation whose server died: counted until it is older than the upload expiry
+    store.reserve("edge", "f" * 32, 1024)
+    time.sleep(2.1)
+    assert store.reservations("edge", 1.0) == {}
+    assert [o.object_name for o in store.client.list_objects(
+        s3["bucket"], prefix=f"{RESERVED}edge/", recursive=True)] == []

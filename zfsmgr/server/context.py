@@ -60,8 +60,8 @@ class ServerContext:
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,
                                settings.s3_max_parts, settings.upload_expiry_hours * 3600.0,
                                settings.client_max_uploads, adopt=self._adopt)
-        self.uploads.usage = self.used_bytes
-        self.uploads.make_room = self.make_room
+        self.uploads.quota.usage = self.used_bytes
+        self.uploads.quota.make_room = self.make_room
 
     def _import_json(self, metadata_file: Path) -> None:
         """A new database takes over the JSON catalog and session files of an older server."""

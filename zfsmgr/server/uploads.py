@@ -26,10 +26,9 @@ from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
                            QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed)
 from zfsmgr.protocol import Manifest
-from zfsmgr.progress import human
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
-from zfsmgr.server.rotation import FREES_SPACE
+from zfsmgr.server.quota import Quota
 from zfsmgr.server.sessions import Session, SessionTable
 from zfsmgr.storage.base import PartInfo, Store
 
@@ -52,9 +51,7 @@ class Uploads:
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
-        # how the quota is counted and room made; the server context plugs in its own
-        self.usage: Callable[[str], int] = catalog.used_bytes
-        self.make_room: Optional[Callable[[ClientConfig, int, Optional[str]], None]] = None
+        self.quota = Quota(table, catalog.used_bytes, expiry_seconds)
 
     def _session_lock(self, upload_id: str) -> threading.Condition:
         with self._lock:
@@ -116,7 +113,7 @@ class Uploads:
         estimate = protocol.validate_count(request.get("estimated_size") or 0, "estimated_size")
         guid = protocol.validate_guid(request.get("guid"))
         parent_guid = protocol.validate_guid(request.get("parent_guid"), "parent_guid")
-        self.fit(client, estimate, parent_key)
+        self.quota.fit(client, estimate, parent_key, store=store)
         for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
             if other.key == key:
                 self.abort(other, store)
@@ -173,41 +170,9 @@ class Uploads:
                     "resume_token": store.resume_token(session.upload_id),
                     "segment": session.segment, "resumed_with": session.resumed_with}
 
-    def fit(self, client: ClientConfig, needed: int, parent_key: Optional[str],
-            upload_id: str = "", staged: int = 0) -> None:
-        """check_quota, after the server's make_room (AUTO_ROTATE) had its chance to free
-        space for what is in progress and needed; `parent_key` (the new backup's base) is
-        never deleted for it."""
-        if self.make_room is not None and client.max_size_bytes:
-            others = self.table.reserved(client.client_id, besides=upload_id)
-            self.make_room(client, others + staged + needed, parent_key)
-        self.check_quota(client, needed, upload_id, staged)
-
     def _parent_key(self, session: Session) -> Optional[str]:
         return next((m.key for m in self.catalog.list(session.client_id, session.dataset)
                      if m.snapshot == session.parent), None) if session.parent else None
-
-    def check_quota(self, client: ClientConfig, needed: int, upload_id: str = "",
-                    staged: int = 0, others_count: bool = True) -> None:
-        """Raise QuotaExceeded unless `needed` more bytes fit; with `upload_id`, reserve them.
-
-        Committed backups (as `usage` counts them) and what every other open upload of the
-        client holds count, read in the transaction that records this upload's new
-        reservation (`staged + needed`). Not `others_count`: the other uploads do not (a commit
-        to a store shared by servers, each of which admitted parts seeing only its own)."""
-        if not client.max_size_bytes:
-            return
-        with self.table.db.transaction():
-            used = self.usage(client.client_id)
-            others = self.table.reserved(client.client_id, besides=upload_id) \
-                if others_count else 0
-            if used + others + staged + needed > client.max_size_bytes:
-                raise QuotaExceeded(
-                    f"quota exceeded for {client.client_id}: used {human(used)} + in progress"
-                    f" {human(others + staged)} + needed {human(needed)} > quota"
-                    f" {human(client.max_size_bytes)}; {FREES_SPACE}")
-            if upload_id:
-                self.table.reserve(upload_id, staged + needed)
 
     def held(self, client_id: str, upload_id: str) -> Optional[Session]:
         """An open session of this client in this server's own table, None otherwise: never
@@ -251,7 +216,8 @@ class Uploads:
                                f" upload now continues from part {session.segment}")
             staged = sum(p.size for p in parts[:index])
             try:  # an upload without an estimate (an incremental on zfs-fuse) is measured here
-                self.fit(client, size, self._parent_key(session), session.upload_id, staged)
+                self.quota.fit(client, size, self._parent_key(session), session.upload_id,
+                               staged, store)
             except QuotaExceeded:
                 self.abort(session, store)
                 raise
@@ -317,10 +283,11 @@ class Uploads:
             with store.client_lease(client.client_id):  # servers sharing the store: one at once
                 self.catalog.refresh(store, client.client_id)
                 self._recheck(client, store, session)
-                self.check_quota(client, 0, session.upload_id, total,
+                self.quota.check(client, 0, session.upload_id, total,
                                  others_count=not store.shared)
                 manifest = store.marked(store.commit(session.upload_id, manifest))
                 self._record(store, session, manifest)
+            self.quota.release(store, session)
             return manifest
 
     def _record(self, store: Store, session: Session, manifest: Manifest) -> None:
@@ -362,6 +329,7 @@ class Uploads:
         """Discard an upload and everything staged for it."""
         store.discard(session.upload_id)
         self._forget(session)
+        self.quota.release(store, session)
 
     def expire(self, stores: Dict[str, Store], now: Optional[float] = None) -> List[str]:
         """Abort sessions idle longer than the expiry, and staged data with no session."""

@@ -218,6 +218,18 @@ class Store(ABC):
     def save_session(self, upload_id: str, text: str) -> None:
         """Keep an upload's session where every server sharing the store finds it."""
 
+    def reserve(self, client_id: str, upload_id: str, amount: int) -> None:
+        """Say, where every server sharing the store sees it, that an open upload of the
+        client holds `amount` bytes against its quota (staged, or about to be)."""
+
+    def reservations(self, client_id: str, max_age: float) -> Dict[str, int]:
+        """{upload id: bytes} of the client's reservations, as any server recorded them, not
+        older than `max_age` seconds (older ones are of uploads left to expire: dropped)."""
+        return {}
+
+    def unreserve(self, client_id: str, upload_id: str) -> None:
+        """The upload ended (committed, aborted, expired): its reservation goes."""
+
     def load_session(self, upload_id: str) -> Optional[str]:
         """The session saved for an upload, None when there is none."""
         return None

@@ -215,6 +215,21 @@ class S3Store(Store):
     def client_lease(self, client_id):
         return self.coordination.lease(client_id)
 
+    def reserve(self, client_id, upload_id, amount):
+        self.coordination.reserve(client_id, upload_id, amount)
+
+    def reservations(self, client_id, max_age):
+        return self.coordination.reservations(client_id, max_age)
+
+    def unreserve(self, client_id, upload_id):
+        self.coordination.unreserve(client_id, upload_id)
+
+    def listing(self, prefix: str):
+        """(name, last-modified epoch) of the objects under `prefix`."""
+        return [(o.object_name, o.last_modified.timestamp() if o.last_modified else 0.0)
+                for o in self._call("list", self.client.list_objects, self.bucket,
+                                    prefix=prefix, recursive=True)]
+
     def manifest_keys(self, client_id):
         suffix = ".manifest.json"
         return {o.object_name[:-len(suffix)] for o in self._call(

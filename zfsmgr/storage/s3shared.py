@@ -1,4 +1,5 @@
-"""One bucket, several servers: the S3 store's conditional writes, client leases, change markers.
+"""One bucket, several servers: the S3 store's conditional writes, client leases, change markers
+and quota reservations.
 
 Servers sharing a bucket settle races on one client with a lease object per client, created
 with `If-None-Match: *` and taken over (once it has expired) or released with `If-Match: <etag>`,
@@ -6,6 +7,10 @@ so the bucket itself decides who holds it. Whether the service enforces these pr
 probed once (`probe_conditional`); where it does not, leases are only local and the server must
 run alone. A change marker per client is rewritten after every change to its manifests, so
 another server learns with one HEAD request whether its cached rows of that client are stale.
+Each open upload of a client with a quota keeps what it holds (staged, or being staged) in
+`.zfsmgr-reserved/<client>/<upload id>`, so each server's quota check counts the parts staged
+through the others, listing that one client's prefix; a reservation its server left behind (it
+died) stops counting once older than the upload expiry, and is deleted then.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger("zfsmgr.storage.s3")
 
 LEASES = ".zfsmgr-leases/"
 CHANGES = ".zfsmgr-changes/"
+RESERVED = ".zfsmgr-reserved/"
 LEASE_SECONDS = 900.0  # longer than any commit (a compose) or rotation takes
 LEASE_WAIT = 120.0  # how long a request waits for another server's lease before a 503
 
@@ -128,3 +134,28 @@ class Coordination:
         """Say that the client's manifests changed; returns the new marker."""
         return self.store.put_small(f"{CHANGES}{client_id}", json.dumps(
             {"by": self.holder, "at": time.time(), "n": secrets.token_hex(8)}).encode())
+
+    def reserve(self, client_id: str, upload_id: str, amount: int) -> None:
+        """Record what an upload holds against the client's quota."""
+        self.store.put_small(f"{RESERVED}{client_id}/{upload_id}", json.dumps(
+            {"bytes": amount, "by": self.holder}).encode())
+
+    def reservations(self, client_id: str, max_age: float) -> Dict[str, int]:
+        """{upload id: bytes} of the client's recorded reservations younger than `max_age`."""
+        prefix, found = f"{RESERVED}{client_id}/", {}
+        for name, stamp in self.store.listing(prefix):
+            if time.time() - stamp > max_age:  # its upload was left to expire
+                self.store.delete_key(name)
+                continue
+            try:
+                found[name[len(prefix):]] = int(json.loads(self.store.get_small_etag(name)[1])
+                                                ["bytes"])
+            except NotFound:  # its upload ended meanwhile
+                continue
+            except (ValueError, KeyError, TypeError):
+                log.warning("reservation %s is unreadable: not counted", name)
+        return found
+
+    def unreserve(self, client_id: str, upload_id: str) -> None:
+        """Drop an upload's reservation (absent is fine)."""
+        self.store.delete_key(f"{RESERVED}{client_id}/{upload_id}")
