@@ -182,11 +182,9 @@ def test_metrics_of_a_fleet_are_right_before_and_after_backups_and_deletions(
     others = [f"f{n:03d}" for n in range(300)]
     extra = [hostile.client_entry(c, f"key-{c}") for c in others]
     server = server_factory("dir", extra_clients=extra, env={"METRICS_NO_AUTH": "true"})
-    server.stop()
-    catalog = Catalog(Database(str(server.workdir / "metadata.db")))
+    catalog = Catalog(Database(str(server.workdir / "metadata.db")))  # as a reindex writes
     _fill(catalog, others, 50)
     catalog.db.close()
-    server.start()
     url = server.url
 
     def gauge(name, client, dataset="tank/data"):
