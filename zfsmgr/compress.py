@@ -33,7 +33,7 @@ import struct
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from zfsmgr.pipes import CHUNK, ProcessFilter, Reader, read_bytes, read_full
+from zfsmgr.pipes import FEED_SIZE, ProcessFilter, Reader, read_bytes, read_full
 from zfsmgr.protocol import COMPRESSIONS
 from zfsmgr.runner import program_available
 
@@ -227,7 +227,7 @@ class GzipDecompressor(Reader):
         self._check_size(size)
         while size:
             if not self._input and not self._source_eof:
-                self._input = read_bytes(self._source, CHUNK)
+                self._input = read_bytes(self._source, FEED_SIZE)
                 self._source_eof = not self._input
             if self._source_eof and not self._input and not self._in_member:
                 if not self._members:

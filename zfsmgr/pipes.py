@@ -16,7 +16,7 @@ import threading
 from zfsmgr.errors import ZfsError
 from zfsmgr.runner import spawn
 
-CHUNK = 1 << 16  # input read size for a filter's feeder and the decompressor
+FEED_SIZE = 1 << 16  # input read size for a filter's feeder and the decompressor
 
 
 def read_bytes(source, size: int) -> bytes:
@@ -96,7 +96,7 @@ class ProcessFilter(Reader):
         stdin = self._proc.stdin
         try:
             while True:
-                data = read_bytes(self._source, CHUNK)
+                data = read_bytes(self._source, FEED_SIZE)
                 if not data:
                     break
                 self.raw_bytes += len(data)
@@ -109,7 +109,7 @@ class ProcessFilter(Reader):
             stdin.close()  # unbuffered: nothing to flush, so no BrokenPipeError here
 
     def _drain(self) -> None:
-        for data in iter(lambda: self._proc.stderr.read(CHUNK), b""):
+        for data in iter(lambda: self._proc.stderr.read(FEED_SIZE), b""):
             self._stderr_tail += data
             del self._stderr_tail[:-4096]
 
