@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib
@@ -396,6 +397,43 @@ def test_a_part_sent_twice_still_commits(kind, tmp_path, request):
         "raw_size": len(gzip.decompress(full)),
         "parts_crc32": rig.parts_crc32(pieces)})
     assert manifest.parts == 2 and [m.key for m in store.manifests("c1")] == [manifest.key]
+
+
+@pytest.mark.zfs
+def test_local_store_begins_the_first_uploads_of_a_new_client_at_once(pool, tmp_path,
+                                                                      streams):
+    """A run's parallel datasets open their first uploads together: each needs the client's
+    home, and `zfs create -p` of it by two at once failed one ("dataset already exists")."""
+    import threading
+
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    _, full, _, _ = streams
+    rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/srv")
+    store = ZfsLocalStore(f"{pool.name}/srv", str(tmp_path / "staging"))
+    store.check()
+    for client in ("c1", "c2", "c3"):
+        start, failed = threading.Barrier(4), []
+
+        def begin(i):
+            m = manifest(f"{client}/tank_d{i}_2024-02-13_14:30:00.zfs.gz", full, "a",
+                         kind="local")
+            m = dataclasses.replace(m, client_id=client, dataset=f"tank/d{i}")
+            start.wait()
+            try:
+                store.begin(uuid.uuid4().hex, m)
+            except Exception as exc:  # noqa: BLE001 - the test reports any
+                failed.append(exc)
+
+        threads = [threading.Thread(target=begin, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failed == []
+        homes = rig.sh("zfs", "list", "-H", "-o", "name", "-d", "1",
+                       f"{pool.name}/srv/{client}").split()
+        assert len(homes) == 5, homes  # the client's home and a chain folder per dataset
 
 
 @pytest.mark.zfs

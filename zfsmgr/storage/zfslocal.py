@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -32,6 +33,7 @@ from zfsmgr.storage.zfschains import (MANIFEST_PROP, NO_TOKEN, RETAIN_TAG, Recei
 from zfsmgr.zfs import Zfs, ZfsError, zfs_from_settings
 
 log = logging.getLogger("zfsmgr.storage.local")
+_CREATING = threading.Lock()  # chain containers are created one at a time
 DISCARDED_KEPT = 512
 
 
@@ -121,14 +123,25 @@ class ZfsLocalStore(ReceivedChains):
         token = self.zfs.get(dataset, "receive_resume_token")
         return None if token in NO_TOKEN else token
 
+    def _ensure_container(self, container: str) -> None:
+        """Create the datasets a chain lives in, once: two uploads of one client begin at
+        the same moment (a run's parallel datasets), and `zfs create -p` of the same missing
+        parent by both fails one with "dataset already exists"."""
+        with _CREATING:
+            if self.zfs.exists(container):
+                return
+            try:
+                self.zfs.create(container, parents=True,
+                                props={"mountpoint": "none", "canmount": "off"})
+            except ZfsError:
+                if not self.zfs.exists(container):  # made meanwhile (another server): fine
+                    raise
+
     # -- the upload protocol ---------------------------------------------------------------
 
     def begin(self, upload_id: str, manifest: Manifest) -> None:
         """Choose the receiving dataset now, so a stream with no base fails before any part."""
-        container = self._container(manifest)
-        if not self.zfs.exists(container):
-            self.zfs.create(container, parents=True,
-                            props={"mountpoint": "none", "canmount": "off"})
+        self._ensure_container(self._container(manifest))
         target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
         if len(target) > ZFS_MAX_NAME:
             raise ValidationError(f"the backup would be received as {target[:60]}... ("
