@@ -143,7 +143,10 @@ class Seaweed:
                 f"-admin.port={ports[8]}", "-admin.ui=false", f"-s3.config={d}/s3.json",
                 "-s3.allowDeleteBucketNotEmpty=false", "-s3.autoCreateBucket=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-                "-master.telemetry=false", *extra]
+                "-master.telemetry=false",
+                # each bucket is a collection with volumes of its own; the default limit
+                # (free disk / volume size) ran out after ~20 buckets on a full-ish disk
+                "-volume.max=2000", *extra]
         env = dict(os.environ, GOMEMLIMIT="512MiB", TMPDIR=f"{d}/tmp")
         self.log = open(self.dir / "weed.log", "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
