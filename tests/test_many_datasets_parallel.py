@@ -129,3 +129,37 @@ def test_marking_in_a_batch_gives_each_dataset_its_own_error(pool):
     kept = rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name,userrefs", "-r", "-d",
                   "1", names[1]).split("\n")[:-1]
     assert kept == [f"{names[1]}@zfsmgr_2020-01-01_00:00:00\t1"]
+
+
+@pytest.mark.zfs
+def test_the_local_store_opens_two_uploads_of_a_new_client_at_once(pool, tmp_path):
+    """Two uploads opened at once (a run's parallel sends) both create the client's parent
+    dataset with `zfs create -p`; zfs-fuse's -p then fails for the one that comes second
+    ("dataset already exists"). Played here by a zfs that makes the parent just before."""
+    import gzip
+    import uuid
+
+    from test_stores import manifest
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    base = f"{pool.name}/srv"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    real = rig.sh("sh", "-c", "command -v zfs").strip()
+    once = tmp_path / "raced"
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text(f'''#!/bin/sh
+case "$*" in
+  "create -p "*" {base}/c1/"*) if [ ! -e {once} ]; then : > {once}
+    {real} create -o mountpoint=none {base}/c1
+    echo "cannot create '{base}/c1': dataset already exists" >&2; exit 1; fi;;
+esac
+exec {real} "$@"
+''')
+    wrapper.chmod(0o755)
+    store = ZfsLocalStore(base, str(tmp_path / "staging"), zfs=Zfs(str(wrapper)))
+    data = gzip.compress(b"x")
+    store.begin(uuid.uuid4().hex, manifest("c1/tank_data_2024-02-13_14:30:00.zfs.gz", data,
+                                           "a", kind="local"))
+    assert once.exists()
+    assert rig.sh("zfs", "list", "-H", "-o", "name", f"{base}/c1/tank_data").strip() == \
+        f"{base}/c1/tank_data"

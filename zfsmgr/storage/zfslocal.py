@@ -130,12 +130,16 @@ class ZfsLocalStore(ReceivedChains):
         with _CREATING:
             if self.zfs.exists(container):
                 return
-            try:
-                self.zfs.create(container, parents=True,
-                                props={"mountpoint": "none", "canmount": "off"})
-            except ZfsError:
-                if not self.zfs.exists(container):  # made meanwhile (another server): fine
-                    raise
+            for attempt in range(2):
+                try:
+                    self.zfs.create(container, parents=True,
+                                    props={"mountpoint": "none", "canmount": "off"})
+                    return
+                except ZfsError as exc:
+                    if self.zfs.exists(container):  # made meanwhile (another server): fine
+                        return
+                    if attempt or "already exists" not in exc.stderr:
+                        raise  # (else only a parent was made meanwhile: create the rest)
 
     # -- the upload protocol ---------------------------------------------------------------
 
