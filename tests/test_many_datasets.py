@@ -35,6 +35,15 @@ def make_tree(pool):
     return root
 
 
+def tree_server(storage, pool, server_factory):
+    """A server of `storage` for a tree's backups (`local`: receiving under POOL/srvbase)."""
+    base = ""
+    if storage == "local":
+        base = f"{pool.name}/srvbase"
+        zfs("create", "-o", "mountpoint=none", base)
+    return server_factory(storage, base_dataset=base)
+
+
 def env_for(server, root, **extra):
     return {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true",
             "EXCLUDE_DATASETS": f"{root}/skip", **extra}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import hostile
 import rig
-from test_many_datasets import backup_json, env_for, make_tree, zfs
+from test_many_datasets import backup_json, env_for, make_tree, tree_server, zfs
 from test_tree_restore import files
 from zfsmgr import properties
 from zfsmgr.errors import ValidationError
@@ -113,11 +113,7 @@ def test_the_record_is_kept_with_the_manifest_and_survives_a_reindex(tmp_path):
 @pytest.mark.parametrize("storage", ["dir", pytest.param("s3", marks=pytest.mark.s3), "local"])
 def test_a_zfs_fuse_tree_restores_property_by_property(storage, pool, server_factory,
                                                        run_zfsmgr):
-    base = ""
-    if storage == "local":
-        base = f"{pool.name}/srvbase"
-        zfs("create", "-o", "mountpoint=none", base)
-    server = server_factory(storage, base_dataset=base)
+    server = tree_server(storage, pool, server_factory)
     root = make_tree(pool)  # a: compression=gzip-3, b: recordsize=16K, a/x: owner=ann
     zfs("set", "compression=gzip", root)
     zfs("set", "checksum=sha256", f"{root}/a/x")
@@ -142,6 +138,7 @@ def test_a_zfs_fuse_tree_restores_property_by_property(storage, pool, server_fac
     assert expected[f"{root}/a/x"][0]["org.example:owner"] == "bob"
 
     if storage == "local":  # the server received the streams and applied none of it
+        base = f"{pool.name}/srvbase"
         got = zfs("get", "-Hp", "-r", "-s", "local", "-o", "name,property,value",
                   "compression,recordsize,atime,checksum,org.example:owner", base)
         assert got.strip() == "", got

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import rig
-from test_many_datasets import backup_json, env_for, make_tree, statuses, zfs
+from test_many_datasets import backup_json, env_for, make_tree, statuses, tree_server, zfs
 
 pytestmark = [pytest.mark.zfs]
 
@@ -31,11 +31,7 @@ def datasets_under(name):
 @pytest.mark.parametrize("storage", ["dir", pytest.param("s3", marks=pytest.mark.s3), "local"])
 def test_a_tree_restores_whole_with_recursive_and_all(storage, pool, server_factory,
                                                       run_zfsmgr):
-    base = ""
-    if storage == "local":
-        base = f"{pool.name}/srvbase"
-        zfs("create", "-o", "mountpoint=none", base)
-    server = server_factory(storage, base_dataset=base)
+    server = tree_server(storage, pool, server_factory)
     root = make_tree(pool)
     env = env_for(server, root)
     first = backup_json(run_zfsmgr, env)
