@@ -44,6 +44,18 @@ def tree_server(storage, pool, server_factory):
     return server_factory(storage, base_dataset=base)
 
 
+def restore_run(run_zfsmgr, server, root, snapshot, target):
+    """`restore N TARGET --recursive` of `root`'s backup of `snapshot` (N from `restore
+    list`): the tree as that run left it."""
+    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
+                                 check=True).stdout)
+    number = next(r["number"] for r in rows if r["dataset"] == root
+                  and r["snapshot"] == snapshot)
+    done = run_zfsmgr(["restore", "restore", str(number), target, "--recursive"],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+
+
 def env_for(server, root, **extra):
     return {**server.client_env, "LOCAL_DATASET": root, "RECURSIVE": "true",
             "EXCLUDE_DATASETS": f"{root}/skip", **extra}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import hostile
 import rig
-from test_many_datasets import backup_json, env_for, make_tree, tree_server, zfs
+from test_many_datasets import backup_json, env_for, make_tree, restore_run, tree_server, zfs
 from test_tree_restore import files
 from zfsmgr import properties
 from zfsmgr.errors import ValidationError
@@ -166,14 +166,8 @@ def test_a_zfs_fuse_tree_restores_property_by_property(storage, pool, server_fac
     for d in chosen:
         assert own(f"{every}/{d}") == expected[d][0], d
     # `restore N --recursive` of the first run: that run's record (the owner was ann then)
-    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
-                                 check=True).stdout)
-    number = next(r["number"] for r in rows if r["dataset"] == root
-                  and r["snapshot"] == first["snapshot"])
     then = f"{pool.name}/then"
-    done = run_zfsmgr(["restore", "restore", str(number), then, "--recursive"],
-                      env=server.client_env)
-    assert done.returncode == 0, done.stderr
+    restore_run(run_zfsmgr, server, root, first["snapshot"], then)
     assert own(f"{then}/a/x") == {"checksum": "sha256", "org.example:owner": "ann"}
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 import rig
-from test_many_datasets import backup_json, env_for, make_tree, statuses, tree_server, zfs
+from test_many_datasets import (backup_json, env_for, make_tree, restore_run, statuses,
+                                tree_server, zfs)
 
 pytestmark = [pytest.mark.zfs]
 
@@ -68,14 +69,8 @@ def test_a_tree_restores_whole_with_recursive_and_all(storage, pool, server_fact
     assert refused.returncode == 1 and "already exists" in refused.stderr
 
     # restore N --recursive: the tree as that run left it
-    rows = json.loads(run_zfsmgr(["restore", "list", "--json"], env=server.client_env,
-                                 check=True).stdout)
-    number = next(r["number"] for r in rows if r["dataset"] == root
-                  and r["snapshot"] == first["snapshot"])
     then = f"{pool.name}/then"
-    done = run_zfsmgr(["restore", "restore", str(number), then, "--recursive"],
-                      env=server.client_env)
-    assert done.returncode == 0, done.stderr
+    restore_run(run_zfsmgr, server, root, first["snapshot"], then)
     assert files(pool, f"{then}/a") == a_before != expected[f"{root}/a"]
     assert files(pool, f"{then}/a/x") == expected[f"{root}/a/x"]
 
