@@ -26,6 +26,19 @@ DESTROY_PATIENCE = 5.0  # seconds a destroy waits for zfs to settle
 ARGV_LIMIT = 100_000  # bytes of one command line; Linux allows 2 MiB, keep well below
 
 
+def _batches(argv: Sequence[str], names: Sequence[str]) -> List[List[str]]:
+    """`names` in runs that fit one command line after `argv` (none for no names)."""
+    batches: List[List[str]] = []
+    length = base = sum(len(a) + 1 for a in argv)
+    for name in names:
+        if not batches or length + len(name) + 1 > ARGV_LIMIT:
+            batches.append([])
+            length = base
+        batches[-1].append(name)
+        length += len(name) + 1
+    return batches
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A snapshot (or bookmark) as zfs reports it."""
@@ -101,10 +114,11 @@ class Zfs:
         of them; no descendants, no snapshots). A value that holds a tab stays whole; a line
         broken by a newline in a value is left out."""
         argv = [self.zfs, "get", "-Hp", "-s", "local,received", "-o",
-                "name,property,value,source", "all", *datasets]
+                "name,property,value,source", "all"]
         wanted = set(datasets)
         result: Dict[str, Dict[str, tuple]] = {}
-        for line in run(argv).splitlines():
+        listed = "".join(run(argv + batch) for batch in _batches(argv, datasets))
+        for line in listed.splitlines():
             fields = line.split("\t")
             if len(fields) < 4 or fields[0] not in wanted or \
                     fields[-1] not in ("local", "received"):
@@ -140,19 +154,12 @@ class Zfs:
               harmless: Callable[[ZfsError], bool] = lambda exc: False) -> None:
         """Run `argv + names`, split into several calls only where one command line would
         be too long; a failure that is `harmless` is no error."""
-        batches: List[List[str]] = [[]]
-        for name in names:
-            if batches[-1] and sum(len(a) + 1 for a in argv + batches[-1]) + len(name) > \
-                    ARGV_LIMIT:
-                batches.append([])
-            batches[-1].append(name)
-        for batch in batches:
-            if batch:
-                try:
-                    run(argv + batch)
-                except ZfsError as exc:
-                    if not harmless(exc):
-                        raise
+        for batch in _batches(argv, names):
+            try:
+                run(argv + batch)
+            except ZfsError as exc:
+                if not harmless(exc):
+                    raise
 
     def snapshots(self, dataset: str, user_props: Sequence[str] = ()) -> List[Snapshot]:
         """Snapshots of one dataset (not its children), oldest first."""

@@ -1,7 +1,8 @@
 """The property records of a run's datasets: what a stream sent without `-p` cannot carry.
 
 Captured once per pool per run, for the datasets about to be sent (none when every dataset is
-unchanged): one `zfs get -s local,received` names them all. The record travels in the upload
+unchanged): one `zfs get -s local,received` names them all (split only where
+one command line would be too long: zfs.py). The record travels in the upload
 request (zfsmgr/properties.py says what is in it and what is left out).
 """
 
@@ -14,7 +15,6 @@ from zfsmgr import properties
 from zfsmgr.zfs import Zfs, ZfsError
 
 log = logging.getLogger("zfsmgr.client")
-MAX_ARGV = 100_000  # bytes of dataset names per `zfs get` (as the run's `zfs snapshot`)
 
 
 def attach(zfs: Zfs, todo: Sequence[tuple]) -> None:
@@ -26,27 +26,13 @@ def attach(zfs: Zfs, todo: Sequence[tuple]) -> None:
         if backup.records_properties:
             by_pool.setdefault(name.split("/")[0], []).append((name, backup))
     for pool, members in by_pool.items():
-        for batch in _batches(members):
-            try:
-                listing = zfs.own_properties([name for name, _ in batch])
-            except ZfsError as exc:
-                log.warning("%s: cannot read the datasets' properties (%s): sending them"
-                            " without a property record", pool, exc)
-                continue
-            for name, backup in batch:
-                backup.properties = properties.record(
-                    listing.get(name, {}), lambda text, name=name: log.warning("%s: %s", name,
-                                                                               text))
-
-
-def _batches(members: List[tuple]) -> List[List[tuple]]:
-    """`members` in runs whose names fit one command line."""
-    batches: List[List[tuple]] = [[]]
-    length = 0
-    for member in members:
-        if batches[-1] and length + len(member[0]) + 1 > MAX_ARGV:
-            batches.append([])
-            length = 0
-        batches[-1].append(member)
-        length += len(member[0]) + 1
-    return batches
+        try:
+            listing = zfs.own_properties([name for name, _ in members])
+        except ZfsError as exc:
+            log.warning("%s: cannot read the datasets' properties (%s): sending them"
+                        " without a property record", pool, exc)
+            continue
+        for name, backup in members:
+            backup.properties = properties.record(
+                listing.get(name, {}), lambda text, name=name: log.warning("%s: %s", name,
+                                                                           text))
