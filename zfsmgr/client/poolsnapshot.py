@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from zfsmgr import protocol
-from zfsmgr.client.backup import free_snapshot_name, named_by_its_creation
+from zfsmgr.client.backup import (free_snapshot_name, named_by_its_creation,
+                                  wait_for_a_new_second)
 from zfsmgr.client.base import BACKUP_PREFIX, PROP_KIND
 from zfsmgr.client.inventory import Pool
 from zfsmgr.client.selection import under
@@ -81,9 +82,14 @@ def snapshot_pool(zfs: Zfs, pool: Pool, members: List[str], short: str, taken: s
         if all(named_by_its_creation(s) for s in made.values()):
             result.short, result.made, result.listed = made[done[0]].short, made, listed
             return result
+        log.info("%s: the snapshots %s were taken at %s: made again", pool.name, short,
+                 ", ".join(sorted(s.short for s in made.values())))
         for name, snap in made.items():
             discard(name, snap)
-        taken = taken | {short}
+        taken = taken | {short} | {s.short for s in made.values()}
+        # the next name is the second after every one seen, once that second has come: a
+        # name ahead of the clock would be ahead of the snapshot's creation too, every time
+        wait_for_a_new_second(max(seconds))
         short = free_snapshot_name(taken)
     for name in members:
         result.failed[name] = ZfsmgrError(f"the clock of pool {pool.name} disagrees with this"
