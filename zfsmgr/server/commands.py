@@ -165,6 +165,9 @@ def rotate(ctx, client_id: str = "", dry_run: bool = False) -> int:
     return 0
 
 
+_FINISH_SECONDS = 10  # a request in flight gets this long after SIGTERM (the unit allows 60)
+
+
 def serve(ctx) -> int:
     """Run waitress until SIGTERM/SIGINT; expire abandoned uploads in the background."""
     import waitress
@@ -198,9 +201,13 @@ def serve(ctx) -> int:
     stop = threading.Event()
 
     def shutdown(signum, _frame):
-        log.info("signal %d: shutting down (open uploads stay resumable)", signum)
-        stop.set()
-        server.close()
+        if not stop.is_set():
+            log.info("signal %d: shutting down (open uploads stay resumable)", signum)
+            stop.set()
+        # Unwinds waitress's loop (a second signal: the wait for requests in flight). Closing the
+        # server from here instead raced a request still finishing: its worker wrote to the
+        # closed trigger (EBADF, a traceback in the log).
+        raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
@@ -213,10 +220,10 @@ def serve(ctx) -> int:
     log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s)",
              ctx.version, scheme, s.host, server.effective_port, kind, _version_of(waitress))
     try:
-        server.run()
-    except (OSError, ValueError):
-        if not stop.is_set():
-            raise
+        server.run()  # on the signal: stops accepting, waits up to 5 s for requests in flight
+        server.task_dispatcher.shutdown(timeout=_FINISH_SECONDS - 5)  # a part being stored
+    except SystemExit:
+        pass  # a second signal: stop waiting
     return 0
 
 
