@@ -94,8 +94,8 @@ def test_server_sigterm_keeps_uploads_resumable(pool, server_factory):
     assert api.call("GET", "/status")["snapshot_count"] == 0
 
 
-def test_a_commit_in_flight_at_sigterm_finishes_and_the_server_exits_cleanly(server_factory,
-                                                                              tmp_path):
+def test_a_commit_in_flight_at_sigterm_finishes_and_the_server_exits_cleanly(
+        server_factory, tmp_path):
     """SIGTERM while a worker still serves a request: the request gets its grace period and
     the log no traceback (closing the server from the signal handler raced such a worker: it
     wrote to the closed trigger, EBADF, one CI failure in five)."""
