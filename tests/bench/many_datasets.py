@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,7 @@ def main() -> None:
         if srv:
             srv.stop()
         pool.destroy()
+        shutil.rmtree(folder, ignore_errors=True)  # the server's backups: gigabytes
 
 
 if __name__ == "__main__":
