@@ -119,3 +119,43 @@ def test_a_full_store_serves_aborts_expires_and_takes_room_again(small_disk, ser
     listing = request(server.url, "GET", "/snapshots", None, alice)[1]["snapshots"]
     assert len(listing) == 2
     assert "Traceback" not in server.log()
+
+
+@pytest.fixture
+def small_tmp(tmp_path):
+    """A 16 MiB tmpfs (what /tmp often is); yields its path."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(spool)], check=True)
+    yield spool
+    subprocess.run(["umount", "-l", str(spool)], check=True)
+
+
+def test_a_full_temporary_directory_is_a_507_and_the_server_serves_on(
+        small_tmp, server_factory):
+    """Waitress spools request bodies past 512 KiB to TMPDIR: full, it dropped the connection
+    (the client saw a reset and retried for minutes); the body is now read to its end and
+    answered 507, and the next part, once there is room, is taken."""
+    spool = small_tmp
+    server = server_factory("dir", env={"TMPDIR": str(spool), "PART_SIZE": "4M"})
+    alice = auth_of(server.client_env)
+    session = hostile.open_upload(server.url, alice)
+    data = os.urandom(8 << 20)
+    assert session["part_size"] == 4 << 20
+    statuses, _ = hostile.send_parts(server.url, alice, session, data[:4 << 20])
+    assert statuses == [200]  # spooled there (Python picks TMPDIR once, if it can write there)
+    assert fill(spool) > 0
+    status, answer, _ = request(server.url, "POST", f"/upload-stream/{session['upload_id']}/1",
+                                data[4 << 20:], alice)
+    assert status == 507, answer
+    assert answer["message"] == ("the server has no room for request bodies now (its temporary"
+                                 " directory is full): retry later")
+    assert request(server.url, "GET", "/status", None, alice)[0] == 200
+    os.remove(spool / "filler")
+    statuses, declaration = hostile.send_parts(server.url, alice, session, data)
+    assert statuses == [200, 200]
+    assert hostile.commit(server.url, alice, session, declaration)[0] == 200
+    log = server.log_path.read_text()
+    assert f"/upload-stream/{session['upload_id']}/1: 507, the request body could not be" \
+           f" spooled: {spool} is full (No space left on device)" in log, log
+    assert "uncaptured" not in log and "Traceback" not in log, log

@@ -14,16 +14,20 @@ worker threads is counted apart (`Shares`, taken by the application while it wor
 and given back before the answer is written, so a client that sends its next request as soon as
 it has an answer never finds its own last request still counted).
 
-Errors of waitress's own parser (bad framing, oversized headers) are answered as JSON too.
+Errors of waitress's own parser (bad framing, oversized headers) are answered as JSON too. A
+spool that runs out of space (the temporary directory, TMPDIR, is full) stops storing the body
+but reads it to its end and answers 507, instead of waitress dropping the connection.
 This hooks waitress's HTTPChannel/HTTPRequestParser (waitress 3.0, vendored and pinned).
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
 import re
+import tempfile
 import threading
 import urllib.parse
 from typing import Dict, Optional, Tuple
@@ -83,6 +87,34 @@ class Refusal(Error):
         body = json.dumps(protocol.error(self.body)).encode()
         return (f"{self.code} {self.reason}",
                 [("Content-Type", "application/json"), *self.headers], body)
+
+
+class _Spool:
+    """Waitress's buffer of a request body arriving, except that a full disk ends the
+    writing, not the request: the rest of the body is read and dropped (so the client, still
+    sending, hears the answer), the spooled part given back at once."""
+
+    full: Optional[OSError] = None
+
+    def __init__(self, buffer):
+        self._buffer = buffer
+
+    def append(self, data: bytes) -> None:
+        if self.full is not None:
+            return
+        try:
+            self._buffer.append(data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.full = exc
+            self._buffer.close()  # the temporary file goes, and its room with it
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __getattr__(self, name):
+        return getattr(self._buffer, name)
 
 
 class _Limits:
@@ -188,9 +220,17 @@ def channel_class(gate: Gate, base=HTTPChannel):
                 self.content_length, self.expect_continue = 0, False  # no "100 Continue"
             elif limit:  # chunked: the framing counts too, ~10 bytes per chunk
                 self.adj = _Limits(self.adj, limit + limit // 64 + (64 << 10))
+            if self.body_rcv is not None:
+                self.body_rcv.buf = _Spool(self.body_rcv.buf)
 
         def received(self, data):
             consumed = super().received(data)
+            spool = getattr(self.body_rcv, "buf", None)
+            if self.completed and self.error is None and getattr(spool, "full", None):
+                log.error("%s %s: 507, the request body could not be spooled: %s is full (%s)",
+                          self.command, self.path, tempfile.gettempdir(), spool.full.strerror)
+                self.error = Refusal(507, "the server has no room for request bodies now (its"
+                                          " temporary directory is full): retry later")
             if self.error is not None and not isinstance(self.error, Refusal):
                 self.error = Refusal(self.error.code, f"{self.error.reason}: {self.error.body}")
             if self.completed:
