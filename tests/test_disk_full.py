@@ -156,6 +156,15 @@ def test_a_full_temporary_directory_is_a_507_and_the_server_serves_on(
     assert statuses == [200, 200]
     assert hostile.commit(server.url, alice, session, declaration)[0] == 200
     log = server.log_path.read_text()
+    assert f"request bodies spooled in {spool}\n" in log, log
     assert f"/upload-stream/{session['upload_id']}/1: 507, the request body could not be" \
            f" spooled: {spool} is full (No space left on device)" in log, log
     assert "uncaptured" not in log and "Traceback" not in log, log
+
+
+def test_a_tmpdir_python_passes_over_is_said_at_startup(server_factory, tmp_path):
+    missing = tmp_path / "no-such-dir"
+    server = server_factory("dir", env={"TMPDIR": str(missing)})
+    log = server.log_path.read_text()
+    assert f"TMPDIR={missing} cannot be written to: request bodies are spooled in /tmp" \
+           " instead" in log, log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -217,14 +218,29 @@ def serve(ctx) -> int:
 
         threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
     scheme = "http" if certificate is None else "https"
-    log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s)",
-             ctx.version, scheme, s.host, server.effective_port, kind, _version_of(waitress))
+    log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s), request"
+             " bodies spooled in %s", ctx.version, scheme, s.host, server.effective_port, kind,
+             _version_of(waitress), _spool_dir())
     try:
         server.run()  # on the signal: stops accepting, waits up to 5 s for requests in flight
         server.task_dispatcher.shutdown(timeout=_FINISH_SECONDS - 5)  # a part being stored
     except SystemExit:
         pass  # a second signal: stop waiting
     return 0
+
+
+def _spool_dir() -> str:
+    """Where waitress spools request bodies: Python's temporary directory, chosen now for the
+    server's lifetime. A TMPDIR Python cannot write to is passed over for /tmp, silently:
+    said here."""
+    import tempfile
+
+    chosen = tempfile.gettempdir()
+    wanted = os.environ.get("TMPDIR")
+    if wanted and os.path.realpath(wanted) != os.path.realpath(chosen):
+        log.warning("TMPDIR=%s cannot be written to: request bodies are spooled in %s instead",
+                    wanted, chosen)
+    return chosen
 
 
 def _certificate(settings):
