@@ -55,6 +55,34 @@ def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, ser
     assert ": full," in done.stdout
 
 
+def test_a_run_killed_mid_upload_leaves_an_upload_the_next_run_aborts(pool, server_factory,
+                                                                      run_zfsmgr):
+    """kill -9 (the OOM killer, a stop timeout): no abort reaches the server, the upload stays
+    open for a day and, with CLIENT_MAX_UPLOADS=1, every later run was refused (409). The
+    next run, holding the dataset's lock, supersedes it."""
+    server = server_factory("dir", env={"PART_SIZE": "128K", "CLIENT_MAX_UPLOADS": "1"})
+    dataset = pool.create("data")
+    rig.write_files(pool.mountpoint(dataset), seed=5, count=40, size=500_000)
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "gzip",
+           "COMPRESS_LEVEL": "9"}
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 2, 60,
+                   "two parts reached the server")
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = [line.split()[5] for line in server.log().splitlines() if " opened: " in line]
+    assert len(left) == 1
+    time.sleep(1.1)  # a later second: a new key (the same key would replace it anyway)
+    done = run_zfsmgr(["client", "backup"], env=env, check=True)
+    assert ": full," in done.stdout
+    assert f"upload {left[0]} of {dataset} (" in server.log()
+    assert "left by an earlier run: aborted" in server.log()
+    assert not (server.storage_dir / ".uploads" / left[0]).exists()
+    assert len(_snapshots(dataset)) == 1  # the killed run's snapshot went too (cleanup_stale)
+
+
 def test_s3_upload_with_tiny_growing_parts(pool, server_factory, run_zfsmgr):
     # PART_SIZE 5M (S3's minimum) and S3_MAX_PARTS=20: parts double every 2 parts
     server = server_factory("s3", env={"PART_SIZE": "5M", "S3_MAX_PARTS": "20"})

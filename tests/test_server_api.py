@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 import logging
 import zlib
@@ -234,3 +235,98 @@ def test_a_checkin_needs_a_backup_of_the_client_to_be_unchanged_from(server):
     assert checkin("bob", {"dataset": "tank/data", "snapshot": "zfsmgr_1700000000"})[0] == 404
     assert checkin("alice", {"dataset": "../x", "snapshot": "s"})[0] == 400
     assert "bob" not in ctx.ledger.view()["datasets"]
+
+
+def test_an_abort_while_a_part_is_being_staged_waits_for_it_and_removes_everything(
+        server, tmp_path):
+    """A client interrupted mid-part aborts while its part is still being staged: the abort
+    removed the staging under it (503 and a session left open for a day, which cost the
+    client's next run one of its uploads: 409, once in CI)."""
+    ctx, app = server
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000}).encode(), auth("alice"))
+    upload_id = json.loads(body)["upload_id"]
+    reading, go_on = threading.Event(), threading.Event()
+
+    class SlowBody(io.RawIOBase):
+        def __init__(self, data):
+            self.data = data
+
+        def readable(self):
+            return True
+
+        def read(self, size=-1):
+            reading.set()
+            go_on.wait(10)
+            chunk, self.data = self.data[:size], self.data[size:]
+            return chunk
+
+    answers = {}
+
+    def part():
+        environ_body = SlowBody(b"x" * 1000)
+        answers["part"] = call_with_input(app, f"/upload-stream/{upload_id}/0", environ_body,
+                                          1000, auth("alice"))
+
+    def abort():
+        answers["abort"] = call(app, "POST", f"/upload-stream/{upload_id}/abort", b"",
+                                auth("alice"))[0]
+
+    staging = threading.Thread(target=part)
+    staging.start()
+    assert reading.wait(10)  # the part is being staged
+    aborting = threading.Thread(target=abort)
+    aborting.start()
+    time.sleep(0.3)
+    go_on.set()
+    staging.join(10)
+    aborting.join(10)
+    assert answers["abort"] == 200
+    assert answers["part"] in (200, 404)
+    assert not (tmp_path / "b" / ".uploads" / upload_id).exists()
+    assert call(app, "GET", f"/upload-stream/{upload_id}", b"", auth("alice"))[0] == 404
+
+
+def call_with_input(app, path, stream, length, headers):
+    """call(), the body read from `stream` as the server reads it."""
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "",
+               "SERVER_NAME": "t", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+               "wsgi.input": stream, "CONTENT_LENGTH": str(length),
+               "wsgi.errors": io.StringIO()}
+    for name, value in headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    status = {}
+
+    def start(code, hdrs, exc_info=None):
+        status["code"] = int(code.split()[0])
+
+    b"".join(app(environ, start))
+    return status["code"]
+
+
+def test_an_upload_left_by_a_run_that_died_gives_way_to_the_next_upload_of_its_dataset(server):
+    """A killed run leaves its uploads open (a day, the expiry); counted against the client's
+    limit (4), two killed runs of two datasets at once left the third run nothing to open. The
+    client, holding the dataset's lock, says `supersede`: its older uploads of it are dead."""
+    ctx, app = server
+
+    def open_upload(dataset, when, **extra):
+        code, body, _ = call(app, "POST", "/upload", json.dumps({
+            "dataset": dataset, "snapshot": f"zfsmgr_{when}", "type": "full",
+            "compression": "none", "snapshot_time": when, **extra}).encode(), auth("alice"))
+        return code, json.loads(body)
+
+    left = [open_upload(f"tank/d{n}", 1700000000)[1]["upload_id"] for n in range(4)]
+    assert call(app, "POST", f"/upload-stream/{left[0]}/0", b"abc", auth("alice"))[0] == 200
+    code, answer = open_upload("tank/other", 1700000100)
+    assert code == 409 and "4 open uploads" in answer["message"]  # the limit holds
+    code, answer = open_upload("tank/d0", 1700000100)  # not said: both could be live
+    assert code == 409 and "4 open uploads" in answer["message"]
+    code, answer = open_upload("tank/d0", 1700000100, supersede="yes")
+    assert code == 400 and answer["message"] == "supersede must be true or false"
+    code, answer = open_upload("tank/d0", 1700000100, supersede=True)  # its next run
+    assert code == 200, answer
+    assert call(app, "GET", f"/upload-stream/{left[0]}", b"", auth("alice"))[0] == 404
+    assert call(app, "GET", f"/upload-stream/{left[1]}", b"", auth("alice"))[0] == 200
+    assert len(ctx.uploads.table.of_client("alice")) == 4

@@ -114,7 +114,8 @@ class Uploader:
                 "raw_send": features.raw_send, "compressed_send": self._compressed(features),
                 "snapshot_time": snap.creation, "estimated_size": estimate or 0,
                 "storage_type": self.storage_type,
-                "encryption": self._sealing(features).label, "properties": self.properties}
+                "encryption": self._sealing(features).label, "properties": self.properties,
+                "supersede": True}  # this run holds the dataset's lock: older uploads are dead
 
     def _sealing(self, features: Features) -> Encryption:
         """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""

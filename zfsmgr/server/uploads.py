@@ -113,10 +113,20 @@ class Uploads:
         estimate = protocol.validate_count(request.get("estimated_size") or 0, "estimated_size")
         guid = protocol.validate_guid(request.get("guid"))
         parent_guid = protocol.validate_guid(request.get("parent_guid"), "parent_guid")
-        self.quota.fit(client, estimate, parent_key, store=store)
-        for other in self.table.of_client(client.client_id):  # a retry replaces a stale one
-            if other.key == key:
+        supersede = request.get("supersede", False)
+        if not isinstance(supersede, bool):
+            raise protocol.ValidationError("supersede must be true or false")
+        for other in self.table.of_client(client.client_id):
+            if other.key == key:  # a retry replaces a stale one
                 self.abort(other, store)
+            elif supersede and other.dataset == dataset and other.storage_type == store.kind:
+                # the client holds the dataset's lock (zfsmgr's does, one run at a time): an
+                # open upload of it is one a run left when it died (killed, or its abort
+                # failed), which held one of the client's uploads until it expired
+                log.info("upload %s of %s (%s) left by an earlier run: aborted", other.upload_id,
+                         dataset, other.snapshot)
+                self.abort(other, store)
+        self.quota.fit(client, estimate, parent_key, store=store)
         if len(self.table.of_client(client.client_id)) >= self.max_open:
             raise self._too_many(client)
         base, every = self.schedule(store, estimate)
@@ -326,9 +336,12 @@ class Uploads:
             self._session_locks.pop(session.upload_id, None)
 
     def abort(self, session: Session, store: Store) -> None:
-        """Discard an upload and everything staged for it."""
-        store.discard(session.upload_id)
-        self._forget(session)
+        """Discard an upload and everything staged for it, once a part being staged for it
+        has landed (removed under a part being staged, the staging stayed: 503, and the
+        session stayed open until it expired, taking one of the client's uploads)."""
+        with self._session_lock(session.upload_id):
+            store.discard(session.upload_id)
+            self._forget(session)
         self.quota.release(store, session)
 
     def expire(self, stores: Dict[str, Store], now: Optional[float] = None) -> List[str]:
