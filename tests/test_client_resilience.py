@@ -30,6 +30,16 @@ def _snapshots(dataset):
     return [line.split("\t") for line in out.splitlines() if line]
 
 
+def _backup_under_way(server, env) -> subprocess.Popen:
+    """`client backup` started, once two of its parts reached the server."""
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 2, 60,
+                   "two parts reached the server")
+    return proc
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, server_factory,
                                                                   run_zfsmgr):
@@ -38,11 +48,7 @@ def test_interrupted_backup_leaves_nothing_and_the_next_run_works(sig, pool, ser
     rig.write_files(pool.mountpoint(dataset), seed=3, count=40, size=500_000)
     env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "gzip",
            "COMPRESS_LEVEL": "9"}
-    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
-                            env=rig.clean_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 2, 60,
-                   "two parts reached the server")
+    proc = _backup_under_way(server, env)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -65,11 +71,7 @@ def test_a_run_killed_mid_upload_leaves_an_upload_the_next_run_aborts(pool, serv
     rig.write_files(pool.mountpoint(dataset), seed=5, count=40, size=500_000)
     env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "gzip",
            "COMPRESS_LEVEL": "9"}
-    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
-                            env=rig.clean_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    rig.wait_until(lambda: server.log().count("/upload-stream/") >= 2, 60,
-                   "two parts reached the server")
+    proc = _backup_under_way(server, env)
     proc.kill()
     proc.communicate(timeout=60)
     left = [line.split()[5] for line in server.log().splitlines() if " opened: " in line]
