@@ -339,9 +339,11 @@ class Uploads:
         """Discard an upload and everything staged for it, once a part being staged for it
         has landed (removed under a part being staged, the staging stayed: 503, and the
         session stayed open until it expired, taking one of the client's uploads)."""
-        with self._session_lock(session.upload_id):
+        turn = self._session_lock(session.upload_id)
+        with turn:
             store.discard(session.upload_id)
             self._forget(session)
+            turn.notify_all()  # a part waiting for its turn finds the upload gone at once
         self.quota.release(store, session)
 
     def expire(self, stores: Dict[str, Store], now: Optional[float] = None) -> List[str]:
