@@ -330,3 +330,26 @@ def test_an_upload_left_by_a_run_that_died_gives_way_to_the_next_upload_of_its_d
     assert call(app, "GET", f"/upload-stream/{left[0]}", b"", auth("alice"))[0] == 404
     assert call(app, "GET", f"/upload-stream/{left[1]}", b"", auth("alice"))[0] == 200
     assert len(ctx.uploads.table.of_client("alice")) == 4
+
+
+def test_an_abort_wakes_a_part_waiting_for_its_turn(server, monkeypatch):
+    """Part 2 arrives while part 1 has not begun: it waits for it (PART_WAIT). An abort
+    meanwhile wakes it: it finds the upload gone at once instead of waiting out PART_WAIT."""
+    from zfsmgr.server import uploads
+
+    monkeypatch.setattr(uploads, "PART_WAIT", 3600.0)
+    ctx, app = server
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
+        "snapshot_time": 1700000000}).encode(), auth("alice"))
+    upload_id = json.loads(body)["upload_id"]
+    assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"a" * 100, auth("alice"))[0] == 200
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(call(
+        app, "POST", f"/upload-stream/{upload_id}/2", b"c" * 100, auth("alice"))[0]))
+    waiting.start()
+    time.sleep(0.3)  # part 2 waits for part 1
+    assert waiting.is_alive()
+    assert call(app, "POST", f"/upload-stream/{upload_id}/abort", b"", auth("alice"))[0] == 200
+    waiting.join(30)
+    assert not waiting.is_alive() and answers and answers[0] in (404, 409), answers
