@@ -21,10 +21,13 @@ from zfsmgr.server.context import ServerContext
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key", "carol": "carol-key"}
 
 
-def call(app, method, path, body=b"", headers=None, query=""):
+def call(app, method, path, body=b"", headers=None, query="", stream=None):
+    """One request to the app: (status, body, headers); `stream`: (file, length), the body
+    read from that file as the server reads it."""
+    source, length = stream or (io.BytesIO(body), len(body))
     environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
                "SERVER_NAME": "t", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "wsgi.input": source, "CONTENT_LENGTH": str(length),
                "wsgi.errors": io.StringIO()}
     for name, value in (headers or {}).items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
@@ -164,12 +167,17 @@ def test_quota_refused_up_front_and_mid_stream(server, tmp_path):
     assert not list((tmp_path / "b").rglob("data"))
 
 
+def open_session(app, dataset="tank/data", snapshot="s1", when=1700000000, **extra):
+    """alice's POST /upload of a full backup: (status, answer)."""
+    code, body, _ = call(app, "POST", "/upload", json.dumps({
+        "dataset": dataset, "snapshot": snapshot, "type": "full", "compression": "none",
+        "snapshot_time": when, **extra}).encode(), auth("alice"))
+    return code, json.loads(body)
+
+
 def _upload_of_abc(app) -> str:
     """alice opens an upload and sends one part, b"abc"; the upload's commit path."""
-    code, body, _ = call(app, "POST", "/upload", json.dumps({
-        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
-        "snapshot_time": 1700000000}).encode(), auth("alice"))
-    upload_id = json.loads(body)["upload_id"]
+    upload_id = open_session(app)[1]["upload_id"]
     assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"abc", auth("alice"))[0] == 200
     return f"/upload-stream/{upload_id}/commit"
 
@@ -243,10 +251,7 @@ def test_an_abort_while_a_part_is_being_staged_waits_for_it_and_removes_everythi
     removed the staging under it (503 and a session left open for a day, which cost the
     client's next run one of its uploads: 409, once in CI)."""
     ctx, app = server
-    code, body, _ = call(app, "POST", "/upload", json.dumps({
-        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
-        "snapshot_time": 1700000000}).encode(), auth("alice"))
-    upload_id = json.loads(body)["upload_id"]
+    upload_id = open_session(app)[1]["upload_id"]
     reading, go_on = threading.Event(), threading.Event()
 
     class SlowBody(io.RawIOBase):
@@ -266,8 +271,8 @@ def test_an_abort_while_a_part_is_being_staged_waits_for_it_and_removes_everythi
 
     def part():
         environ_body = SlowBody(b"x" * 1000)
-        answers["part"] = call_with_input(app, f"/upload-stream/{upload_id}/0", environ_body,
-                                          1000, auth("alice"))
+        answers["part"] = call(app, "POST", f"/upload-stream/{upload_id}/0",
+                               headers=auth("alice"), stream=(environ_body, 1000))[0]
 
     def abort():
         answers["abort"] = call(app, "POST", f"/upload-stream/{upload_id}/abort", b"",
@@ -288,23 +293,6 @@ def test_an_abort_while_a_part_is_being_staged_waits_for_it_and_removes_everythi
     assert call(app, "GET", f"/upload-stream/{upload_id}", b"", auth("alice"))[0] == 404
 
 
-def call_with_input(app, path, stream, length, headers):
-    """call(), the body read from `stream` as the server reads it."""
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "",
-               "SERVER_NAME": "t", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
-               "wsgi.input": stream, "CONTENT_LENGTH": str(length),
-               "wsgi.errors": io.StringIO()}
-    for name, value in headers.items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    status = {}
-
-    def start(code, hdrs, exc_info=None):
-        status["code"] = int(code.split()[0])
-
-    b"".join(app(environ, start))
-    return status["code"]
-
-
 def test_an_upload_left_by_a_run_that_died_gives_way_to_the_next_upload_of_its_dataset(server):
     """A killed run leaves its uploads open (a day, the expiry); counted against the client's
     limit (4), two killed runs of two datasets at once left the third run nothing to open. The
@@ -312,10 +300,7 @@ def test_an_upload_left_by_a_run_that_died_gives_way_to_the_next_upload_of_its_d
     ctx, app = server
 
     def open_upload(dataset, when, **extra):
-        code, body, _ = call(app, "POST", "/upload", json.dumps({
-            "dataset": dataset, "snapshot": f"zfsmgr_{when}", "type": "full",
-            "compression": "none", "snapshot_time": when, **extra}).encode(), auth("alice"))
-        return code, json.loads(body)
+        return open_session(app, dataset, f"zfsmgr_{when}", when, **extra)
 
     left = [open_upload(f"tank/d{n}", 1700000000)[1]["upload_id"] for n in range(4)]
     assert call(app, "POST", f"/upload-stream/{left[0]}/0", b"abc", auth("alice"))[0] == 200
@@ -339,10 +324,7 @@ def test_an_abort_wakes_a_part_waiting_for_its_turn(server, monkeypatch):
 
     monkeypatch.setattr(uploads, "PART_WAIT", 3600.0)
     ctx, app = server
-    code, body, _ = call(app, "POST", "/upload", json.dumps({
-        "dataset": "tank/data", "snapshot": "s1", "type": "full", "compression": "none",
-        "snapshot_time": 1700000000}).encode(), auth("alice"))
-    upload_id = json.loads(body)["upload_id"]
+    upload_id = open_session(app)[1]["upload_id"]
     assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"a" * 100, auth("alice"))[0] == 200
     answers = []
     waiting = threading.Thread(target=lambda: answers.append(call(
