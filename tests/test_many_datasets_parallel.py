@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import pytest
 
@@ -163,3 +165,60 @@ exec {real} "$@"
     assert once.exists()
     assert rig.sh("zfs", "list", "-H", "-o", "name", f"{base}/c1/tank_data").strip() == \
         f"{base}/c1/tank_data"
+
+
+def test_the_marker_waits_for_a_batch_or_the_runs_end(monkeypatch):
+    """Rounds of BATCH backups; the rest at close; one alone after BATCH_WAIT."""
+    import threading
+
+    from zfsmgr.client import marker as marker_module
+
+    rounds, done = [], []
+    monkeypatch.setattr(marker_module, "mark_bases",
+                        lambda zfs, items, tag: rounds.append(len(items)) or {})
+    monkeypatch.setattr(marker_module, "BATCH_WAIT", 60.0)
+    marker = marker_module.Marker(None, "tag", lambda item, payload, exc: done.append(payload))
+    for n in range(3):
+        marker.add(Committed(f"p/d{n}", None, None), n)
+    time.sleep(0.5)
+    assert rounds == []  # waiting for a fourth
+    marker.add(Committed("p/d3", None, None), 3)
+    rig.wait_until(lambda: rounds == [4], 10, "a first round of four")
+    assert done == [0, 1, 2, 3]
+    for n in (4, 5):
+        marker.add(Committed(f"p/d{n}", None, None), n)
+    marker.close()  # the run's end: the rest at once
+    assert rounds == [4, 2] and done == list(range(6))
+
+    monkeypatch.setattr(marker_module, "BATCH_WAIT", 0.2)
+    marked = threading.Event()
+    marker = marker_module.Marker(None, "tag", lambda item, payload, exc: marked.set())
+    marker.add(Committed("p/alone", None, None), 0)
+    assert marked.wait(10)  # without close: a lone backup is not left unmarked for long
+    marker.close()
+
+
+@pytest.mark.zfs
+def test_a_run_marks_its_bases_in_batches(pool, server_factory, run_zfsmgr, tmp_path):
+    """Eight datasets: two rounds of `zfs hold`, `zfs set`, `zfs release`, not eight."""
+    server = server_factory("dir", env={"PART_SIZE": "128K"})
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(8)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    log = tmp_path / "zfs-calls"
+    wrapper = tmp_path / "zfs"
+    zfs = shutil.which("zfs") or "/sbin/zfs"
+    wrapper.write_text(f"#!/bin/sh\necho \"$1\" >> {log}\nexec {zfs} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children), "ZFSMGR_ZFS": str(wrapper)}
+    assert run_zfsmgr(["client", "backup"], env=env).returncode == 0
+    _write(pool, children, 1)
+    log.unlink()
+    done = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert {d["status"] for d in json.loads(done.stdout)["datasets"]} == {"incremental"}
+    calls = log.read_text().split()
+    assert calls.count("send") == 8 and calls.count("destroy") == 8  # each older base goes
+    for verb in ("hold", "set", "release"):
+        assert 1 <= calls.count(verb) <= 3, (verb, calls)
