@@ -167,6 +167,60 @@ exec {real} "$@"
         f"{base}/c1/tank_data"
 
 
+@pytest.mark.zfs
+def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory, run_zfsmgr,
+                                                           monkeypatch, capsys, tmp_path):
+    """One upload at a time: once a stream is read to its end, the next dataset's `zfs send`
+    starts (before that upload's commit), and its upload takes that very send (one `zfs send`
+    per dataset). The client runs in this process to see the order of its calls."""
+    import signal
+
+    from zfsmgr import cli, protocol
+    from zfsmgr.remote import ServerClient
+
+    server = server_factory("dir", env={"PART_SIZE": "128K", "CLIENT_MAX_REQUESTS": "2"})
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(3)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children)}
+    assert run_zfsmgr(["client", "backup"], env=env).returncode == 0
+    _write(pool, children, 1)
+
+    events, datasets = [], {}
+    send, call = Zfs.send, ServerClient.call
+
+    def spy_send(self, snapshot, *args, **kwargs):
+        events.append(("send", snapshot.split("@")[0]))
+        return send(self, snapshot, *args, **kwargs)
+
+    def spy_call(self, method, path, payload=None, query=None):
+        answer = call(self, method, path, payload, query)
+        if path == protocol.UPLOAD:
+            datasets[answer["upload_id"]] = payload["dataset"]
+        elif path.endswith("/commit"):
+            events.append(("commit", datasets[path.split("/")[2]]))
+        return answer
+
+    monkeypatch.setattr(Zfs, "send", spy_send)
+    monkeypatch.setattr(ServerClient, "call", spy_call)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["client", "backup", "--json"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    report = json.loads(capsys.readouterr().out)
+    assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
+        c: "incremental" for c in children}
+    assert [e for e in events if e[0] == "send"] == [("send", c) for c in children], events
+    for before, after in zip(children, children[1:]):
+        assert events.index(("send", after)) < events.index(("commit", before)), events
+    assert "zfs send" not in rig.sh("ps", "-eo", "args")  # no send left behind
+
+
 def test_the_marker_waits_for_a_batch_or_the_runs_end(monkeypatch):
     """Rounds of BATCH backups; the rest at close; one alone after BATCH_WAIT."""
     import threading

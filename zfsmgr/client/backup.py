@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from zfsmgr import protocol
 from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_KIND, PROPS, Base,
@@ -183,14 +183,19 @@ class Backup(Uploader):
         self.mark(snap)
         return result
 
-    def upload(self, snap: Snapshot) -> Result:
-        """Send the new snapshot from the prepared base; a failed send destroys the snapshot
-        (the next run starts clean)."""
+    def upload(self, snap: Snapshot, at_end: Optional[Callable[[], None]] = None) -> Result:
+        """Send the new snapshot from the prepared base (`at_end`: called once its stream is
+        read); a failed send destroys the snapshot (the next run starts clean)."""
         try:
-            return self._upload(snap, self.base, self.features, fallback=self.mode == "auto")
+            return self._upload(snap, self.base, self.features, fallback=self.mode == "auto",
+                                at_end=at_end)
         except BaseException:
             self.discard(snap)
             raise
+
+    def send_early(self, snap: Snapshot) -> None:
+        """Start the new snapshot's `zfs send` before its upload (Uploader.start_early)."""
+        self.start_early(snap, self.base, self.features)
 
     def mark(self, snap: Snapshot) -> None:
         """Make the committed snapshot this server's base (until then, or if this fails, the
@@ -204,6 +209,7 @@ class Backup(Uploader):
     def discard(self, snap: Snapshot, attempts: int = 3) -> None:
         """Destroy a snapshot that was not sent, patiently (zfs-fuse keeps it busy a moment
         after a killed send); if it stays, the next run removes it (cleanup_stale)."""
+        self.drop_early()
         for attempt in range(attempts):
             try:
                 self.zfs.destroy(snap.name)

@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from zfsmgr import protocol
 from zfsmgr.client.base import Base
@@ -28,6 +28,7 @@ from zfsmgr.files import CHUNK
 from zfsmgr.errors import ServerError, ServerUnreachable, StreamChanged, ZfsmgrError
 from zfsmgr.progress import Progress, human
 from zfsmgr.remote import ServerClient
+from zfsmgr.runner import StreamingCommand
 from zfsmgr.storage.base import crc32_hex
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
@@ -72,6 +73,7 @@ class Uploader:
 
     records_properties = False  # this dataset's streams go without -p, with a record
     properties: Optional[dict] = None
+    _early: Optional[Tuple[tuple, StreamingCommand]] = None  # a send started ahead: start_early
 
     def __init__(self, api: ServerClient, zfs: Zfs, dataset: str, compression: str, level: int,
                  storage_type: str = "", progress: Optional[Callable[..., Progress]] = None,
@@ -117,12 +119,52 @@ class Uploader:
                 "encryption": self._sealing(features).label, "properties": self.properties,
                 "supersede": True}  # this run holds the dataset's lock: older uploads are dead
 
+    def _send_args(self, snap: Snapshot, base: Optional[Base], features: Features) -> tuple:
+        return (snap.name, base.name if base else None, features.raw_send,
+                self._compressed(features), self.send_properties)
+
+    def start_early(self, snap: Snapshot, base: Optional[Base], features: Features) -> None:
+        """Start the `zfs send` of an upload that has not opened yet, so that its stream is
+        flowing when it does (a run starts the next dataset's send while the last part and
+        the commit of the one before are under way). The upload takes it if it sends that
+        same stream; whatever is not taken is killed when the upload ends (drop_early)."""
+        self.drop_early()
+        args = self._send_args(snap, base, features)
+        self._early = (args, self.zfs.send(args[0], args[1], raw=args[2], compressed=args[3],
+                                           properties=args[4]))
+
+    def drop_early(self) -> None:
+        """Kill a send started ahead that no upload took."""
+        early, self._early = self._early, None
+        if early is not None:
+            early[1].kill()
+
+    def _start_send(self, snap: Snapshot, base: Optional[Base],
+                    features: Features) -> StreamingCommand:
+        args = self._send_args(snap, base, features)
+        early, self._early = self._early, None
+        if early is not None:
+            if early[0] == args:
+                return early[1]
+            early[1].kill()  # the base changed since (a full backup was required)
+        return self.zfs.send(args[0], args[1], raw=args[2], compressed=args[3],
+                             properties=args[4])
+
     def _sealing(self, features: Features) -> Encryption:
         """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""
         return Encryption() if features.raw_send else self.encryption
 
     def _upload(self, snap: Snapshot, base: Optional[Base], features: Features,
-                fallback: bool = False) -> Result:
+                fallback: bool = False, at_end: Optional[Callable[[], None]] = None) -> Result:
+        """Send `snap` from `base` and commit it (`at_end`: called once the stream is read to
+        its end, while its last part and the commit are still to come)."""
+        try:
+            return self._send_and_commit(snap, base, features, fallback, at_end)
+        finally:
+            self.drop_early()
+
+    def _send_and_commit(self, snap: Snapshot, base: Optional[Base], features: Features,
+                         fallback: bool, at_end: Optional[Callable[[], None]]) -> Result:
         # ciphertext won't shrink, and -c blocks are compressed already
         codec = "none" if features.raw_send or self._compressed(features) else self.compression
         if codec == "zstd" and not zstd_available():
@@ -157,13 +199,10 @@ class Uploader:
                         sent = self._resume(state, features, codec, session,
                                             request["estimated_size"])
                     else:
-                        send = self.zfs.send(snap.name, base.name if base else None,
-                                             raw=features.raw_send,
-                                             compressed=self._compressed(features),
-                                             properties=self.send_properties)
-                        sent = self._stream(send, f"backup {snap.name}", codec, session,
+                        sent = self._stream(self._start_send(snap, base, features),
+                                            f"backup {snap.name}", codec, session,
                                             state["parts"], 0, request["estimated_size"],
-                                            self._sealing(features))
+                                            self._sealing(features), at_end)
                     manifest = self.api.call(
                         "POST", protocol.UPLOAD_COMMIT.format(upload_id=session["upload_id"]),
                         sent.commit_request())["manifest"]
@@ -244,7 +283,8 @@ class Uploader:
         return sent
 
     def _stream(self, send, label, codec, session, held, first, estimate,
-                sealing: Encryption = Encryption()) -> Sent:
+                sealing: Encryption = Encryption(),
+                at_end: Optional[Callable[[], None]] = None) -> Sent:
         """Send the stream of `send` once as parts from `first` on, skipping (and checking)
         the parts the server holds."""
         total, crcs = hashlib.sha256(), []
@@ -257,13 +297,14 @@ class Uploader:
                 stream = ReadAhead(sealed)
                 try:
                     stored = self._send_parts(stream, session, held, first, total, crcs,
-                                              counted, progress)
+                                              counted, progress, at_end)
                 finally:
                     stream.close()
         progress.finish()
         return Sent(counted.count, stored, total.hexdigest(), protocol.parts_checksum(crcs))
 
-    def _send_parts(self, stream, session, held, first, total, crcs, counted, progress):
+    def _send_parts(self, stream, session, held, first, total, crcs, counted, progress,
+                    at_end: Optional[Callable[[], None]] = None):
         """Upload the stream as parts `first`, first+1, ..., skipping (after checking) the
         parts the server holds; the sha256 of the stream goes into `total`, the CRC-32 of each
         part into `crcs`.
@@ -300,6 +341,8 @@ class Uploader:
             else:
                 head = stream.read(min(CHUNK, size))
                 if not head:
+                    if at_end is not None:
+                        at_end()
                     break
                 sent = [0, 0]  # bytes, CRC-32
 
