@@ -2,7 +2,7 @@
 directory-store server on loopback). Prints figures; asserts nothing.
 
     python3 tests/bench/many_datasets.py [--datasets 100] [--changed 20] [--size 64M]
-                                         [--parallel 4] [--pool-size 4G]
+                                         [--parallel 4] [--pool-size 4G] [--rounds 3]
 
 1. `--datasets` empty datasets, second run with nothing changed: wall time and `zfs`
    invocations (counted by a wrapper given as ZFSMGR_ZFS), per dataset and in all, against the
@@ -10,7 +10,9 @@ directory-store server on loopback). Prints figures; asserts nothing.
 2. `--changed` datasets with `--size`/N of new data each: aggregate MiB/s of the incremental
    run, one dataset at a time, as many as the default (PARALLEL unset: two where the server's
    share allows) and `--parallel` at once, against one dataset with `--size` of new data; the
-   pool's image is `--pool-size` (default: room for all of that).
+   pool's image is `--pool-size` (default: room for all of that). Single runs on a shared
+   machine scatter by ±25%, so `--rounds` rounds run interleaved (the order of the modes
+   turns), each ratio is against the one-dataset run of its own round, and medians are printed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,12 +80,24 @@ def fill(path: Path, size: int, seed: int) -> None:
     os.sync()
 
 
+def refill(path: Path, size: int, seed: int) -> None:
+    """New data in place of the last round's (the pool does not fill up), settled on disk."""
+    for old in path.glob("data*.bin"):
+        old.unlink()
+    with open(path / f"data{seed}.bin", "wb") as out:
+        for _ in range(0, size, 8 << 20):
+            out.write(os.urandom(min(8 << 20, size)))
+    os.sync()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--datasets", type=int, default=100)
     parser.add_argument("--changed", type=int, default=20)
     parser.add_argument("--size", default="64M")
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the changed runs (medians are printed)")
     parser.add_argument("--pool-size", default="",
                         help="the pool's image file (default: room for 4 x --size of data)")
     args = parser.parse_args()
@@ -132,24 +147,33 @@ def main() -> None:
         env_big = {**client, "LOCAL_DATASET": big}
         run(env_wide, log)
         run(env_big, log)
-        fill(pool.mountpoint(big), each * args.changed, 2)
-        t_big, _, r_big = run(env_big, log)
-        rows = []
-        for seed, label, parallel in ((3, "one at a time", "1"), (4, "default", ""),
-                                      (5, f"PARALLEL={args.parallel}", str(args.parallel))):
-            for i in range(args.changed):
-                fill(pool.mountpoint(f"{wide}/d{i:02d}"), each, seed)
-            took, calls, report = run({**env_wide, **({"PARALLEL": parallel} if parallel
-                                                      else {})}, log)
-            rows.append((f"{label} ({calls} zfs calls)", took, report))
+        modes = [("one at a time", "1"), ("default", ""),
+                 (f"PARALLEL={args.parallel}", str(args.parallel))]
+        rates = {label: [] for label in ["one dataset"] + [m[0] for m in modes]}
+        ratios = {label: [] for label, _ in modes}
+        calls_of = {}
         mib = 1 << 20
-        rate_big = r_big["raw_size"] / t_big / mib
-        print(f"changed: one dataset of {each * args.changed / mib:.0f} MiB: {rate_big:.1f}"
-              f" MiB/s ({t_big:.2f}s)")
-        for label, took, report in rows:
-            rate = report["raw_size"] / took / mib
-            print(f"  {args.changed} datasets x {each / mib:.1f} MiB, {label}: {rate:.1f} MiB/s"
-                  f" ({took:.2f}s), ratio {rate / rate_big:.2f} (target >= 0.9)")
+        for round_ in range(args.rounds):  # the modes' order turns each round: none always
+            order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]  # goes first
+            refill(pool.mountpoint(big), each * args.changed, 10 + round_)
+            t_big, _, r_big = run(env_big, log)
+            rate_big = r_big["raw_size"] / t_big / mib
+            rates["one dataset"].append(rate_big)
+            for label, parallel in order:
+                for i in range(args.changed):
+                    refill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 100 + round_)
+                took, calls_of[label], report = run(
+                    {**env_wide, **({"PARALLEL": parallel} if parallel else {})}, log)
+                rates[label].append(report["raw_size"] / took / mib)
+                ratios[label].append(rates[label][-1] / rate_big)
+        print(f"changed ({args.rounds} rounds, medians; each round's ratio against the one"
+              f" dataset of that round): one dataset of {each * args.changed / mib:.0f} MiB:"
+              f" {statistics.median(rates['one dataset']):.1f} MiB/s")
+        for label, _ in modes:
+            print(f"  {args.changed} datasets x {each / mib:.1f} MiB, {label}"
+                  f" ({calls_of[label]} zfs calls): {statistics.median(rates[label]):.1f} MiB/s,"
+                  f" ratio {statistics.median(ratios[label]):.2f} (target >= 0.9; rounds:"
+                  f" {', '.join(f'{r:.2f}' for r in ratios[label])})")
     finally:
         if srv:
             srv.stop()
