@@ -81,13 +81,19 @@ def fill(path: Path, size: int, seed: int) -> None:
 
 
 def refill(path: Path, size: int, seed: int) -> None:
-    """New data in place of the last round's (the pool does not fill up), settled on disk."""
+    """New data in place of the last round's (the pool does not fill up)."""
     for old in path.glob("data*.bin"):
         old.unlink()
     with open(path / f"data{seed}.bin", "wb") as out:
         for _ in range(0, size, 8 << 20):
             out.write(os.urandom(min(8 << 20, size)))
+
+
+def settle(pool) -> None:
+    """Put what was written on the pool's disk before a measured run: zfs-fuse keeps writes
+    in its open transaction for up to 30 s, and the run's `zfs snapshot` would write them."""
     os.sync()
+    rig.sh("zfs", "set", f"bench:settled={time.monotonic_ns()}", pool.name)  # a pool sync
 
 
 def main() -> None:
@@ -156,12 +162,14 @@ def main() -> None:
         for round_ in range(args.rounds):  # the modes' order turns each round: none always
             order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]  # goes first
             refill(pool.mountpoint(big), each * args.changed, 10 + round_)
+            settle(pool)
             t_big, _, r_big = run(env_big, log)
             rate_big = r_big["raw_size"] / t_big / mib
             rates["one dataset"].append(rate_big)
             for label, parallel in order:
                 for i in range(args.changed):
                     refill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 100 + round_)
+                settle(pool)
                 took, calls_of[label], report = run(
                     {**env_wide, **({"PARALLEL": parallel} if parallel else {})}, log)
                 rates[label].append(report["raw_size"] / took / mib)
