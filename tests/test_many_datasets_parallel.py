@@ -5,6 +5,7 @@ bases in batches (base.mark_bases) while the next ones stream."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -207,11 +208,13 @@ def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
-    sigterm = signal.getsignal(signal.SIGTERM)
+    sigterm, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         assert cli.main(["client", "backup", "--json"]) == 0
-    finally:
+    finally:  # what main set up for the process: later tests must not log to this one's stderr
         signal.signal(signal.SIGTERM, sigterm)
+        root.handlers[:], root.level = handlers, level
     report = json.loads(capsys.readouterr().out)
     assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
         c: "incremental" for c in children}
