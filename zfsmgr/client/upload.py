@@ -130,8 +130,7 @@ class Uploader:
         same stream; whatever is not taken is killed when the upload ends (drop_early)."""
         self.drop_early()
         args = self._send_args(snap, base, features)
-        self._early = (args, self.zfs.send(args[0], args[1], raw=args[2], compressed=args[3],
-                                           properties=args[4]))
+        self._early = (args, self._spawn_send(args))
 
     def drop_early(self) -> None:
         """Kill a send started ahead that no upload took."""
@@ -147,8 +146,11 @@ class Uploader:
             if early[0] == args:
                 return early[1]
             early[1].kill()  # the base changed since (a full backup was required)
-        return self.zfs.send(args[0], args[1], raw=args[2], compressed=args[3],
-                             properties=args[4])
+        return self._spawn_send(args)
+
+    def _spawn_send(self, args: tuple) -> StreamingCommand:
+        name, base, raw, compressed, properties = args
+        return self.zfs.send(name, base, raw=raw, compressed=compressed, properties=properties)
 
     def _sealing(self, features: Features) -> Encryption:
         """ENCRYPT, except for a raw send: that is ciphertext already, never wrapped twice."""
