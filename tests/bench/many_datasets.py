@@ -13,6 +13,10 @@ directory-store server on loopback). Prints figures; asserts nothing.
    pool's image is `--pool-size` (default: room for all of that). Single runs on a shared
    machine scatter by ±25%, so `--rounds` rounds run interleaved (the order of the modes
    turns), each ratio is against the one-dataset run of its own round, and medians are printed.
+   The measured runs call `zfs` itself (a counting wrapper costs a shell per call, five times
+   as many in the run over many datasets); each mode's calls are counted in one more run after
+   the rounds. Where /proc is (Linux), each run's CPU is split into the client with its `zfs`
+   processes, the server and the zfs-fuse daemon, and what each extra dataset costs is printed.
 """
 
 from __future__ import annotations
@@ -60,18 +64,48 @@ def server(folder: Path, parallel: int):
                   "STATE_DIR": str(folder / "state"), "COMPRESS": "none"}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (0 where /proc is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid() -> int:
+    found = subprocess.run(["pgrep", "-o", "zfs-fuse"], capture_output=True, text=True)
+    return int(found.stdout.split()[0]) if found.stdout.strip() else 0
+
+
+class Run:
+    """One `client backup --json`: wall seconds, zfs calls (with the counting wrapper), the
+    report, and CPU seconds {client: with its zfs processes, server, zfs-fuse}."""
+
+    def __init__(self, env: dict, log: Path, server_pid: int):
+        if log.exists():
+            log.unlink()
+        daemon, before = daemon_pid(), os.times()
+        server, fuse = cpu_seconds(server_pid), cpu_seconds(daemon)
+        started = time.monotonic()
+        done = rig.run_zfsmgr(["client", "backup", "--json"], env=env, timeout=3600)
+        self.took = time.monotonic() - started
+        after = os.times()
+        if done.returncode != 0:
+            raise SystemExit(f"backup failed: {done.stderr[-2000:]}")
+        self.cpu = {"client": after.children_user + after.children_system
+                    - before.children_user - before.children_system,
+                    "server": cpu_seconds(server_pid) - server,
+                    "zfs-fuse": cpu_seconds(daemon) - fuse}
+        self.calls = len(log.read_text().splitlines()) if log.exists() else 0
+        self.report = json.loads(done.stdout)
+        time.sleep(1.1)
+
+
 def run(env: dict, log: Path) -> tuple:
     """One `client backup --json`: (seconds, zfs calls, report)."""
-    if log.exists():
-        log.unlink()
-    started = time.monotonic()
-    done = rig.run_zfsmgr(["client", "backup", "--json"], env=env, timeout=3600)
-    took = time.monotonic() - started
-    if done.returncode != 0:
-        raise SystemExit(f"backup failed: {done.stderr[-2000:]}")
-    calls = len(log.read_text().splitlines()) if log.exists() else 0
-    time.sleep(1.1)
-    return took, calls, json.loads(done.stdout)
+    done = Run(env, log, 0)
+    return done.took, done.calls, done.report
 
 
 def fill(path: Path, size: int, seed: int) -> None:
@@ -151,37 +185,57 @@ def main() -> None:
         big = pool.create("big")
         env_wide = {**client, "LOCAL_DATASET": wide, "RECURSIVE": "true"}
         env_big = {**client, "LOCAL_DATASET": big}
-        run(env_wide, log)
-        run(env_big, log)
+        for env in (env_wide, env_big):  # the full backups
+            run(env, log)
         modes = [("one at a time", "1"), ("default", ""),
                  (f"PARALLEL={args.parallel}", str(args.parallel))]
-        rates = {label: [] for label in ["one dataset"] + [m[0] for m in modes]}
+        runs = {label: [] for label in ["one dataset"] + [m[0] for m in modes]}
         ratios = {label: [] for label, _ in modes}
-        calls_of = {}
         mib = 1 << 20
+
+        def changed(parallel: str, seed: int, counted: bool = False) -> Run:
+            for i in range(args.changed):
+                refill(pool.mountpoint(f"{wide}/d{i:02d}"), each, seed)
+            settle(pool)
+            env = {**env_wide, **({"PARALLEL": parallel} if parallel else {})}
+            if not counted:
+                env.pop("ZFSMGR_ZFS")
+            return Run(env, log, srv.proc.pid)
+
         for round_ in range(args.rounds):  # the modes' order turns each round: none always
             order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]  # goes first
             refill(pool.mountpoint(big), each * args.changed, 10 + round_)
             settle(pool)
-            t_big, _, r_big = run(env_big, log)
-            rate_big = r_big["raw_size"] / t_big / mib
-            rates["one dataset"].append(rate_big)
+            one = Run({k: v for k, v in env_big.items() if k != "ZFSMGR_ZFS"}, log,
+                      srv.proc.pid)
+            runs["one dataset"].append(one)
             for label, parallel in order:
-                for i in range(args.changed):
-                    refill(pool.mountpoint(f"{wide}/d{i:02d}"), each, 100 + round_)
-                settle(pool)
-                took, calls_of[label], report = run(
-                    {**env_wide, **({"PARALLEL": parallel} if parallel else {})}, log)
-                rates[label].append(report["raw_size"] / took / mib)
-                ratios[label].append(rates[label][-1] / rate_big)
+                done = changed(parallel, 100 + round_)
+                runs[label].append(done)
+                ratios[label].append(one.took / done.took)
+        calls_of = {label: changed(parallel, 1000, counted=True).calls
+                    for label, parallel in modes}
+
+        def rate(label: str) -> float:
+            return statistics.median(r.report["raw_size"] / r.took / mib for r in runs[label])
+
+        def cpu(label: str, part: str) -> float:
+            return statistics.median(r.cpu[part] for r in runs[label])
+
+        parts, extra_n = ("client", "server", "zfs-fuse"), max(1, args.changed - 1)
+        one_cpu = ", ".join(f"{part} {cpu('one dataset', part):.2f}" for part in parts)
         print(f"changed ({args.rounds} rounds, medians; each round's ratio against the one"
               f" dataset of that round): one dataset of {each * args.changed / mib:.0f} MiB:"
-              f" {statistics.median(rates['one dataset']):.1f} MiB/s")
+              f" {rate('one dataset'):.1f} MiB/s; CPU s: {one_cpu}")
         for label, _ in modes:
+            extra = ", ".join(
+                f"{part} {1000 * (cpu(label, part) - cpu('one dataset', part)) / extra_n:.0f}"
+                for part in parts)
             print(f"  {args.changed} datasets x {each / mib:.1f} MiB, {label}"
-                  f" ({calls_of[label]} zfs calls): {statistics.median(rates[label]):.1f} MiB/s,"
+                  f" ({calls_of[label]} zfs calls): {rate(label):.1f} MiB/s,"
                   f" ratio {statistics.median(ratios[label]):.2f} (target >= 0.9; rounds:"
-                  f" {', '.join(f'{r:.2f}' for r in ratios[label])})")
+                  f" {', '.join(f'{r:.2f}' for r in ratios[label])}); CPU ms per extra"
+                  f" dataset: {extra}")
     finally:
         if srv:
             srv.stop()
