@@ -155,7 +155,7 @@ def main() -> None:
     try:
         wrapper, log = counting_zfs(folder)
         srv, client = server(folder, args.parallel)
-        client["ZFSMGR_ZFS"] = wrapper
+        plain, client = client, {**client, "ZFSMGR_ZFS": wrapper}  # timed runs: plain
 
         one = pool.create("one")
         env_one = {**client, "LOCAL_DATASET": one}
@@ -183,8 +183,8 @@ def main() -> None:
         for i in range(args.changed):
             rig.sh("zfs", "create", f"{wide}/d{i:02d}")
         big = pool.create("big")
-        env_wide = {**client, "LOCAL_DATASET": wide, "RECURSIVE": "true"}
-        env_big = {**client, "LOCAL_DATASET": big}
+        env_wide = {**plain, "LOCAL_DATASET": wide, "RECURSIVE": "true"}
+        env_big = {**plain, "LOCAL_DATASET": big}
         for env in (env_wide, env_big):  # the full backups
             run(env, log)
         modes = [("one at a time", "1"), ("default", ""),
@@ -197,17 +197,15 @@ def main() -> None:
             for i in range(args.changed):
                 refill(pool.mountpoint(f"{wide}/d{i:02d}"), each, seed)
             settle(pool)
-            env = {**env_wide, **({"PARALLEL": parallel} if parallel else {})}
-            if not counted:
-                env.pop("ZFSMGR_ZFS")
+            env = {**env_wide, **({"PARALLEL": parallel} if parallel else {}),
+                   **({"ZFSMGR_ZFS": wrapper} if counted else {})}
             return Run(env, log, srv.proc.pid)
 
         for round_ in range(args.rounds):  # the modes' order turns each round: none always
             order = modes[round_ % len(modes):] + modes[:round_ % len(modes)]  # goes first
             refill(pool.mountpoint(big), each * args.changed, 10 + round_)
             settle(pool)
-            one = Run({k: v for k, v in env_big.items() if k != "ZFSMGR_ZFS"}, log,
-                      srv.proc.pid)
+            one = Run(env_big, log, srv.proc.pid)
             runs["one dataset"].append(one)
             for label, parallel in order:
                 done = changed(parallel, 100 + round_)
