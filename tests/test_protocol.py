@@ -122,6 +122,37 @@ def test_bad_setting_is_one_line_naming_the_key(key, value, expect, tmp_path, mo
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("role,key,value", [
+    ("client", "SERVER_URL", "http://[::1"), ("client", "SERVER_URL", "http://h:99999"),
+    ("client", "SERVER_URL", "http://h:0"), ("client", "SERVER_URL", "http://:8080"),
+    ("client", "SERVER_URL", "http://h:port"), ("server", "NOTIFY_URL", "https://[fe80::1"),
+    ("server", "S3_ENDPOINT", "s3:99999"), ("server", "S3_ENDPOINT", "[::1"),
+    ("server", "S3_ENDPOINT", "localhost:8333/bucket"), ("server", "S3_ENDPOINT", "s3 host"),
+    ("server", "S3_ENDPOINT", "https://s3.amazonaws.com"), ("server", "S3_ENDPOINT", "h:")])
+def test_a_url_or_endpoint_that_would_fail_when_used_is_a_settings_error(role, key, value,
+                                                                         tmp_path, monkeypatch):
+    """These passed the settings and failed later as an internal error (ValueError from
+    http.client or the S3 library) or a retry loop against a host named 's3 host'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        settings.load(role, environ={key: value})
+    assert f"{key}=" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["s3.amazonaws.com", "minio.example.com:9000",
+                                   "s3.us-west-000.backblazeb2.com", "127.0.0.1:8333",
+                                   "[::1]:9000", ""])
+def test_s3_endpoints_of_the_readme_and_addresses_are_taken(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings.load("server", environ={"S3_ENDPOINT": value}).s3_endpoint == value
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8080", "https://backup.example:8443/zfsmgr"])
+def test_server_urls_with_ipv6_and_a_path_are_taken(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings.load("client", environ={"SERVER_URL": url}).server_url == url
+
+
 @pytest.mark.parametrize("url", ["http://user:s3cr3t-pw@host", "https://user:s3cr3t-pw@h:8443/x",
                                  "http://:s3cr3t-pw@host"])
 def test_a_server_url_with_a_password_is_refused_without_echoing_it(url, tmp_path, monkeypatch):

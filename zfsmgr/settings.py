@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -101,11 +102,23 @@ def as_existing_file(text: str) -> str:
     return value
 
 
+def _address(value: str, pattern: str, prefix: str = "") -> bool:
+    """Whether `value` matches `pattern` and urllib takes `prefix + value` with a host and a
+    port from 1 to 65535 (what http.client and the S3 library trip over only when used: a
+    bracket left open, a port out of range)."""
+    try:
+        parts = urllib.parse.urlsplit(prefix + value)
+        return bool(re.match(pattern, value) and parts.hostname and parts.port != 0)
+    except ValueError:  # .port raises it when out of range or not a number
+        return False
+
+
 def as_url(text: str) -> str:
-    """An http:// or https:// URL without credentials in it."""
+    """An http:// or https:// URL with a host, without credentials in it."""
     value = text.strip().rstrip("/")
-    if not re.match(r"^https?://[^/@\s]+(/[^\s]*)?$", value):
-        raise ValueError("a URL such as http://backup-server:8080")
+    if not _address(value, r"^https?://[^/@\s]+(/[^\s]*)?$"):
+        raise ValueError("a URL such as http://backup-server:8080 (a host; a port from 1 to"
+                         " 65535)")
     return value
 
 
@@ -134,6 +147,20 @@ def as_log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("plain", "json"):
         raise ValueError("plain or json")
+    return value
+
+
+def as_endpoint(text: str) -> str:
+    """S3_ENDPOINT: host[:port] (a name, an IPv4 address or a [bracketed] IPv6 one), or empty;
+    no scheme (S3_USE_SSL chooses https) and no path, which the S3 library refuses only when
+    the server starts."""
+    value = text.strip()
+    if value and "://" in value:
+        raise ValueError("host[:port] without the scheme, e.g. s3.amazonaws.com"
+                         " (S3_USE_SSL=true chooses https)")
+    if value and not _address(value, r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d+)?$", "//"):
+        raise ValueError("host[:port], e.g. s3.amazonaws.com or minio.example.com:9000 (a"
+                         " port from 1 to 65535, no path)")
     return value
 
 
@@ -203,7 +230,7 @@ _ALL = (SERVER, CLIENT, RESTORE)
 
 TABLE = (
     Setting("S3_ENABLED", as_bool, "false", (SERVER,), "store backups in S3 by default"),
-    Setting("S3_ENDPOINT", as_text, "", (SERVER,), "S3 host[:port], e.g. s3.amazonaws.com"),
+    Setting("S3_ENDPOINT", as_endpoint, "", (SERVER,), "S3 host[:port], e.g. s3.amazonaws.com"),
     Setting("S3_ACCESS_KEY", as_text, "", (SERVER,), "S3 access key", secret=True),
     Setting("S3_SECRET_KEY", as_text, "", (SERVER,), "S3 secret key", secret=True),
     Setting("S3_BUCKET", as_text, "zfs-snapshots", (SERVER,), "bucket (created if missing)"),
