@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -76,6 +77,30 @@ def test_a_client_holds_at_most_its_share_of_requests_and_uploads(server_factory
     assert all("in progress" in a["message"] for a in retry)
 
 
+def test_chunked_bodies_count_in_the_clients_share(server_factory):
+    """Bodies still arriving count against CLIENT_MAX_REQUESTS, chunked ones too (they were
+    not counted: waitress hides Transfer-Encoding from the gate)."""
+    server = server_factory("dir", env={"THREADS": "6", "CLIENT_MAX_REQUESTS": "2"})
+    alice = auth_of(server.client_env)
+    host, port = server.url.split("//", 1)[1].split(":")
+    head = (f"POST /rotate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"X-Client-ID: {alice['X-Client-ID']}\r\nX-API-Key: {alice['X-API-Key']}\r\n\r\n"
+            "1\r\n{\r\n").encode()
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(head)
+        time.sleep(0.5)
+        status, answer, _ = request(server.url, "POST", "/rotate", {"dry_run": True}, alice)
+        assert status == 429, answer
+        assert request(server.url, "GET", "/health")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    rig.wait_until(lambda: request(server.url, "POST", "/rotate", {"dry_run": True},
+                                   alice)[0] == 200, 10, "the share given back")
+
+
 def test_racing_uploads_never_take_a_client_past_its_quota(server_factory):
     """Three uploads of 4 MiB at once on a 10 MiB quota: the staged bytes of every open
     upload count, so at most two commit and the total stays within the quota (before, all
@@ -119,6 +144,10 @@ def test_bodies_are_refused_before_they_are_read(server_factory):
               f"X-Client-ID: bob\r\nX-API-Key: {BOB}\r\n\r\n"),
     }
     heads[413.1] = "GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n" + me
+    # waitress takes Transfer-Encoding out of the headers: these were read to the end (about
+    # 1 GiB each into the spool, on /health without a key)
+    heads[413.2] = "GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    heads[413.3] = "GET /status HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + me
     heads[401.1] = ("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     heads[401.2] = (f"POST {part} HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n"
                     "Expect: 100-continue\r\nX-Client-ID: alice\r\nX-API-Key: wrong\r\n\r\n")

@@ -135,11 +135,12 @@ class Gate:
         self.ctx = ctx
         self.receiving = Shares(ctx.client_max_requests, "request bodies arriving")
 
-    def admit(self, method: str, path: str, query: str, headers: Dict[str, str]
-              ) -> Tuple[Optional[str], Optional[int], Optional[Refusal]]:
+    def admit(self, method: str, path: str, query: str, headers: Dict[str, str],
+              chunked: bool = False) -> Tuple[Optional[str], Optional[int], Optional[Refusal]]:
         """(client id whose body is counted, body limit, refusal): a refusal ends the request
-        at once."""
-        chunked = headers.get("TRANSFER_ENCODING", "").lower().endswith("chunked")
+        at once. `chunked`: the parser's own verdict (waitress takes Transfer-Encoding out of
+        the headers it hands on)."""
+        chunked = chunked or headers.get("TRANSFER_ENCODING", "").lower().endswith("chunked")
         try:
             length = int(headers.get("CONTENT_LENGTH", "0") or 0)
         except ValueError:
@@ -211,7 +212,7 @@ def channel_class(gate: Gate, base=HTTPChannel):
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
             client_id, limit, refusal = gate.admit(self.command, self.path, self.query,
-                                                   self.headers)
+                                                   self.headers, bool(self.chunked))
             self.counted = client_id
             if refusal is not None:
                 log.info("%s %s %d refused before the body: %s", self.command, self.path,
