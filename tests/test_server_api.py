@@ -9,6 +9,7 @@ import threading
 import time
 import logging
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -335,3 +336,60 @@ def test_an_abort_wakes_a_part_waiting_for_its_turn(server, monkeypatch):
     assert call(app, "POST", f"/upload-stream/{upload_id}/abort", b"", auth("alice"))[0] == 200
     waiting.join(30)
     assert not waiting.is_alive() and answers and answers[0] in (404, 409), answers
+
+
+def _part_and_commit(app, session: dict, data: bytes):
+    """Send `data` as one part of an open session and commit it: (part status, commit)."""
+    path = f"/upload-stream/{session['upload_id']}"
+    status = call(app, "POST", f"{path}/0", data, auth("alice"))[0]
+    code, body, _ = call(app, "POST", f"{path}/commit", json.dumps({
+        "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+        "stored_size": len(data), "raw_size": len(data)}).encode(), auth("alice"))
+    return status, (code, json.loads(body))
+
+
+def test_two_first_uploads_of_datasets_with_one_token_get_two_keys(server):
+    """tank/a_b and tank/a/b both make the token tank_a_b. Their first backups, open at once
+    (one `zfs snapshot -r`, PARALLEL=2), got one key, and opening the second aborted the
+    first as if it were a retry; the second gets the hashed token now, and both commit."""
+    ctx, app = server
+    first = open_session(app, "tank/a_b", "zfsmgr_1", 1700000000)[1]
+    second = open_session(app, "tank/a/b", "zfsmgr_1", 1700000000)[1]
+    assert first["key"] == "alice/tank_a_b_2023-11-14_22:13:20.zfs"
+    assert second["key"].startswith("alice/tank_a_b-") and second["key"] != first["key"]
+    assert _part_and_commit(app, first, b"first")[1][0] == 200
+    assert _part_and_commit(app, second, b"second")[1][0] == 200
+    stored = {m.dataset: m.key for m in ctx.catalog.list("alice")}
+    assert stored == {"tank/a_b": first["key"], "tank/a/b": second["key"]}
+    again = open_session(app, "tank/a/b", "zfsmgr_2", 1700000100)[1]  # keeps its token
+    assert again["key"].startswith(second["key"].split("_2023")[0] + "_")
+
+
+def test_opens_of_one_key_that_race_leave_one_upload_to_commit(server):
+    """Opens of one dataset@snapshot at once: a retry replaces an older open one, and
+    two that race can no longer both be recorded (both committed to one key before, and the
+    catalog could list the sha256 of the stream that lost)."""
+    ctx, app = server
+    barrier = threading.Barrier(4)  # alice's share of requests at once
+    answers = []
+
+    def race():
+        barrier.wait()
+        answers.append(open_session(app, "tank/data", "zfsmgr_1", 1700000000))
+
+    threads = [threading.Thread(target=race) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {code for code, _ in answers} <= {200, 409, 429}, answers
+    assert all("at the same time" in a["message"] for code, a in answers if code == 409)
+    assert len(ctx.uploads.table.of_client("alice")) == 1
+    results = [_part_and_commit(app, a, f"stream {i}".encode())
+               for i, (code, a) in enumerate(answers) if code == 200]
+    committed = [r for r in results if r[1][0] == 200]
+    assert len(committed) == 1, results
+    (entry,) = ctx.catalog.list("alice")
+    stored = (Path(ctx.settings.storage_dir) / entry.key).read_bytes()
+    winner = committed[0][1][1]["manifest"]
+    assert hashlib.sha256(stored).hexdigest() == entry.sha256 == winner["sha256"]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from zfsmgr.errors import Conflict
 from zfsmgr.server.database import Database
 
 log = logging.getLogger("zfsmgr.server.sessions")
@@ -62,14 +63,22 @@ class SessionTable:
         self.db = db
 
     def add(self, session: Session, now: float, max_open: int = 0) -> bool:
-        """Record a new (or resumed) session; with `max_open`, only while its client has fewer
-        other open sessions, counted in the same transaction (False: nothing recorded), so
-        concurrent opens never take a client past its limit."""
+        """Record a new (or resumed) session; with `max_open` (a new one), only while its client
+        has fewer other open sessions, counted in the same transaction (False: nothing
+        recorded), so concurrent opens never take a client past its limit, and while no other
+        session of the client has its key (Conflict: two opens that raced, which would both
+        commit to one key)."""
         with self.db.transaction() as conn:
             if max_open and conn.execute(
                     "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND upload_id != ?",
                     (session.client_id, session.upload_id)).fetchone()[0] >= max_open:
                 return False
+            if max_open and conn.execute(
+                    "SELECT COUNT(*) FROM sessions WHERE client_id = ? AND key = ? AND"
+                    " upload_id != ?", (session.client_id, session.key,
+                                        session.upload_id)).fetchone()[0]:
+                raise Conflict(f"another upload to {session.key} was opened at the same time:"
+                               " retry")
             conn.execute("INSERT OR REPLACE INTO sessions (upload_id, client_id, key, reserved,"
                          " touched, session) VALUES (?, ?, ?, COALESCE((SELECT reserved FROM"
                          " sessions WHERE upload_id = ?), 0), ?, ?)",

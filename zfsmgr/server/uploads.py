@@ -102,8 +102,12 @@ class Uploads:
         if not all(isinstance(v, bool) for v in flags.values()):
             raise protocol.ValidationError("raw_send and compressed_send must be true or false")
         stamp = protocol.format_timestamp(datetime.fromtimestamp(snapshot_time, timezone.utc))
+        opened = self.table.of_client(client.client_id)
+        taken = self.catalog.tokens(client.client_id)
+        for other in opened:  # an open upload's dataset holds its token too (a first backup)
+            taken.setdefault(other.dataset, protocol.parse_key(other.key).dataset_token)
         try:
-            token = protocol.unique_token(dataset, self.catalog.tokens(client.client_id))
+            token = protocol.unique_token(dataset, taken)
         except ValueError as exc:
             raise Conflict(str(exc)) from None
         key = protocol.build_key(client.client_id, dataset, stamp, compression, token=token,
@@ -116,8 +120,8 @@ class Uploads:
         supersede = request.get("supersede", False)
         if not isinstance(supersede, bool):
             raise protocol.ValidationError("supersede must be true or false")
-        for other in self.table.of_client(client.client_id):
-            if other.key == key:  # a retry replaces a stale one
+        for other in opened:
+            if other.key == key and other.dataset == dataset:  # a retry replaces a stale one
                 self.abort(other, store)
             elif supersede and other.dataset == dataset and other.storage_type == store.kind:
                 # the client holds the dataset's lock (zfsmgr's does, one run at a time): an
