@@ -40,6 +40,26 @@ def test_verify_report_records_per_dataset_and_only_own_keys(server):  # noqa: F
     assert counters["alice"]["upload_bytes"] == 600
 
 
+def test_verify_reports_that_are_not_text_are_400_and_record_nothing(server):  # noqa: F811
+    """A key that is no string was a 500 (TypeError: unhashable); a lone surrogate in a
+    message passed JSON and failed in SQLite (500), after the datasets before it were
+    recorded."""
+    ctx, app = server
+    first = upload(app, "alice", b"a" * 300, dataset="tank/a", when=1700000000)[1]
+    second = upload(app, "alice", b"b" * 300, dataset="tank/b", when=1700000100)[1]
+    keys = [first["manifest"]["key"], second["manifest"]["key"]]
+    for results in ([{"key": [1], "ok": True}], [{"key": {"a": 1}, "ok": False}],
+                    [{"key": 7, "ok": True}]):
+        code, body, _ = report(app, "alice", results)
+        assert code == 400 and "each result needs a key" in json.loads(body)["message"]
+    raw = ('{"results": [{"key": "%s", "ok": false, "message": "bad"},'
+           ' {"key": "%s", "ok": false, "message": "\\ud800"}]}' % tuple(keys)).encode()
+    code, body, _ = call(app, "POST", "/verify-report", raw, auth("alice"))
+    assert code == 400 and "surrogate" in json.loads(body)["message"]
+    events = ctx.ledger.view()["datasets"].get("alice", {})
+    assert all("last_verify_failure" not in events.get(d, {}) for d in ("tank/a", "tank/b"))
+
+
 def test_disabled_client_may_report_a_verify_but_not_upload(server):  # noqa: F811 (the fixture)
     ctx, app = server
     assert report(app, "carol", [])[0] == 200

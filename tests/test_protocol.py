@@ -215,3 +215,18 @@ def test_sizes():
     assert settings.as_size("64M") == 64 << 20
     assert settings.as_size("1.5GiB") == 3 << 29
     assert settings.as_size("100") == 100
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"a": 1e999}', "not a finite number"), (b'{"a": [-1e400]}', "not a finite number"),
+    (b'{"a": "\\ud800"}', "lone surrogate"), (b'{"\\udfff": 1}', "lone surrogate"),
+    (b'{"a": [{"b": ["x\\udc00"]}]}', "lone surrogate"), (b'{"a": NaN}', "not a number")])
+def test_request_bodies_that_are_json_but_no_numbers_or_text_are_refused(raw, why):
+    with pytest.raises(ValidationError) as err:
+        protocol.parse_json_object(raw)
+    assert why in str(err.value)
+
+
+def test_request_bodies_with_whole_surrogate_pairs_and_floats_pass():
+    assert protocol.parse_json_object(b'{"a": "\\ud83d\\ude00", "b": [1.5e3]}') == {
+        "a": "\U0001f600", "b": [1500.0]}

@@ -154,14 +154,31 @@ def _reject_constant(name: str) -> None:
     raise ValidationError(f"{name} is not a number JSON allows")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: JSON's syntax, but no number
+        raise ValidationError(f"{text[:40]} is not a finite number")
+    return value
+
+
+def _text(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": JSON's syntax, but no text (SQLite refuses it)
+        raise ValidationError("request body has a lone surrogate escape: not text") from None
+
+
 def parse_json_object(raw: bytes) -> dict:
     """A request body: a JSON object of at most MAX_JSON_BODY bytes and MAX_JSON_DEPTH levels,
-    with finite numbers only (NaN and Infinity are refused)."""
+    with finite numbers only (NaN, Infinity and 1e999 are refused) and text that is UTF-8
+    (a lone surrogate escape is refused)."""
     if len(raw) > MAX_JSON_BODY:
         raise ValidationError(f"request body too large: at most {MAX_JSON_BODY} bytes")
     try:
         data = json.loads(raw.decode("utf-8") if raw else "{}",
-                          parse_constant=_reject_constant)
+                          parse_constant=_reject_constant, parse_float=_finite)
+    except ValidationError:
+        raise
     except (ValueError, RecursionError):
         raise ValidationError("request body is not JSON") from None
     if not isinstance(data, dict):
@@ -171,9 +188,17 @@ def parse_json_object(raw: bytes) -> dict:
         item, level = stack.pop()
         if level > MAX_JSON_DEPTH:
             raise ValidationError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item \
-            if isinstance(item, list) else ()
-        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+        if isinstance(item, dict):
+            children = list(item.values())
+            for name in item:
+                _text(name)
+        else:
+            children = item
+        for child in children:
+            if isinstance(child, str):
+                _text(child)
+            elif isinstance(child, (dict, list)):
+                stack.append((child, level + 1))
     return data
 
 

@@ -379,7 +379,8 @@ def record_verify_report(ctx: ServerContext, client: ClientConfig, report: dict)
     known = {m.key: m.dataset for m in ctx.catalog.list(client.client_id)}
     outcome: Dict[str, list] = {}
     for item in results:
-        if not isinstance(item, dict) or not isinstance(item.get("ok"), bool):
+        if not isinstance(item, dict) or not isinstance(item.get("ok"), bool) or \
+                not isinstance(item.get("key"), str):
             raise ValidationError("each result needs a key and ok (true or false)")
         dataset = known.get(item.get("key"))
         if dataset is None:
