@@ -6,10 +6,12 @@ import io
 import json
 import logging
 import os
+import urllib.error
 import urllib.request
 
 import rig
-from zfsmgr.logformat import JournalFormatter, JsonFormatter, formatter, under_journald
+from zfsmgr.logformat import (JournalFormatter, JsonFormatter, PlainFormatter, formatter,
+                              under_journald)
 
 
 def record(level=logging.WARNING, message="upload %s failed", args=("u1",)):
@@ -59,6 +61,33 @@ def test_server_logs_json_lines(server_factory):
     assert all(set(e) >= {"time", "level", "logger", "message"} for e in entries)
     assert any(e["message"].startswith("GET /health 200") for e in entries)
     assert any("listening on http://127.0.0.1:" in e["message"] for e in entries)
+
+
+def test_plain_and_journal_lines_escape_what_would_start_a_line():
+    forged = record(logging.INFO, "GET %s 401", ("/x\n2026-12-01 00:00:00,000 ERROR zfsmgr.server:"
+                                                 " FORGED\r\x1b[2K\u2028",))
+    for fmt in (PlainFormatter(), JournalFormatter()):
+        line = fmt.format(forged)
+        assert "\n" not in line and "\r" not in line and "\x1b" not in line, line
+        assert line.endswith("GET /x\\n2026-12-01 00:00:00,000 ERROR zfsmgr.server: FORGED"
+                             "\\r\\x1b[2K\\u2028 401")
+    assert isinstance(formatter("plain", io.StringIO(), environ={}), PlainFormatter)
+
+
+def test_a_path_cannot_forge_a_line_of_the_servers_log(server_factory):
+    """The decoded path of a request refused without a key went into the log as it came:
+    `%0a` started a line that looked like the server's own."""
+    server = server_factory("dir")
+    forged = "2026-12-01%2000:00:00,000%20ERROR%20zfsmgr.server:%20FORGED%20LINE"
+    for path in (f"/upload-stream/%0a{forged}", f"/status%0d%0a{forged}"):
+        try:
+            urllib.request.urlopen(server.url + path, timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (401, 404)
+    server.stop()
+    lines = server.log().splitlines()
+    assert any("FORGED LINE" in line for line in lines)
+    assert not [line for line in lines if line.lstrip("\r").startswith("2026-12-01 00:00:00")]
 
 
 def test_bad_log_format_is_a_one_line_error(pyz):

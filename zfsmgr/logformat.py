@@ -14,14 +14,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Mapping, Optional, TextIO
 
 PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL = "<%(priority)d>%(levelname)s %(name)s: %(message)s"
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks and other control characters escaped (`\\n`, `\\x1b`):
+    a request's path or a client's text can never start a log line of its own."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class PlainFormatter(logging.Formatter):
+    """`PLAIN` lines, each message on its one line (a traceback follows it as it is)."""
+
+    def __init__(self, fmt: str = PLAIN) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,7 +56,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(PlainFormatter):
     """Plain lines without a timestamp, led by the syslog priority journald reads."""
 
     def __init__(self) -> None:
@@ -68,7 +87,7 @@ def formatter(log_format: str, stream: TextIO,
         return JsonFormatter()
     if under_journald(stream, os.environ if environ is None else environ):
         return JournalFormatter()
-    return logging.Formatter(PLAIN)
+    return PlainFormatter()
 
 
 def configure(verbose: bool, log_format: str = "plain", stream: Optional[TextIO] = None) -> None:
