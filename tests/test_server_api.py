@@ -393,3 +393,30 @@ def test_opens_of_one_key_that_race_leave_one_upload_to_commit(server):
     stored = (Path(ctx.settings.storage_dir) / entry.key).read_bytes()
     winner = committed[0][1][1]["manifest"]
     assert hashlib.sha256(stored).hexdigest() == entry.sha256 == winner["sha256"]
+
+
+def test_a_part_sent_again_never_lowers_what_an_upload_holds(server):
+    """The reservation of an upload was what lay before the part plus the part: sending part
+    0 again (1 byte; the store refuses it, 409) set it to 1 byte while 9 KiB stayed staged,
+    and a second upload could stage 9 KiB more on a 10,000-byte quota."""
+    ctx, app = server
+    first = open_session(app, "tank/a", "zfsmgr_1", 1700000000)[1]
+    for index in range(9):
+        path = f"/upload-stream/{first['upload_id']}/{index}"
+        assert call(app, "POST", path, b"a" * 1024, auth("alice"))[0] == 200
+    again = call(app, "POST", f"/upload-stream/{first['upload_id']}/0", b"x", auth("alice"))
+    assert again[0] == 409, again
+    second = open_session(app, "tank/b", "zfsmgr_1", 1700000000)[1]
+    code, body, _ = call(app, "POST", f"/upload-stream/{second['upload_id']}/0", b"b" * 1024,
+                         auth("alice"))
+    assert code == 413, body
+    assert ctx.uploads.table.reserved("alice") >= 9 * 1024
+
+
+def test_an_incremental_that_is_its_own_parent_is_400(server):
+    """It was accepted and committed: its own base, so rotation could never delete it."""
+    _, app = server
+    assert upload(app, "alice", b"full", dataset="tank/data", when=1700000000)[0] == 200
+    code, answer = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000,
+                                type="incremental", parent="zfsmgr_1700000000")
+    assert code == 400 and "names itself as its parent" in answer["message"], answer

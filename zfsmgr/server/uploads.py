@@ -79,6 +79,9 @@ class Uploads:
         parent, parent_key = request.get("parent"), None
         if kind == "incremental":
             parent = protocol.validate_snapshot(parent)
+            if parent == snapshot:  # it would be its own base, which rotation never deletes
+                raise protocol.ValidationError(f"the incremental {snapshot} names itself as"
+                                               " its parent")
             parent_key = next((m.key for m in self.catalog.list(client.client_id, dataset)
                                if m.snapshot == parent), None)
             if parent_key is None:
@@ -229,8 +232,11 @@ class Uploads:
                 raise Conflict(f"part {index} belongs to the stream from part {segment}; the"
                                f" upload now continues from part {session.segment}")
             staged = sum(p.size for p in parts[:index])
+            # the upload's reservation never drops below what it holds: a part sent again
+            # (refused by the store, or replacing one) must not free room for another upload
+            held = max(size, sum(p.size for p in parts[index:]))
             try:  # an upload without an estimate (an incremental on zfs-fuse) is measured here
-                self.quota.fit(client, size, self._parent_key(session), session.upload_id,
+                self.quota.fit(client, held, self._parent_key(session), session.upload_id,
                                staged, store)
             except QuotaExceeded:
                 self.abort(session, store)
