@@ -16,6 +16,7 @@ from test_server_api import call
 from zfsmgr import settings
 from zfsmgr.server.app import make_app
 from zfsmgr.server.context import ServerContext
+from zfsmgr.server.rotation import plan_rotation
 
 KEY = "quota-key"
 AUTH = {"X-Client-ID": "c1", "X-API-Key": KEY}
@@ -134,6 +135,41 @@ def test_auto_rotate_plans_first_and_never_deletes_in_vain(tmp_path, monkeypatch
     code, body = send(app, "fits", b"y" * 1000, 1_800_000_000)  # 6000 + 1000 fits once c0 goes
     assert code == 200, body
     assert snapshots(app) == names[3:] + ["fits"]
+
+
+def test_auto_rotate_plans_around_the_base_of_an_open_upload(tmp_path, monkeypatch):
+    """An open incremental on chain 0's full: the plan counted chain 0 as freed, deletion
+    kept its full (the upload's base) after deleting the rest of it, and the upload it made
+    room for was refused anyway (413, "set AUTO_ROTATE=true"). The plan spares that chain
+    now and frees the next one."""
+    ctx, app = make(tmp_path, monkeypatch, quota=0, auto_rotate=True)
+    names = history(app)  # 3 chains of 3 x 2000 bytes
+    request = {"dataset": "tank/data", "snapshot": "open", "compression": "none",
+               "type": "incremental", "parent": names[0], "snapshot_time": 1_800_000_000,
+               "estimated_size": 10}
+    code, body, _ = call(app, "POST", "/upload", json.dumps(request).encode(), AUTH)
+    assert code == 200, body
+    set_quota(ctx, 18_000)
+    code, body = send(app, "other", b"o" * 5000, 1_800_000_100, dataset="tank/other")
+    assert code == 200, body
+    assert snapshots(app) == names[:3] + names[6:] + ["other"]  # chain 1 went, whole
+
+
+def test_a_plan_settled_with_a_backup_that_stays_says_so(tmp_path, monkeypatch):
+    """deletion.apply keeps a planned backup that turned out to be needed: the plan's
+    `enough` and `over_bytes` follow (they stayed as planned), with the store's sizes."""
+    ctx, app = make(tmp_path, monkeypatch, quota=0)
+    history(app)
+    client = ctx.clients.get("c1")
+    backups = ctx.backups(client)
+    sizes = {m.key: 3000 for m in backups}  # what the store says each takes
+    plan = plan_rotation(backups, client.rotation_policy, 1_800_000_000, quota=18_000,
+                         sizes=sizes)
+    assert plan.enough and plan.used_after == 18_000 and len(plan.delete) == 3
+    settled = plan.settle(plan.delete[:1])
+    assert (settled.used_after, settled.freed_bytes) == (21_000, 6000)
+    assert settled.enough is False and settled.over_bytes == 3000
+    assert len(settled.delete) == 2 and len(settled.keep) == len(plan.keep) + 1
 
 
 def test_auto_rotate_makes_room_for_an_upload_of_unknown_size(tmp_path, monkeypatch):

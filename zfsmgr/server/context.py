@@ -307,10 +307,13 @@ class ServerContext:
              keep: Optional[str] = None) -> RotationPlan:
         """What rotation would delete: retention, then old chains while over the quota."""
         backups = self.backups(client)
+        by_snapshot = {(m.dataset, m.snapshot): m.key for m in backups}
+        bases = [by_snapshot[(s.dataset, s.parent)] for s in self.sessions.of_client(
+            client.client_id) if s.parent and (s.dataset, s.parent) in by_snapshot]
         return plan_rotation(backups, client.rotation_policy, time.time(),
                              quota=client.max_size_bytes, needed=needed, keep=keep,
                              min_retain_days=self.settings.min_retain_days,
-                             sizes=self.sizes(client.client_id, backups))
+                             sizes=self.sizes(client.client_id, backups), bases=bases)
 
     def retain_chain(self, client: ClientConfig, store: Store, dataset: str,
                      parent: Optional[str]) -> Optional[datetime]:
@@ -388,4 +391,10 @@ class ServerContext:
                 f" {human(used - plan.used_after)} (the newest chain of each dataset and the"
                 f" new backup's base stay); nothing was deleted; raise max_size_bytes or"
                 f" delete backups of other datasets")
-        self.rotate(client, needed=needed, keep=parent_key, by_server=True, plan=plan)
+        done = self.rotate(client, needed=needed, keep=parent_key, by_server=True, plan=plan)
+        if not done["enough"]:  # something planned stayed (a base that became needed)
+            raise QuotaExceeded(
+                f"quota exceeded for {client.client_id}: used {human(done['used_bytes'])} +"
+                f" needed {human(needed)} > quota {human(quota)} after AUTO_ROTATE deleted"
+                f" {len(done['deleted'])} backups: what else it planned to delete stays (the"
+                f" base of a backup or an open upload)")

@@ -9,7 +9,6 @@ incremental is ever left, or committed, without its base. `ctx` is the ServerCon
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Dict
 
 from zfsmgr.errors import Locked
@@ -66,9 +65,6 @@ def apply(ctx, client, plan: RotationPlan) -> RotationPlan:
                  plan.reasons[manifest.key])
     if not kept:
         return plan
-    size = sum(m.stored_size for m in plan.delete if m.key in kept)
-    plan = replace(plan, delete=[m for m in plan.delete if m.key not in kept],
-                   freed_bytes=plan.freed_bytes - size, used_after=plan.used_after + size,
-                   keep=plan.keep + [m for m in plan.delete if m.key in kept])
+    plan = plan.settle([m for m in plan.delete if m.key in kept])
     plan.reasons.update(kept)
     return plan

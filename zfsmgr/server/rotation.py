@@ -11,9 +11,9 @@ it. It counts from the server's commit time (`created`), never from the client's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from zfsmgr.protocol import Manifest
 from zfsmgr.retention import Item, RetentionPolicy, plan
@@ -33,6 +33,19 @@ class RotationPlan:
     used_after: int = 0  # what the kept backups take
     freed_bytes: int = 0  # what the deleted ones took
     over_bytes: int = 0  # how far over the quota (plus what is needed) the kept ones remain
+    quota: int = 0  # what it was planned against: the quota, the bytes needed, and what each
+    needed: int = 0  # backup takes in its store (deletion.apply settles `enough` again with
+    sizes: Dict[str, int] = field(default_factory=dict)  # them when some backup stays)
+
+    def settle(self, stays: List[Manifest]) -> "RotationPlan":
+        """The plan once `stays`, planned for deletion, is kept after all."""
+        keys = {m.key for m in stays}
+        size = sum(self.sizes.get(m.key, m.stored_size) for m in stays)
+        used = self.used_after + size
+        return replace(self, delete=[m for m in self.delete if m.key not in keys],
+                       keep=self.keep + list(stays), freed_bytes=self.freed_bytes - size,
+                       used_after=used, enough=not self.quota or used + self.needed <= self.quota,
+                       over_bytes=max(0, used + self.needed - self.quota) if self.quota else 0)
 
 
 def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
@@ -56,15 +69,18 @@ def committed_at(manifest: Manifest) -> float:
 def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], now: float,
                   quota: int = 0, needed: int = 0, keep: Optional[str] = None,
                   min_retain_days: float = 0,
-                  sizes: Optional[Dict[str, int]] = None) -> RotationPlan:
+                  sizes: Optional[Dict[str, int]] = None,
+                  bases: Iterable[str] = ()) -> RotationPlan:
     """Retention first; then, while the kept backups and `needed` bytes exceed `quota`, whole
-    chains, oldest first, never the newest chain of a dataset nor the chain of `keep`; nothing
-    committed within `min_retain_days` of `now` goes.
+    chains, oldest first, never the newest chain of a dataset nor the chain of `keep` or of
+    `bases` (the keys open uploads are based on: deletion refuses them); nothing committed
+    within `min_retain_days` of `now` goes.
 
     `sizes` is what each backup takes in its store (default: its stored size)."""
     policy = policy or RetentionPolicy()
     floor = now - min_retain_days * 86400
     young = {m.key for m in backups if min_retain_days and committed_at(m) > floor}
+    held = set(bases) | ({keep} if keep else set())
     size = {m.key: m.stored_size for m in backups}
     size.update(sizes or {})
     by_key = {m.key: m for m in backups}
@@ -76,10 +92,10 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
     items = []
     for dataset_backups in _group(backups).values():
         items += [Item(m.key, m.snapshot_time, None, parents[m.key],
-                       protected=m.key in young or m.key == keep
+                       protected=m.key in young or m.key in held
                        or m.key == newest[m.dataset])
                   for m in dataset_backups]
-    result = RotationPlan()
+    result = RotationPlan(quota=quota, needed=needed, sizes=size)
     decisions = {}
     for dataset_backups in _group(backups).values():  # retention per dataset
         names = {m.key for m in dataset_backups}
@@ -99,7 +115,7 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
             if used + needed <= quota:
                 break
             chain = _descendants(root.key, children)
-            if any(k == keep or k in young or newest[by_key[k].dataset] == k for k in chain):
+            if any(k in held or k in young or newest[by_key[k].dataset] == k for k in chain):
                 continue
             for k in chain - doomed:
                 used -= size[k]
