@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import logging
+import sqlite3
 import zlib
 from pathlib import Path
 
@@ -420,3 +421,27 @@ def test_an_incremental_that_is_its_own_parent_is_400(server):
     code, answer = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000,
                                 type="incremental", parent="zfsmgr_1700000000")
     assert code == 400 and "names itself as its parent" in answer["message"], answer
+
+
+def test_a_commit_the_catalog_cannot_record_leaves_nothing_stored(server, monkeypatch):
+    """The store had published the backup when recording it failed (SQLite: "database or
+    disk is full"): the object stayed unlisted, outside the quota, and the commit was a 500.
+    Now it is a 507 naming the catalog, nothing stays, and sending it again succeeds."""
+    ctx, app = server
+    real, calls = ctx.catalog.add, []
+
+    def full_once(manifest):
+        calls.append(manifest.key)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(manifest)
+
+    monkeypatch.setattr(ctx.catalog, "add", full_once)
+    code, answer, session = upload(app, "alice", b"z" * 3000, dataset="tank/full")
+    assert code == 507 and "catalog" in answer["message"] and "no room" in answer["message"]
+    left = [p for p in Path(ctx.settings.storage_dir).rglob("*") if p.is_file()]
+    assert not [p for p in left if "tank_full" in p.name], left
+    assert ctx.catalog.list("alice") == [] and ctx.uploads.table.of_client("alice") == []
+    code, answer, _ = upload(app, "alice", b"z" * 3000, dataset="tank/full")
+    assert code == 200, answer
+    assert [m.dataset for m in ctx.catalog.list("alice")] == ["tank/full"]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List
 
-from zfsmgr.errors import CatalogDamaged, ZfsmgrError
+from zfsmgr.errors import CatalogDamaged, StorageFull, ZfsmgrError
 
 log = logging.getLogger("zfsmgr.server.database")
 
@@ -176,7 +176,8 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error; SQLite's "database or disk is
+        full" is StorageFull (507), a state the next request recovers from."""
         conn = self.connection()
         if conn.in_transaction:  # nested: part of the caller's transaction
             yield conn
@@ -184,10 +185,14 @@ class Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("COMMIT")  # a full disk may refuse this too: rolled back, below
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise StorageFull(f"the server's catalog {self.path} has no room: {exc}"
+                                  " (free space on its disk; nothing was recorded)") from None
             raise
-        conn.execute("COMMIT")
 
     def query(self, sql: str, args: tuple = ()) -> list:
         """All rows of one statement."""

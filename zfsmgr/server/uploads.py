@@ -327,6 +327,17 @@ class Uploads:
             store.delete(manifest)
             self._forget(session)
             raise
+        except BaseException as exc:  # the catalog refused (a full disk): not listed, so not
+            # stored either (it would take space no quota counts, until a reindex found it)
+            log.error("commit of %s could not be recorded (%s): the stored backup is removed;"
+                      " the client sends it again", session.key, exc)
+            store.delete(manifest)
+            try:
+                self._forget(session)
+                self.quota.release(store, session)
+            except Exception as also:  # the session expires instead
+                log.error("upload %s stays open until it expires: %s", session.upload_id, also)
+            raise
 
     def _recheck(self, client: ClientConfig, store: Store, session: Session) -> None:
         """What `open` checked may have changed since (another server, a rotation)."""
