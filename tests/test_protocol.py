@@ -230,3 +230,15 @@ def test_request_bodies_that_are_json_but_no_numbers_or_text_are_refused(raw, wh
 def test_request_bodies_with_whole_surrogate_pairs_and_floats_pass():
     assert protocol.parse_json_object(b'{"a": "\\ud83d\\ude00", "b": [1.5e3]}') == {
         "a": "\U0001f600", "b": [1500.0]}
+
+
+def test_temporary_names_stay_within_a_file_name(tmp_path):
+    from zfsmgr.files import NAME_MAX, temp_sibling, write_atomic
+    short = temp_sibling(tmp_path / "a.json", "123.456")
+    assert short.name == ".a.json.123.456.tmp"
+    names = {temp_sibling(tmp_path / (c * 250), "0123456789abcdef" * 2).name for c in "xy"}
+    assert len(names) == 2 and all(len(n.encode()) == NAME_MAX for n in names)
+    target = tmp_path / ("m" * NAME_MAX)
+    write_atomic(target, b"data")
+    assert target.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == [
+        target.name]

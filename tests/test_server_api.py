@@ -445,3 +445,21 @@ def test_a_commit_the_catalog_cannot_record_leaves_nothing_stored(server, monkey
     code, answer, _ = upload(app, "alice", b"z" * 3000, dataset="tank/full")
     assert code == 200, answer
     assert [m.dataset for m in ctx.catalog.list("alice")] == ["tank/full"]
+
+
+def test_the_longest_dataset_names_commit_to_the_directory_store(server):
+    """Datasets of up to 200 characters are taken, but from about 154 the commit's temporary
+    file names passed 255 bytes: a 503 ("File name too long") after the whole stream, again
+    at every retry. Here at 200 characters, zstd and age, and a token made unique by its
+    hash, the longest key there is."""
+    ctx, app = server
+    long_a = "tank/" + "d" * 191 + "_e_f"
+    long_b = "tank/" + "d" * 191 + "/e/f"
+    assert len(long_a) == len(long_b) == 200
+    for dataset in (long_a, long_b):
+        code, answer, _ = upload(app, "alice", b"s" * 100, dataset=dataset,
+                                 compression="zstd", encryption="age")
+        assert code == 200, answer
+    keys = sorted(m.key for m in ctx.catalog.list("alice"))
+    assert max(len(k.rsplit("/", 1)[1] + ".manifest.json") for k in keys) == 255
+    assert all((Path(ctx.settings.storage_dir) / k).is_file() for k in keys)

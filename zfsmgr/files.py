@@ -5,11 +5,13 @@ Imports nothing of zfsmgr, so any module may use it (server, client, restore, st
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
 
 CHUNK = 1 << 20  # bytes read at a time from any stream: big enough for few syscalls, bounded
+NAME_MAX = 255  # bytes of one file name (Linux, FreeBSD)
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,12 +23,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_sibling(path: Path, tag: str) -> Path:
+    """The hidden temporary `.<name>.<tag>.tmp` next to `path`, at most NAME_MAX bytes: a long
+    name is cut, with 8 hex digits of its sha256, so the temporary of any name the directory
+    takes can be made too."""
+    name = f".{path.name}.{tag}.tmp"
+    if len(name.encode()) <= NAME_MAX:
+        return path.with_name(name)
+    digest = hashlib.sha256(path.name.encode()).hexdigest()[:8]
+    room = NAME_MAX - len(f".~{digest}.{tag}.tmp".encode())
+    head = path.name.encode()[:room].decode(errors="ignore")
+    return path.with_name(f".{head}~{digest}.{tag}.tmp")
+
+
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
     """Write `path` via a temp file and rename; with `durable`, fsync file and directory.
 
     The temp file is removed on any failure, so a crash or an error leaves the old content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_sibling(path, f"{os.getpid()}.{threading.get_ident()}")
     try:
         with open(tmp, "wb") as out:
             out.write(data)

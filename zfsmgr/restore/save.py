@@ -19,7 +19,7 @@ from pathlib import Path
 
 from zfsmgr.compress import compressor, decompressor
 from zfsmgr.errors import UsageError, ZfsmgrError
-from zfsmgr.files import CHUNK, fsync_dir
+from zfsmgr.files import CHUNK, fsync_dir, temp_sibling
 from zfsmgr.protocol import COMPRESSIONS, ENCRYPTIONS, Manifest
 from zfsmgr.restore.receive import StreamOpener
 from zfsmgr.restore.stream import StoredStream, reported
@@ -54,7 +54,7 @@ def chain_names(filename: str, chain: Sequence[Manifest], codec: str | None) -> 
 
 
 def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return temp_sibling(path, str(os.getpid()))
 
 
 def write_stream(source: StoredStream, path: Path, codec: str) -> int:

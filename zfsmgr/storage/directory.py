@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
-from zfsmgr.files import CHUNK, fsync_dir, write_atomic
+from zfsmgr.files import CHUNK, fsync_dir, temp_sibling, write_atomic
 from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
 from zfsmgr.storage.base import (CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, StorageFull, Store, is_full)
@@ -235,7 +235,7 @@ class DirectoryStore(Store):
         was, so a commit that found the disk full (StorageFull) can be retried."""
         target = self._path(manifest.key)
         meta = self._path(manifest_key(manifest.key))
-        pending = meta.with_name(f".{meta.name}.{upload_id}.tmp")
+        pending = temp_sibling(meta, upload_id)
         data = self.staging.data_path(upload_id)
         body = json.dumps(manifest.to_dict(), indent=1).encode()
         try:
