@@ -107,10 +107,26 @@ def test_client_faults_on_parts_are_409_not_503(server):  # noqa: F811
     the parts the server holds (on main: 503, which clients retry for minutes)."""
     ctx, app = server
     upload_id = _session(app)
-    for index in range(3):
-        assert call(app, "POST", f"/upload-stream/{upload_id}/{index}", b"abc",
+    for index in range(3):  # parts of the schedule's size (PART_SIZE=1K)
+        assert call(app, "POST", f"/upload-stream/{upload_id}/{index}", b"a" * 1024,
                     auth("alice"))[0] == 200
     code, answer, _ = call(app, "POST", f"/upload-stream/{upload_id}/0", b"abc", auth("alice"))
     assert code == 409 and json.loads(answer)["parts_held"] == 3
     code, answer, _ = call(app, "POST", f"/upload-stream/{upload_id}/7", b"abc", auth("alice"))
     assert code == 409 and json.loads(answer)["parts_held"] == 3
+
+
+def test_only_the_last_part_may_be_short(server):  # noqa: F811
+    """Parts of one byte were taken by the ten thousand, and each made the store rewrite its
+    record of them all (CPU with the square of their count, on a server the fleet shares):
+    a part after a short one is 400 now, and the short one may still end the upload."""
+    ctx, app = server
+    upload_id = _session(app)
+    path = f"/upload-stream/{upload_id}/{{}}"
+    assert call(app, "POST", path.format(0), b"a" * 1024, auth("alice"))[0] == 200
+    assert call(app, "POST", path.format(1), b"b", auth("alice"))[0] == 200
+    code, answer, _ = call(app, "POST", path.format(2), b"c", auth("alice"))
+    assert code == 400 and "only the last part" in json.loads(answer)["message"], answer
+    assert [p.size for p in ctx.store_named("dir").staged_parts(upload_id)] == [1024, 1]
+    assert call(app, "POST", path.format(1), b"b" * 1024, auth("alice"))[0] == 200  # resent
+    assert call(app, "POST", path.format(2), b"c", auth("alice"))[0] == 200

@@ -231,6 +231,14 @@ class Uploads:
             if segment is not None and segment != session.segment:
                 raise Conflict(f"part {index} belongs to the stream from part {segment}; the"
                                f" upload now continues from part {session.segment}")
+            if 0 < index == len(parts):  # each part costs the store a record of them all:
+                # tiny ones by the thousand would cost CPU with the square of their count
+                short, due = parts[-1].size, protocol.part_size(index - 1, session.part_base,
+                                                                session.part_every)
+                if short < due:
+                    raise protocol.ValidationError(
+                        f"part {index - 1} was {short} bytes, less than its {due}: only the"
+                        " last part of an upload may be shorter than its schedule")
             staged = sum(p.size for p in parts[:index])
             # the upload's reservation never drops below what it holds: a part sent again
             # (refused by the store, or replacing one) must not free room for another upload
