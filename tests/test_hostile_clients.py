@@ -101,6 +101,43 @@ def test_chunked_bodies_count_in_the_clients_share(server_factory):
                                    alice)[0] == 200, 10, "the share given back")
 
 
+def test_idle_and_slow_header_connections_cannot_lock_the_fleet_out(server_factory):
+    """101 sockets that sent nothing, or half a request line, filled waitress's 100
+    connections for five minutes, without a key: /health timed out. The limit now follows the
+    open-file limit, and a connection gets 10 s (connections.HEADER_SECONDS) to finish its
+    headers; a request whose headers are in keeps its body's time."""
+    server = server_factory("dir")
+    alice = auth_of(server.client_env)
+    session = hostile.open_upload(server.url, alice)
+    host, port = server.url.split("//", 1)[1].split(":")
+    body = f"POST /upload-stream/{session['upload_id']}/0 HTTP/1.1\r\nHost: x\r\n" \
+           f"Content-Length: 1000\r\nX-Client-ID: {alice['X-Client-ID']}\r\n" \
+           f"X-API-Key: {alice['X-API-Key']}\r\n\r\n"
+    slow_body = socket.create_connection((host, int(port)), timeout=30)
+    slow_body.sendall(body.encode() + b"a" * 500)
+    idle = []
+    try:
+        for n in range(150):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            if n % 2:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost")  # and never the rest
+            idle.append(sock)
+        status, answer, _ = request(server.url, "GET", "/health", timeout=8)
+        assert status == 200, answer  # before: a timeout, with 101 idle sockets
+        started = time.monotonic()
+        for sock in idle:
+            assert sock.recv(1024) == b"", "the server answered a request never sent"
+        waited = time.monotonic() - started
+        assert waited < 25, waited  # closed by the server, after HEADER_SECONDS
+        slow_body.sendall(b"a" * 500)  # its headers were in: it was not closed meanwhile
+        answer = slow_body.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    finally:
+        for sock in idle + [slow_body]:
+            sock.close()
+    assert "connections that sent no complete request headers" in server.log()
+
+
 def test_racing_uploads_never_take_a_client_past_its_quota(server_factory):
     """Three uploads of 4 MiB at once on a 10 MiB quota: the staged bytes of every open
     upload count, so at most two commit and the total stays within the quota (before, all

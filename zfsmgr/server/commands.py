@@ -175,6 +175,7 @@ def serve(ctx) -> int:
     from waitress.server import create_server
 
     from zfsmgr.protocol import MAX_PART_SIZE
+    from zfsmgr.server import connections
     from zfsmgr.server.app import make_app
     from zfsmgr.server.gate import Gate, channel_class
 
@@ -184,6 +185,8 @@ def serve(ctx) -> int:
     adjustments = dict(host=s.host, port=s.port, threads=s.threads,
                        max_request_body_size=MAX_PART_SIZE + (1 << 20),
                        channel_timeout=300, ident="zfsmgr",
+                       connection_limit=connections.connection_limit(),
+                       cleanup_interval=connections.CHECK_SECONDS,
                        recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
     certificate = _certificate(s)
     try:
@@ -199,6 +202,7 @@ def serve(ctx) -> int:
     if certificate is not None:
         signal.signal(signal.SIGHUP, lambda _signum, _frame: certificate.reload())
     server.channel_class = channel_class(Gate(ctx), server.channel_class)  # bodies: see gate
+    connections.watch(server)
     stop = threading.Event()
 
     def shutdown(signum, _frame):
@@ -219,8 +223,9 @@ def serve(ctx) -> int:
         threading.Thread(target=watch, args=(ctx, stop), name="stale", daemon=True).start()
     scheme = "http" if certificate is None else "https"
     log.info("zfsmgr %s listening on %s://%s:%s, default storage %s (waitress %s), request"
-             " bodies spooled in %s", ctx.version, scheme, s.host, server.effective_port, kind,
-             _version_of(waitress), _spool_dir())
+             " bodies spooled in %s, at most %d connections", ctx.version, scheme, s.host,
+             server.effective_port, kind, _version_of(waitress), _spool_dir(),
+             server.adj.connection_limit)
     try:
         server.run()  # on the signal: stops accepting, waits up to 5 s for requests in flight
         server.task_dispatcher.shutdown(timeout=_FINISH_SECONDS - 5)  # a part being stored

@@ -29,6 +29,7 @@ import logging
 import re
 import tempfile
 import threading
+import time
 import urllib.parse
 from typing import Dict, Optional, Tuple
 
@@ -209,6 +210,10 @@ def channel_class(gate: Gate, base=HTTPChannel):
     class GatedParser(HTTPRequestParser):
         counted: Optional[str] = None
 
+        def __init__(self, adj):
+            super().__init__(adj)
+            self.began = time.time()  # its first bytes came (connections.py times headers)
+
         def parse_header(self, header_plus):
             super().parse_header(header_plus)
             client_id, limit, refusal = gate.admit(self.command, self.path, self.query,
@@ -249,6 +254,13 @@ def channel_class(gate: Gate, base=HTTPChannel):
 
     class GatedChannel(base):
         parser_class = GatedParser
+        served = False  # a request's headers came in full (connections.py)
+
+        def received(self, data):
+            done = super().received(data)
+            if self.requests or (self.request is not None and self.request.headers_finished):
+                self.served = True
+            return done
 
         def handle_close(self):
             self.released()
