@@ -463,3 +463,31 @@ def test_the_longest_dataset_names_commit_to_the_directory_store(server):
     keys = sorted(m.key for m in ctx.catalog.list("alice"))
     assert max(len(k.rsplit("/", 1)[1] + ".manifest.json") for k in keys) == 255
     assert all((Path(ctx.settings.storage_dir) / k).is_file() for k in keys)
+
+
+def test_an_upload_that_cannot_be_discarded_does_not_stop_the_others_expiring(
+        server, monkeypatch, caplog):
+    """One failing discard ended the whole expiry pass (and the janitor's only other chance
+    was ten minutes later), so every abandoned upload after it stayed."""
+    ctx, app = server
+    ids = [open_session(app, f"tank/d{n}", "zfsmgr_1", 1700000000)[1]["upload_id"]
+           for n in range(3)]
+    for upload_id in ids:
+        assert call(app, "POST", f"/upload-stream/{upload_id}/0", b"p" * 100,
+                    auth("alice"))[0] == 200
+    store = ctx.store_named("dir")
+    real = store.discard
+
+    def stuck(upload_id):
+        if upload_id == ids[0]:
+            raise OSError(16, "Device or resource busy")
+        real(upload_id)
+
+    monkeypatch.setattr(store, "discard", stuck)
+    later = time.time() + 10 ** 7
+    with caplog.at_level(logging.INFO):
+        assert sorted(ctx.uploads.expire(ctx.stores(), now=later)) == sorted(ids[1:])
+    assert f"abandoned upload {ids[0]} stays until the next cleanup" in caplog.text
+    monkeypatch.setattr(store, "discard", real)
+    assert ctx.uploads.expire(ctx.stores(), now=later) == [ids[0]]
+    assert store.staged_uploads() == []

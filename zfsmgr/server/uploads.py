@@ -390,16 +390,25 @@ class Uploads:
                 if now - activity[store.kind].get(session.upload_id, 0.0) <= self.expiry:
                     self.table.touch(session.upload_id, now)
                     continue
-            self.abort(session, store)
-            expired.append(session.upload_id)
+            if self._expire(session.upload_id, lambda: self.abort(session, store)):
+                expired.append(session.upload_id)
         for store in stores.values():
             for upload_id, stamp in store.staged_uploads():
-                if now - stamp > self.expiry and not self.table.exists(upload_id):
-                    store.discard(upload_id)
+                if now - stamp > self.expiry and not self.table.exists(upload_id) and \
+                        self._expire(upload_id, lambda: store.discard(upload_id)):
                     expired.append(upload_id)
-        for upload_id in expired:
-            log.info("expired abandoned upload %s", upload_id)
         return expired
+
+    @staticmethod
+    def _expire(upload_id: str, discard: Callable[[], None]) -> bool:
+        """Discard one abandoned upload; one that fails is logged and the others go on."""
+        try:
+            discard()
+        except Exception as exc:  # noqa: BLE001 (the next pass tries it again)
+            log.warning("abandoned upload %s stays until the next cleanup: %s", upload_id, exc)
+            return False
+        log.info("expired abandoned upload %s", upload_id)
+        return True
 
 
 def _manifest(session: Session, store: Store, **sizes) -> Manifest:

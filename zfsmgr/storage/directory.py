@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
@@ -173,7 +174,15 @@ class Staging:
     def uploads(self) -> List[Tuple[str, float]]:
         if not self.root.is_dir():
             return []
-        return [(p.name, p.stat().st_mtime) for p in self.root.iterdir() if p.is_dir()]
+        found = []
+        for path in self.root.iterdir():
+            try:  # an upload committed or aborted meanwhile is gone: not one to list
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                found.append((path.name, info.st_mtime))
+        return found
 
 
 class DirectoryStore(Store):
