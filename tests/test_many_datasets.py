@@ -253,3 +253,37 @@ def test_a_renamed_dataset_is_recognised_by_its_guid(pool, server_factory, run_z
     notes = " | ".join(report["notes"])
     assert f"{root}/old was renamed to {root}/new (same guid)" in notes
     assert "destroyed" not in notes and f"{root}/new is new" not in notes
+
+
+TWIN_SNAPSHOT = """#!/bin/sh
+# zfs, and each `zfs snapshot` of this run's ROOT gives the excluded ROOT/a/out a snapshot of
+# the same name too, as another run (to another server) in the same second would
+for last; do :; done
+"{zfs}" "$@" || exit $?
+case "$1:$last" in
+  snapshot:{root}@*) "{zfs}" snapshot "{root}/a/out@${{last#*@}}" 2>/dev/null || true ;;
+esac
+"""
+
+
+def test_unchanged_snapshots_of_a_subtree_with_a_left_out_dataset_go_one_by_one(
+        pool, server_factory, run_zfsmgr, tmp_path):
+    """A subtree whose new snapshots were all unneeded went in one `zfs destroy -r`, which
+    also destroyed the same-named snapshot of a dataset below it that the run leaves out (made
+    by another run in the same second)."""
+    server = server_factory("dir")
+    root = pool.create("twin")
+    for child in ("a", "a/b", "a/out"):
+        zfs("create", f"{root}/{child}")
+    env = env_for(server, root, EXCLUDE_DATASETS=f"{root}/a/out")
+    backup_json(run_zfsmgr, env)  # the full backups
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text(TWIN_SNAPSHOT.format(zfs=rig.sh("sh", "-c", "command -v zfs").strip(),
+                                            root=root))
+    wrapper.chmod(0o755)
+    report = backup_json(run_zfsmgr, {**env, "ZFSMGR_ZFS": str(wrapper)})
+    assert set(statuses(report).values()) == {"unchanged"}, report
+    twins = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{root}/a/out").split()
+    assert twins == [f"{root}/a/out@{report['snapshot']}"], twins
+    mine = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", root).split()
+    assert not [s for s in mine if s.endswith(report["snapshot"]) and "/out@" not in s]

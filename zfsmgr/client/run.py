@@ -269,20 +269,23 @@ class Run:
                 unchanged.append(name)
             else:
                 todo.append((name, backup, snap))
-        self._discard_unchanged(unchanged, new, prepared)
+        self._discard_unchanged(unchanged, new, prepared, pools)
         record.attach(self.zfs, todo)  # one `zfs get` per pool, where streams go without -p
         self._send_all(todo)
 
     def _discard_unchanged(self, unchanged: List[str], new: Dict[str, Snapshot],
-                           prepared: Dict[str, Backup]) -> None:
+                           prepared: Dict[str, Backup], pools: Dict[str, Pool]) -> None:
         """Destroy the snapshots nothing needs: one `zfs destroy -r DS@snap` for a subtree
-        whose new snapshots are all unneeded, else one by one."""
+        whose new snapshots are all unneeded and that has no dataset this run left out (whose
+        snapshot of that name, made by another run, `-r` would destroy too), else one by
+        one."""
         gone, done = set(unchanged), set()
         for name in sorted(unchanged):  # parents first
             if name in done:
                 continue
             below = [n for n in new if under(n, name)]
-            if len(below) > 1 and all(n in gone for n in below):
+            whole = pools[name.split("/")[0]].whole_subtree(name, list(new))
+            if len(below) > 1 and whole and all(n in gone for n in below):
                 try:  # the run's snapshot name is new: only this run's snapshots carry it
                     self.zfs.destroy(new[name].name, recursive=True)
                     done.update(below)
