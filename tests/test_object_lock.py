@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+import hostile
 import rig
 from test_rotation_e2e import make_history
 from zfsmgr import protocol
@@ -168,3 +169,30 @@ def test_a_locked_backup_an_admin_deletes_stays_listed(pool, server_factory, run
         assert "Object Lock" in refused.stderr and "Traceback" not in refused.stderr
     s3, bucket = server.s3["seaweed"].client(), server.s3["bucket"]
     assert s3.stat_object(bucket, key).size == uploaded[0]["stored_size"]
+
+
+@pytest.mark.s3
+def test_a_malformed_commit_extends_no_retention(server_factory):
+    """The retention of the chain's bases was extended before the commit's body was checked:
+    a malformed commit (here a sha256 that is no hex) locked the client's bases for longer,
+    every time it was sent."""
+    server = server_factory("s3", rotation_policy=POLICY,
+                            env={"S3_OBJECT_LOCK": "governance", "MIN_RETAIN_DAYS": "0"})
+    s3, bucket = server.s3["seaweed"].client(), server.s3["bucket"]
+    alice = hostile.auth_of(server.client_env)
+    full = hostile.open_upload(server.url, alice)
+    statuses, declaration = hostile.send_parts(server.url, alice, full, b"f" * 1000)
+    assert hostile.commit(server.url, alice, full, declaration)[0] == 200
+    locked = retained_until(s3, bucket, full["key"])
+    status, answer, _ = hostile.request(server.url, "POST", "/upload", {
+        "dataset": "tank/data", "snapshot": "s1700000100", "type": "incremental",
+        "parent": "s1700000000", "compression": "none", "snapshot_time": 1700000100}, alice)
+    assert status == 200, answer
+    statuses, declaration = hostile.send_parts(server.url, alice, answer, b"i" * 100)
+    time.sleep(1.5)
+    status, refused = hostile.commit(server.url, alice, answer,
+                                     {**declaration, "sha256": "not hex"})
+    assert status == 400, refused
+    assert retained_until(s3, bucket, full["key"]) == locked
+    assert hostile.commit(server.url, alice, answer, declaration)[0] == 200
+    assert retained_until(s3, bucket, full["key"]) > locked

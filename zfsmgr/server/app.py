@@ -182,8 +182,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         session = ctx.uploads.get(client.client_id, upload_id)
         store = ctx.store_named(session.storage_type)
         try:
-            until = ctx.retain_chain(client, store, session.dataset, session.parent)
-            manifest = ctx.uploads.commit(client, store, session, body_json(), until)
+            manifest = ctx.uploads.commit(client, store, session, body_json(), lambda: (
+                ctx.retain_chain(client, store, session.dataset, session.parent)))
         except ZfsmgrError as exc:
             log.warning("upload %s failed: client=%s dataset=%s: %s", upload_id,
                         client.client_id, session.dataset, exc)

@@ -276,10 +276,11 @@ class Uploads:
             raise NotFound(f"upload {session.upload_id} was aborted")
 
     def commit(self, client: ClientConfig, store: Store, session: Session,
-               request: dict, retain_until: Optional[datetime] = None) -> Manifest:
+               request: dict,
+               retain: Callable[[], Optional[datetime]] = lambda: None) -> Manifest:
         """Verify the staged parts against the client's size and part checksum, then publish
-        them with the client's sha256 of the stream (retained until `retain_until` where the
-        store locks objects)."""
+        them with the client's sha256 of the stream (where the store locks objects, `retain`
+        extends the retention of the chain's bases and says until when the backup is kept)."""
         sha256, stored_size = request.get("sha256"), request.get("stored_size")
         raw_size, checksum = request.get("raw_size", 0), request.get("parts_crc32")
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
@@ -305,6 +306,7 @@ class Uploads:
                     f" client sent {checksum}; the upload was discarded")
             manifest = _manifest(session, store, raw_size=raw_size, stored_size=total,
                                  sha256=sha256.lower(), parts=len(parts))
+            retain_until = retain()  # once all is checked: a malformed commit locks nothing
             if retain_until is not None:
                 manifest = replace(manifest, extra={**manifest.extra, "retain_until":
                                                     retain_until.isoformat()})
