@@ -381,11 +381,12 @@ def test_a_part_sent_twice_still_commits(kind, tmp_path, request):
         store = DirectoryStore(str(tmp_path / "store"))
     store.check()
     uploads = rig.uploads(tmp_path)
+    half = uploads.part_base = (len(full) + 1) // 2  # two parts, the first of the schedule's
     client = ClientConfig("c1", "0" * 64)
     session = uploads.open(client, store, {"dataset": "tank/data", "snapshot": "a",
                                            "type": "full", "compression": "gzip",
                                            "snapshot_time": 1707834600.0})
-    half = len(full) // 2
+    assert session.part_base == half
     pieces = [full[:half], full[half:]]
     for index in (0, 0, 1, 1):  # each part twice
         uploads.put_part(client, store, session, index, io.BytesIO(pieces[index]),
