@@ -491,3 +491,21 @@ def test_an_upload_that_cannot_be_discarded_does_not_stop_the_others_expiring(
     monkeypatch.setattr(store, "discard", real)
     assert ctx.uploads.expire(ctx.stores(), now=later) == [ids[0]]
     assert store.staged_uploads() == []
+
+
+def test_a_resume_after_the_upload_ended_brings_nothing_back(server, monkeypatch):
+    """A resume that waited for its lock while a commit or abort ended the upload recorded the
+    session again (INSERT OR REPLACE): a ghost open upload holding one of the client's four
+    until it expired."""
+    from zfsmgr.errors import NotFound
+
+    ctx, app = server
+    answer = open_session(app, "tank/r", "zfsmgr_1", 1700000000)[1]
+    session = ctx.uploads.get("alice", answer["upload_id"])
+    store = ctx.store_named("dir")
+    monkeypatch.setattr(store, "resume", lambda *args: None)  # a store that resumes (local)
+    assert call(app, "POST", f"/upload-stream/{answer['upload_id']}/abort", b"",
+                auth("alice"))[0] == 200
+    with pytest.raises(NotFound):
+        ctx.uploads.resume(store, session, {"token": "1-abc", "from_part": 0})
+    assert ctx.uploads.table.of_client("alice") == []

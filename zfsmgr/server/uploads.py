@@ -170,6 +170,9 @@ class Uploads:
             raise protocol.ValidationError("resume needs the token and from_part")
         protocol.validate_count(from_part, "from_part", protocol.MAX_PART_INDEX)
         with self._session_lock(session.upload_id):
+            # a commit or abort that came first ended it: recording it again would bring back
+            # a session with nothing behind it, holding one of the client's uploads
+            session = self.get(session.client_id, session.upload_id)
             store.resume(session.upload_id, token, from_part)
             session = replace(session, segment=from_part, resumed_with=token)
             self.table.add(session, time.time())
