@@ -9,6 +9,7 @@ import threading
 import time
 import logging
 import sqlite3
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -509,3 +510,36 @@ def test_a_resume_after_the_upload_ended_brings_nothing_back(server, monkeypatch
     with pytest.raises(NotFound):
         ctx.uploads.resume(store, session, {"token": "1-abc", "from_part": 0})
     assert ctx.uploads.table.of_client("alice") == []
+
+
+@pytest.mark.parametrize("first_read", ["fails", "empty"])
+def test_a_download_whose_first_read_fails_or_is_empty_gives_its_slot_back(server,
+                                                                           monkeypatch,
+                                                                           first_read):
+    """bottle peeks at a body's first item and, when reading it fails or there is none, never
+    closes the body: the client's share of worker threads stayed taken, and after four such
+    downloads every request of the client was a 429."""
+    from dataclasses import replace as swap
+
+    ctx, app = server
+    key = upload(app, "alice", b"d" * 3000, dataset="tank/dl")[1]["manifest"]["key"]
+    store, closed = ctx.store_named("dir"), []
+
+    class Reader:
+        def read(self, size):
+            if first_read == "fails":
+                raise OSError(5, "Input/output error")
+            return b""
+
+        def close(self):
+            closed.append(True)
+
+    real_open = store.open
+    monkeypatch.setattr(store, "open", lambda m, offset=0: swap(real_open(m, offset),
+                                                                reader=Reader()))
+    for _ in range(6):
+        code, body, _ = call(app, "GET", "/download", headers=auth("alice"),
+                             query=urllib.parse.urlencode({"key": key}))
+        assert code == (500 if first_read == "fails" else 200), body
+    assert len(closed) == 6
+    assert call(app, "GET", "/status", headers=auth("alice"))[0] == 200  # before: 429

@@ -37,13 +37,28 @@ class _Body:
     def __init__(self, reader):
         self.reader = reader
         self.on_close: Optional[Callable[[], None]] = None
+        self.first = b""
+
+    def prime(self) -> bool:
+        """Read the first chunk now, in the route's handler (bottle peeks at the first item
+        and, when there is none or reading fails, never closes the body): whether there is
+        one. The reader is closed when it fails."""
+        try:
+            self.first = self.reader.read(CHUNK)
+        except BaseException:
+            self.reader.close()
+            raise
+        return bool(self.first)
 
     def __iter__(self):
+        chunk, self.first = self.first, b""
         while True:
-            chunk = self.reader.read(CHUNK)
+            if not chunk:
+                chunk = self.reader.read(CHUNK)
             if not chunk:
                 return
             yield chunk
+            chunk = b""
 
     def close(self) -> None:
         try:
@@ -79,10 +94,14 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                         ctx.working.take(OPEN_ROUTES)
                         slot = OPEN_ROUTES
                     result = func(client, *args, **kwargs)
-                    if slot and isinstance(result, bottle.HTTPResponse) and \
-                            isinstance(result.body, _Body):  # held while the body streams
-                        result.body.on_close = functools.partial(ctx.working.give, slot)
-                        slot = None
+                    if isinstance(result, bottle.HTTPResponse) and \
+                            isinstance(result.body, _Body):
+                        if not result.body.prime():  # nothing to stream: done here
+                            result.body.reader.close()
+                            result.body = b""
+                        elif slot:  # held while the body streams
+                            result.body.on_close = functools.partial(ctx.working.give, slot)
+                            slot = None
                     status = result.status_code if isinstance(result, bottle.HTTPResponse) \
                         else 200
                     return result
