@@ -243,3 +243,36 @@ def test_seaweedfs_over_its_bucket_quota_answers_a_fault_and_the_abort_still_fre
     assert "500" in str(refused.value)
     store.discard("d" * 32)
     assert _leftovers(seaweed, bucket) == []
+
+
+class _ListingFails:
+    """minio's listings and bulk deletes are generators: S3 is asked as they are read."""
+
+    def list_objects(self, *args, **kwargs):
+        from urllib3.exceptions import MaxRetryError
+        yield from ()
+        raise MaxRetryError(None, "/bucket?list-type=2", "SlowDown")
+
+    def remove_objects(self, *args, **kwargs):
+        from minio.error import S3Error
+        yield from ()
+        raise S3Error(None, "AccessDenied", "no ListBucket", "/b", "r", "h")
+
+
+@pytest.mark.parametrize("call", ["manifest_keys", "staged_uploads", "manifests", "listing"])
+def test_a_listing_that_fails_while_read_is_a_storage_error(call):
+    """The error came out of the generator after `_call` returned it: a raw urllib3 error (a
+    500 with a traceback) where the store's error (503) was due."""
+    store = S3Store("127.0.0.1:1", "ak", "SECRETSK", "bucket", secure=False)
+    store.client = _ListingFails()
+    args = {"manifest_keys": ("c1",), "manifests": ("c1",), "listing": ("p/",)}.get(call, ())
+    with pytest.raises(StorageError) as err:
+        list(getattr(store, call)(*args))
+    assert "S3 list failed: MaxRetryError" in str(err.value) and "SECRETSK" not in str(err.value)
+
+
+def test_a_bulk_delete_that_fails_while_read_is_a_storage_error():
+    store = S3Store("127.0.0.1:1", "ak", "sk", "bucket", secure=False)
+    store.client = _ListingFails()
+    with pytest.raises(StorageError, match="S3 delete failed: AccessDenied"):
+        list(store._call("delete", store.client.remove_objects, "bucket", []))

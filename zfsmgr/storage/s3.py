@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from datetime import datetime
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from zfsmgr.errors import Conflict, StorageFull
 from zfsmgr.files import CHUNK
@@ -106,34 +107,52 @@ class S3Store(Store):
     def _call(self, what: str, func, *args, needs: int = 0, **kwargs):
         """Call minio; S3's answers and transport trouble become StorageError/NotFound, and
         a write refused for want of room a StorageFull saying it `needs` that many bytes.
+        A listing or bulk delete (a generator: minio asks S3 as it is read) is mapped the
+        same way while it is read.
 
         Only those: anything else (a TypeError, our own bug) is not the storage's fault and
         propagates as it is, to be logged with its traceback."""
-        from minio.error import MinioException, S3Error
+        from minio.error import MinioException
         from urllib3.exceptions import HTTPError
 
         try:
             result = func(*args, **kwargs)
-            if needs:
-                self.refused_full = False
-            return result
-        except S3Error as exc:
+        except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
+            raise self._failure(what, exc, needs) from None
+        if needs:
+            self.refused_full = False
+        if isinstance(result, types.GeneratorType):
+            return self._read(what, result)
+        return result
+
+    def _read(self, what: str, items: Iterator):
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            yield from items
+        except (MinioException, HTTPError, OSError) as exc:
+            raise self._failure(what, exc, 0) from None
+
+    def _failure(self, what: str, exc: Exception, needs: int) -> Exception:
+        """The zfsmgr error for minio's or urllib3's `exc` in `what`."""
+        from minio.error import S3Error
+
+        if isinstance(exc, S3Error):
             if exc.code in ("NoSuchKey", "NoSuchUpload", "ResourceNotFound"):
-                raise NotFound(f"{what}: {exc.code}") from None
+                return NotFound(f"{what}: {exc.code}")
             if exc.code == "PreconditionFailed":
-                raise PreconditionFailed(f"S3 {what}: precondition failed") from None
+                return PreconditionFailed(f"S3 {what}: precondition failed")
             if provider_full(exc):
                 self.refused_full = True
                 need = f"needs {needs} bytes" if needs else "was refused"
-                raise StorageFull(f"{self.where} is full: {what} {need}"
-                                  f" ({exc.code}: {exc.message})") from None
-            raise StorageError(f"S3 {what} failed: {exc.code}: {exc.message}") from None
-        except (MinioException, HTTPError, OSError) as exc:  # urllib3: endpoint unreachable
-            hint = ""
-            if self.secure and any(sign in str(exc) for sign in _PLAIN_HTTP_SIGNS):
-                hint = " (the endpoint does not speak TLS: set S3_USE_SSL=false for plain http)"
-            raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}{hint}") \
-                from None
+                return StorageFull(f"{self.where} is full: {what} {need}"
+                                   f" ({exc.code}: {exc.message})")
+            return StorageError(f"S3 {what} failed: {exc.code}: {exc.message}")
+        hint = ""
+        if self.secure and any(sign in str(exc) for sign in _PLAIN_HTTP_SIGNS):
+            hint = " (the endpoint does not speak TLS: set S3_USE_SSL=false for plain http)"
+        return StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}{hint}")
 
     def check(self) -> None:
         if not self._call("bucket check", self.client.bucket_exists, self.bucket):
