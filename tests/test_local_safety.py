@@ -127,3 +127,79 @@ def test_names_beyond_zfs_limits_are_400(local_server):
         "dataset": "tank/" + "d" * 200, "snapshot": "s" * 100, "type": "full",
         "compression": "none", "snapshot_time": 1700000000}, auth_of(server.client_env))
     assert status == 400, answer
+
+
+def _datasets(base):
+    return rig.sh("zfs", "list", "-H", "-o", "name", "-r", base).split()
+
+
+def test_a_volume_stream_is_refused_before_zfs_recv(pool, local_server):
+    """A volume received on the backup server is a block device there, which udev, LVM or
+    md may probe, and its commit failed anyway (a 503 after the whole stream: `canmount`
+    does not apply to volumes). zfs-fuse has no volumes: the head of a file system's stream
+    is made a volume's (drr_begin's type, at byte 32, 3)."""
+    server, base = local_server
+    dataset, guid = _source(pool, "vol")
+    stream = bytearray(subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                                      check=True).stdout)
+    assert stream[32] == 2  # DMU_OST_ZFS, little-endian
+    stream[32] = 3  # DMU_OST_ZVOL
+    session = _open(server, guid)
+    status, answer, _ = request(server.url, "POST", f"/upload-stream/{session['upload_id']}/0",
+                                bytes(stream[:1 << 20]), auth_of(server.client_env))
+    assert status == 400 and "the stream is of a volume" in answer["message"], answer
+    assert _received(base) == []
+
+
+def test_a_stream_with_data_after_its_end_is_400_and_leaves_nothing(pool, local_server):
+    """zfs recv exits 0 at the end record; what came after it hit a broken pipe: a 503 with
+    no message, and the received snapshot stayed (without a manifest, outside the quota)
+    until the upload expired."""
+    server, base = local_server
+    dataset, guid = _source(pool, "trail")
+    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, guid)
+    statuses, _ = hostile.send_parts(server.url, auth_of(server.client_env), session,
+                                     stream + os.urandom(3 << 20))  # parts after the end
+    assert statuses[-1] == 400 and set(statuses[:-1]) == {200}, statuses
+    assert _received(base) == []
+    assert request(server.url, "POST", f"/upload-stream/{session['upload_id']}/abort", None,
+                   auth_of(server.client_env))[0] == 200
+    assert _received(base) == []
+    assert "Traceback" not in server.log()
+
+
+def test_a_second_full_backup_of_a_committed_snapshot_is_409(pool, local_server):
+    server, base = local_server
+    dataset, guid = _source(pool, "twice")
+    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, guid)
+    statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
+                                               stream)
+    assert hostile.commit(server.url, auth_of(server.client_env), session,
+                          declaration)[0] == 200
+    status, answer, _ = request(server.url, "POST", "/upload", {
+        "dataset": "tank/data", "snapshot": "s1700000000", "type": "full",
+        "compression": "none", "snapshot_time": 1700000007}, auth_of(server.client_env))
+    assert status == 409 and "already holds a committed backup" in answer["message"], answer
+
+
+def test_uploads_that_never_commit_leave_no_datasets(local_server):
+    """Each POST /upload made its chain's container, and nothing removed it: a client could
+    make datasets without end (each slows the server's listings), even with opens refused
+    for their names' length."""
+    server, base = local_server
+    alice = auth_of(server.client_env)
+    assert hostile.open_upload(server.url, alice, dataset="tank/first")  # makes its home
+    home = set(_datasets(base))
+    for n in range(4):
+        status, answer, _ = request(server.url, "POST", "/upload", {
+            "dataset": f"tank/long{n}" + "d" * 180, "snapshot": "s" * 80, "type": "full",
+            "compression": "none", "snapshot_time": 1700000000}, alice)
+        assert status == 400 and "at most 255" in answer["message"], answer
+        session = hostile.open_upload(server.url, alice, dataset=f"tank/gone{n}")
+        assert request(server.url, "POST", f"/upload-stream/{session['upload_id']}/abort",
+                       None, alice)[0] == 200
+    assert set(_datasets(base)) - home == set()

@@ -103,13 +103,11 @@ class LiveReceive:
                     raise StorageError(f"the receive into {self.target} was abandoned")
                 self.command = self.zfs.receive(self.target, resumable=self.resumable)
                 self.head_checked.set()
-                self.command.write(head)
-                self.raw_bytes += len(head)
+                self._give(head)
                 for chunk in iter(lambda: stream.read(CHUNK), b""):
                     if self.feed.abandoned.is_set():
                         raise StorageError(f"the receive into {self.target} was abandoned")
-                    self.command.write(chunk)
-                    self.raw_bytes += len(chunk)
+                    self._give(chunk)
             finally:
                 stream.close()
             if self.feed.abandoned.is_set():
@@ -122,6 +120,18 @@ class LiveReceive:
             self.feed.abandoned.set()
         finally:
             self.head_checked.set()
+
+    def _give(self, data: bytes) -> None:
+        """Write to zfs recv; data it no longer reads after it succeeded is the client's."""
+        try:
+            self.command.write(data)
+        except ZfsError:
+            if self.command.proc.returncode == 0:  # it took a whole stream, and more came
+                raise ValidationError(f"the stream sent for {self.target} goes on after its"
+                                      f" end: zfs recv took a whole stream in"
+                                      f" {self.raw_bytes} bytes") from None
+            raise
+        self.raw_bytes += len(data)
 
     @property
     def alive(self) -> bool:

@@ -8,8 +8,10 @@ holds on every zfs, including zfs-fuse, whose `recv` has no `-o`/`-x` to overrid
 
 The record (little-endian on the wire from x86; zfs recv also takes byte-swapped streams):
 drr_type u32 (0: BEGIN), drr_payloadlen u32, then drr_begin: magic u64, versioninfo u64 (low
-two bits: 1 substream, 2 compound; the rest: feature flags), creation_time u64, type u32,
-flags u32, toguid u64, fromguid u64, toname char[256].
+two bits: 1 substream, 2 compound; the rest: feature flags), creation_time u64, type u32
+(the object set's: 2 a file system, 3 a volume, which the store refuses: received, it would
+be a block device on the server that udev, LVM or md may probe), flags u32, toguid u64,
+fromguid u64, toname char[256].
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from zfsmgr.errors import ValidationError
 BEGIN_SIZE = 312  # sizeof(dmu_replay_record_t)
 MAGIC = 0x2F5BACBAC
 SUBSTREAM, COMPOUNDSTREAM = 1, 2
+OST_ZFS, OST_ZVOL = 2, 3  # dmu_objset_type_t: a file system, a volume
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ def parse_head(head: bytes) -> StreamHead:
                               " apply: send a plain full or -i incremental stream")
     if info & 3 != SUBSTREAM:
         raise ValidationError(f"not a zfs send stream (header type {info & 3})")
+    objset, = struct.unpack_from(order + "I", head, 32)
+    if objset == OST_ZVOL:
+        raise ValidationError("the stream is of a volume: the local store keeps file systems"
+                              " only (a volume received here would be a block device on the"
+                              " backup server); back volumes up to a dir or s3 store")
+    if objset != OST_ZFS:
+        raise ValidationError(f"not the stream of a file system (object set type {objset})")
     toguid, fromguid = struct.unpack_from(order + "QQ", head, 40)
     name = head[56:BEGIN_SIZE].split(b"\0", 1)[0].decode("utf-8", "replace")
     return StreamHead(toguid, fromguid, info >> 2, name)

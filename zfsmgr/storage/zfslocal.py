@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from zfsmgr.errors import Conflict
 from zfsmgr.files import CHUNK, write_atomic
 from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, validate_upload_id
 from zfsmgr.storage.base import (CountingReader, NeedsFullBackup, NotFound, OutOfOrder, PartInfo,
@@ -144,15 +145,20 @@ class ZfsLocalStore(ReceivedChains):
     # -- the upload protocol ---------------------------------------------------------------
 
     def begin(self, upload_id: str, manifest: Manifest) -> None:
-        """Choose the receiving dataset now, so a stream with no base fails before any part."""
-        self._ensure_container(self._container(manifest))
-        target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
-        if len(target) > ZFS_MAX_NAME:
-            raise ValidationError(f"the backup would be received as {target[:60]}... ("
-                                  f"{len(target)} characters); ZFS names are at most"
-                                  f" {ZFS_MAX_NAME}: use a shorter dataset or snapshot name")
+        """Choose the receiving dataset now, so a stream with no base fails before any part.
+        Names are checked before any is made (a name past ZFS's limit made `zfs list` fail
+        with "invalid dataset name": a 503)."""
+        container = self._container(manifest)
+        if manifest.type == "full":
+            target = f"{container}/{manifest.snapshot}@{manifest.snapshot}"
+            _short_enough(target)
+            self._ensure_container(container)
+        else:  # its chain, under a container that exists (else: NeedsFullBackup)
+            _short_enough(f"{container}/{manifest.snapshot}")
+            target = f"{self._chain_for(manifest)}@{manifest.snapshot}"
+            _short_enough(target)
         if self.zfs.exists(target) and self.zfs.get(target, MANIFEST_PROP) not in NO_TOKEN:
-            raise StorageError(f"{target} already holds a committed backup")
+            raise Conflict(f"{target} already holds a committed backup")
         published = [s for s in self.zfs.snapshots(chain_of(target), ["manifest"])
                      if s.prop("manifest")] if manifest.type == "incremental" else []
         if published and published[-1].short != manifest.parent:
@@ -163,6 +169,15 @@ class ZfsLocalStore(ReceivedChains):
                  "new_dataset": manifest.type == "full", "guid": manifest.guid,
                  "parent_guid": manifest.parent_guid}
         self._save(upload_id, state)  # what an older session left goes when part 0 arrives
+
+    def _drop_container(self, state: dict) -> None:
+        """Destroy the container of a discarded upload's chain when it holds no chain (made
+        by `begin` for an upload that never committed: each open made one that stayed)."""
+        container = chain_of(state["target"]).rsplit("/", 1)[0]
+        with _CREATING:
+            if self.zfs.exists(container) and list(self.zfs.props(
+                    [container], ["name"], recursive_depth=1)) == [container]:
+                self.zfs.destroy(container)
 
     def _drop_unpublished(self, state: dict) -> None:
         """Clear what a receive left that no manifest published: a partial receive (recv -A),
@@ -205,8 +220,13 @@ class ZfsLocalStore(ReceivedChains):
                 raise StorageError(f"part {index} ended after {reader.size} of {size} bytes")
             if started:  # a stream that is not a plain zfs substream is refused here (400)
                 live.await_head()
-        except BaseException:
+        except BaseException as exc:
             self._stop(upload_id)  # part of a part went in: only the resume token can tell
+            if isinstance(exc, ValidationError):  # not a stream the store takes: nothing of
+                try:  # it stays (a whole stream with more after it was received already)
+                    self._drop_unpublished(state)
+                except ZfsError as also:
+                    log.warning("upload %s: %s", upload_id, also)
             raise
         part = PartInfo(index, size, reader.crc32)
         state["parts"].append(part.__dict__)
@@ -226,6 +246,8 @@ class ZfsLocalStore(ReceivedChains):
                                " ask for its state and resume or start again")
         else:
             self._drop_unpublished(state)
+            if state["new_dataset"]:  # its empty container may have gone with an abort
+                self._ensure_container(chain_of(state["target"]).rsplit("/", 1)[0])
         check = functools.partial(check_head, incremental=not state["new_dataset"],
                                   guid=state.get("guid", ""),
                                   parent_guid=state.get("parent_guid", ""),
@@ -249,6 +271,14 @@ class ZfsLocalStore(ReceivedChains):
         except NotFound:
             return []
         live = self._live.get(upload_id)
+        if live is not None and isinstance(live.error, ValidationError):
+            # the receive refused the stream after its part was taken (data after the end of
+            # a whole stream): the client's, said once; the upload starts over, empty
+            self._stop(upload_id)
+            self._drop_unpublished(state)
+            state.update(parts=[], segment=0, token="")
+            self._save(upload_id, state)
+            raise live.error
         if state["parts"] and not state["resuming"] and (live is None or not live.alive) \
                 and not self._token(state["target"]):
             self._stop(upload_id)  # the receive died and left nothing to resume: start over
@@ -292,6 +322,7 @@ class ZfsLocalStore(ReceivedChains):
             return
         try:  # zfs may have finished the receive before the commit refused it: no leak
             self._drop_unpublished(state)
+            self._drop_container(state)
         except ZfsError as exc:
             log.warning("upload %s: %s", upload_id, exc)
         try:
@@ -325,3 +356,10 @@ class ZfsLocalStore(ReceivedChains):
         self.zfs.hold(target, RETAIN_TAG)  # a plain `zfs destroy` now fails: only delete() frees
         os.unlink(self._state_path(upload_id))
         return stored
+
+
+def _short_enough(name: str) -> None:
+    if len(name) > ZFS_MAX_NAME:
+        raise ValidationError(f"the backup would be received as {name[:60]}... ({len(name)}"
+                              f" characters); ZFS names are at most {ZFS_MAX_NAME}: use a"
+                              " shorter dataset or snapshot name")
