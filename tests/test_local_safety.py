@@ -88,17 +88,21 @@ def test_data_that_is_not_a_zfs_stream_is_400_and_never_reaches_zfs(body, compre
     assert _received(base) == []
 
 
-def test_a_received_dataset_never_mounts(pool, local_server):
-    server, base = local_server
-    dataset, guid = _source(pool, "plain")
+def _stored_full(server, pool, name):
+    """A full backup of a new zfs-fuse dataset `name`, sent and committed: (status, answer)."""
+    dataset, guid = _source(pool, name)
     stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
                             check=True).stdout
     session = _open(server, guid)
     statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
                                                stream)
     assert set(statuses) == {200}
-    status, answer = hostile.commit(server.url, auth_of(server.client_env), session,
-                                    declaration)
+    return hostile.commit(server.url, auth_of(server.client_env), session, declaration)
+
+
+def test_a_received_dataset_never_mounts(pool, local_server):
+    server, base = local_server
+    status, answer = _stored_full(server, pool, "plain")
     assert status == 200, answer
     chain = answer["manifest"]["extra"]["zfs_snapshot"].split("@")[0]
     values = rig.sh("zfs", "get", "-H", "-o", "value", "canmount,mountpoint,mounted", chain)
@@ -172,14 +176,7 @@ def test_a_stream_with_data_after_its_end_is_400_and_leaves_nothing(pool, local_
 
 def test_a_second_full_backup_of_a_committed_snapshot_is_409(pool, local_server):
     server, base = local_server
-    dataset, guid = _source(pool, "twice")
-    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
-                            check=True).stdout
-    session = _open(server, guid)
-    statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
-                                               stream)
-    assert hostile.commit(server.url, auth_of(server.client_env), session,
-                          declaration)[0] == 200
+    assert _stored_full(server, pool, "twice")[0] == 200
     status, answer, _ = request(server.url, "POST", "/upload", {
         "dataset": "tank/data", "snapshot": "s1700000000", "type": "full",
         "compression": "none", "snapshot_time": 1700000007}, auth_of(server.client_env))
