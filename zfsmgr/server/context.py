@@ -308,8 +308,9 @@ class ServerContext:
         """What rotation would delete: retention, then old chains while over the quota."""
         backups = self.backups(client)
         by_snapshot = {(m.dataset, m.snapshot): m.key for m in backups}
-        bases = [by_snapshot[(s.dataset, s.parent)] for s in self.sessions.of_client(
-            client.client_id) if s.parent and (s.dataset, s.parent) in by_snapshot]
+        bases = {by_snapshot[(s.dataset, s.parent)]: f"the base of the open upload"
+                 f" {s.upload_id}" for s in self.sessions.of_client(client.client_id)
+                 if s.parent and (s.dataset, s.parent) in by_snapshot}
         return plan_rotation(backups, client.rotation_policy, time.time(),
                              quota=client.max_size_bytes, needed=needed, keep=keep,
                              min_retain_days=self.settings.min_retain_days,

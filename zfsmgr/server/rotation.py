@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 from zfsmgr.protocol import Manifest
 from zfsmgr.retention import Item, RetentionPolicy, plan
@@ -70,16 +70,17 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
                   quota: int = 0, needed: int = 0, keep: Optional[str] = None,
                   min_retain_days: float = 0,
                   sizes: Optional[Dict[str, int]] = None,
-                  bases: Iterable[str] = ()) -> RotationPlan:
+                  bases: Optional[Dict[str, str]] = None) -> RotationPlan:
     """Retention first; then, while the kept backups and `needed` bytes exceed `quota`, whole
     chains, oldest first, never the newest chain of a dataset nor the chain of `keep` or of
-    `bases` (the keys open uploads are based on: deletion refuses them); nothing committed
-    within `min_retain_days` of `now` goes.
+    `bases` (key: why, the keys open uploads are based on: deletion refuses them); nothing
+    committed within `min_retain_days` of `now` goes.
 
     `sizes` is what each backup takes in its store (default: its stored size)."""
     policy = policy or RetentionPolicy()
     floor = now - min_retain_days * 86400
     young = {m.key for m in backups if min_retain_days and committed_at(m) > floor}
+    bases = bases or {}
     held = set(bases) | ({keep} if keep else set())
     size = {m.key: m.stored_size for m in backups}
     size.update(sizes or {})
@@ -102,7 +103,8 @@ def plan_rotation(backups: List[Manifest], policy: Optional[RetentionPolicy], no
         for d in plan([i for i in items if i.name in names], policy, now):
             decisions[d.name] = d
     doomed = {k for k, d in decisions.items() if not d.keep}
-    result.reasons = {k: f"committed less than {min_retain_days:g} days ago (MIN_RETAIN_DAYS)"
+    result.reasons = {k: bases[k] if k in bases else
+                      f"committed less than {min_retain_days:g} days ago (MIN_RETAIN_DAYS)"
                       if k in young else d.reason for k, d in decisions.items()}
     used = sum(size[m.key] for m in backups if m.key not in doomed)
     if quota:
