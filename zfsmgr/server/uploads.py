@@ -136,6 +136,7 @@ class Uploads:
         self.quota.fit(client, estimate, parent_key, store=store)
         if len(self.table.of_client(client.client_id)) >= self.max_open:
             raise self._too_many(client)
+        store.bound(client.client_id, client.max_size_bytes)
         base, every = self.schedule(store, estimate)
         session = Session(
             upload_id=secrets.token_hex(16), client_id=client.client_id, key=key,

@@ -128,6 +128,13 @@ class Store(ABC):
         only full passes (it can still serve, abort and delete, and takes data once there is
         room), and says so in `free_bytes`."""
 
+    def bound(self, client_id: str, max_bytes: int) -> None:
+        """Hold what the client's backups take in the store to `max_bytes` (0: no bound)
+        where the store itself can: the `local` store sets the zfs `quota` of the client's
+        home, for a stream that zfs stores larger than it was sent (one that compresses
+        well, received where compression is off) would pass the quota the server counts in
+        bytes sent. Elsewhere a backup takes what was sent, which the server counts."""
+
     def free_bytes(self) -> Optional[int]:
         """Room left for new data where the store can tell (None: it cannot, or no limit)."""
         return None

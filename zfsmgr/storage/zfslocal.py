@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, Optional
 from zfsmgr.errors import Conflict
 from zfsmgr.files import CHUNK, write_atomic
 from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, validate_upload_id
+from zfsmgr.progress import human
 from zfsmgr.storage.base import (CountingReader, NeedsFullBackup, NotFound, OutOfOrder, PartInfo,
-                                 StorageError)
+                                 QuotaExceeded, StorageError, StorageFull)
 from zfsmgr.storage.receiver import LiveReceive
 from zfsmgr.storage.sendstream import check_head
 from zfsmgr.storage.zfschains import (MANIFEST_PROP, NO_TOKEN, RETAIN_TAG, ReceivedChains,
@@ -36,6 +37,7 @@ from zfsmgr.zfs import Zfs, ZfsError, zfs_from_settings
 log = logging.getLogger("zfsmgr.storage.local")
 _CREATING = threading.Lock()  # chain containers are created one at a time
 DISCARDED_KEPT = 512
+FULL_SLACK = 1 << 20  # a receive out of space this close to the home's quota reached it
 
 
 @zfs_failures_are_storage_errors
@@ -55,6 +57,7 @@ class ZfsLocalStore(ReceivedChains):
         # uploads discarded lately: a part racing an abort must not start a receive. Only
         # parts already past the state check can race, so the last few hundred are enough.
         self._discarded: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._bounds: Dict[str, str] = {}  # home: the zfs quota this server set on it
 
     @classmethod
     def from_settings(cls, settings, homes=dict) -> "ZfsLocalStore":
@@ -142,6 +145,34 @@ class ZfsLocalStore(ReceivedChains):
                     if attempt or "already exists" not in exc.stderr:
                         raise  # (else only a parent was made meanwhile: create the rest)
 
+    def bound(self, client_id: str, max_bytes: int) -> None:
+        home, wanted = self.home(client_id), str(max_bytes) if max_bytes else "0"
+        if self._bounds.get(home) == wanted:
+            return
+        self._ensure_container(home)
+        if self.zfs.get(home, "quota") != wanted:
+            self.zfs.set(home, "quota", wanted if max_bytes else "none")
+            log.info("zfs quota of %s set to %s (the client's max_size_bytes)", home,
+                     human(max_bytes) if max_bytes else "none")
+        self._bounds[home] = wanted
+
+    def _full(self, target: str, exc: StorageFull, received: int) -> StorageError:
+        """`exc` (zfs recv out of space, after `received` bytes of stream) as what it is: the
+        client's home at its zfs quota (413), or the pool full (507). zfs says "out of space"
+        for both, and has freed the partial receive by now: the quota is what the home held
+        and the stream brought."""
+        home = chain_of(target).rsplit("/", 2)[0]
+        try:
+            values = self.zfs.props([home], ["quota", "used"])[home]
+            quota, used = int(values["quota"]), int(values["used"])
+        except (ZfsError, ValueError, KeyError):
+            return exc
+        if quota and used + received >= quota - FULL_SLACK:
+            return QuotaExceeded(f"quota exceeded: the backups in {home} reached its zfs quota"
+                                 f" of {human(quota)} (max_size_bytes) while receiving"
+                                 f" {target}; nothing of it stays")
+        return exc
+
     # -- the upload protocol ---------------------------------------------------------------
 
     def begin(self, upload_id: str, manifest: Manifest) -> None:
@@ -222,6 +253,8 @@ class ZfsLocalStore(ReceivedChains):
                 live.await_head()
         except BaseException as exc:
             self._stop(upload_id)  # part of a part went in: only the resume token can tell
+            if isinstance(exc, StorageFull):
+                raise self._full(state["target"], exc, live.raw_bytes) from None
             if isinstance(exc, ValidationError):  # not a stream the store takes: nothing of
                 try:  # it stays (a whole stream with more after it was received already)
                     self._drop_unpublished(state)
@@ -344,6 +377,8 @@ class ZfsLocalStore(ReceivedChains):
                                " ask for its state and resume or start again")
         try:
             live.finish()
+        except StorageFull as exc:
+            raise self._full(target, exc, live.raw_bytes) from None
         finally:
             self._live.pop(upload_id, None)
         if state["new_dataset"]:  # whatever it holds never mounts on the server
