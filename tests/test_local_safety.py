@@ -200,3 +200,26 @@ def test_uploads_that_never_commit_leave_no_datasets(local_server):
         assert request(server.url, "POST", f"/upload-stream/{session['upload_id']}/abort",
                        None, alice)[0] == 200
     assert set(_datasets(base)) - home == set()
+
+
+def test_a_delete_that_zfs_refuses_keeps_the_snapshot_held(pool, local_server):
+    """The retain hold was released before the destroy: when zfs refused it (a clone here;
+    on OpenZFS also a download's running `zfs send`), the backup stayed without its hold, and
+    a plain `zfs destroy` by anyone could then remove it."""
+    from zfsmgr.errors import StorageError
+    from zfsmgr.protocol import Manifest
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    server, base = local_server
+    status, answer = _stored_full(server, pool, "held")
+    assert status == 200, answer
+    manifest = Manifest.from_dict(answer["manifest"])
+    snapshot = manifest.extra["zfs_snapshot"]
+    rig.sh("zfs", "clone", "-o", "mountpoint=none", snapshot, f"{pool.name}/clone")
+    store = ZfsLocalStore(base, str(server.workdir))
+    with pytest.raises(StorageError):
+        store.delete(manifest)
+    assert rig.sh("zfs", "get", "-Hp", "-o", "value", "userrefs", snapshot).strip() == "1"
+    rig.sh("zfs", "destroy", f"{pool.name}/clone")
+    store.delete(manifest)
+    assert _received(base) == []

@@ -190,7 +190,12 @@ class ReceivedChains(Store):
         except NotFound:  # gone already: what delete wants
             return
         self.zfs.release(target, RETAIN_TAG)
-        self._destroy(target)
+        try:
+            self._destroy(target)
+        except ZfsError:  # busy (a download's zfs send on OpenZFS), cloned: it stays, held
+            if self.zfs.exists(target):
+                self.zfs.hold(target, RETAIN_TAG)
+            raise
 
     def _destroy(self, target: str) -> None:
         """Destroy a snapshot, and its chain dataset once no snapshot is left in it."""
