@@ -543,3 +543,16 @@ def test_a_download_whose_first_read_fails_or_is_empty_gives_its_slot_back(serve
         assert code == (500 if first_read == "fails" else 200), body
     assert len(closed) == 6
     assert call(app, "GET", "/status", headers=auth("alice"))[0] == 200  # before: 429
+
+
+def test_a_part_past_the_most_an_upload_has_is_400(server):
+    """S3 composes at most S3_MAX_PARTS parts: past them the commit failed (minio's
+    ValueError, a 500) after the whole stream; now the part itself is refused."""
+    ctx, app = server
+    upload_id = open_session(app, "tank/many", "zfsmgr_1", 1700000000)[1]["upload_id"]
+    ctx.uploads.max_parts = 3  # after the open: its schedule stays that of 10,000 parts
+    for index in range(3):
+        assert call(app, "POST", f"/upload-stream/{upload_id}/{index}", b"m" * 1024,
+                    auth("alice"))[0] == 200
+    code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/3", b"m", auth("alice"))
+    assert code == 400 and "at most 3 parts" in json.loads(body)["message"], body

@@ -223,6 +223,9 @@ class Uploads:
         parts held), so no request holds a thread waiting for another. `segment` is the
         client's idea of where its current stream starts (0, or the part a `zfs send -t` stream
         began at): a part of an earlier attempt is refused."""
+        if index >= self.max_parts:  # S3 composes at most S3_MAX_PARTS (its compose fails)
+            raise protocol.ValidationError(f"part {index}: an upload has at most"
+                                           f" {self.max_parts} parts (S3_MAX_PARTS)")
         limit = protocol.part_size(index, session.part_base, session.part_every)
         if size > limit:
             raise protocol.ValidationError(f"part {index} is {size} bytes; at most {limit}")
