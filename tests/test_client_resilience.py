@@ -18,7 +18,7 @@ import time
 import pytest
 
 import rig
-from zfsmgr.errors import ZfsmgrError
+from zfsmgr.errors import ServerError, ZfsmgrError
 from zfsmgr.progress import Progress
 from zfsmgr.remote import ServerClient
 
@@ -406,3 +406,64 @@ def test_a_part_damaged_on_the_way_is_caught_and_sent_again(pool, server_factory
     sent = subprocess.run(["zfs", "send", result.snapshot], capture_output=True,
                           check=True).stdout
     assert stored == sent
+
+
+@pytest.fixture
+def answering(tmp_path):
+    """A plain http server answering every GET with the body and status the test sets."""
+    answer = {"status": 200, "body": b"{}"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(answer["status"])
+            self.send_header("Content-Length", str(len(answer["body"])))
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", answer
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("body", [b"[1, 2, 3]", b"7", b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"success": "yes"}'])
+def test_an_answer_that_is_no_json_object_is_a_server_error(answering, body):
+    """A list, a number or JSON nested 100,000 deep was an internal error (AttributeError,
+    RecursionError): a traceback's worth of exit 1 instead of the server's fault named."""
+    url, answer = answering
+    answer["body"] = body
+    with pytest.raises(ServerError):
+        ServerClient(url, "c1", "k").call("GET", "/status")
+
+
+def test_a_servers_message_is_shown_on_one_line_and_cut(answering):
+    url, answer = answering
+    answer["status"], answer["body"] = 500, json.dumps(
+        {"success": False, "message": "bad\n\x1b[31mred" + "x" * 100_000}).encode()
+    with pytest.raises(ServerError) as err:
+        ServerClient(url, "c1", "k").call("GET", "/status")
+    text = str(err.value)
+    assert "\n" not in text and "\x1b" not in text and len(text) < 400, text[:500]
+
+
+@pytest.mark.parametrize("key,value", [("API_KEY", "abc\ndef-SECRETKEY"),
+                                       ("API_KEY", "s\u00e9cret\u2713"),
+                                       ("CLIENT_ID", "host\r\nX-Evil: 1")])
+def test_header_settings_that_http_cannot_send_are_settings_errors(key, value, tmp_path,
+                                                                   monkeypatch):
+    """dotenv expands `\\n` in a quoted value: http.client refused the header and quoted it,
+    the key included, in an internal error (and HEALTHCHECK_URL's /fail got it too)."""
+    from zfsmgr import settings
+    from zfsmgr.errors import SettingsError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        settings.load("client", environ={key: value})
+    assert f"{key}=" in str(err.value) and "SECRETKEY" not in str(err.value)
+    with pytest.raises(ZfsmgrError) as sent:  # and never quoted when it is sent anyway
+        ServerClient("http://127.0.0.1:9", "c1", value).call("GET", "/status")
+    assert "SECRETKEY" not in str(sent.value)

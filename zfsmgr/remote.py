@@ -17,8 +17,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, 
 from zfsmgr import protocol
 from zfsmgr.errors import (AnswerTooLarge, ServerError, ServerUnreachable, SettingsError,
                            ZfsmgrError)
+from zfsmgr.logformat import one_line
 
 HANDSHAKE_TIMEOUT = 8.0  # seconds for connect + TLS handshake
+MESSAGE_SHOWN = 300  # characters of a server's error message shown (the rest is the server's)
 
 
 _warned = set()
@@ -129,6 +131,10 @@ class ServerClient:
             conn.request(method, self.prefix + path, body=body, headers=self._headers(headers),
                          encode_chunked=chunked)
             return conn, conn.getresponse()
+        except (ValueError, UnicodeError):  # a header value http.client refuses (it quotes
+            conn.close()  # the value, the key, in its message)
+            raise ZfsmgrError("CLIENT_ID or API_KEY cannot be sent in an HTTP header: printable"
+                              " ASCII only") from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if isinstance(exc, ssl.SSLCertVerificationError):
@@ -146,11 +152,16 @@ class ServerClient:
             raise http.client.IncompleteRead(raw, response.length)
         try:
             data = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             data = {"success": False, "message": raw[:200].decode("utf-8", "replace").strip()}
-        if response.status >= 400 or not data.get("success", False):
-            raise ServerError(response.status, str(data.get("message") or response.reason),
-                              data)
+        if not isinstance(data, dict):
+            data = {"success": False, "message": f"a malformed answer (JSON, but no object)"
+                                                 f" from {self.url} to {what}"}
+        message = one_line(str(data.get("message") or response.reason))
+        if len(message) > MESSAGE_SHOWN:
+            message = message[:MESSAGE_SHOWN] + "..."
+        if response.status >= 400 or data.get("success") is not True:
+            raise ServerError(response.status, message, data)
         return data
 
     def call(self, method: str, path: str, payload: Optional[dict] = None,

@@ -67,6 +67,16 @@ def as_text(text: str) -> str:
     return text.strip()
 
 
+def as_header(text: str) -> str:
+    """Text sent in an HTTP header (CLIENT_ID, API_KEY): printable ASCII, trimmed. A line
+    break or a character outside Latin-1 failed only in http.client, which quoted the value
+    (the key) in its error."""
+    value = text.strip()
+    if not all(" " <= ch <= "~" for ch in value):
+        raise ValueError("printable ASCII: letters, digits and punctuation, no line breaks")
+    return value
+
+
 def as_compression(text: str) -> str:
     """COMPRESS: true/false (the seed's form) or gzip, zstd, none."""
     value = text.strip().lower()
@@ -284,8 +294,9 @@ TABLE = (
             "requests one client may have in the server at once (0: THREADS/3, at least 2)"),
     Setting("CLIENT_MAX_UPLOADS", as_positive_int, "4", (SERVER,),
             "open upload sessions one client may have"),
-    Setting("CLIENT_ID", as_text, None, (CLIENT, RESTORE), "this host's client id"),
-    Setting("API_KEY", as_text, None, (CLIENT, RESTORE), "the raw (unhashed) API key", secret=True),
+    Setting("CLIENT_ID", as_header, None, (CLIENT, RESTORE), "this host's client id"),
+    Setting("API_KEY", as_header, None, (CLIENT, RESTORE), "the raw (unhashed) API key",
+            secret=True),
     Setting("SERVER_URL", as_url, None, (CLIENT, RESTORE), "e.g. http://backup-server:8080"),
     Setting("CA_FILE", as_existing_file, "", (CLIENT, RESTORE),
             "CA bundle for an https server"),
