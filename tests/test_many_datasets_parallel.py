@@ -279,3 +279,47 @@ def test_a_run_marks_its_bases_in_batches(pool, server_factory, run_zfsmgr, tmp_
     assert calls.count("send") == 8 and calls.count("destroy") == 8  # each older base goes
     for verb in ("hold", "set", "release"):
         assert 1 <= calls.count(verb) <= 3, (verb, calls)
+
+
+def test_an_unexpected_error_in_one_upload_fails_that_dataset_only(pool, server_factory,
+                                                                   monkeypatch, capsys,
+                                                                   tmp_path):
+    """An upload that failed with anything but zfsmgr's own errors (a server's answer of a
+    shape nothing checked: a KeyError, a TypeError) ended the whole run, with no report and
+    the datasets after it never sent; now it is that dataset's failure."""
+    import signal
+
+    from zfsmgr import cli, protocol
+    from zfsmgr.remote import ServerClient
+
+    server = server_factory("dir")
+    root = pool.create("odd")
+    children = [f"{root}/d{i}" for i in range(3)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    call = ServerClient.call
+
+    def odd_call(self, method, path, payload=None, query=None):
+        answer = call(self, method, path, payload, query)
+        if path == protocol.UPLOAD and payload["dataset"] == children[1]:
+            del answer["upload_id"]  # a server that leaves it out
+        return answer
+
+    monkeypatch.setattr(ServerClient, "call", odd_call)
+    for name, value in {**server.client_env, "LOCAL_DATASET": " ".join(children),
+                        "PARALLEL": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    sigterm, logger = signal.getsignal(signal.SIGTERM), logging.getLogger()
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        assert cli.main(["client", "backup", "--json"]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        logger.handlers[:], logger.level = handlers, level
+    report = json.loads(capsys.readouterr().out)
+    status = {d["dataset"]: (d["status"], d["message"]) for d in report["datasets"]}
+    assert status[children[0]][0] == status[children[2]][0] == "full", status
+    assert status[children[1]][0] == "failed" and "KeyError" in status[children[1]][1]
+    assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r",
+                  children[1]).strip() == ""  # its new snapshot went

@@ -344,6 +344,10 @@ class Run:
                 self._fail(name, exc)
             except ZfsmgrError as exc:
                 self._fail(name, exc)
+            except Exception as exc:  # noqa: BLE001 (a bug, or an answer nothing checked)
+                log.debug("%s failed", name, exc_info=True)  # the others still go
+                self._fail(name, ZfsmgrError(f"internal error: {type(exc).__name__}: {exc}"
+                                             " (ZFSMGR_DEBUG=1 or -v shows where)"))
 
         workers = max(1, min(self.workers, len(todo)))
         try:
