@@ -169,14 +169,30 @@ exec {real} "$@"
 
 
 @pytest.mark.zfs
+def _backup_here(monkeypatch, tmp_path, env) -> int:
+    """`client backup --json` in this process (to spy on it), with `env`; its exit status."""
+    import signal
+
+    from zfsmgr import cli
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    sigterm, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return cli.main(["client", "backup", "--json"])
+    finally:  # what main set up for the process: later tests must not log to this one's stderr
+        signal.signal(signal.SIGTERM, sigterm)
+        root.handlers[:], root.level = handlers, level
+
+
 def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory, run_zfsmgr,
                                                            monkeypatch, capsys, tmp_path):
     """One upload at a time: once a stream is read to its end, the next dataset's `zfs send`
     starts (before that upload's commit), and its upload takes that very send (one `zfs send`
     per dataset). The client runs in this process to see the order of its calls."""
-    import signal
-
-    from zfsmgr import cli, protocol
+    from zfsmgr import protocol
     from zfsmgr.remote import ServerClient
 
     server = server_factory("dir", env={"PART_SIZE": "128K", "CLIENT_MAX_REQUESTS": "2"})
@@ -205,16 +221,7 @@ def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory,
 
     monkeypatch.setattr(Zfs, "send", spy_send)
     monkeypatch.setattr(ServerClient, "call", spy_call)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    sigterm, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        assert cli.main(["client", "backup", "--json"]) == 0
-    finally:  # what main set up for the process: later tests must not log to this one's stderr
-        signal.signal(signal.SIGTERM, sigterm)
-        root.handlers[:], root.level = handlers, level
+    assert _backup_here(monkeypatch, tmp_path, env) == 0
     report = json.loads(capsys.readouterr().out)
     assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
         c: "incremental" for c in children}
@@ -287,9 +294,7 @@ def test_an_unexpected_error_in_one_upload_fails_that_dataset_only(pool, server_
     """An upload that failed with anything but zfsmgr's own errors (a server's answer of a
     shape nothing checked: a KeyError, a TypeError) ended the whole run, with no report and
     the datasets after it never sent; now it is that dataset's failure."""
-    import signal
-
-    from zfsmgr import cli, protocol
+    from zfsmgr import protocol
     from zfsmgr.remote import ServerClient
 
     server = server_factory("dir")
@@ -306,17 +311,8 @@ def test_an_unexpected_error_in_one_upload_fails_that_dataset_only(pool, server_
         return answer
 
     monkeypatch.setattr(ServerClient, "call", odd_call)
-    for name, value in {**server.client_env, "LOCAL_DATASET": " ".join(children),
-                        "PARALLEL": "1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    sigterm, logger = signal.getsignal(signal.SIGTERM), logging.getLogger()
-    handlers, level = list(logger.handlers), logger.level
-    try:
-        assert cli.main(["client", "backup", "--json"]) == 1
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-        logger.handlers[:], logger.level = handlers, level
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children), "PARALLEL": "1"}
+    assert _backup_here(monkeypatch, tmp_path, env) == 1
     report = json.loads(capsys.readouterr().out)
     status = {d["dataset"]: (d["status"], d["message"]) for d in report["datasets"]}
     assert status[children[0]][0] == status[children[2]][0] == "full", status
