@@ -287,3 +287,22 @@ def test_unchanged_snapshots_of_a_subtree_with_a_left_out_dataset_go_one_by_one(
     assert twins == [f"{root}/a/out@{report['snapshot']}"], twins
     mine = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", root).split()
     assert not [s for s in mine if s.endswith(report["snapshot"]) and "/out@" not in s]
+
+
+def test_marks_a_dataset_inherits_make_no_snapshot_a_backup(pool, server_factory, run_zfsmgr):
+    """A dataset restored from a record (or a `-p` stream) that said org.zfsmgr:kind=backup
+    passed the mark to every snapshot of it: the next backup destroyed the user's own
+    snapshot as "left by an interrupted backup". Marks count only set on the snapshot."""
+    server = server_factory("dir")
+    dataset = pool.create("marked")
+    zfs("set", "org.zfsmgr:kind=backup", dataset)
+    zfs("snapshot", f"{dataset}@important")
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    report = backup_json(run_zfsmgr, env)
+    assert statuses(report) == {dataset: "full"}, report
+    snapshots = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset).split()
+    assert f"{dataset}@important" in snapshots
+    again = backup_json(run_zfsmgr, env)  # and the chain goes on from zfsmgr's own base
+    assert statuses(again) == {dataset: "unchanged"}, again
+    assert f"{dataset}@important" in zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r",
+                                         dataset).split()

@@ -69,6 +69,7 @@ def test_the_record_keeps_own_settable_properties_and_leaves_out_the_rest():
     {"Compression": "gzip"}, {"org.Example:owner": "x"}, {"../x": "y"}, {"a b": "c"},
     {"org.example:owner": "a\nb"}, {"org.example:owner": "a\x00b"}, {"org.example:o": ""},
     {"org.example:owner": "x" * 1025}, {f"org.example:p{i}": "v" for i in range(65)},
+    {"org.zfsmgr:kind": "backup"}, {"org.zfsmgr:bases": "0123abcd"}, {"org.zfsmgr:base": "yes"},
     {f"org.example:p{i}": "v" * 1000 for i in range(5)}, {"x" * 70: "on"},
 ])
 def test_hostile_records_are_refused(record):

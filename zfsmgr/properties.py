@@ -13,7 +13,8 @@ on both ends: the client leaves out (and says so) what the server would refuse, 
 What is never recorded, and so never applied by a restore (`NOT_RECORDED`): where a dataset
 mounts and what it shares (`mountpoint`, `sharenfs`, `sharesmb`, `zoned`): a restored dataset
 mounts below its target, never over a path of the restoring host; what only the stream or
-`zfs create` decide (`volsize`, the encryption properties); and zfs's read-only statistics.
+`zfs create` decide (`volsize`, the encryption properties); zfs's read-only statistics; and
+zfsmgr's marks on its own snapshots (`MARKS`), which a dataset's snapshots would inherit.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ READ_ONLY = frozenset({  # statistics and identity: never a dataset's own settin
     "encryptionroot", "keystatus", "receive_resume_token", "snapshot_count",
     "filesystem_count", "snapshots_changed", "redact_snaps", "inconsistent", "version",
 })
+MARKS = frozenset({"org.zfsmgr:kind", "org.zfsmgr:base", "org.zfsmgr:bases"})  # zfsmgr's own
+# marks on its snapshots: set on a restored dataset, every snapshot of it would inherit them
 _NATIVE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _USER = re.compile(r"[a-z0-9_.:-]{1,256}")
 
@@ -55,6 +58,8 @@ def refusal(name: Any, value: Any) -> Optional[str]:
         if not _USER.fullmatch(name) or name.startswith(":"):
             return (f"{shown!r} is not a user property name (lower-case letters, digits, and"
                     " '_.:-', at most 256)")
+        if name in MARKS:
+            return f"{name} is zfsmgr's mark on its own snapshots, never recorded"
     elif not _NATIVE.fullmatch(name):
         return f"{shown!r} is not a property name"
     elif name in NOT_RECORDED:

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from zfsmgr.errors import ZfsError, ZfsNotFound
 from zfsmgr.runner import StreamingCommand, execute, run
@@ -164,15 +164,16 @@ class Zfs:
     def snapshots(self, dataset: str, user_props: Sequence[str] = ()) -> List[Snapshot]:
         """Snapshots of one dataset (not its children), oldest first."""
         props = snapshot_props(user_props)
-        found = self.props([dataset], props, recursive_depth=1)
-        snaps = [snapshot_from(name, values, props) for name, values in found.items()
-                 if name.startswith(dataset + "@")]
+        found = self.props_with_source([dataset], props, recursive_depth=1)
+        snaps = [snapshot_from(name, *split_sources(pairs), props=props) for name, pairs in
+                 found.items() if name.startswith(dataset + "@")]
         return sorted(snaps, key=lambda s: s.createtxg)
 
     def snapshot_info(self, name: str, user_props: Sequence[str] = ()) -> Snapshot:
         """One snapshot, as `snapshots` lists it."""
         props = snapshot_props(user_props)
-        return snapshot_from(name, self.props([name], props)[name], props)
+        return snapshot_from(name, *split_sources(self.props_with_source([name], props)[name]),
+                             props=props)
 
     def bookmarks(self, dataset: str, recursive: bool = False) -> List[Snapshot]:
         """Bookmarks of one dataset (or of its whole subtree), oldest first (empty where
@@ -378,12 +379,25 @@ def snapshot_props(user_props: Sequence[str], extra: Sequence[str] = ()) -> List
         PROPERTY_PREFIX + p for p in user_props]
 
 
-def snapshot_from(name: str, values: Dict[str, str], props: Sequence[str]) -> Snapshot:
-    """A Snapshot from one entry of a `props` listing that asked for `props`."""
+def snapshot_from(name: str, values: Dict[str, str], sources: Optional[Dict[str, str]] = None,
+                  props: Sequence[str] = ()) -> Snapshot:
+    """A Snapshot from one entry of a `props` listing that asked for `props`. With the
+    listing's `sources`, zfsmgr's marks (org.zfsmgr:kind, base, bases) count only where they
+    were set on the snapshot itself: one inherited from its dataset (a restored dataset whose
+    properties said so) would make every snapshot of it look like a zfsmgr backup, which
+    cleanup destroys."""
     userrefs = values.get("userrefs", "-")
+    marks = {k: values.get(k, "-") for k in props[4:]}
+    if sources is not None:
+        marks = {k: v if not k.startswith(PROPERTY_PREFIX) or sources.get(k) == "local"
+                 else "-" for k, v in marks.items()}
     return Snapshot(name, values["guid"], int(values["createtxg"]), int(values["creation"]),
-                    int(userrefs) if userrefs.isdigit() else 0,
-                    {k: values.get(k, "-") for k in props[4:]})
+                    int(userrefs) if userrefs.isdigit() else 0, marks)
+
+
+def split_sources(pairs: Dict[str, tuple]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """({prop: value}, {prop: source}) of one entry of props_with_source."""
+    return {p: v for p, (v, _) in pairs.items()}, {p: src for p, (_, src) in pairs.items()}
 
 
 def zfs_from_settings(settings) -> Zfs:

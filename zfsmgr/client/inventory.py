@@ -11,7 +11,8 @@ from typing import Dict, List, Sequence
 
 from zfsmgr.client.base import PROPS
 from zfsmgr.client.selection import BACKUP_PROPERTY, Candidate, under
-from zfsmgr.zfs import Features, Snapshot, Zfs, ZfsError, snapshot_from, snapshot_props
+from zfsmgr.zfs import (Features, Snapshot, Zfs, ZfsError, snapshot_from, snapshot_props,
+                        split_sources)
 
 DATASET_PROPS = ("type", "compression", BACKUP_PROPERTY)
 SIZES = ("used", "referenced")
@@ -105,10 +106,10 @@ def list_pool(zfs: Zfs, pool: str, roots: Sequence[str], recursive: bool) -> Poo
     snaps: Dict[str, list] = {}
     snap_props = MODERN_SNAPSHOT_PROPS if features.modern else SNAPSHOT_PROPS
     for name, pairs in listing.items():
-        values = {p: v for p, (v, _) in pairs.items()}
+        values, sources = split_sources(pairs)
         if "@" in name:
-            snaps.setdefault(name.split("@")[0], []).append(snapshot_from(name, values,
-                                                                          snap_props))
+            snaps.setdefault(name.split("@")[0], []).append(
+                snapshot_from(name, values, sources, snap_props))
         else:
             datasets[name] = Dataset(name, values, pairs.get(BACKUP_PROPERTY, ("-", "-"))[1])
     for name, found in snaps.items():

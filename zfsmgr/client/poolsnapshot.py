@@ -26,7 +26,7 @@ from zfsmgr.client.base import BACKUP_PREFIX, PROP_KIND
 from zfsmgr.client.inventory import Pool
 from zfsmgr.client.selection import under
 from zfsmgr.errors import ZfsmgrError
-from zfsmgr.zfs import Snapshot, Zfs, snapshot_from
+from zfsmgr.zfs import Snapshot, Zfs, snapshot_from, split_sources
 
 log = logging.getLogger("zfsmgr.client")
 ATTEMPTS = 5  # snapshots made again at most this often before the pool's members fail
@@ -141,5 +141,6 @@ def _rename(zfs: Zfs, pool: Pool, done: List[str], short: str, wanted: str) -> L
 def _list(zfs: Zfs, pool: Pool, names: Dict[str, str], also_list: Sequence[str]
           ) -> Dict[str, Snapshot]:
     """One `zfs get` of the new snapshots (`names`: member → snapshot) and of `also_list`."""
-    listed = zfs.props(list(names.values()) + list(also_list), pool.snapshot_props)
-    return {n: snapshot_from(n, v, pool.snapshot_props) for n, v in listed.items()}
+    listed = zfs.props_with_source(list(names.values()) + list(also_list), pool.snapshot_props)
+    return {n: snapshot_from(n, *split_sources(pairs), props=pool.snapshot_props)
+            for n, pairs in listed.items()}
