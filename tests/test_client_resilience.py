@@ -467,3 +467,53 @@ def test_header_settings_that_http_cannot_send_are_settings_errors(key, value, t
     with pytest.raises(ZfsmgrError) as sent:  # and never quoted when it is sent anyway
         ServerClient("http://127.0.0.1:9", "c1", value).call("GET", "/status")
     assert "SECRETKEY" not in str(sent.value)
+
+
+def test_a_newest_second_far_ahead_is_not_waited_for(caplog):
+    """A server's listing (or a clock once ahead) dated years ahead put `client backup` to
+    sleep until then, holding its locks; a quick re-run still waits for the next second."""
+    from zfsmgr.client.backup import wait_for_a_new_second
+
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        if seconds > 60:
+            raise AssertionError(f"would sleep {seconds:.0f} s")
+
+    with caplog.at_level(logging.WARNING):
+        wait_for_a_new_second(int(time.time()) + 3 * 365 * 86400, sleep=sleep)
+    assert slept == [] and "ahead of this host's clock" in caplog.text
+    wait_for_a_new_second(int(time.time()), sleep=lambda s: (slept.append(s), time.sleep(s)))
+    assert slept and sum(slept) <= 1.1
+
+
+class _Listing:
+    def __init__(self, snapshots):
+        self.snapshots = snapshots
+
+    def call(self, method, path, payload=None, query=None):
+        return {"success": True, "datasets": [v for _, v in query], "snapshots": self.snapshots}
+
+
+def _manifest(dataset, when):
+    return {"key": f"c1/{dataset.replace('/', '_')}_2023-11-14_22:13:20.zfs", "client_id": "c1",
+            "dataset": dataset, "snapshot": "zfsmgr_1", "type": "full", "parent": None,
+            "snapshot_time": when, "created": "2023-11-14T22:13:20+00:00", "stored_size": 1,
+            "raw_size": 1, "sha256": "0" * 64, "compression": "none", "parts": 1}
+
+
+@pytest.mark.parametrize("bad", ["yesterday", None, float("inf"), True])
+def test_a_malformed_listing_fails_its_datasets_alone(bad):
+    """A `snapshot_time` of "yesterday" was a ValueError in the middle of the run (every
+    dataset stopped, no report); now that dataset fails, in one line, and the others go on."""
+    from zfsmgr.client import catalog
+
+    listing = [_manifest("tank/a", 1700000000), _manifest("tank/b", bad)]
+    found, failed = catalog.manifests(_Listing(listing), ["tank/a", "tank/b"])
+    assert [m["dataset"] for m in found["tank/a"]] == ["tank/a"] and "tank/b" not in found
+    assert "listing of tank/b's backups is malformed" in str(failed["tank/b"])
+    found, failed = catalog.manifests(_Listing([1, 2]), ["tank/a", "tank/b"])
+    assert found == {} and set(failed) == {"tank/a", "tank/b"}
+    found, failed = catalog.manifests(_Listing("nope"), ["tank/a"])
+    assert set(failed) == {"tank/a"}

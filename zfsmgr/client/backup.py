@@ -22,6 +22,7 @@ from zfsmgr.errors import UsageError, ZfsmgrError
 from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
+AHEAD_SECONDS = 5  # a newest second further ahead than this is a clock, not a quick re-run
 
 
 def free_snapshot_name(taken: set, now: Optional[datetime] = None) -> str:
@@ -40,7 +41,15 @@ def new_snapshot_name(zfs: Zfs, dataset: str, now: Optional[datetime] = None) ->
 
 
 def wait_for_a_new_second(latest: int, sleep=time.sleep) -> None:
-    """Keys carry the snapshot's creation second: never reuse one (a quick re-run)."""
+    """Keys carry the snapshot's creation second: never reuse one (a quick re-run). A second
+    further ahead than AHEAD_SECONDS is no quick re-run but a clock that was once ahead (or a
+    server's listing that says so): waiting for it held the run, and its locks, for years;
+    the new snapshot's name is free anyway (free_snapshot_name)."""
+    ahead = latest - time.time()
+    if ahead > AHEAD_SECONDS:
+        log.warning("the newest snapshot or backup is dated %d s ahead of this host's clock:"
+                    " not waiting for that second", ahead)
+        return
     while time.time() < latest + 1:
         sleep(latest + 1 - time.time() + 0.01)
 

@@ -54,7 +54,30 @@ def manifests(api: ServerClient, datasets: Sequence[str]
         if answer.get("datasets") != batch and len(batch) > 1:  # an older server
             todo[:0] = [[d] for d in batch]
             continue
-        for manifest in answer["snapshots"]:
-            if manifest.get("dataset") in found:
+        listed = answer.get("snapshots")
+        for manifest in listed if isinstance(listed, list) else [None]:
+            why = _malformed(manifest)
+            if why:  # the server's fault: its datasets fail, each in one line, the run goes on
+                for name in batch if not isinstance(manifest, dict) or \
+                        manifest.get("dataset") not in found else [manifest["dataset"]]:
+                    failed.setdefault(name, ZfsmgrError(
+                        f"the server's listing of {name}'s backups is malformed: {why}"))
+            elif manifest["dataset"] in found:
                 found[manifest["dataset"]].append(manifest)
+    for name in failed:
+        found.pop(name, None)
     return found, failed
+
+
+def _malformed(manifest) -> str:
+    """Why a manifest of a listing is not one the client can use ('' when it is)."""
+    if not isinstance(manifest, dict):
+        return "an entry that is no object"
+    try:
+        protocol.Manifest.from_dict(manifest)
+        protocol.validate_epoch(manifest.get("snapshot_time"))
+        if manifest.get("guid") not in (None, ""):
+            protocol.validate_guid(manifest["guid"])
+    except ValueError as exc:  # ValidationError
+        return str(exc)
+    return ""
