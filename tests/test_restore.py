@@ -350,6 +350,32 @@ def test_existing_dataset_needs_force(backups):
 
 
 @pytest.mark.zfs
+def test_a_force_that_cannot_replace_leaves_the_old_dataset_whole(backups):
+    """--force destroyed the old dataset before its replacement went in: when zfs refused
+    (here a held snapshot of it), its children were gone already and the restored copy was
+    undone too: neither the old tree nor the restore. The old one is moved aside first now,
+    the restored one put in its place, and the old one destroyed last; what zfs keeps of it
+    (the held snapshot) stays, renamed, and the warning says where."""
+    pool = backups.pool.name
+    target = f"{pool}/kept"
+    backups.restore("restore", "3", target, check=True)
+    rig.sh("zfs", "create", f"{target}/child")
+    rig.sh("zfs", "snapshot", f"{target}/child@keep")
+    rig.sh("zfs", "snapshot", f"{target}@mine")
+    rig.sh("zfs", "hold", "mine", f"{target}@mine")
+    before = datasets(backups.pool)
+    done = backups.restore("restore", "1", target, "--force")
+    assert done.returncode == 0, done.stderr
+    assert backups.tree(target) == backups.trees[-1]
+    old = [d for d in datasets(backups.pool) if "-zfsmgr-old-" in d]
+    assert len(old) == 1 and f"the old {target} stays as {old[0]}" in done.stderr, done.stderr
+    assert {d for d in before if d.startswith(target)} == {target, f"{target}/child"}
+    assert {d for d in datasets(backups.pool) if d.startswith(target + "/")} == set()
+    rig.sh("zfs", "release", "mine", f"{old[0]}@mine")  # the user's hold was kept
+    rig.sh("zfs", "destroy", "-r", old[0])
+
+
+@pytest.mark.zfs
 def test_save_then_gunzip_into_zfs_recv(backups, tmp_path):
     pool = backups.pool.name
     saved = tmp_path / "latest.zfs.gz"

@@ -134,3 +134,40 @@ def test_a_damaged_stream_leaves_the_old_tree_as_it_was(pool, server_factory, ru
     assert {d: files(pool, d) for d in datasets_under(target)} == before
     assert not [d for d in zfs("list", "-H", "-o", "name", "-r", pool.name).split()
                 if "zfsmgr-restore" in d]  # the temporary tree is gone
+
+
+def test_a_streams_mountpoint_never_decides_where_a_restore_mounts(
+        pool, server_factory, run_zfsmgr, tmp_path):
+    """A `send -p` stream carries the original dataset's mountpoint: the restored dataset
+    mounted there (a server could choose ~/.ssh, and plant authorized_keys), and kept it for
+    the next `zfs mount -a`. It mounts below its target now, and shares nothing."""
+    import gzip
+    import subprocess
+
+    from test_rotation_e2e import upload_stream
+    from zfsmgr.remote import ServerClient
+
+    server = server_factory("dir")
+    source = pool.create("withmount")
+    victim = tmp_path / "victim" / ".ssh"
+    rig.sh("zfs", "set", f"mountpoint={victim}", source)
+    (victim / "authorized_keys").write_text("ssh-ed25519 AAAA planted\n")
+    rig.sh("zfs", "snapshot", f"{source}@zfsmgr_2023-11-14_22:13:20")
+    stream = subprocess.run(["zfs", "send", "-p", f"{source}@zfsmgr_2023-11-14_22:13:20"],
+                            capture_output=True, check=True).stdout
+    rig.sh("zfs", "set", "mountpoint=none", source)  # the original is gone from there
+    assert not (victim / "authorized_keys").exists()
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    upload_stream(api, source, "zfsmgr_2023-11-14_22:13:20", gzip.compress(stream, 1),
+                  1700000000)
+    target = f"{pool.name}/restored"
+    done = run_zfsmgr(["restore", "latest", "--source-dataset", source, target],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    assert "the stream's mountpoint" in done.stderr
+    assert not (victim / "authorized_keys").exists()
+    value, where = rig.sh("zfs", "get", "-H", "-o", "value,source", "mountpoint",
+                          target).split("\t")
+    assert value == f"{pool.mountpoint(pool.name)}/restored", (value, where)
+    assert "default" in where or "inherited" in where, where
+    assert (pool.mountpoint(target) / "authorized_keys").exists()  # the data is all there

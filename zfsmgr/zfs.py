@@ -244,6 +244,10 @@ class Zfs:
         """Mount a filesystem at its mountpoint."""
         run([self.zfs, "mount", dataset])
 
+    def unmount(self, dataset: str) -> None:
+        """Unmount a filesystem (fails while it is in use)."""
+        run([self.zfs, "unmount", dataset])
+
     def inherit(self, name: str, prop: str) -> None:
         """Clear a property set locally (a user property disappears)."""
         run([self.zfs, "inherit", prop, name])

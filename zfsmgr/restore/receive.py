@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from zfsmgr.errors import UsageError, ZfsmgrError
@@ -115,6 +116,10 @@ def _property_trouble(exc: ZfsmgrError) -> str | None:
     return _zfs_message(cause)
 
 
+CONTAINED = ("mountpoint", "sharenfs", "sharesmb")  # the restoring host's, never a stream's
+RENAME_ATTEMPTS = 5  # a second apart
+
+
 class Target:
     """The dataset a restore lands in, and what the restore created on the way.
 
@@ -159,23 +164,93 @@ class Target:
             self.created.extend(reversed(missing))
         return self.receive_into
 
+    def contain(self, dest: str) -> None:
+        """Where the restored dataset mounts and what it shares are the restoring host's: a
+        value its stream brought (`send -p`: the original host's `/home`, or any path a
+        server chose) is dropped, so it mounts below its target and shares nothing. On
+        zfs-fuse what a stream sets shows as `local`; restore itself never sets these."""
+        values = self.zfs.props_with_source([dest], CONTAINED)[dest]
+        for prop, (value, source) in values.items():
+            if source in ("local", "received"):
+                self.zfs.inherit(dest, prop)
+                sys.stderr.write(f"zfsmgr: warning: {self.name}: the stream's {prop}={value}"
+                                 " is not used (it mounts below its target)\n"
+                                 if prop == "mountpoint" else
+                                 f"zfsmgr: warning: {self.name}: the stream's {prop}={value}"
+                                 " is not used\n")
+
     def received(self) -> None:
         """Note that `receive_into` is about to exist, so undo() removes it."""
         if self.receive_into not in self.created:
             self.created.append(self.receive_into)
 
     def commit(self) -> None:
-        """Put the received dataset in place (replacing the old one with --force)."""
+        """Put the received dataset in place, replacing the old one with --force: the old one
+        is moved aside first and destroyed only once the new one is in its place, so a
+        replace that fails (a hold, a clone, a busy mount) leaves the old one as it was
+        (destroying it first removed its children before zfs refused its held snapshot)."""
         if not self.replacing:
             return
-        self.zfs.destroy(self.name, recursive=True, missing_ok=True)  # fails: clones, holds
+        aside = f"{self.name}-zfsmgr-old-{secrets.token_hex(3)}"
+        unmounted = self._set_aside(aside)
         try:
             self.zfs.rename(self.receive_into, self.name)
         except ZfsError as exc:
-            self.created.remove(self.receive_into)  # the only copy now: keep it
-            raise ZfsmgrError(f"{self.name} was replaced by the restore, but renaming"
-                              f" {self.receive_into} to {self.name} failed"
-                              f" ({_zfs_message(exc)}): rename it by hand") from exc
+            try:
+                self.zfs.rename(aside, self.name)
+                for name in reversed(unmounted):
+                    self.zfs.mount(name)
+            except ZfsError as back:
+                self.created.remove(self.receive_into)  # keep both copies for the admin
+                raise ZfsmgrError(f"renaming {self.receive_into} to {self.name} failed"
+                                  f" ({_zfs_message(exc)}), and so did putting the old one"
+                                  f" back ({_zfs_message(back)}): the old one is {aside}, the"
+                                  f" restored one {self.receive_into}") from exc
+            raise ZfsmgrError(f"cannot put the restored {self.name} in place"
+                              f" ({_zfs_message(exc)}): {self.name} is as it was") from exc
+        try:
+            self.zfs.destroy(aside, recursive=True)
+        except ZfsError as exc:
+            sys.stderr.write(f"zfsmgr: warning: the old {self.name} stays as {aside}"
+                             f" ({_zfs_message(exc)}): destroy it once it is free\n")
+
+    def _set_aside(self, aside: str) -> list:
+        """Rename the old target to `aside` (unmounting its tree first where zfs renames no
+        mounted dataset: zfs-fuse); the datasets unmounted (by their names before), deepest
+        first. Nothing changed when it fails."""
+        try:
+            self.zfs.rename(self.name, aside)
+            return []
+        except ZfsError as exc:
+            first = exc
+        listing = self.zfs.props([self.name], ["mounted"], recursive_depth=-1)
+        mounted = sorted((n for n, v in listing.items()
+                          if "@" not in n and v.get("mounted") == "yes"),
+                         key=lambda n: n.count("/"), reverse=True)
+        done: list = []
+        try:
+            if not mounted:
+                raise first
+            for name in mounted:
+                self.zfs.unmount(name)
+                done.append(name)
+            for attempt in range(RENAME_ATTEMPTS):  # zfs-fuse: busy a moment after an unmount
+                try:
+                    self.zfs.rename(self.name, aside)
+                    break
+                except ZfsError as exc:
+                    if attempt == RENAME_ATTEMPTS - 1 or "busy" not in exc.stderr:
+                        raise
+                    time.sleep(1)
+        except ZfsError as exc:
+            for name in reversed(done):
+                try:
+                    self.zfs.mount(name)
+                except ZfsError:
+                    sys.stderr.write(f"zfsmgr: warning: could not mount {name} again\n")
+            raise ZfsmgrError(f"cannot replace {self.name}: moving it aside failed"
+                              f" ({_zfs_message(exc)}); it is as it was") from exc
+        return done
 
     def undo(self) -> None:
         """Destroy what this restore created, newest first; report what could not be."""
@@ -216,6 +291,7 @@ def restore_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest]
         target.received()
         receive_chain(zfs, open_stream, chain, dest, records.on_receive(chain, target.name))
         records.settle(dest, chain, target.name)
+        target.contain(dest)
         target.commit()
     except BaseException:
         target.undo()
