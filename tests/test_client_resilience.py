@@ -517,3 +517,37 @@ def test_a_malformed_listing_fails_its_datasets_alone(bad):
     assert found == {} and set(failed) == {"tank/a", "tank/b"}
     found, failed = catalog.manifests(_Listing("nope"), ["tank/a"])
     assert set(failed) == {"tank/a"}
+
+
+@pytest.mark.parametrize("bad", [{"keep_hourly": -1}, {"keep_hourly": "24"}, [1]])
+def test_a_malformed_policy_from_the_server_is_neither_used_nor_cached(bad, tmp_path,
+                                                                       monkeypatch):
+    """It was cached first and failed after (an internal error in `client rotate`), and the
+    cache was then used whenever the server was down; now it is the server's fault, in one
+    line (the caller rotates nothing), and the cache keeps the last good one."""
+    from zfsmgr import settings
+    from zfsmgr.client import commands
+    from zfsmgr.errors import ServerUnreachable
+
+    monkeypatch.chdir(tmp_path)
+    loaded = settings.load("client", environ={"STATE_DIR": str(tmp_path), "CLIENT_ID": "c1",
+                                              "API_KEY": "k", "SERVER_URL": "http://h:1",
+                                              "LOCAL_DATASET": "tank/a"})
+    answers = [{"success": True, "server_managed": True,
+                "rotation_policy": {"keep_hourly": 3}},
+               {"success": True, "server_managed": True, "rotation_policy": bad}]
+
+    class Api:
+        def call(self, method, path, payload=None, query=None):
+            if not answers:
+                raise ServerUnreachable("cannot reach http://h:1")
+            return answers.pop(0)
+
+    monkeypatch.setattr(commands, "_api", lambda s: Api())
+    assert commands.policy_for(loaded).keep_hourly == 3
+    with pytest.raises(ServerError, match="rotation policy is malformed"):
+        commands.policy_for(loaded)
+    assert commands.policy_for(loaded).keep_hourly == 3  # down: the last good one
+    (tmp_path / "policy-c1.json").write_text("[1]")
+    with pytest.raises(ServerUnreachable, match="cached policy"):
+        commands.policy_for(loaded)

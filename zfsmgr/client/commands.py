@@ -11,7 +11,8 @@ from zfsmgr import protocol
 from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.client.locks import DatasetLock
-from zfsmgr.errors import ServerUnreachable, ZfsmgrError
+from zfsmgr.errors import ServerError, ServerUnreachable, ZfsmgrError
+from zfsmgr.files import write_atomic
 from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
 
@@ -228,13 +229,24 @@ def policy_for(settings) -> RetentionPolicy:
         answer = _api(settings).call("GET", protocol.ROTATION_POLICY)
     except ServerUnreachable:
         if cache.exists():
-            data = json.loads(cache.read_text())
+            try:
+                data = json.loads(cache.read_text())
+                cached = RetentionPolicy.from_mapping(data) if data else local
+            except (ValueError, TypeError) as exc:  # not what this client wrote: trust none
+                raise ServerUnreachable(f"the server is unreachable and its cached policy"
+                                        f" {cache} is unreadable ({exc})") from None
             print("zfsmgr: warning: server unreachable; using its last policy", file=sys.stderr)
-            return RetentionPolicy.from_mapping(data) if data else local
+            return cached
         raise
     managed = answer.get("server_managed") and answer.get("rotation_policy")
-    cache.write_text(json.dumps(answer["rotation_policy"] if managed else None))
-    return RetentionPolicy.from_mapping(answer["rotation_policy"]) if managed else local
+    try:  # checked before it is cached: a bad one must not be reused when the server is down
+        policy = RetentionPolicy.from_mapping(answer["rotation_policy"]) if managed else local
+    except (ValueError, TypeError) as exc:
+        raise ServerError(200, f"the server's rotation policy is malformed: {exc}",
+                          answer) from None
+    write_atomic(cache, json.dumps(answer["rotation_policy"] if managed else None).encode(),
+                 durable=False)
+    return policy
 
 
 def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
