@@ -49,6 +49,21 @@ def test_a_ca_file_that_does_not_exist_is_a_settings_error(run_zfsmgr, tmp_path)
     assert len(done.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("setting", ["CA_FILE", "STATE_DIR"])
+def test_a_ca_file_or_state_dir_that_cannot_serve_is_a_settings_error(run_zfsmgr, tmp_path,
+                                                                      setting):
+    """A CA_FILE holding no certificate (an internal SSLError) and a STATE_DIR that cannot be a
+    directory (an internal NotADirectoryError) exited 1 with a traceback's last line."""
+    (tmp_path / "note.txt").write_text("not a certificate\n")
+    value = str(tmp_path / "note.txt") if setting == "CA_FILE" else str(tmp_path / "note.txt/x")
+    env = {"CLIENT_ID": "c1", "API_KEY": "k", "SERVER_URL": "https://127.0.0.1:9",
+           "LOCAL_DATASET": "tank/data", setting: value}
+    done = run_zfsmgr(["client", "backup"], env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"zfsmgr: error: {setting}=") and "internal" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
 def test_https_against_a_plain_http_server_fails_fast_and_says_so(server_factory, run_zfsmgr):
     server = server_factory("dir")
     env = {**server.client_env, "SERVER_URL": server.url.replace("http:", "https:"),

@@ -75,7 +75,11 @@ class ServerClient:
         self.client_id, self._key, self.timeout = client_id, api_key, timeout
         self._context = None
         if self.scheme == "https":
-            self._context = ssl.create_default_context(cafile=ca_file or None)
+            try:
+                self._context = ssl.create_default_context(cafile=ca_file or None)
+            except ssl.SSLError as exc:  # a file that holds no certificate (PEM)
+                raise SettingsError(f"CA_FILE={ca_file} holds no certificate this host can"
+                                    f" read (PEM): {exc.reason or exc}") from None
         elif not _is_loopback(self.host) and self.host not in _warned:
             _warned.add(self.host)
             sys.stderr.write(f"zfsmgr: warning: {url} is plain http: the API key and backups"

@@ -11,7 +11,7 @@ from zfsmgr import protocol
 from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.client.locks import DatasetLock
-from zfsmgr.errors import ServerError, ServerUnreachable, ZfsmgrError
+from zfsmgr.errors import ServerError, ServerUnreachable, SettingsError, ZfsmgrError
 from zfsmgr.files import write_atomic
 from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
@@ -75,7 +75,11 @@ def add_parser(sub) -> None:
 def state_dir(settings) -> Path:
     """STATE_DIR, else ~/.local/state/zfsmgr."""
     path = Path(settings.state_dir or Path.home() / ".local" / "state" / "zfsmgr")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"STATE_DIR={path} cannot be used as a directory:"
+                            f" {exc.strerror or exc}") from None
     return path
 
 
