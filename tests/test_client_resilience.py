@@ -18,7 +18,7 @@ import time
 import pytest
 
 import rig
-from zfsmgr.errors import ServerError, ZfsmgrError
+from zfsmgr.errors import ServerError, ServerUnreachable, ZfsmgrError
 from zfsmgr.progress import Progress
 from zfsmgr.remote import ServerClient
 
@@ -551,3 +551,74 @@ def test_a_malformed_policy_from_the_server_is_neither_used_nor_cached(bad, tmp_
     (tmp_path / "policy-c1.json").write_text("[1]")
     with pytest.raises(ServerUnreachable, match="cached policy"):
         commands.policy_for(loaded)
+
+
+@pytest.fixture
+def scripted():
+    """A plain http server answering each request with the next of a script of (status,
+    body, headers), or dripping its body a byte every 0.3 s for ("drip", n)."""
+    script, seen = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append((self.command, self.path))
+            status, body, headers = script.pop(0) if script else (500, b"{}", {})
+            if status == "drip":
+                self.send_response(200)
+                self.send_header("Content-Length", str(body))
+                self.end_headers()
+                for _ in range(body):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+                return
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", script, seen
+    httpd.shutdown()
+
+
+BUSY = (429, b'{"success": false, "message": "busy"}', {"Retry-After": "3"})
+FINE = (200, b'{"success": true, "message": "ok"}', {})
+
+
+def test_requests_that_change_nothing_are_asked_again_while_the_server_is_busy(scripted):
+    """A 429 or 503 to GET /status or /snapshots ended `client backup` and `restore latest`
+    at once (the README said the client retries); now such a request waits (Retry-After, else
+    1, 2, 4 s) and asks again, four times in all; a request that changes something never."""
+    url, script, seen = scripted
+    api = ServerClient(url, "c1", "k")
+    waits = []
+    api.sleep = waits.append
+    script[:] = [BUSY, (503, b'{"success": false, "message": "down"}', {}), FINE]
+    assert api.call("GET", "/status")["message"] == "ok"
+    assert waits == [3.0, 2]
+    script[:] = [BUSY] * 4
+    with pytest.raises(ServerError, match=r"\(429\)"):
+        api.call("GET", "/snapshots")
+    assert len(waits) == 5 and len(seen) == 7
+    script[:] = [BUSY, FINE]
+    with pytest.raises(ServerError):
+        api.call("POST", "/upload", {"dataset": "tank/a"})
+    assert len(seen) == 8
+
+
+def test_an_answer_dripped_a_byte_at_a_time_ends_within_the_timeout(scripted):
+    url, script, _ = scripted
+    script[:] = [("drip", 100, {})]
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachable, match="took more than 1 s"):
+        ServerClient(url, "c1", "k", timeout=1.0).call("GET", "/status")
+    assert time.monotonic() - started < 5

@@ -11,6 +11,7 @@ import json
 import socket
 import ssl
 import sys
+import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,8 @@ from zfsmgr.logformat import one_line
 
 HANDSHAKE_TIMEOUT = 8.0  # seconds for connect + TLS handshake
 MESSAGE_SHOWN = 300  # characters of a server's error message shown (the rest is the server's)
+CALL_ATTEMPTS = 4  # of a request that changes nothing, while the server says it is busy
+MAX_RETRY_WAIT = 10.0  # seconds between them at most, whatever Retry-After says
 
 
 _warned = set()
@@ -73,6 +76,7 @@ class ServerClient:
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.prefix = parsed.path.rstrip("/")
         self.client_id, self._key, self.timeout = client_id, api_key, timeout
+        self.sleep = time.sleep  # between the attempts of `call` (tests replace it)
         self._context = None
         if self.scheme == "https":
             try:
@@ -148,10 +152,23 @@ class ServerClient:
                 from None
 
     def _decode(self, response: http.client.HTTPResponse, what: str = "request") -> dict:
-        raw = response.read(protocol.MAX_ANSWER + 1)
-        if len(raw) > protocol.MAX_ANSWER:  # not a broken connection: the rest is unread
-            raise AnswerTooLarge(f"the answer of {self.url} to {what} is larger than"
-                                 f" {protocol.MAX_ANSWER >> 20} MiB, more than a client reads")
+        """The JSON answer, read within `timeout` seconds in all (a server that drips it a
+        byte at a time kept each read within the socket's timeout, and the client waiting)."""
+        deadline, parts, size = time.monotonic() + self.timeout, [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise ServerUnreachable(f"{self.url} took more than {self.timeout:g} s to"
+                                        f" answer {what}")
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if size > protocol.MAX_ANSWER:  # not a broken connection: the rest is unread
+                raise AnswerTooLarge(f"the answer of {self.url} to {what} is larger than"
+                                     f" {protocol.MAX_ANSWER >> 20} MiB, more than a client"
+                                     " reads")
+        raw = b"".join(parts)
         if response.length:  # read(n) returns short at EOF instead of raising IncompleteRead
             raise http.client.IncompleteRead(raw, response.length)
         try:
@@ -165,13 +182,31 @@ class ServerClient:
         if len(message) > MESSAGE_SHOWN:
             message = message[:MESSAGE_SHOWN] + "..."
         if response.status >= 400 or data.get("success") is not True:
-            raise ServerError(response.status, message, data)
+            error = ServerError(response.status, message, data)
+            wait = response.getheader("Retry-After") or ""
+            error.retry_after = float(wait) if wait.isdigit() else None
+            raise error
         return data
 
     def call(self, method: str, path: str, payload: Optional[dict] = None,
              query: Union[Dict[str, str], Sequence[Tuple[str, str]], None] = None) -> dict:
         """A JSON request; returns the decoded success body or raises ServerError
-        (AnswerTooLarge past protocol.MAX_ANSWER)."""
+        (AnswerTooLarge past protocol.MAX_ANSWER). A request that changes nothing (a GET, a
+        check-in) is asked again, CALL_ATTEMPTS times in all, while the server answers that
+        it is busy or in trouble (429, 502, 503, 504), after its Retry-After or 1, 2, 4 s."""
+        attempts = CALL_ATTEMPTS if method == "GET" or path == protocol.CHECKIN else 1
+        for attempt in range(attempts):
+            try:
+                return self._call_once(method, path, payload, query)
+            except ServerError as exc:
+                if not exc.transient or attempt == attempts - 1:
+                    raise
+                wait = getattr(exc, "retry_after", None) or 2 ** attempt
+            self.sleep(min(wait, MAX_RETRY_WAIT))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _call_once(self, method: str, path: str, payload: Optional[dict],
+                   query: Union[Dict[str, str], Sequence[Tuple[str, str]], None]) -> dict:
         what = f"{method} {path}"
         if query:
             path += "?" + urllib.parse.urlencode(query)
