@@ -171,3 +171,24 @@ def test_a_streams_mountpoint_never_decides_where_a_restore_mounts(
     assert value == f"{pool.mountpoint(pool.name)}/restored", (value, where)
     assert "default" in where or "inherited" in where, where
     assert (pool.mountpoint(target) / "authorized_keys").exists()  # the data is all there
+
+
+def test_a_stream_zfs_refuses_is_named_with_the_command_line(pool, server_factory, run_zfsmgr):
+    """The error said zfs's words ("invalid stream") without the command that got them."""
+    import gzip
+    import os
+
+    from test_rotation_e2e import upload_stream
+    from zfsmgr.remote import ServerClient
+
+    server = server_factory("dir")
+    api = ServerClient(server.url, server.client_env["CLIENT_ID"], server.client_env["API_KEY"])
+    upload_stream(api, "tank/junk", "zfsmgr_2023-11-14_22:13:20",
+                  gzip.compress(os.urandom(4096), 1), 1700000000)
+    target = f"{pool.name}/junk"
+    done = run_zfsmgr(["restore", "latest", "--source-dataset", "tank/junk", target],
+                      env=server.client_env)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "`zfs recv" in last and target in last and "failed (exit" in last, last
+    assert not rig.sh("zfs", "list", "-H", "-o", "name", "-r", pool.name).count(target)

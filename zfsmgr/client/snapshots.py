@@ -77,6 +77,6 @@ def rotate(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES
             try:
                 zfs.destroy(name)
             except ZfsError as exc:
-                keep, reason = True, f"kept: destroy failed ({exc.stderr.splitlines()[-1]})"
+                keep, reason = True, f"kept: destroy failed ({exc})"  # stderr may be empty
         result.append((name, keep, reason))
     return result

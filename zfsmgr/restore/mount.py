@@ -38,7 +38,6 @@ def mount(zfs: Zfs, dataset: str, mountpoint: str) -> str:
         zfs.set(dataset, "mountpoint", path)  # remounts a mounted dataset at the new place
         if zfs.get(dataset, "mounted") != "yes":
             zfs.mount(dataset)
-    except ZfsError as exc:
-        tail = exc.stderr.splitlines()[-1] if exc.stderr else str(exc)
-        raise ZfsmgrError(f"{what}: {tail}") from exc
+    except ZfsError as exc:  # with the command line and zfs's own message
+        raise ZfsmgrError(f"{what}: {exc}") from exc
     return path

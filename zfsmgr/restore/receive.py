@@ -77,8 +77,8 @@ def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool,
 
 
 def _zfs_message(exc: ZfsError) -> str:
-    lines = [line for line in exc.stderr.splitlines() if line.strip()]
-    return " ".join(lines[-2:]) or str(exc)
+    """zfs's own message with the command line that got it: `zfs recv -u …`: message."""
+    return str(exc)
 
 
 def receive_chain(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest],
