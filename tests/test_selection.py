@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from zfsmgr.client.base import Base
 from zfsmgr.client.changes import compare, unchanged
 from zfsmgr.client.selection import Candidate, Choice, parse_list, select, selected
@@ -140,3 +142,19 @@ def test_unchanged_on_zfs_fuse_needs_the_base_right_before_with_no_space_of_its_
     between = snap("t/d@mine", "g4", 7, used=0, referenced=1000)
     assert not unchanged(new, BASE, [base, between, new], [], modern=False)
     assert not unchanged(new, BASE, [new], [], modern=False)  # base snapshot gone
+
+
+def test_dataset_locks_of_long_names_fit_a_file_name(tmp_path):
+    """A 200-character name of ':'s escapes to 600 bytes: the lock file could not be made
+    (OSError: File name too long) and the run stopped; now it is cut, with a hash, and two
+    such names still get two locks."""
+    from zfsmgr.client.locks import DatasetLock
+    from zfsmgr.errors import LockedError
+
+    names = ["tank/" + ":" * 194 + c for c in "ab"]
+    with DatasetLock(tmp_path, names[0]), DatasetLock(tmp_path, names[1]):
+        assert len(list(tmp_path.iterdir())) == 2
+        assert all(len(p.name.encode()) <= 255 for p in tmp_path.iterdir())
+        with pytest.raises(LockedError):
+            with DatasetLock(tmp_path, names[0]):
+                pass

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import urllib.parse
 from pathlib import Path
 
 from zfsmgr.errors import LockedError
+from zfsmgr.files import NAME_MAX
 
 
 class Lock:
@@ -34,9 +36,13 @@ class DatasetLock(Lock):
     """One zfsmgr run per dataset at a time."""
 
     def __init__(self, folder: Path, dataset: str):
-        # the real name, escaped: tank/a_b and tank/a/b must not share a lock
-        super().__init__(folder / ("lock-" + urllib.parse.quote(dataset, safe="")),
-                         f"another zfsmgr run is working on {dataset}")
+        # the real name, escaped: tank/a_b and tank/a/b must not share a lock; a name that
+        # escapes past a file name's 255 bytes (a long one with many ':') is cut, with a hash
+        name = "lock-" + urllib.parse.quote(dataset, safe="")
+        if len(name) > NAME_MAX:
+            digest = hashlib.sha256(dataset.encode()).hexdigest()[:16]
+            name = f"{name[:NAME_MAX - 17]}~{digest}"
+        super().__init__(folder / name, f"another zfsmgr run is working on {dataset}")
 
 
 class RunLock(Lock):
