@@ -165,3 +165,32 @@ def test_one_snapshot_call_names_every_dataset_until_the_line_is_too_long(
     lines = [line.split()[3:] for line in calls.read_text().splitlines()]
     assert len(lines) > 1 and [n for batch in lines for n in batch] == names
     assert all(len(" ".join(batch)) < 200 for batch in lines)
+
+
+def test_a_committed_backup_whose_manifest_has_no_guid_is_adopted_not_removed():
+    """cleanup_stale matched snapshot and guid exactly, so a committed backup listed without
+    a guid (an older writer; in_catalog takes it by name) was destroyed as interrupted."""
+    done = []
+
+    class Marking(FakeZfs):
+        def destroy(self, name):
+            done.append(("destroy", name))
+
+        def hold_all(self, names, tag):
+            done.append(("hold", tuple(names)))
+
+        def hold(self, name, tag):
+            done.append(("hold", (name,)))
+
+        def set_all(self, names, prop, value):
+            done.append(("set", tuple(names)))
+
+        def set(self, name, prop, value):
+            done.append(("set", (name,)))
+
+    left = snap("tank/d@zfsmgr_2024-01-01_00:00:00", "42", 5, {"org.zfsmgr:kind": "backup"})
+    backup = Backup(api=None, zfs=Marking([left], []), dataset="tank/d", compression="gzip",
+                    level=1, tag="0badc0de")
+    backup.cleanup_stale(Features(), [{"snapshot": "zfsmgr_2024-01-01_00:00:00", "guid": ""}],
+                         [left])
+    assert ("destroy", left.name) not in done and ("hold", (left.name,)) in done, done

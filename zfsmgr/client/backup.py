@@ -149,12 +149,14 @@ class Backup(Uploader):
             snaps = self.zfs.snapshots(self.dataset, PROPS)
         bases = find_bases(self.zfs, self.dataset, features, snaps, marks)
         newest = bases[0].snapshot if bases else ""
-        stored = {(m["snapshot"], m.get("guid")) for m in on_server}
+        stored = {(m["snapshot"], m.get("guid") or "") for m in on_server}
         changed = False
         for snap in backup_snapshots(self.zfs, self.dataset, snaps):
             if snap.prop(PROP_BASE) == "yes" or snap.prop(PROP_BASES) or snap.short <= newest:
                 continue
-            if (snap.short, snap.guid) in stored:
+            # a manifest without a guid (an older writer) stands for its snapshot's name, as
+            # in_catalog takes it: a committed backup is never removed as an interrupted one
+            if (snap.short, snap.guid) in stored or (snap.short, "") in stored:
                 log.info("adopting %s: the server committed it", snap.name)
                 mark_base(self.zfs, self.dataset, snap, features, self.tag)
             else:
