@@ -194,3 +194,15 @@ def test_a_committed_backup_whose_manifest_has_no_guid_is_adopted_not_removed():
     backup.cleanup_stale(Features(), [{"snapshot": "zfsmgr_2024-01-01_00:00:00", "guid": ""}],
                          [left])
     assert ("destroy", left.name) not in done and ("hold", (left.name,)) in done, done
+
+
+def test_a_property_value_with_line_breaks_is_read_whole():
+    """A user property set with a newline in it broke the listing (ValueError: not enough
+    values to unpack) and with it the whole run."""
+    from zfsmgr.zfs import parse_get
+
+    text = ("tank/a\torg.example:note\tline one\nline two\nthree\tlocal\n"
+            "tank/a\tcompression\tlz4\tinherited from tank\n")
+    assert parse_get(text) == {"tank/a": {"org.example:note": ("line one\nline two\nthree",
+                                                               "local"),
+                                          "compression": ("lz4", "inherited from tank")}}

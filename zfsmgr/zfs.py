@@ -102,11 +102,7 @@ class Zfs:
         elif recursive_depth < 0:
             argv.append("-r")
         argv += ["-o", "name,property,value,source", ",".join(props), *targets]
-        result: Dict[str, Dict[str, tuple]] = {}
-        for line in run(argv).splitlines():
-            name, prop, value, source = line.split("\t", 3)
-            result.setdefault(name, {})[prop] = (value, source)
-        return result
+        return parse_get(run(argv))
 
     def own_properties(self, datasets: Sequence[str]) -> Dict[str, Dict[str, tuple]]:
         """The properties set on each dataset itself, as `send -p` would send them: {dataset:
@@ -397,6 +393,23 @@ def snapshot_from(name: str, values: Dict[str, str], sources: Optional[Dict[str,
                  else "-" for k, v in marks.items()}
     return Snapshot(name, values["guid"], int(values["createtxg"]), int(values["creation"]),
                     int(userrefs) if userrefs.isdigit() else 0, marks)
+
+
+def parse_get(text: str) -> Dict[str, Dict[str, tuple]]:
+    """{name: {prop: (value, source)}} of `zfs get -H -o name,property,value,source`. A value
+    may hold line breaks (a user property set so): zfs prints them as they are, so a line
+    short of its four columns goes on in the next one."""
+    result: Dict[str, Dict[str, tuple]] = {}
+    pending = ""
+    for line in text.splitlines():
+        fields = (pending + line).split("\t", 3)
+        if len(fields) < 4:
+            pending += line + "\n"
+            continue
+        pending = ""
+        name, prop, value, source = fields
+        result.setdefault(name, {})[prop] = (value, source)
+    return result
 
 
 def split_sources(pairs: Dict[str, tuple]) -> Tuple[Dict[str, str], Dict[str, str]]:
