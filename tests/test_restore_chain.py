@@ -208,3 +208,16 @@ def test_chain_files_are_numbered_in_receive_order():
     assert chain_names("/tmp/b", [full, inc1], None) == ["/tmp/b.01-s1.zfs.gz",
                                                          "/tmp/b.02-s2.zfs.gz"]
     assert chain_names("b.zfs", [full], "none") == ["b.01-s1.zfs"]
+
+
+def test_an_encrypted_backup_is_saved_only_under_a_name_that_says_so(tmp_path):
+    """`save N FILE.zfs.gz` of a gzip + age backup wrote age's ciphertext under a name that
+    says gzip: gunzip said "not in gzip format". The name must end in .zfs.gz.age; nothing
+    is downloaded before."""
+    from zfsmgr.restore.save import save
+
+    secret = replace(manifest("s1"), key=manifest("s1").key + ".age", encryption="age")
+    opened = []
+    with pytest.raises(UsageError, match=r"save it to a name ending in \.zfs\.gz\.age"):
+        save(lambda m, label: opened.append(m), [secret], str(tmp_path / "x.zfs.gz"), False)
+    assert opened == [] and list(tmp_path.iterdir()) == []

@@ -104,6 +104,12 @@ def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
         items = list(zip(chain, names))
     else:
         items = [(chain[-1], filename)]
+        stored = chain[-1]
+        if stored.encryption and not filename.endswith(ENCRYPTIONS[stored.encryption]):
+            # saved as stored: age's ciphertext under a name that says gzip or zfs
+            raise UsageError(f"{stored.key} is encrypted with {stored.encryption}: save it"
+                             f" to a name ending in {COMPRESSIONS[stored.compression]}"
+                             f"{ENCRYPTIONS[stored.encryption]} (decrypt it with age -d)")
     for _, name in items:
         folder = Path(name).absolute().parent
         if not folder.is_dir():
