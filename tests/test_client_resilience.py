@@ -511,10 +511,10 @@ def test_a_malformed_listing_fails_its_datasets_alone(bad):
 
     listing = [_manifest("tank/a", 1700000000), _manifest("tank/b", bad)]
     found, failed = catalog.manifests(_Listing(listing), ["tank/a", "tank/b"])
-    assert [m["dataset"] for m in found["tank/a"]] == ["tank/a"] and "tank/b" not in found
+    assert [m["dataset"] for m in found["tank/a"]] == ["tank/a"] and found["tank/b"] == []
     assert "listing of tank/b's backups is malformed" in str(failed["tank/b"])
     found, failed = catalog.manifests(_Listing([1, 2]), ["tank/a", "tank/b"])
-    assert found == {} and set(failed) == {"tank/a", "tank/b"}
+    assert found == {"tank/a": [], "tank/b": []} and set(failed) == {"tank/a", "tank/b"}
     found, failed = catalog.manifests(_Listing("nope"), ["tank/a"])
     assert set(failed) == {"tank/a"}
 

@@ -80,7 +80,8 @@ class FakeServer:
 
 
 def held(counts):
-    return [{"dataset": d, "snapshot": f"s{i}"} for d, n in counts.items() for i in range(n)]
+    return [{"dataset": d, "snapshot": f"s{i}", "type": "full", "snapshot_time": 1700000000 + i}
+            for d, n in counts.items() for i in range(n)]
 
 
 def test_batches_stay_within_the_query_limits():

@@ -372,7 +372,9 @@ def test_a_force_that_cannot_replace_leaves_the_old_dataset_whole(backups):
     assert {d for d in before if d.startswith(target)} == {target, f"{target}/child"}
     assert {d for d in datasets(backups.pool) if d.startswith(target + "/")} == set()
     rig.sh("zfs", "release", "mine", f"{old[0]}@mine")  # the user's hold was kept
-    rig.sh("zfs", "destroy", "-r", old[0])
+    rig.wait_until(lambda: not rig.sh("zfs", "destroy", "-r", old[0], check=False)
+                   and old[0] not in datasets(backups.pool), 30, "the old copy destroyed",
+                   interval=1)  # zfs-fuse: busy a moment after the renames
 
 
 @pytest.mark.zfs

@@ -64,18 +64,21 @@ def manifests(api: ServerClient, datasets: Sequence[str]
                         f"the server's listing of {name}'s backups is malformed: {why}"))
             elif manifest["dataset"] in found:
                 found[manifest["dataset"]].append(manifest)
-    for name in failed:
-        found.pop(name, None)
+    for name in failed:  # nothing half-read of a dataset that failed
+        found[name] = []
     return found, failed
 
 
 def _malformed(manifest) -> str:
-    """Why a manifest of a listing is not one the client can use ('' when it is)."""
+    """Why a manifest of a listing is not one the client can use ('' when it is): what a run
+    reads of it (the rest is restore's, which checks it whole)."""
     if not isinstance(manifest, dict):
         return "an entry that is no object"
     try:
-        protocol.Manifest.from_dict(manifest)
+        protocol.validate_dataset(manifest.get("dataset"))
+        protocol.validate_snapshot(manifest.get("snapshot"))
         protocol.validate_epoch(manifest.get("snapshot_time"))
+        protocol.validate_choice(manifest.get("type"), "backup type", protocol.BACKUP_TYPES)
         if manifest.get("guid") not in (None, ""):
             protocol.validate_guid(manifest["guid"])
     except ValueError as exc:  # ValidationError
