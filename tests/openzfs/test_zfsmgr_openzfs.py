@@ -317,7 +317,10 @@ def test_local_store_discards_an_abandoned_receive_with_recv_A(openzfs_pool, tmp
     assert uploads.expire({"local": up.store}, now=time.time() + 120) == [up.upload_id]
     assert subprocess.run(["zfs", "list", up.chain], capture_output=True).returncode != 0
     assert up.store.staged_uploads() == []
+    container = up.chain.rsplit("/", 1)[0]  # it held no chain but this one: it went too
+    assert subprocess.run(["zfs", "list", container], capture_output=True).returncode != 0
     # a partial receive no upload owns (its state was lost) goes at startup
+    sh("zfs", "create", "-p", "-o", "mountpoint=none", f"{up.base}/c1/tank_data")
     other = f"{up.base}/c1/tank_data/s9"
     proc = subprocess.run(["zfs", "recv", "-s", "-u", f"{other}@s1"],
                           input=up.stream[:len(up.stream) // 2], capture_output=True)
