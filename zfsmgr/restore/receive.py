@@ -173,11 +173,9 @@ class Target:
         for prop, (value, source) in values.items():
             if source in ("local", "received"):
                 self.zfs.inherit(dest, prop)
+                why = " (it mounts below its target)" if prop == "mountpoint" else ""
                 sys.stderr.write(f"zfsmgr: warning: {self.name}: the stream's {prop}={value}"
-                                 " is not used (it mounts below its target)\n"
-                                 if prop == "mountpoint" else
-                                 f"zfsmgr: warning: {self.name}: the stream's {prop}={value}"
-                                 " is not used\n")
+                                 f" is not used{why}\n")
 
     def received(self) -> None:
         """Note that `receive_into` is about to exist, so undo() removes it."""
