@@ -28,6 +28,24 @@ def pytest_runtest_makereport(item, call):
     yield from rig.skip_is_failure(item, call)
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_restored():
+    """A test that runs `cli.main` in-process sets up the root logger on the stderr pytest
+    captured for it; later tests' log lines then hit that closed stream ("Logging error")."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
 def _unavailable(what: str, exc: Exception):
     if IN_CI:
         pytest.fail(f"{what} is required in CI: {exc}")
