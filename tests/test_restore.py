@@ -5,6 +5,7 @@ plumbing (resumed downloads, the withheld last chunk) against a small HTTP serve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -215,6 +216,101 @@ def test_good_stream_is_received_whole(flaky):
     receive_stream(zfs, StoredStream(server.client, plain_manifest(), sleep=lambda s: None),
                    "tank/r", False)
     assert zfs.recv.finished and not zfs.recv.killed and bytes(zfs.recv.data) == BODY
+
+
+class StallingServer:
+    """Serves /download of a zstd body: the first `sent` bytes, then nothing more, with the
+    connection held open until the test ends (a server hung mid-stream)."""
+
+    def __init__(self, body: bytes, sent: int):
+        self.gets, self.release = 0, threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.gets += 1
+                self.send_response(200)
+                self.send_header("X-Compression", "zstd")
+                self.send_header("X-Content-SHA256", hashlib.sha256(body).hexdigest())
+                self.send_header("X-Stored-Size", str(len(body)))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:sent])
+                self.wfile.flush()
+                owner.release.wait(120)
+                self.close_connection = True
+
+        class Quiet(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # a read waits 60 s for a byte; before the fix, an interrupt waited for that, a
+        # reconnection and another 60 s
+        self.client = ServerClient(f"http://127.0.0.1:{self.httpd.server_port}", "client1",
+                                   "k", timeout=60)
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _interrupted_after(seconds: float, action) -> float:
+    """Run `action` with a KeyboardInterrupt (as cli turns SIGTERM into) raised in this thread
+    after `seconds`; how long it took to unwind."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            action()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["receive", "save as gzip"])
+def test_an_interrupt_stops_a_zstd_restore_hung_on_the_network_at_once(how, tmp_path):
+    """zstd decodes in a child fed by a thread that reads the download. When the server hung,
+    an interrupt's cleanup joined that thread, which waited out the read timeout, reconnected
+    and waited again: about 12 minutes with the real timeout and retries."""
+    from zfsmgr.restore.save import write_stream
+
+    body = subprocess.run(["zstd", "-q", "-c"], input=os.urandom(4 << 20), check=True,
+                          capture_output=True).stdout
+    server = StallingServer(body, sent=len(body) // 2)
+    try:
+        manifest = dataclasses.replace(plain_manifest(body), compression="zstd")
+        stream = StoredStream(server.client, manifest, retries=1)
+        zfs = FakeZfs()
+        if how == "receive":
+            took = _interrupted_after(1.5, lambda: receive_stream(zfs, stream, "tank/r", False))
+            assert zfs.recv.killed and not zfs.recv.finished
+            assert 0 < len(zfs.recv.data) < 4 << 20
+        else:
+            took = _interrupted_after(
+                1.5, lambda: write_stream(stream, tmp_path / "s.zfs.gz.tmp", "gzip"))
+        assert took < 30, f"the interrupt took {took:.1f} s to unwind"
+        assert server.gets == 1  # no reconnection after the interrupt
+        with pytest.raises(Exception, match="stopped at byte"):
+            stream.read(1)
+    finally:
+        server.close()
 
 
 class Tty(io.StringIO):

@@ -39,15 +39,27 @@ def _is_loopback(host: str) -> bool:
 
 
 class Download:
-    """An open download: read(n), headers, close()."""
+    """An open download: read(n), headers, close(); abort() from another thread."""
 
-    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse):
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                 sock: Optional[socket.socket] = None):
         self.conn, self.response = conn, response
         self.headers = response.headers
         self.status = response.status
+        self._sock = sock  # http.client drops conn.sock once a response will close
 
     def read(self, size: int) -> bytes:
         return self.response.read(size)
+
+    def abort(self) -> None:
+        """Shut the connection down, from any thread: a read blocked on it (a codec's feeder
+        thread, waiting on a stalled server) returns at once, where close() would not wake it.
+        The socket's own shutdown, under TLS too: the session is being dropped anyway."""
+        if self._sock is not None:
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.response.close()
@@ -138,7 +150,8 @@ class ServerClient:
         try:
             conn.request(method, self.prefix + path, body=body, headers=self._headers(headers),
                          encode_chunked=chunked)
-            return conn, conn.getresponse()
+            sock = conn.sock
+            return conn, conn.getresponse(), sock
         except (ValueError, UnicodeError):  # a header value http.client refuses (it quotes
             conn.close()  # the value, the key, in its message)
             raise ZfsmgrError("CLIENT_ID or API_KEY cannot be sent in an HTTP header: printable"
@@ -212,7 +225,7 @@ class ServerClient:
             path += "?" + urllib.parse.urlencode(query)
         body = json.dumps(payload).encode() if payload is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn, response = self._send(method, path, body, headers)
+        conn, response, _ = self._send(method, path, body, headers)
         try:
             return self._decode(response, what)
         except (OSError, http.client.HTTPException) as exc:
@@ -263,8 +276,8 @@ class ServerClient:
     def download(self, key: str, offset: int = 0) -> Download:
         """Open the stored stream of `key` from byte `offset`."""
         path = protocol.DOWNLOAD + "?" + urllib.parse.urlencode({"key": key})
-        conn, response = self._send("GET", path, headers={"Range": f"bytes={offset}-"}
-                                    if offset else None)
+        conn, response, sock = self._send("GET", path, headers={"Range": f"bytes={offset}-"}
+                                          if offset else None)
         if response.status >= 400:
             try:
                 self._decode(response)
@@ -272,4 +285,4 @@ class ServerClient:
                 raise ServerUnreachable(f"connection to {self.url} broke: {exc}") from None
             finally:
                 conn.close()
-        return Download(conn, response)
+        return Download(conn, response, sock)

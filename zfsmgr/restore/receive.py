@@ -67,6 +67,7 @@ def receive_stream(zfs: Zfs, source: StoredStream, dest: str, force: bool,
             _write(recv, pending, source)
         recv.finish()
     except BaseException as exc:
+        source.cancel()  # first: the codec's feeder may be waiting on a stalled download
         recv.kill()
         decoded.close()
         source.close()

@@ -87,6 +87,9 @@ def write_stream(source: StoredStream, path: Path, codec: str) -> int:
             source.check()
             out.flush()
             os.fsync(out.fileno())
+    except BaseException:
+        source.cancel()  # before the codec's close: its feeder may wait on a stalled download
+        raise
     finally:
         if reader is not source:
             reader.close()

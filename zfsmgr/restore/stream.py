@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import time
+import threading
 from collections.abc import Callable, Iterator
 
 from zfsmgr.crypt import Plaintext
@@ -30,15 +30,21 @@ class StoredStream:
     backoff. `check()` at the end raises IntegrityError naming the key unless the bytes had the
     recorded size and sha256. A download the server sends with neither (the `local` store's
     fresh `zfs send`) is left to zfs's own stream checksums.
+
+    `cancel()`, from another thread, stops it for good: a codec's feeder thread reads it, and
+    a restore that is interrupted must not wait for a stalled server to time out, reconnect,
+    and time out again before that thread lets go.
     """
 
     def __init__(self, client: ServerClient, manifest: Manifest, progress: Progress | None = None,
                  retries: int = RETRIES, backoff: float = BACKOFF,
-                 sleep: Callable[[float], None] = time.sleep, identity: str = ""):
+                 sleep: Callable[[float], object] | None = None, identity: str = ""):
         self.client, self.manifest, self.progress = client, manifest, progress
         self.encryption = manifest.encryption  # "age": the stored bytes are an age file
         self.identity = identity  # the age key file that opens them
-        self.retries, self.backoff, self.sleep = retries, backoff, sleep
+        self._cancelled = threading.Event()
+        self.retries, self.backoff = retries, backoff
+        self.sleep = sleep if sleep is not None else self._cancelled.wait  # cut short by cancel
         self.offset, self.hash, self.eof = 0, hashlib.sha256(), False
         self.key = manifest.key
         self._failures = 0  # in a row, without a byte in between
@@ -92,6 +98,7 @@ class StoredStream:
         if self.eof or size == 0:
             return b""
         while True:
+            self._stop_if_cancelled()
             if self._body is None:  # closed by the caller: carry on from the byte reached
                 self._body = self._open_retrying(None)
                 self._check_length(self._body)
@@ -100,6 +107,7 @@ class StoredStream:
                 data = self._body.read(size)
             except (OSError, http.client.HTTPException) as exc:
                 data, failure = b"", exc
+            self._stop_if_cancelled()  # what a shut-down socket gave is not the stream's end
             if data:
                 self._failures = 0
                 return self._count(data)
@@ -124,6 +132,7 @@ class StoredStream:
     def _open_retrying(self, failure):
         """(Re)open the download at `offset`, through transient trouble, with backoff."""
         while True:
+            self._stop_if_cancelled()
             if failure is not None:
                 self._failures += 1
                 if self._failures > self.retries:
@@ -131,6 +140,7 @@ class StoredStream:
                                             f" {self.offset} after {self.retries} retries:"
                                             f" {failure}")
                 self.sleep(self.backoff * 2 ** (self._failures - 1))
+                self._stop_if_cancelled()
             try:
                 return self._open()
             except ServerUnreachable as exc:
@@ -180,14 +190,27 @@ class StoredStream:
         """Whether the server gave a checksum to compare the bytes with."""
         return bool(self.expected_sha)
 
+    def cancel(self) -> None:
+        """Stop the download for good, from any thread: a read blocked on the network returns
+        (its socket is shut down), and every read after raises ZfsmgrError."""
+        self._cancelled.set()
+        body = self._body
+        if body is not None:
+            body.abort()
+
+    def _stop_if_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            self.close()
+            raise ZfsmgrError(f"download of {self.key} stopped at byte {self.offset}")
+
     def close(self) -> None:
         """Drop the connection (reading again reconnects)."""
-        if self._body is not None:
+        body, self._body = self._body, None  # a feeder thread and its reader may both close
+        if body is not None:
             try:
-                self._body.close()
+                body.close()
             except OSError:
                 pass
-            self._body = None
 
 
 def plain(source: "StoredStream"):
