@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,44 @@ def test_add_client_dataset_is_the_home_and_allowed_datasets_restrict(run_zfsmgr
     bad = run_zfsmgr(["server", "add-client", "web2", "--allowed-dataset", "../x"],
                      cwd=tmp_path)
     assert bad.returncode == 2 and "invalid dataset" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sudo in a server's folder")
+def test_admin_commands_run_as_root_leave_the_servers_files_to_the_server(run_zfsmgr):
+    """`sudo zfsmgr server set-quota …` in the working directory of a server that runs as its
+    own user (`systemd-unit --user zfsmgr`) replaced clients.json with a file of root's, mode
+    0600: the running server could no longer read it, and after a restart had no clients."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    rig.WORK.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="owned-", dir=rig.WORK))
+    try:
+        os.chmod(rig.WORK, 0o755)
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        for command in (["add-client", "web1", "--quota", "10G"], ["set-quota", "web1", "20G"],
+                        ["disable", "web1"], ["enable", "web1"], ["rotate-key", "web1"]):
+            done = run_zfsmgr(["server", *command], cwd=folder)
+            assert done.returncode == 0, (command, done.stderr)
+            info = (folder / "clients.json").stat()
+            assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == \
+                (nobody.pw_uid, nobody.pw_gid, 0o600), command
+            assert not (folder / "metadata.db").exists(), command  # no catalog needed
+        run_zfsmgr(["server", "clients"], cwd=folder, check=True)  # this one opens it
+        for made in folder.iterdir():
+            assert made.stat().st_uid == nobody.pw_uid, made
+        # the server's user reads what root wrote
+        as_nobody = subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+             "--clear-groups", sys.executable, "-I", "-S", str(rig.PYZ), "server", "clients",
+             "--json"], cwd=folder, capture_output=True, text=True, env=rig.clean_env({}),
+            timeout=60)
+        assert as_nobody.returncode == 0, as_nobody.stderr
+        [listed] = json.loads(as_nobody.stdout)["clients"]
+        assert listed["client_id"] == "web1" and listed["quota_bytes"] == 20 << 30
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

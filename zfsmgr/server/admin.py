@@ -10,7 +10,6 @@ first, so no chain is ever left without its base half-way.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -90,8 +89,8 @@ class ClientsFile:
 
     def edit(self, name: str, change: Callable[[Dict[str, Any]], Any]) -> Any:
         """Apply `change` to one client's entry (None from it removes the entry)."""
+        from zfsmgr.server.clients import write_entries
         from zfsmgr.server.filelock import FileLock
-        from zfsmgr.files import write_atomic
 
         validate_client_id(name)
         with FileLock(str(self.path) + ".lock"):
@@ -102,8 +101,7 @@ class ClientsFile:
             result = change(found[0])
             if result is None:
                 entries = [e for e in entries if e is not found[0]]
-            write_atomic(self.path, (json.dumps(entries, indent=2) + "\n").encode())
-            os.chmod(self.path, 0o600)
+            write_entries(self.path, entries)
             return result
 
 
@@ -114,10 +112,7 @@ def run(args, settings) -> int:
     if args.command == "admin-key":
         return admin_key()
     clients = ClientsFile(settings.config_file)
-    ctx = ServerContext(settings)
     command = args.command
-    if command == "clients":
-        return list_clients(ctx, args.json)
     if command in ("enable", "disable"):
         clients.edit(args.name, lambda e: e.update(enabled=command == "enable") or e)
         print(f"client {args.name} {command}d")
@@ -128,6 +123,9 @@ def run(args, settings) -> int:
         return 0
     if command == "rotate-key":
         return rotate_key(clients, args.name, args.grace)
+    ctx = ServerContext(settings)  # the catalog: only for the commands that read it
+    if command == "clients":
+        return list_clients(ctx, args.json)
     if command == "remove-client":
         return remove_client(ctx, clients, args.name, args.delete_backups)
     if command == "delete":

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import threading
@@ -264,6 +263,12 @@ def add_client(path: str, client_id: str, quota: int = 0, storage: str = "",
             entry["allowed_datasets"] = list(allowed)
         entries.append(entry)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, (json.dumps(entries, indent=2) + "\n").encode())
-        os.chmod(target, 0o600)
+        write_entries(target, entries)
     return raw
+
+
+def write_entries(path: Path, entries: List[Any]) -> None:
+    """Replace clients.json: readable by its owner only from its first byte, and still the
+    owner's when root rewrites it (a server running as its own user must go on reading it)."""
+    write_atomic(path, (json.dumps(entries, indent=2) + "\n").encode(), mode=0o600,
+                 keep_owner=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 from zfsmgr.errors import CatalogDamaged, StorageFull, ZfsmgrError
+from zfsmgr.files import hand_over
 
 log = logging.getLogger("zfsmgr.server.database")
 
@@ -153,6 +154,8 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._migrate()
+            if self.created:
+                hand_over(self.path)  # made by an admin command run as root: the server's
             if check and not self.created:
                 self.check()
         except sqlite3.DatabaseError as exc:

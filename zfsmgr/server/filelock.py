@@ -6,6 +6,8 @@ import fcntl
 import os
 import threading
 
+from zfsmgr.files import hand_over
+
 _local_locks: dict = {}
 _guard = threading.Lock()
 
@@ -23,6 +25,7 @@ class FileLock:
         self._thread_lock.acquire()
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            hand_over(self.path)  # one that root made stays usable by the folder's owner
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
