@@ -121,6 +121,17 @@ def test_sighup_reloads_the_certificate(server_factory, ca, tmp_path):
     assert server.proc.poll() is None
 
 
+def test_sighup_without_tls_keeps_the_server_serving(server_factory):
+    """The unit's ExecReload sends SIGHUP whether or not TLS is on; its default action ended
+    a plain-http server (behind nginx), mid-upload, and Restart=on-failure left it down."""
+    server = server_factory("dir")
+    server.proc.send_signal(signal.SIGHUP)
+    rig.wait_until(lambda: "SIGHUP: no TLS certificate to reload" in server.log(), 10,
+                   "the server noted the SIGHUP", interval=0.1)
+    assert server.proc.poll() is None
+    assert ServerClient(server.url, "client1", "k").call("GET", protocol.HEALTH)["success"]
+
+
 def test_a_bad_certificate_stops_the_start(tmp_path, run_zfsmgr, ca):
     cert, _ = ca.issue()
     env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1", "STORAGE_DIR": str(tmp_path),

@@ -199,8 +199,15 @@ def serve(ctx) -> int:
     except OSError as exc:
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
                          " (another server on that port? set PORT or HOST)") from None
-    if certificate is not None:
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: certificate.reload())
+
+    def reload(_signum, _frame):  # `systemctl reload`; its default action ends the server
+        if certificate is not None:
+            certificate.reload()
+        else:
+            log.info("SIGHUP: no TLS certificate to reload (clients.json is read again"
+                     " whenever it changes)")
+
+    signal.signal(signal.SIGHUP, reload)
     server.channel_class = channel_class(Gate(ctx), server.channel_class)  # bodies: see gate
     connections.watch(server)
     stop = threading.Event()
