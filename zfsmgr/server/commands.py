@@ -187,6 +187,7 @@ def serve(ctx) -> int:
                        channel_timeout=300, ident="zfsmgr",
                        connection_limit=connections.connection_limit(),
                        cleanup_interval=connections.CHECK_SECONDS,
+                       asyncore_use_poll=True,  # select() fails past descriptor 1023
                        recv_bytes=256 << 10)  # 8 KiB reads cost a syscall each
     certificate = _certificate(s)
     try:
