@@ -17,17 +17,17 @@ import rig
 from zfsmgr import protocol
 from zfsmgr.errors import MissingProgram
 from zfsmgr.remote import ServerClient
-from zfsmgr.runner import SBIN_DIRS, find_program, run
+from zfsmgr.runner import PROGRAM_DIRS, find_program, run
 
 
 def test_zfs_is_found_in_sbin_when_path_lacks_it(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     found = find_program("zfs")
-    assert os.path.dirname(found) in SBIN_DIRS and os.access(found, os.X_OK)
+    assert os.path.dirname(found) in PROGRAM_DIRS and os.access(found, os.X_OK)
     with pytest.raises(MissingProgram) as missing:
         run(["zfs-not-installed", "list"])
     assert str(missing.value) == ("zfs-not-installed not found (looked in PATH and /sbin,"
-                                  " /usr/sbin, /usr/local/sbin): is it installed?")
+                                  " /usr/sbin, /usr/local/sbin, /usr/local/bin): is it installed?")
     assert missing.value.exit_status == 2
 
 
@@ -37,7 +37,7 @@ def test_a_missing_zfs_is_one_line_and_exit_2(run_zfsmgr, tmp_path):
     done = run_zfsmgr(["client", "backup"], env=env)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == ("zfsmgr: error: zfs-gone not found (looked in PATH and /sbin,"
-                           " /usr/sbin, /usr/local/sbin): is it installed?\n")
+                           " /usr/sbin, /usr/local/sbin, /usr/local/bin): is it installed?\n")
 
 
 def test_a_ca_file_that_does_not_exist_is_a_settings_error(run_zfsmgr, tmp_path):
@@ -166,3 +166,21 @@ def test_restore_save_refuses_an_existing_file_without_force(server_factory, run
     done = run_zfsmgr(["restore", "save", "1", str(target), "--force"], env=server.client_env)
     assert done.returncode == 0, done.stderr
     assert gzip.decompress(target.read_bytes()) == b"precious" * 1000
+
+
+def test_a_program_of_usr_local_bin_is_found_under_crons_path(monkeypatch):
+    """FreeBSD's `pkg install age zstd` puts them in /usr/local/bin, which cron's PATH lacks:
+    every ENCRYPT=age run failed there, and zstd fell back to gzip."""
+    name = f"zfsmgr-probe-{os.getpid()}"
+    path = f"/usr/local/bin/{name}"
+    if not os.access("/usr/local/bin", os.W_OK):
+        pytest.skip("/usr/local/bin is not writable here")
+    with open(path, "w") as out:
+        out.write("#!/bin/sh\necho found\n")
+    try:
+        os.chmod(path, 0o755)
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")
+        assert find_program(name) == path
+        assert run([name]).strip() == "found"
+    finally:
+        os.unlink(path)

@@ -99,7 +99,7 @@ def test_programs_missing_from_path_are_found_in_sbin(tmp_path, monkeypatch):
     sbin.mkdir()
     fake(sbin, "zfs", "echo found-in-sbin\n")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(runner, "SBIN_DIRS", ("/nonexistent", str(sbin)))
+    monkeypatch.setattr(runner, "PROGRAM_DIRS", ("/nonexistent", str(sbin)))
     assert runner.find_program("zfs") == str(sbin / "zfs")
     assert runner.run(["zfs", "version"]).strip() == "found-in-sbin"
     assert runner.program_available("zfs") and not runner.program_available("zpool")

@@ -5,8 +5,8 @@ Every child process of zfsmgr starts here: `execute`/`run` for short commands, `
 pipelines (StreamingCommand for `zfs send`/`recv`, compress.py's zstd filter). A missing
 program and a command that does not answer within its timeout are a ZfsError like any other
 failure; a failure because the named dataset, snapshot or pool does not exist is a ZfsNotFound.
-Programs named without a '/' are looked up on PATH and then in /sbin, /usr/sbin and
-/usr/local/sbin (cron's and sudo's PATH often lack them).
+Programs named without a '/' are looked up on PATH and then in /sbin, /usr/sbin,
+/usr/local/sbin and /usr/local/bin (cron's and sudo's PATH often lack them).
 
 It knows no zfs subcommand: the typed wrappers that build zfs command lines are zfs.py's.
 """
@@ -25,20 +25,23 @@ from typing import IO, List, Optional, Sequence
 
 from zfsmgr.errors import MissingProgram, ZfsError, ZfsNotFound
 
-SBIN_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin")
+# where programs are looked for after PATH (cron's is /usr/bin:/bin): zfs is in /sbin or
+# /usr/sbin on Linux and FreeBSD; `pkg install age zstd` (FreeBSD) and hand installs put
+# programs in /usr/local/bin
+PROGRAM_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin", "/usr/local/bin")
 TIMEOUT = 600.0  # seconds a short command may take
 _MISSING = re.compile(r"does not exist|no such pool|could not find any snapshots")
 
 
 def find_program(name: str) -> str:
     """The path to run for `name`: as given when it holds a '/', else found on PATH, else in
-    /sbin, /usr/sbin or /usr/local/sbin; the bare name when it is nowhere."""
+    PROGRAM_DIRS; the bare name when it is nowhere."""
     if "/" in name:
         return name
     found = shutil.which(name)
     if found:
         return found
-    for folder in SBIN_DIRS:
+    for folder in PROGRAM_DIRS:
         path = os.path.join(folder, name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
@@ -57,7 +60,7 @@ def spawn(argv: Sequence[str], **popen) -> subprocess.Popen:
     try:
         return subprocess.Popen(argv, executable=find_program(argv[0]), **popen)
     except FileNotFoundError as exc:  # one line, exit 2: nothing to retry, install it
-        raise MissingProgram(argv[0], SBIN_DIRS) from exc
+        raise MissingProgram(argv[0], PROGRAM_DIRS) from exc
     except OSError as exc:
         raise ZfsError(argv, 127, f"{argv[0]}: {exc.strerror}") from exc
 

@@ -40,7 +40,8 @@ HELP = """commands:
   help                 this text
 
 options anywhere on the line: --env-file PATH, -q/--quiet (nothing on stdout on success, for
-cron), -v/--verbose. zfs and zpool are looked up in PATH, then /sbin, /usr/sbin, /usr/local/sbin.
+cron), -v/--verbose. zfs, zpool, zstd and age are looked up in PATH, then /sbin, /usr/sbin,
+/usr/local/sbin, /usr/local/bin.
 
 settings (.env in the working directory, or --env-file, or the environment):
   CLIENT_ID, API_KEY, SERVER_URL, LOCAL_DATASET, RECURSIVE, EXCLUDE_DATASETS,
