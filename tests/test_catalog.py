@@ -198,3 +198,27 @@ def test_reindex_in_place_keeps_what_changed_while_it_listed(tmp_path):
     assert catalog.rebuild(known, listed) == 1
     assert [m.snapshot for m in catalog.list("alice")] == ["s0", "s3"]
     assert (tmp_path / "c.db").stat().st_ino == inode
+
+
+def test_a_crash_while_a_damaged_catalog_is_replaced_leaves_one(tmp_path, monkeypatch):
+    """The swap removed the damaged file before renaming the new one in: a crash in between
+    left no catalog, and the next start made an empty one."""
+    from zfsmgr.server import rebuild
+
+    _clients(tmp_path, quota=0)
+    ctx = _context(tmp_path)
+    assert upload(make_app(ctx), "alice", b"payload")[0] == 200
+    listed = ctx.catalog.list("alice")
+    ctx.db.close()
+    _damage(tmp_path / "metadata.db")
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(rebuild.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rebuild.rebuild(tmp_path / "metadata.db", listed)
+    assert (tmp_path / "metadata.db").exists()  # the old one, damaged as it was
+    monkeypatch.undo()
+    assert rebuild.rebuild(tmp_path / "metadata.db", listed) == (1, 0)
+    assert _context(tmp_path).catalog.list("alice") == listed

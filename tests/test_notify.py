@@ -161,3 +161,37 @@ def test_one_failed_dataset_of_a_run_pings_fail(receiver, capsys):
     assert receiver.requests[1][2].endswith("error: boom")
     with pinged("", "no url") as run:  # nothing to ping
         run.note("x")
+
+
+def test_a_garbled_webhook_answer_does_not_end_the_notifications():
+    """http.client's BadStatusLine escaped the webhook's retries and ended the notifier's
+    thread: every later event was queued for ever, never sent."""
+    import socket
+
+    from zfsmgr.server.notify import Notifier
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    got = []
+
+    def serve():
+        for n in range(10):
+            conn, _ = listener.accept()
+            data = conn.recv(65536)
+            while not data.endswith(b"}"):  # the headers and the JSON body may come apart
+                data += conn.recv(65536)
+            got.append(data)
+            conn.sendall(b"garbage, not HTTP\r\n\r\n" if n == 0 else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    notifier = Notifier(f"http://127.0.0.1:{listener.getsockname()[1]}/hook", timeout=5)
+    notifier.send("verify_failed", "alice", "tank/a", "first")
+    assert notifier.wait(10)
+    notifier.send("stale", "bob", "tank/b", "second")
+    assert notifier.wait(10), "the second event was never sent"
+    assert len(got) == 3 and b'"client": "alice"' in got[1]  # its retry
+    assert b'"client": "bob"' in got[2]
+    listener.close()

@@ -74,3 +74,19 @@ def test_pyz_runs_server_and_imports_s3_with_no_site_packages(python, pyz, tmp_p
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.parametrize("python", SUPPORTED)
+def test_a_commit_time_with_z_counts_on_every_python(python, pyz):
+    """Python before 3.11 reads no "Z" in fromisoformat: a manifest of another writer's
+    counted as committed in 1970, so MIN_RETAIN_DAYS no longer protected it."""
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from zfsmgr.protocol import Manifest; "
+             "from zfsmgr.server.rotation import committed_at; "
+             "print(committed_at(Manifest(key='c/k.zfs', client_id='c', dataset='tank/d',"
+             " snapshot='s', type='full', parent=None, compression='none', raw_size=1,"
+             " stored_size=1, sha256='', created=sys.argv[2], snapshot_time=0.0)))")
+    for created in ("2026-11-30T12:00:00Z", "2026-11-30T12:00:00+00:00"):
+        out = subprocess.run([python, "-I", "-S", "-c", probe, str(pyz), created],
+                             capture_output=True, text=True, check=True).stdout
+        assert float(out) == 1796040000.0, (python, created)

@@ -19,6 +19,7 @@ import logging
 import queue
 import socket
 import sqlite3
+import http.client
 import threading
 import time
 import urllib.error
@@ -78,6 +79,9 @@ class Notifier:
             body = self._queue.get()
             try:
                 self._post(body)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one event
+                log.warning("webhook to %s: %s event not sent (%s)", self.host, body["event"],
+                            type(exc).__name__)
             finally:
                 self._queue.task_done()
 
@@ -93,7 +97,7 @@ class Notifier:
                 log.info("notified %s: %s for %s:%s", self.host, body["event"], body["client"],
                          body["dataset"])
                 return
-            except (OSError, urllib.error.HTTPError) as exc:
+            except (OSError, http.client.HTTPException) as exc:  # a garbled answer too
                 why = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) \
                     else type(exc).__name__
                 level = logging.WARNING if attempt == len(RETRY_DELAYS) else logging.INFO

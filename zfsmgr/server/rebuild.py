@@ -24,8 +24,8 @@ log = logging.getLogger("zfsmgr.server.rebuild")
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def _remove(path: Path) -> None:
-    for name in [str(path)] + [str(path) + s for s in _SIDE_FILES]:
+def _remove(path: Path, side_files_only: bool = False) -> None:
+    for name in [str(path)] * (not side_files_only) + [str(path) + s for s in _SIDE_FILES]:
         try:
             os.unlink(name)
         except FileNotFoundError:
@@ -101,7 +101,9 @@ def _swap(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
         _remove(building)
         raise
     new.close()
-    _remove(path)  # an old -wal must never meet the new file
+    # an old -wal must never meet the new file; the old file itself goes by the rename, so a
+    # crash in between leaves a catalog, never none
+    _remove(path, side_files_only=True)
     os.replace(building, path)
     fsync_dir(path.parent)
     return count, sessions

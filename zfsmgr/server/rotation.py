@@ -60,9 +60,9 @@ def parent_key(manifest: Manifest, backups: List[Manifest]) -> Optional[str]:
 
 def committed_at(manifest: Manifest) -> float:
     """When the server committed a backup, epoch seconds (0 when its manifest cannot say)."""
-    try:
-        return datetime.fromisoformat(manifest.created).timestamp()
-    except (TypeError, ValueError):
+    try:  # "Z": Python before 3.11 reads only "+00:00"; 0 would void MIN_RETAIN_DAYS
+        return datetime.fromisoformat(manifest.created.replace("Z", "+00:00")).timestamp()
+    except (AttributeError, TypeError, ValueError):
         return 0.0
 
 
