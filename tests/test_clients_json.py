@@ -266,3 +266,45 @@ def test_admin_commands_run_as_root_leave_the_servers_files_to_the_server(run_zf
         assert listed["client_id"] == "web1" and listed["quota_bytes"] == 20 << 30
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_bad_admin_input_is_one_line_and_changes_nothing(run_zfsmgr, tmp_path):
+    """400 digits made OverflowError tracebacks (argparse's `type=` let it through), and
+    rotate-key wrote clients.json before failing, so the new key it never printed was in
+    force; a clients.json of `{}` or `[null]` was an internal error for add-client."""
+    added = run_zfsmgr(["server", "add-client", "web1"], cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    before = (tmp_path / "clients.json").read_bytes()
+    for command in (["set-quota", "web1", "9" * 400], ["add-client", "web2", "--quota", "9" * 400],
+                    ["rotate-key", "web1", "--grace", "9" * 400]):
+        done = run_zfsmgr(["server", *command], cwd=tmp_path)
+        assert done.returncode == 2, (command, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]  # after argparse's usage lines
+        assert "Traceback" not in done.stderr and last.startswith("zfsmgr: error: ")
+        assert "at most" in last, done.stderr
+        assert (tmp_path / "clients.json").read_bytes() == before, command
+    for text in ("{}", "[null]", "[{]"):
+        (tmp_path / "clients.json").write_text(text)
+        done = run_zfsmgr(["server", "add-client", "web3"], cwd=tmp_path)
+        assert done.returncode != 0 and "internal error" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert (tmp_path / "clients.json").read_text() == text
+
+
+def test_rotate_key_keeps_its_promise_and_mends_the_seeds_placeholder(run_zfsmgr, tmp_path):
+    """A second rotation within the grace ended the first old key at once, though the first
+    rotation had said it works until then; on the seed's `"api_key": "hashed_key"` entry it
+    kept the placeholder as previous_api_key, which made the entry refused."""
+    write(tmp_path / "clients.json", [{**entry("client1"), "api_key": "hashed_key"}])
+    mended = run_zfsmgr(["server", "rotate-key", "client1"], cwd=tmp_path)
+    assert mended.returncode == 0 and "nothing kept" in mended.stdout, mended.stderr
+    assert ClientRegistry(str(tmp_path / "clients.json")).warnings() == []
+    assert "previous_api_key" not in json.loads((tmp_path / "clients.json").read_text())[0]
+    first = run_zfsmgr(["server", "rotate-key", "client1"], cwd=tmp_path)
+    assert first.returncode == 0 and "the old one works until" in first.stdout
+    kept = (tmp_path / "clients.json").read_bytes()
+    again = run_zfsmgr(["server", "rotate-key", "client1"], cwd=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr, again.stderr
+    assert (tmp_path / "clients.json").read_bytes() == kept
+    forced = run_zfsmgr(["server", "rotate-key", "client1", "--force"], cwd=tmp_path)
+    assert forced.returncode == 0 and "the old one works until" in forced.stdout

@@ -53,13 +53,20 @@ def as_count(text: str) -> int:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 
+MAX_SIZE = (1 << 63) - 1  # bytes: SQLite's integers, and every store's sizes, fit in it
+MAX_DURATION = 100 * 365 * 86400.0  # seconds: past that, dates no longer fit a datetime
+
+
 def as_size(text: str) -> int:
     """Parse a byte size such as 1048576, 64M, 1.5GiB or 100G (powers of 1024)."""
     match = _SIZE.match(text)
     if not match:
         raise ValueError("a size such as 1048576, 64M or 100G")
     number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgtp".index(unit or " "))
+    size = number * 1024 ** " kmgtp".index(unit or " ")
+    if not size <= MAX_SIZE:  # also inf, from 400 digits
+        raise ValueError("a size such as 1048576, 64M or 100G, at most 8 EiB")
+    return int(size)
 
 
 def as_text(text: str) -> str:
@@ -141,7 +148,10 @@ def as_duration(text: str) -> float:
     match = _DURATION.match(text)
     if not match or float(match.group(1)) <= 0:
         raise ValueError("a duration such as 90s, 30m, 26h or 2d")
-    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _SECONDS[match.group(2).lower()]
+    if not seconds <= MAX_DURATION:
+        raise ValueError("a duration such as 90s, 30m, 26h or 2d, at most 100 years")
+    return seconds
 
 
 def as_sha256(text: str) -> str:

@@ -10,12 +10,13 @@ first, so no chain is ever left without its base half-way.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from zfsmgr.errors import StorageError, UsageError, ZfsmgrError
+from zfsmgr.errors import StorageError, UsageError
 from zfsmgr.progress import human, utc_text
 from zfsmgr.protocol import parse_key, validate_client_id, validate_dataset
 from zfsmgr.settings import as_duration, as_size, option_type
@@ -26,8 +27,9 @@ COMMANDS = ("clients", "enable", "disable", "rotate-key", "remove-client", "set-
 HELP = """  clients [--json]    every client: enabled, quota, usage, backups, last backup
   enable NAME | disable NAME
                       a disabled client may still list and restore its backups, not upload
-  rotate-key NAME [--grace 24h]
+  rotate-key NAME [--grace 24h] [--force]
                       a new key (printed once); the old one keeps working for the grace period
+                      (--force: rotate again while an earlier old key is still in its grace)
   remove-client NAME [--delete-backups]
                       refused while the client has backups, unless they are deleted with it
   set-quota NAME SIZE  e.g. 200G; 0 for none
@@ -55,6 +57,8 @@ def register(commands) -> None:
     rotate.add_argument("name")
     rotate.add_argument("--grace", type=_duration, default=24 * 3600.0,
                         help="how long the old key keeps working (default 24h)")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate again while an earlier old key is still in its grace")
     remove = commands.add_parser("remove-client", help="remove a client")
     remove.add_argument("name")
     remove.add_argument("--delete-backups", action="store_true")
@@ -77,15 +81,9 @@ class ClientsFile:
 
     def read(self) -> List[Dict[str, Any]]:
         """The entries as they are on disk."""
-        try:
-            entries = json.loads(self.path.read_text(encoding="utf-8") or "[]")
-        except FileNotFoundError:
-            return []
-        except ValueError as exc:
-            raise ZfsmgrError(f"{self.path} is not valid JSON: {exc}") from None
-        if not isinstance(entries, list):
-            raise ZfsmgrError(f"{self.path} must hold a JSON list of clients")
-        return entries
+        from zfsmgr.server.clients import read_entries
+
+        return read_entries(self.path)
 
     def edit(self, name: str, change: Callable[[Dict[str, Any]], Any]) -> Any:
         """Apply `change` to one client's entry (None from it removes the entry)."""
@@ -122,7 +120,7 @@ def run(args, settings) -> int:
         print(f"client {args.name}: quota {human(args.size) if args.size else 'none'}")
         return 0
     if command == "rotate-key":
-        return rotate_key(clients, args.name, args.grace)
+        return rotate_key(clients, args.name, args.grace, args.force)
     ctx = ServerContext(settings)  # the catalog: only for the commands that read it
     if command == "clients":
         return list_clients(ctx, args.json)
@@ -144,21 +142,37 @@ def admin_key() -> int:
     return 0
 
 
-def rotate_key(clients: ClientsFile, name: str, grace: float) -> int:
-    """A new key for a client; the current one stays valid for `grace` seconds."""
+def rotate_key(clients: ClientsFile, name: str, grace: float, force: bool = False) -> int:
+    """A new key for a client; the current one stays valid for `grace` seconds. There is one
+    place for an old key: while one is in its grace, rotating again would end it at once,
+    which needs `force`. A current key that is no SHA-256 (the seed's `hashed_key`
+    placeholder) opens nothing and is not kept."""
     from zfsmgr.server.clients import hash_key
 
     raw = secrets.token_urlsafe(32)
-    until = time.time() + grace
+    now = time.time()
+    until = now + grace
+    stamp = utc_text(until)  # before the file changes: the new key must not be lost
 
-    def change(entry: Dict[str, Any]) -> Dict[str, Any]:
-        entry["previous_api_key"] = entry.get("api_key", "")
-        entry["previous_key_expires"] = until
+    def change(entry: Dict[str, Any]) -> bool:
+        expires = entry.get("previous_key_expires")
+        if entry.get("previous_api_key") and isinstance(expires, (int, float)) and \
+                expires > now and not force:
+            raise UsageError(f"client {name}'s previous key works until {utc_text(expires)}:"
+                             " rotating again now ends it at once (pass --force to do so)")
+        current = entry.get("api_key", "")
+        kept = isinstance(current, str) and re.fullmatch(r"[0-9a-fA-F]{64}", current)
+        if kept:
+            entry["previous_api_key"], entry["previous_key_expires"] = current, until
+        else:
+            entry.pop("previous_api_key", None)
+            entry.pop("previous_key_expires", None)
         entry["api_key"] = hash_key(raw)
-        return entry
-    clients.edit(name, change)
-    stamp = utc_text(until)
-    print(f"new key for client {name}; the old one works until {stamp}")
+        return bool(kept)
+    if clients.edit(name, change):
+        print(f"new key for client {name}; the old one works until {stamp}")
+    else:
+        print(f"new key for client {name}; its old entry held no key hash (nothing kept)")
     print(f"API_KEY={raw}")
     print("(shown once: put it in the client's .env; the server keeps only its SHA-256)")
     return 0

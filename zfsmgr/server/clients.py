@@ -251,9 +251,8 @@ def add_client(path: str, client_id: str, quota: int = 0, storage: str = "",
     raw = secrets.token_urlsafe(32)
     target = Path(path)
     with FileLock(str(target) + ".lock"):
-        entries = json.loads(target.read_text(encoding="utf-8") or "[]") \
-            if target.exists() else []
-        if any(e.get("client_id") == client_id for e in entries):
+        entries = read_entries(target)
+        if any(isinstance(e, dict) and e.get("client_id") == client_id for e in entries):
             raise ZfsmgrError(f"client {client_id} already exists in {path}")
         entry: Dict[str, Any] = {"client_id": client_id, "api_key": hash_key(raw),
                                  "max_size_bytes": quota, "dataset": dataset, "enabled": True}
@@ -265,6 +264,23 @@ def add_client(path: str, client_id: str, quota: int = 0, storage: str = "",
         target.parent.mkdir(parents=True, exist_ok=True)
         write_entries(target, entries)
     return raw
+
+
+def read_entries(path: Path) -> List[Any]:
+    """clients.json's entries as they are on disk (none when there is no file); a file that
+    is no JSON list of objects is a one-line error (an admin command must not rewrite it)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8") or "[]")
+    except FileNotFoundError:
+        return []
+    except ValueError as exc:
+        raise ZfsmgrError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise ZfsmgrError(f"{path} must hold a JSON list of clients")
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise ZfsmgrError(f"{path}: entry {number} is not a JSON object; mend the file")
+    return entries
 
 
 def write_entries(path: Path, entries: List[Any]) -> None:
