@@ -556,3 +556,22 @@ def test_a_part_past_the_most_an_upload_has_is_400(server):
                     auth("alice"))[0] == 200
     code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/3", b"m", auth("alice"))
     assert code == 400 and "at most 3 parts" in json.loads(body)["message"], body
+
+
+def test_refused_requests_do_not_make_every_health_a_store_check(server, monkeypatch):
+    """Every authenticated POST cleared /health's cache, whatever its answer: one client
+    sending cheap 400s turned a flood of /health into one store check (a zfs command, an S3
+    call) each."""
+    ctx, app = server
+    checks = []
+    report = ctx.health_report
+    monkeypatch.setattr(ctx, "health_report", lambda: checks.append(1) or report())
+    app = make_app(ctx)  # its cache wraps the counting report
+    for _ in range(50):
+        assert call(app, "POST", "/checkin", b"{}", auth("alice"))[0] == 400
+        assert call(app, "GET", "/health")[0] == 200
+    assert len(checks) <= 2, len(checks)  # once, and again if the 2 s passed meanwhile
+    seen = len(checks)
+    assert upload(app, "alice", b"payload")[0] == 200  # a change: the next one is fresh
+    call(app, "GET", "/health")
+    assert len(checks) == seen + 1

@@ -120,7 +120,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
                 finally:
                     if slot:
                         ctx.working.give(slot)
-                    if auth and bottle.request.method != "GET":  # a client changed something
+                    if auth and bottle.request.method != "GET" and status < 400:
+                        # a client changed something; a refused request changed nothing, and
+                        # made every /health a store check when it cleared them
                         health_view.clear()
                         fleet_view.clear()
                     log.info("%s %s %s client=%s %.3fs", bottle.request.method,
