@@ -229,8 +229,10 @@ class ClientRegistry:
         if not matches or client is None:
             if client is None and client_id in self._invalid:
                 why, known = self._invalid[client_id]
-                if not (known and hmac.compare_digest(known, given)):
-                    why = "the server log says why"  # details only to the key's holder
+                if known and not hmac.compare_digest(known, given):  # a wrong key learns
+                    raise Unauthorized("unknown client or wrong API key")  # nothing more
+                if not known:  # no key hash to check (the seed's placeholder): only that
+                    why = "the server log says why"
                 raise Forbidden(f"the server's clients.json entry for {client_id} is invalid:"
                                 f" {why}")
             raise Unauthorized("unknown client or wrong API key")

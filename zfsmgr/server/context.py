@@ -230,7 +230,10 @@ class ServerContext:
         healthy = all(c["ok"] for c in checks.values() if c["needed"])
         warnings = [f"{kind} storage is unusable ({c['error']}); no client uses it now"
                     for kind, c in checks.items() if not c["ok"] and not c["needed"]]
-        warnings += self.clients.warnings()
+        problems = self.clients.warnings()  # /health is open: which entries, only in the log
+        if problems:  # and to `zfsmgr server clients` and the status page
+            warnings.append(f"clients.json: {len(problems)} problem{'s' * (len(problems) > 1)};"
+                            " `zfsmgr server clients` and the server log say which")
         full = sorted(kind for kind, c in checks.items() if c.get("full"))
         warnings += [f"{kind} storage is full: uploads get 507 until there is room"
                      for kind in full]
