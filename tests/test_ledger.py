@@ -65,3 +65,25 @@ def test_a_reindex_carries_the_ledger_of_an_older_schema(tmp_path):
     _copy_kept(old, new)
     assert new.query("SELECT client_id, dataset, last_success, last_checked"
                      " FROM dataset_events") == [("alice", "tank/data", 1700000000.0, None)]
+
+
+def test_a_reindex_keeps_the_rows_of_a_store_it_skipped(tmp_path, monkeypatch, capsys):
+    """A store no enabled client uses is skipped when it is unusable; the rebuild then
+    deleted every row of it as if its backups were gone (S3 down, a disk read-only)."""
+    from zfsmgr.protocol import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clients.json").write_text(json.dumps([{
+        "client_id": "carol", "api_key": "0" * 64, "enabled": False, "storage_type": "s3"}]))
+    ctx = ServerContext(settings.load("server", environ={
+        "STORAGE_DIR": str(tmp_path / "b"), "S3_ENABLED": "true", "S3_ENDPOINT": "127.0.0.1:9",
+        "S3_ACCESS_KEY": "a", "S3_SECRET_KEY": "b", "S3_BUCKET": "gone", "S3_USE_SSL": "false"}))
+    stored = Manifest(key="carol/tank_data_2024-02-13_14:30:00.zfs", client_id="carol",
+                      dataset="tank/data", snapshot="s1", type="full", parent=None,
+                      compression="none", raw_size=1, stored_size=1, sha256="",
+                      created="2024-02-13T14:30:00+00:00", snapshot_time=1707834600.0,
+                      storage_type="s3")
+    ctx.catalog.add(stored)
+    assert reindex(ctx) == 0
+    assert "s3: skipped, unusable and no client uses it" in capsys.readouterr().err
+    assert [m.key for m in ctx.catalog.list("carol")] == [stored.key]

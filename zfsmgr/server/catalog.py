@@ -163,18 +163,24 @@ class Catalog:
                 count += 1
         return count
 
-    def rebuild(self, known: Iterable[tuple], manifests: List[Manifest]) -> int:
+    def rebuild(self, known: Iterable[tuple], manifests: List[Manifest],
+                unlisted: Iterable[str] = ()) -> int:
         """Reindex in place, in one transaction: the rows become `manifests`, except that a
         row committed after `known` (the (client_id, key) rows read before the listing) stays,
-        and a listed backup whose row was removed since `known` (rotation, delete) stays gone.
-        Return the number of rows written."""
+        a listed backup whose row was removed since `known` (rotation, delete) stays gone, and
+        the rows of the stores in `unlisted` (skipped: unusable, and no client needs them)
+        stay as they were. Return the number of rows written."""
         known = set(map(tuple, known))
         listed = {(m.client_id, m.key) for m in manifests}
         count = 0
         with self.db.transaction() as conn:
             now = set(map(tuple, conn.execute("SELECT client_id, key FROM backups")))
+            skipped = sorted(set(unlisted))
+            kept = set(map(tuple, conn.execute(
+                "SELECT client_id, key FROM backups WHERE storage_type IN"
+                f" ({', '.join('?' * len(skipped))})", skipped))) if skipped else set()
             conn.executemany("DELETE FROM backups WHERE client_id = ? AND key = ?",
-                             sorted(known - listed))
+                             sorted(known - listed - kept))
             for manifest in manifests:
                 row = (manifest.client_id, manifest.key)
                 if row in known and row not in now:  # deleted meanwhile

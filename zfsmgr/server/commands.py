@@ -121,6 +121,7 @@ def reindex(ctx) -> int:
     from zfsmgr.server.rebuild import rebuild
 
     needed = ctx.needed_kinds()
+    skipped: set = set()  # their rows stay as they are
     old = getattr(ctx, "db", None)
     if old is not None:  # a running context (tests): let go of the file first
         old.close()
@@ -133,13 +134,14 @@ def reindex(ctx) -> int:
             except ZfsmgrError as exc:
                 if kind in needed:
                     raise
-                print(f"{kind}: skipped, unusable and no client uses it ({exc})",
-                      file=sys.stderr)
+                print(f"{kind}: skipped, unusable and no client uses it ({exc}); its"
+                      " backups stay listed as they were", file=sys.stderr)
+                skipped.add(kind)
                 continue
             yield from found
             print(f"{kind}: {len(found)} backups")
 
-    count, sessions = rebuild(ctx.catalog_path, manifests())
+    count, sessions = rebuild(ctx.catalog_path, manifests(), skipped)
     ctx.open_catalog()
     print(f"catalog {ctx.catalog_path} rebuilt: {count} backups"
           f" ({sessions} open uploads kept)")

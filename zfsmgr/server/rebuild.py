@@ -66,8 +66,10 @@ def _copy_kept(old: Path, new: Database) -> int:
     return len(copied.get("sessions", ("", []))[1])
 
 
-def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
-    """Make the database at `path` hold `manifests`; (backups, open sessions kept)."""
+def rebuild(path: Path, manifests: Iterable[Manifest], unlisted: Iterable[str] = ()
+            ) -> Tuple[int, int]:
+    """Make the database at `path` hold `manifests`; (backups, open sessions kept). The rows
+    of the stores in `unlisted` (filled while `manifests` is read: stores skipped) stay."""
     path = Path(path)
     try:
         db = Database(str(path))
@@ -76,7 +78,8 @@ def rebuild(path: Path, manifests: Iterable[Manifest]) -> Tuple[int, int]:
         return _swap(path, manifests)
     try:
         known = db.query("SELECT client_id, key FROM backups")  # before the listing
-        count = Catalog(db).rebuild(known, list(manifests))
+        listed = list(manifests)
+        count = Catalog(db).rebuild(known, listed, unlisted)
         sessions = db.query("SELECT COUNT(*) FROM sessions")[0][0]
         with db.transaction():
             db.set_meta("reindexed", "1")
