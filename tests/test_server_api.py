@@ -597,3 +597,30 @@ def test_a_part_of_an_incremental_reads_one_row_not_the_datasets_history(server,
     session = json.loads(body)
     status, (code, answer) = _part_and_commit(app, session, b"third")
     assert status == 200 and code == 200, answer
+
+
+def test_the_quota_counts_a_clients_usage_outside_the_servers_write_lock(server, monkeypatch):
+    """For the `local` store the usage is `zfs get used` over the client's chains; counted in
+    the transaction that checks a part, it held every write of every client meanwhile (past
+    SQLite's busy timeout: 500s). It is counted before, and used unless a commit or deletion
+    of the client's came in between (then counted again)."""
+    ctx, app = server
+    inside = []
+    counted = ctx.used_bytes
+    monkeypatch.setattr(ctx.uploads.quota, "usage",
+                        lambda client_id: inside.append(ctx.db.connection().in_transaction)
+                        or counted(client_id))
+    assert upload(app, "alice", b"abc")[0] == 200
+    assert inside and not any(inside), inside
+    # a backup committed between the counting and the check: counted again, and it counts
+    inside.clear()
+    versions = iter([(0,), (1,), (1,), (1,)])
+    monkeypatch.setattr(ctx.uploads.quota, "version", lambda client_id: next(versions))
+    ctx.uploads.quota.check(ctx.clients.get("alice"), 1)
+    assert inside == [False, False]
+    # changing all the time: after VERSION_TRIES countings, one inside the transaction
+    inside.clear()
+    ticks = iter(range(100))
+    monkeypatch.setattr(ctx.uploads.quota, "version", lambda client_id: next(ticks))
+    ctx.uploads.quota.check(ctx.clients.get("alice"), 1)
+    assert inside == [False, False, False, True]

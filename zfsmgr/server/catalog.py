@@ -113,6 +113,15 @@ class Catalog:
         return self.db.query("SELECT COALESCE(SUM(stored_size), 0) FROM backups"
                              " WHERE client_id = ?", (client_id,))[0][0]
 
+    def version(self, client_id: str) -> tuple:
+        """What changes whenever a client's committed backups do (one small indexed read):
+        their number, stored bytes and newest snapshot time."""
+        totals = self.db.query("SELECT TOTAL(backups), TOTAL(stored_bytes) FROM dataset_totals"
+                               " WHERE client_id = ?", (client_id,))[0]
+        newest = self.db.query("SELECT MAX(snapshot_time) FROM backups WHERE client_id = ?",
+                               (client_id,))[0][0]
+        return (*totals, newest)
+
     def summary(self, client_id: str) -> Dict[str, dict]:
         """Per dataset: snapshot_count, used_bytes, last_backup, latest_snapshot."""
         rows = self.db.query(

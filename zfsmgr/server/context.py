@@ -61,6 +61,7 @@ class ServerContext:
                                settings.s3_max_parts, settings.upload_expiry_hours * 3600.0,
                                settings.client_max_uploads, adopt=self._adopt)
         self.uploads.quota.usage = self.used_bytes
+        self.uploads.quota.version = self.catalog.version
         self.uploads.quota.make_room = self.make_room
 
     def _import_json(self, metadata_file: Path) -> None:

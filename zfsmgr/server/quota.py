@@ -13,7 +13,7 @@ expiry.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from zfsmgr.errors import QuotaExceeded, StorageError
 from zfsmgr.progress import human
@@ -24,14 +24,18 @@ from zfsmgr.storage.base import Store
 
 log = logging.getLogger("zfsmgr.server.uploads")
 
+VERSION_TRIES = 3  # countings outside the transaction before one inside it
+
 
 class Quota:
     """The quota checks of one server's uploads."""
 
-    def __init__(self, table: SessionTable, usage: Callable[[str], int], expiry: float):
+    def __init__(self, table: SessionTable, usage: Callable[[str], int], expiry: float,
+                 version: Callable[[str], Hashable] = lambda client_id: None):
         self.table, self.expiry = table, expiry
-        # how the quota is counted and room made; the server context plugs in its own
-        self.usage = usage
+        # how the quota is counted and room made; the server context plugs in its own.
+        # `version`: what changes when a client's committed backups do (a cheap read)
+        self.usage, self.version = usage, version
         self.make_room: Optional[Callable[[ClientConfig, int, Optional[str]], None]] = None
 
     def fit(self, client: ClientConfig, needed: int, parent_key: Optional[str],
@@ -66,17 +70,29 @@ class Quota:
         to a store shared by servers, each of which admitted parts seeing only its own)."""
         if not client.max_size_bytes:
             return
-        with self.table.db.transaction():
-            used = self.usage(client.client_id)
-            others = elsewhere + (self.table.reserved(client.client_id, besides=upload_id)
-                                  if others_count else 0)
-            if used + others + staged + needed > client.max_size_bytes:
-                raise QuotaExceeded(
-                    f"quota exceeded for {client.client_id}: used {human(used)} + in progress"
-                    f" {human(others + staged)} + needed {human(needed)} > quota"
-                    f" {human(client.max_size_bytes)}; {FREES_SPACE}")
-            if upload_id:
-                self.table.reserve(upload_id, staged + needed)
+        # The usage may ask the store (`zfs get used` for the `local` store, seconds on a busy
+        # pool): it is counted before the transaction, which holds every write of the server,
+        # and taken only if the client's backups did not change meanwhile (else counted again;
+        # after a few tries, inside the transaction after all).
+        for attempt in range(VERSION_TRIES + 1):
+            last = attempt == VERSION_TRIES
+            seen = self.version(client.client_id)
+            used = None if last else self.usage(client.client_id)
+            with self.table.db.transaction():
+                if used is None:
+                    used = self.usage(client.client_id)
+                elif self.version(client.client_id) != seen:
+                    continue  # a commit or a deletion came in between: count again
+                others = elsewhere + (self.table.reserved(client.client_id, besides=upload_id)
+                                      if others_count else 0)
+                if used + others + staged + needed > client.max_size_bytes:
+                    raise QuotaExceeded(
+                        f"quota exceeded for {client.client_id}: used {human(used)} + in"
+                        f" progress {human(others + staged)} + needed {human(needed)} > quota"
+                        f" {human(client.max_size_bytes)}; {FREES_SPACE}")
+                if upload_id:
+                    self.table.reserve(upload_id, staged + needed)
+                return
 
     @staticmethod
     def release(store: Store, session: Session) -> None:
