@@ -87,3 +87,30 @@ def test_a_reindex_keeps_the_rows_of_a_store_it_skipped(tmp_path, monkeypatch, c
     assert reindex(ctx) == 0
     assert "s3: skipped, unusable and no client uses it" in capsys.readouterr().err
     assert [m.key for m in ctx.catalog.list("carol")] == [stored.key]
+
+
+def test_a_client_cannot_grow_the_ledger_with_names_it_never_backed_up(tmp_path, monkeypatch):
+    """An abort (or a failure) of an upload recorded a row of events for its dataset, any
+    name the client opened; 20,000 open+aborts made 20,000 rows, never shown, never removed,
+    and every /metrics scrape read them all."""
+    import hashlib
+
+    from test_server_api import call
+    from zfsmgr.server.app import make_app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clients.json").write_text(json.dumps([{
+        "client_id": "alice", "api_key": hashlib.sha256(b"k").hexdigest(),
+        "storage_type": "dir"}]))
+    ctx = ServerContext(settings.load("server", environ={"STORAGE_DIR": str(tmp_path / "b")}))
+    app = make_app(ctx)
+    alice = {"X-Client-ID": "alice", "X-API-Key": "k"}
+    for n in range(5):
+        code, body, _ = call(app, "POST", "/upload", json.dumps({
+            "dataset": f"tank/junk{n}", "snapshot": "s1", "type": "full", "compression": "none",
+            "snapshot_time": 1700000000}).encode(), alice)
+        assert code == 200, body
+        upload_id = json.loads(body)["upload_id"]
+        assert call(app, "POST", f"/upload-stream/{upload_id}/abort", b"", alice)[0] == 200
+    assert ctx.db.query("SELECT COUNT(*) FROM dataset_events")[0][0] == 0
+    assert ctx.ledger.counters()["alice"]["uploads"]["aborted"] == 5  # still counted

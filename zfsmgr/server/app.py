@@ -166,9 +166,9 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         try:
             session = ctx.uploads.open(client, store, request)
         except QuotaExceeded as exc:
-            dataset = request.get("dataset")  # an event row only for a dataset it backs up:
-            known = isinstance(dataset, str) and ctx.catalog.list_dicts(client.client_id, dataset)
-            ctx.outcomes.failed(client.client_id, dataset if known else "", exc)
+            dataset = request.get("dataset")
+            ctx.outcomes.failed(client.client_id, dataset if isinstance(dataset, str) else "",
+                                exc)
             raise
         log.info("upload %s opened: client=%s key=%s type=%s estimate=%s", session.upload_id,
                  client.client_id, session.key, session.type, session.estimated_size)
@@ -348,7 +348,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         exposition.authorize(s.metrics_no_auth, s.metrics_token,
                              _header("Authorization"))
         rows = fleet_view.get(ctx.clients.stamp())
-        text = exposition.render(ctx.clients.all(), rows, ctx.ledger.view()["clients"],
+        text = exposition.render(ctx.clients.all(), rows, ctx.ledger.counters(),
                                  len(ctx.clients.warnings()))
         return bottle.HTTPResponse(text, status=200,
                                    headers={"Content-Type": exposition.CONTENT_TYPE})

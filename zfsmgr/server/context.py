@@ -54,7 +54,8 @@ class ServerContext:
         self.catalog = Catalog(self.db)
         self.sessions = SessionTable(self.db)
         self.ledger = Ledger(self.db)
-        self.outcomes = Outcomes(self.ledger, self.notifier)
+        self.outcomes = Outcomes(self.ledger, self.notifier, known=lambda client_id, dataset: (
+            self.catalog.newest(client_id, dataset) is not None))
         if self.db.created:
             self._import_json(Path(settings.metadata_file).absolute())
         self.uploads = Uploads(self.sessions, self.catalog, settings.part_size,

@@ -114,6 +114,11 @@ class Ledger:
                                  " FROM dataset_events"):
             datasets.setdefault(row[0], {})[row[1]] = {
                 k: v for k, v in zip(_EVENTS, row[2:]) if v is not None}
+        return {"datasets": datasets, "clients": self.counters()}
+
+    def counters(self) -> Dict[str, dict]:
+        """Per client `{"uploads": {result: n}, "upload_bytes": n, "rotation_deleted": n}`
+        (what /metrics exports: the events per dataset are not read)."""
         clients: Dict[str, dict] = {}
         for client_id, name, value in self.db.query(
                 "SELECT client_id, name, value FROM client_counters"):
@@ -124,4 +129,4 @@ class Ledger:
                 entry["uploads"][name[len("uploads_"):]] = value
             else:
                 entry[name] = value
-        return {"datasets": datasets, "clients": clients}
+        return clients

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 
 from zfsmgr import __version__
 from zfsmgr.errors import VerificationFailed
@@ -108,8 +108,16 @@ class Notifier:
 class Outcomes:
     """What the server records and announces when an upload or a verification ends."""
 
-    def __init__(self, ledger: Ledger, notifier: Notifier):
+    def __init__(self, ledger: Ledger, notifier: Notifier,
+                 known: Callable[[str, str], bool] = lambda client_id, dataset: True):
         self.ledger, self.notifier = ledger, notifier
+        # whether the client has a backup of the dataset: only such datasets get a row of
+        # events (the status page shows no other), else any name a client opens and aborts
+        # would add one, for ever
+        self.known = known
+
+    def _dataset(self, client_id: str, dataset: str) -> str:
+        return dataset if dataset and self.known(client_id, dataset) else ""
 
     def _safely(self, what: str, action, *args) -> None:
         try:
@@ -124,15 +132,16 @@ class Outcomes:
 
     def failed(self, client_id: str, dataset: str, error: Exception) -> None:
         """An upload was refused or failed; a failed verification is also announced."""
-        self._safely("a failed upload", self.ledger.record_upload, client_id, dataset,
-                     "failed", 0, str(error))
+        self._safely("a failed upload", self.ledger.record_upload, client_id,
+                     self._dataset(client_id, dataset), "failed", 0, str(error))
         if isinstance(error, VerificationFailed):
             self.notifier.send("upload_verification_failed", client_id, dataset, str(error))
 
     def aborted(self, client_id: str, dataset: str) -> None:
         """The client gave an upload up (its send failed or it was interrupted)."""
-        self._safely("an aborted upload", self.ledger.record_upload, client_id, dataset,
-                     "aborted", 0, "the client aborted the upload")
+        self._safely("an aborted upload", self.ledger.record_upload, client_id,
+                     self._dataset(client_id, dataset), "aborted", 0,
+                     "the client aborted the upload")
 
     def verified(self, client_id: str, dataset: str, ok: bool, message: str) -> None:
         """A restore tool reported a verification of a dataset's backups."""
