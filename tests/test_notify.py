@@ -195,3 +195,24 @@ def test_a_garbled_webhook_answer_does_not_end_the_notifications():
     assert len(got) == 3 and b'"client": "alice"' in got[1]  # its retry
     assert b'"client": "bob"' in got[2]
     listener.close()
+
+
+def test_one_clients_events_neither_crowd_out_others_nor_ping_the_channel(receiver):
+    """A client's failed verify reports (300 in a fraction of a second) filled the shared
+    queue of 100: the next client's stale event was dropped. And its message went into the
+    Slack-style `text` as it was: `<!channel>` pinged everyone, `<url|name>` disguised a link."""
+    from zfsmgr.server.notify import PER_CLIENT, Notifier
+
+    notifier = Notifier(receiver.url + "/hook")
+    for n in range(300):
+        notifier.send("verify_failed", "alice", "tank/a", f"{n} <!channel> <https://x|y> & co")
+    for n in range(3):  # the same event again: one is waiting already
+        notifier.send("stale", "bob", "tank/b", "no backup for 2 days")
+    assert notifier.wait(60)
+    bodies = [json.loads(body) for _, _, body in receiver.requests]
+    assert [b["client"] for b in bodies].count("bob") == 1
+    assert [b["client"] for b in bodies].count("alice") <= PER_CLIENT + 1  # one in flight
+    text = next(b["text"] for b in bodies if b["client"] == "alice")
+    assert "<" not in text and "&lt;!channel&gt; &lt;https://x|y&gt; &amp; co" in text
+    assert next(b["message"] for b in bodies if b["client"] == "alice").endswith(
+        "<!channel> <https://x|y> & co")  # the JSON field keeps it as written

@@ -8,8 +8,14 @@ slows an upload; at most 100 events wait, later ones are dropped with a warning)
      "time": "2026-12-01T08:00:00+00:00", "timestamp": 1795939200.0,
      "server": "<hostname>", "version": "<zfsmgr version>"}
 
-`text` makes Slack- and Mattermost-style incoming webhooks show the event as it is. The URL
-is a secret (webhook URLs carry tokens): it is never logged, only its host.
+`text` makes Slack- and Mattermost-style incoming webhooks show the event as it is; what a
+client wrote in it (a verify report's message) is escaped (`&`, `<`, `>`), so it cannot ping a
+channel (`<!channel>`) or show a link under another name. The URL is a secret (webhook URLs
+carry tokens): it is never logged, only its host.
+
+A client's events cannot crowd out the others': at most PER_CLIENT of one client wait at once,
+and an event the same as one already waiting (event, client, dataset and message) is not
+queued again.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Callable, Optional, Set
 
 from zfsmgr import __version__
 from zfsmgr.errors import VerificationFailed
@@ -35,6 +41,13 @@ from zfsmgr.server.ledger import Ledger
 
 log = logging.getLogger("zfsmgr.server.notify")
 RETRY_DELAYS = (1.0, 5.0)
+QUEUED = 100  # events waiting, in all
+PER_CLIENT = 10  # of them, one client's at most
+
+
+def _escaped(text: str) -> str:
+    """Text shown as it is by Slack-style `text` (its three control characters escaped)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class Notifier:
@@ -43,9 +56,10 @@ class Notifier:
     def __init__(self, url: str, timeout: float = 10.0):
         self.url, self.timeout = url, timeout
         self.host = urllib.parse.urlsplit(url).hostname if url else ""
-        self._queue: "queue.Queue[Optional[dict]]" = queue.Queue(maxsize=100)
+        self._queue: "queue.Queue[Optional[dict]]" = queue.Queue(maxsize=QUEUED)
         self._thread: Optional[threading.Thread] = None
         self._guard = threading.Lock()
+        self._waiting: Set[tuple] = set()  # (event, client, dataset, message) queued
 
     def send(self, event: str, client: str, dataset: str, message: str) -> None:
         """Queue one event (returns at once)."""
@@ -53,19 +67,29 @@ class Notifier:
             return
         now = time.time()
         body = {"event": event, "client": client, "dataset": dataset, "message": message,
-                "text": f"zfsmgr: {client}:{dataset} {event.replace('_', ' ')}: {message}",
+                "text": _escaped(f"zfsmgr: {client}:{dataset} {event.replace('_', ' ')}:"
+                                 f" {message}"),
                 "time": datetime.fromtimestamp(now, timezone.utc).replace(
                     microsecond=0).isoformat(),
                 "timestamp": now, "server": socket.gethostname(), "version": __version__}
+        alike = (event, client, dataset, message)
         with self._guard:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
                 self._thread.start()
-        try:
-            self._queue.put_nowait(body)
-        except queue.Full:
-            log.warning("notification queue full: dropped %s event for %s:%s", event, client,
-                        dataset)
+            if alike in self._waiting:
+                return  # the one waiting says it already
+            if sum(1 for waiting in self._waiting if waiting[1] == client) >= PER_CLIENT:
+                log.warning("notifications: %d of %s's wait already; dropped its %s event for"
+                            " %s", PER_CLIENT, client, event, dataset)
+                return
+            try:
+                self._queue.put_nowait(body)
+            except queue.Full:
+                log.warning("notification queue full: dropped %s event for %s:%s", event,
+                            client, dataset)
+                return
+            self._waiting.add(alike)
 
     def wait(self, timeout: float = 30.0) -> bool:
         """Block until every queued event was sent or given up; True if it finished in time."""
@@ -83,6 +107,9 @@ class Notifier:
                 log.warning("webhook to %s: %s event not sent (%s)", self.host, body["event"],
                             type(exc).__name__)
             finally:
+                with self._guard:
+                    self._waiting.discard((body["event"], body["client"], body["dataset"],
+                                           body["message"]))
                 self._queue.task_done()
 
     def _post(self, body: dict) -> None:
