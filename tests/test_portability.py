@@ -90,3 +90,26 @@ def test_a_commit_time_with_z_counts_on_every_python(python, pyz):
         out = subprocess.run([python, "-I", "-S", "-c", probe, str(pyz), created],
                              capture_output=True, text=True, check=True).stdout
         assert float(out) == 1796040000.0, (python, created)
+
+
+def test_a_python_without_sqlite3_gets_one_line_from_the_server_only(pyz, tmp_path):
+    """FreeBSD's Python comes without its sqlite3 module (py39-sqlite3 is a package of its
+    own): the server was an internal error naming `_sqlite3`. The client, restore and the
+    commands that only edit clients.json need no catalog."""
+    probe = ("import sys; sys.modules['_sqlite3'] = None; sys.path.insert(0, sys.argv[1]);"
+             " from zfsmgr.cli import main; sys.exit(main(sys.argv[2:]))")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-I", "-S", "-c", probe, str(pyz), *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+    for args in (["server"], ["server", "clients"], ["server", "reindex"]):
+        done = run(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("zfsmgr: error: the server keeps its catalog in SQLite")
+        assert len(done.stderr.splitlines()) == 1
+    checked = run("server", "check")
+    assert checked.returncode == 3 and "no sqlite3 module" in checked.stdout
+    assert run("server", "add-client", "web1").returncode == 0
+    assert run("server", "disable", "web1").returncode == 0
+    assert run("client", "help").returncode == 0 and run("restore", "help").returncode == 0

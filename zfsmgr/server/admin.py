@@ -105,7 +105,7 @@ class ClientsFile:
 
 def run(args, settings) -> int:
     """Run one administration command."""
-    from zfsmgr.server.context import ServerContext
+    from zfsmgr.server.engine import require_sqlite
 
     if args.command == "admin-key":
         return admin_key()
@@ -121,6 +121,9 @@ def run(args, settings) -> int:
         return 0
     if command == "rotate-key":
         return rotate_key(clients, args.name, args.grace, args.force)
+    require_sqlite()
+    from zfsmgr.server.context import ServerContext
+
     ctx = ServerContext(settings)  # the catalog: only for the commands that read it
     if command == "clients":
         return list_clients(ctx, args.json)

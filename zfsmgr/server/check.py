@@ -85,10 +85,13 @@ def run(args, env_file) -> int:
     """Print the check's line; return its Nagios status."""
     from zfsmgr import settings as config
     from zfsmgr.errors import ZfsmgrError
-    from zfsmgr.server.context import ServerContext
-    from zfsmgr.server.fleet import fleet
+    from zfsmgr.server.engine import require_sqlite
 
     try:
+        require_sqlite()
+        from zfsmgr.server.context import ServerContext
+        from zfsmgr.server.fleet import fleet
+
         settings = config.load(config.SERVER, env_file)
         ctx = ServerContext(settings)
         rows = fleet(ctx, args.warn, args.crit)

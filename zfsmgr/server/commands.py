@@ -13,6 +13,7 @@ from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.errors import UsageError
 from zfsmgr.server import admin, check
+from zfsmgr.server.engine import require_sqlite
 from zfsmgr.settings import as_size, option_type
 from zfsmgr.storage import registry
 
@@ -100,6 +101,7 @@ def run(args, env_file) -> int:
         print(f"API_KEY={key}")
         print("(shown once: put it in the client's .env; the server keeps only its SHA-256)")
         return 0
+    require_sqlite()  # the catalog, from here on
     from zfsmgr.server.context import ServerContext
 
     if command == "reindex":
