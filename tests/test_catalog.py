@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import sqlite3
 import threading
@@ -13,7 +14,7 @@ import pytest
 import rig
 from test_server_api import KEYS, auth, call, upload
 from zfsmgr import settings
-from zfsmgr.errors import CatalogDamaged
+from zfsmgr.errors import CatalogDamaged, StorageFull
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.app import make_app
 from zfsmgr.server.context import ServerContext
@@ -222,3 +223,36 @@ def test_a_crash_while_a_damaged_catalog_is_replaced_leaves_one(tmp_path, monkey
     monkeypatch.undo()
     assert rebuild.rebuild(tmp_path / "metadata.db", listed) == (1, 0)
     assert _context(tmp_path).catalog.list("alice") == listed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_disk_at_start_is_a_full_disk_not_a_damaged_catalog(tmp_path, run_zfsmgr):
+    """A healthy catalog on a full disk (SQLite cannot make its -wal and -shm files: "disk
+    I/O error") was reported damaged, with `server reindex` as the way out, which then failed
+    for want of room too and left an empty metadata.db.rebuild."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        _clients(disk, quota=0)
+        Database(str(disk / "metadata.db")).close()
+        with open(disk / "filler", "wb", buffering=0) as out:
+            with pytest.raises(OSError):
+                while True:
+                    out.write(b"x" * 65536)
+        with pytest.raises(StorageFull, match="disk is full") as full:
+            Database(str(disk / "metadata.db"))
+        assert "damaged" in str(full.value) and "not damaged" in str(full.value)
+        env = {"STORAGE_DIR": str(tmp_path / "b"), "PORT": str(rig.free_port()),
+               "HOST": "127.0.0.1"}
+        for args in (["server"], ["server", "reindex"]):
+            done = run_zfsmgr(args, env=env, cwd=disk, timeout=60)
+            assert done.returncode != 0 and "disk is full" in done.stderr, done.stderr
+            assert "server reindex" not in done.stderr
+        assert not (disk / "metadata.db.rebuild").exists()
+        (disk / "filler").unlink()
+        Database(str(disk / "metadata.db")).close()  # room again: it opens as it was
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -10,6 +10,7 @@ opens the same file (waitress threads, `server reindex`, a second server process
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -142,6 +143,28 @@ def damaged(path: Path, why: object) -> CatalogDamaged:
                           " `zfsmgr server reindex` to rebuild it from storage")
 
 
+FREE_MARGIN = 1 << 20  # bytes free on the catalog's disk below which an I/O error means "full"
+
+
+def unusable(path: Path, exc: sqlite3.DatabaseError) -> ZfsmgrError:
+    """The error for a database SQLite refused to open or check: a full disk (SQLite says
+    "full", or an I/O error creating its -wal or -shm file with no room left) is StorageFull,
+    which freeing space mends; anything else is damage, which reindex mends."""
+    text = str(exc)
+    if "full" in text or ("I/O" in text and _free_bytes(path.parent) < FREE_MARGIN):
+        return StorageFull(f"the server's catalog {path} cannot be opened: its disk is full"
+                           f" ({text}); free space on it and start again (it is not damaged)")
+    return damaged(path, exc)
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        info = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return FREE_MARGIN
+    return info.f_bavail * info.f_frsize
+
+
 class Database:
     """One SQLite file shared by the threads of a process; each thread has its own connection."""
 
@@ -159,7 +182,7 @@ class Database:
             if check and not self.created:
                 self.check()
         except sqlite3.DatabaseError as exc:
-            raise damaged(self.path, exc) from None
+            raise unusable(self.path, exc) from None
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (autocommit; transactions are explicit)."""
@@ -220,7 +243,7 @@ class Database:
         try:
             rows = self.query("PRAGMA quick_check")
         except sqlite3.DatabaseError as exc:
-            raise damaged(self.path, exc) from None
+            raise unusable(self.path, exc) from None
         problems = [r[0] for r in rows if r[0] != "ok"]
         if problems:
             raise damaged(self.path, "; ".join(problems[:3]))
