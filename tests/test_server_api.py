@@ -624,3 +624,48 @@ def test_the_quota_counts_a_clients_usage_outside_the_servers_write_lock(server,
     monkeypatch.setattr(ctx.uploads.quota, "version", lambda client_id: next(ticks))
     ctx.uploads.quota.check(ctx.clients.get("alice"), 1)
     assert inside == [False, False, False, True]
+
+
+@pytest.mark.parametrize("then", ["commit again", "expiry", "abort"])
+def test_a_server_stopped_between_the_stores_commit_and_the_catalog_hides_nothing(
+        server, tmp_path, monkeypatch, then):
+    """Killed after the store published a backup and before the catalog listed it, the
+    server left a stored backup no listing showed and no quota counted, until a reindex: the
+    client's commit asked again found no parts (409), the expiry and an abort discarded only
+    the staging. Now a commit asked again, or the expiry, records it; an abort removes it."""
+    ctx, app = server
+    data = b"the whole stream"
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    assert code == 200, session
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+
+    def killed(*args):
+        raise SystemExit("the server stopped here")
+
+    monkeypatch.setattr(ctx.uploads, "_record", killed)
+    commit = json.dumps({"sha256": hashlib.sha256(data).hexdigest(),
+                         "parts_crc32": rig.parts_crc32([data]), "stored_size": len(data),
+                         "raw_size": len(data)}).encode()
+    with pytest.raises(SystemExit):
+        call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    ctx = ServerContext(settings.load("server", environ={"STORAGE_DIR": str(tmp_path / "b"),
+                                                         "PART_SIZE": "1K"}))  # restarted
+    app = make_app(ctx)
+    stored = [p for p in (tmp_path / "b").rglob("*.zfs") if ".zfsmgr" not in str(p)]
+    assert len(stored) == 1 and ctx.catalog.list("alice") == []
+    if then == "commit again":
+        code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
+        assert code == 200, body
+    elif then == "expiry":
+        ctx.store_named("dir")  # as the janitor makes every usable store
+        assert ctx.uploads.expire(ctx.stores(), now=time.time() + 10 ** 6) == \
+            [session["upload_id"]]
+    else:
+        assert call(app, "POST", f"{path}/abort", b"", auth("alice"))[0] == 200
+    listed = [m.key for m in ctx.catalog.list("alice")]
+    assert listed == ([] if then == "abort" else [session["key"]])
+    assert stored[0].exists() == (then != "abort")
+    assert not ctx.sessions.exists(session["upload_id"])

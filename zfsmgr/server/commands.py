@@ -281,9 +281,17 @@ def _version_of(module) -> str:
 
 
 def _janitor(ctx, stop: threading.Event) -> None:
-    """Discard abandoned uploads now and every ten minutes."""
+    """Settle abandoned uploads now and every ten minutes, in every store that can be used (an
+    upload to a store other than the default, left by a server that stopped, is settled too)."""
+    from zfsmgr.errors import ZfsmgrError
+
     ctx.store_named(ctx.default_kind())
     while True:
+        for kind in ctx.configured_kinds():
+            try:
+                ctx.store_named(kind)
+            except ZfsmgrError:  # unusable now: /health says so; tried again next time
+                pass
         try:
             ctx.uploads.expire(ctx.stores())
         except Exception as exc:  # keep serving; say why cleanup failed

@@ -24,7 +24,8 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
-                           QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed)
+                           QuotaExceeded, StorageError, TooManyUploads, Unsupported,
+                           VerificationFailed)
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
@@ -306,6 +307,16 @@ class Uploads:
         with self._session_lock(session.upload_id):
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
+            if not parts:  # a commit asked again: the first may have reached the store only
+                done = self._stored_already(store, session)
+                if done is not None and done.sha256 == sha256.lower() and \
+                        done.stored_size == stored_size:
+                    with store.client_lease(client.client_id):
+                        self._record(store, session, done)
+                    self.quota.release(store, session)
+                    log.info("upload %s was committed before the server stopped; recorded now",
+                             session.upload_id)
+                    return done
             if len(parts) <= session.segment or sent != stored_size:
                 raise VerificationFailed(
                     f"the server holds {sent} bytes in {len(parts) - session.segment} parts,"
@@ -362,6 +373,40 @@ class Uploads:
                 log.error("upload %s stays open until it expires: %s", session.upload_id, also)
             raise
 
+    def _stored_already(self, store: Store, session: Session) -> Optional[Manifest]:
+        """The backup of an upload whose commit reached the store but not the catalog (the
+        server stopped in between), None when there is none. Asked only when the staged parts
+        are gone: a commit asked again, an abort, an expiry."""
+        if self.catalog.has_key(session.client_id, session.key):
+            return None
+        try:
+            manifest = store.read_manifest(session.key)
+        except StorageError:  # NotFound: not committed; else it stays for reindex to find
+            return None
+        if (manifest.client_id, manifest.dataset, manifest.snapshot) != \
+                (session.client_id, session.dataset, session.snapshot):
+            return None
+        return store.marked(manifest)
+
+    def settle(self, session: Session, store: Store) -> str:
+        """An abandoned upload (expired): recorded if its commit reached the store before the
+        server stopped (it was checked whole then; a base deleted since removes it again),
+        else discarded. Which of the two, as a word."""
+        with self._session_lock(session.upload_id):
+            done = None if store.staged_parts(session.upload_id) else \
+                self._stored_already(store, session)
+            if done is not None:
+                try:
+                    self._record(store, session, done)
+                except NeedsFullBackup:
+                    return "discarded"
+                self.quota.release(store, session)
+                log.info("upload %s was committed before the server stopped; recorded now",
+                         session.upload_id)
+                return "recorded"
+        self.abort(session, store)
+        return "discarded"
+
     def _recheck(self, client: ClientConfig, store: Store, session: Session) -> None:
         """What `open` checked may have changed since (another server, a rotation)."""
         if self.catalog.has_key(client.client_id, session.key):
@@ -385,6 +430,10 @@ class Uploads:
         session stayed open until it expired, taking one of the client's uploads)."""
         turn = self._session_lock(session.upload_id)
         with turn:
+            if not store.staged_parts(session.upload_id):  # a commit that reached the store
+                done = self._stored_already(store, session)  # only: the client gave it up
+                if done is not None:
+                    store.delete(done)
             store.discard(session.upload_id)
             self._forget(session)
             turn.notify_all()  # a part waiting for its turn finds the upload gone at once
@@ -405,7 +454,7 @@ class Uploads:
                 if now - activity[store.kind].get(session.upload_id, 0.0) <= self.expiry:
                     self.table.touch(session.upload_id, now)
                     continue
-            if self._expire(session.upload_id, lambda: self.abort(session, store)):
+            if self._expire(session.upload_id, lambda: self.settle(session, store)):
                 expired.append(session.upload_id)
         for store in stores.values():
             for upload_id, stamp in store.staged_uploads():

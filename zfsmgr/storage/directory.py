@@ -301,6 +301,16 @@ class DirectoryStore(Store):
                 except (ValueError, OSError) as exc:
                     raise StorageError(f"manifest {path} is unreadable: {exc}") from exc
 
+    def read_manifest(self, key):
+        """One file, where the listing of the client's folder would read them all."""
+        path = self._path(manifest_key(key))
+        try:
+            return Manifest.from_dict(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            raise NotFound(f"no manifest for {key}") from None
+        except (ValueError, OSError) as exc:
+            raise StorageError(f"manifest {path} is unreadable: {exc}") from exc
+
     def delete(self, manifest):
         for key in (manifest_key(manifest.key), manifest.key):
             try:
