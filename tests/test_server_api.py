@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import logging
+import os
 import sqlite3
 import urllib.parse
 import zlib
@@ -669,3 +670,41 @@ def test_a_server_stopped_between_the_stores_commit_and_the_catalog_hides_nothin
     assert listed == ([] if then == "abort" else [session["key"]])
     assert stored[0].exists() == (then != "abort")
     assert not ctx.sessions.exists(session["upload_id"])
+
+
+def test_the_dir_stores_leftovers_of_a_stopped_server_are_mended(server, tmp_path, monkeypatch):
+    """A server killed between the commit's two renames left the object and its manifest
+    under a temporary name; one killed in a deletion left an object without a manifest.
+    Nothing ever removed either: space no quota counted, for ever."""
+    from zfsmgr.storage import directory
+
+    ctx, app = server
+    data = b"the whole stream"
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+    renames = []
+    real = os.replace
+
+    def killed_at_the_second(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:  # the manifest's own temp, the stream, then the manifest
+            raise SystemExit("the server stopped here")
+        return real(src, dst)
+
+    monkeypatch.setattr(directory.os, "replace", killed_at_the_second)
+    with pytest.raises(SystemExit):
+        call(app, "POST", f"{path}/commit", json.dumps({
+            "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+            "stored_size": len(data), "raw_size": len(data)}).encode(), auth("alice"))
+    monkeypatch.undo()
+    folder = tmp_path / "b" / "alice"
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    orphan = folder / "tank_data_2023-01-01_00:00:00.zfs"  # a deletion stopped halfway
+    orphan.write_bytes(b"x" * 1000)
+    assert ctx.uploads.expire(ctx.stores(), now=time.time() + 10 ** 6) == \
+        [session["upload_id"]]
+    assert [m.key for m in ctx.catalog.list("alice")] == [session["key"]]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [session["key"].split("/")[1],
+                     session["key"].split("/")[1] + ".manifest.json"], names

@@ -375,8 +375,8 @@ class Uploads:
 
     def _stored_already(self, store: Store, session: Session) -> Optional[Manifest]:
         """The backup of an upload whose commit reached the store but not the catalog (the
-        server stopped in between), None when there is none. Asked only when the staged parts
-        are gone: a commit asked again, an abort, an expiry."""
+        server stopped in between), None when there is none: one manifest read, for a commit
+        asked again with no parts staged, an abort, an expiry."""
         if self.catalog.has_key(session.client_id, session.key):
             return None
         try:
@@ -393,8 +393,7 @@ class Uploads:
         server stopped (it was checked whole then; a base deleted since removes it again),
         else discarded. Which of the two, as a word."""
         with self._session_lock(session.upload_id):
-            done = None if store.staged_parts(session.upload_id) else \
-                self._stored_already(store, session)
+            done = self._stored_already(store, session)  # its parts may be listed still
             if done is not None:
                 try:
                     self._record(store, session, done)
@@ -430,10 +429,9 @@ class Uploads:
         session stayed open until it expired, taking one of the client's uploads)."""
         turn = self._session_lock(session.upload_id)
         with turn:
-            if not store.staged_parts(session.upload_id):  # a commit that reached the store
-                done = self._stored_already(store, session)  # only: the client gave it up
-                if done is not None:
-                    store.delete(done)
+            done = self._stored_already(store, session)  # a commit that reached the store
+            if done is not None:  # only (the server stopped): the client gave it up
+                store.delete(done)
             store.discard(session.upload_id)
             self._forget(session)
             turn.notify_all()  # a part waiting for its turn finds the upload gone at once
@@ -443,6 +441,12 @@ class Uploads:
         """Abort sessions idle longer than the expiry, and staged data with no session."""
         now = time.time() if now is None else now
         expired = []
+        for store in stores.values():  # first: a commit it finishes is recorded below
+            try:
+                for line in store.sweep(self.expiry, now):
+                    log.warning("%s store: %s", store.kind, line)
+            except Exception as exc:  # noqa: BLE001 (the next pass tries it again)
+                log.warning("%s store: cleanup stopped: %s", store.kind, exc)
         activity: Dict[str, Dict[str, float]] = {}  # a shared store's, per upload
         for session in self.table.idle(now - self.expiry):
             store = stores.get(session.storage_type)
@@ -459,7 +463,8 @@ class Uploads:
         for store in stores.values():
             for upload_id, stamp in store.staged_uploads():
                 if now - stamp > self.expiry and not self.table.exists(upload_id) and \
-                        self._expire(upload_id, lambda: store.discard(upload_id)):
+                        self._expire(upload_id, lambda: store.discard(upload_id)) and \
+                        upload_id not in expired:  # its staging, left by a recorded commit
                     expired.append(upload_id)
         return expired
 

@@ -176,6 +176,12 @@ class Store(ABC):
     def staged_uploads(self) -> List[Tuple[str, float]]:
         """(upload_id, last-modified epoch) of every upload with staged data."""
 
+    def sweep(self, max_age: float, now: float) -> List[str]:
+        """Mend what a server that stopped mid-step left in the published objects, once older
+        than `max_age` seconds (a commit or a deletion under way is younger); what was done,
+        one line each. Stores whose steps leave nothing half-done have nothing to do."""
+        return []
+
     @classmethod
     def describe(cls, manifest: Manifest) -> StreamInfo:
         """What a download of `manifest` from this kind of store is (no I/O): by default the

@@ -280,6 +280,53 @@ class DirectoryStore(Store):
     def staged_uploads(self):
         return self.staging.uploads()
 
+    def sweep(self, max_age, now):
+        """A commit stopped between its two renames left the object and its manifest under a
+        temporary name: the manifest is put in place (the expiry then records the backup). A
+        deletion stopped between its two unlinks left an object with no manifest: it goes.
+        Judged by ctime, which each rename sets."""
+        done: List[str] = []
+        if not self.root.is_dir():
+            return done
+        for folder in sorted(self.root.iterdir()):
+            if folder.name == ".uploads" or not folder.is_dir():
+                continue
+            entries = {e.name: e for e in os.scandir(folder) if e.is_file()}
+            for name, entry in sorted(entries.items()):
+                if name.startswith(".") and name.endswith(".tmp") and \
+                        now - entry.stat().st_ctime > max_age:
+                    done.append(self._mend_pending(folder / name))
+            names = {e.name for e in os.scandir(folder)}
+            for name in sorted(names):
+                path = folder / name
+                if name.startswith(".") or name.endswith(".manifest.json") or \
+                        name + ".manifest.json" in names:
+                    continue
+                try:
+                    if not path.is_file() or now - path.stat().st_ctime <= max_age:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                done.append(f"removed {folder.name}/{name}: a deletion stopped halfway left it"
+                            " without its manifest")
+        return done
+
+    def _mend_pending(self, path: Path) -> str:
+        """A temporary file of a commit: its manifest put in place if its object is there."""
+        try:
+            manifest = Manifest.from_dict(json.loads(path.read_bytes()))
+            target, meta = self._path(manifest.key), self._path(manifest_key(manifest.key))
+        except (ValueError, OSError, StorageError):
+            manifest = None
+        if manifest is not None and target.parent == path.parent and target.exists() and \
+                not meta.exists():
+            os.replace(path, meta)
+            fsync_dir(path.parent)
+            return f"finished the commit of {manifest.key}, which a stopped server left halfway"
+        _unlink(path)
+        return f"removed {path.parent.name}/{path.name}, left by a stopped server"
+
     def open(self, manifest, offset=0):
         path = self._path(manifest.key)
         try:
