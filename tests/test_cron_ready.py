@@ -184,3 +184,25 @@ def test_a_program_of_usr_local_bin_is_found_under_crons_path(monkeypatch):
         assert run([name]).strip() == "found"
     finally:
         os.unlink(path)
+
+
+def test_every_run_of_root_shares_its_state_dir_and_so_its_locks(tmp_path, monkeypatch):
+    """The timer's unit set STATE_DIR=/var/lib/zfsmgr-client, a shell or cron run of root used
+    ~/.local/state/zfsmgr: their locks never met, and a manual backup took the timer's
+    snapshot for a leftover and aborted its upload. `~` was taken literally, and a relative
+    STATE_DIR moved with the working directory."""
+    from zfsmgr import settings as config
+    from zfsmgr import systemd
+    from zfsmgr.client.commands import ROOT_STATE_DIR, state_dir
+    from zfsmgr.errors import SettingsError
+
+    if os.geteuid() == 0:
+        assert str(state_dir(config.load("client", environ={}))) == ROOT_STATE_DIR
+    units = systemd.client_units("/usr/bin/python3", "/usr/local/bin/zfsmgr", "/etc/zfsmgr")
+    service = units["zfsmgr-backup.service"]
+    assert "StateDirectory=zfsmgr-client" in service and "STATE_DIR" not in service
+    assert ROOT_STATE_DIR == "/var/lib/" + "zfsmgr-client"  # the unit's StateDirectory=
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert state_dir(config.load("client", environ={"STATE_DIR": "~/zs"})) == tmp_path / "zs"
+    with pytest.raises(SettingsError, match="must be an absolute path"):
+        state_dir(config.load("client", environ={"STATE_DIR": "zs"}))

@@ -121,8 +121,7 @@ def client_units(python: str, zipapp: str, workdir: str, on_calendar: str = "hou
         "Type=oneshot",
         f"ExecStart={_exec(python, zipapp, 'client', 'backup')}",
         f"WorkingDirectory={workdir}",
-        "Environment=STATE_DIR=/var/lib/zfsmgr-client",
-        "StateDirectory=zfsmgr-client",
+        "StateDirectory=zfsmgr-client",  # root's default STATE_DIR: shared with cron and shells
         "StateDirectoryMode=0700",
         "Nice=10",
         "IOSchedulingClass=idle",

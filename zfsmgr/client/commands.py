@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,9 +74,24 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run, group_parser=parser)
 
 
+ROOT_STATE_DIR = "/var/lib/zfsmgr-client"  # root's (systemd's StateDirectory= of the units)
+
+
+def default_state_dir() -> Path:
+    """Root's runs share one folder, whatever starts them (the timer's unit, cron, a shell), so
+    their locks exclude one another; anyone else's is ~/.local/state/zfsmgr."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path(ROOT_STATE_DIR)
+    return Path.home() / ".local" / "state" / "zfsmgr"
+
+
 def state_dir(settings) -> Path:
-    """STATE_DIR, else ~/.local/state/zfsmgr."""
-    path = Path(settings.state_dir or Path.home() / ".local" / "state" / "zfsmgr")
+    """STATE_DIR (`~` expanded; it must be absolute: a relative one would move with the
+    working directory, and the locks with it), else default_state_dir()."""
+    path = Path(settings.state_dir).expanduser() if settings.state_dir else default_state_dir()
+    if not path.is_absolute():
+        raise SettingsError(f"STATE_DIR={settings.state_dir} must be an absolute path (the"
+                            " locks of every run must be in one place)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
