@@ -216,3 +216,15 @@ def test_one_clients_events_neither_crowd_out_others_nor_ping_the_channel(receiv
     assert "<" not in text and "&lt;!channel&gt; &lt;https://x|y&gt; &amp; co" in text
     assert next(b["message"] for b in bodies if b["client"] == "alice").endswith(
         "<!channel> <https://x|y> & co")  # the JSON field keeps it as written
+
+
+def test_a_host_with_many_stale_datasets_gets_every_one_announced(receiver):
+    """The cap on one client's waiting events held back the server's own stale events too,
+    which are sent once per change: a host with 15 datasets gone stale got 10 alerts."""
+    from zfsmgr.server.notify import PER_CLIENT, Notifier
+
+    notifier = Notifier(receiver.url + "/hook")
+    for n in range(PER_CLIENT + 5):
+        notifier.send("stale", "web1", f"tank/d{n}", "no backup for 2 days")
+    assert notifier.wait(60)
+    assert len(receiver.requests) == PER_CLIENT + 5

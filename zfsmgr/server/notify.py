@@ -13,9 +13,10 @@ client wrote in it (a verify report's message) is escaped (`&`, `<`, `>`), so it
 channel (`<!channel>`) or show a link under another name. The URL is a secret (webhook URLs
 carry tokens): it is never logged, only its host.
 
-A client's events cannot crowd out the others': at most PER_CLIENT of one client wait at once,
-and an event the same as one already waiting (event, client, dataset and message) is not
-queued again.
+A client's events cannot crowd out the others': at most PER_CLIENT of the events one client's
+requests cause (failed verifications) wait at once, and an event the same as one already
+waiting (event, client, dataset and message) is not queued again. The server's own `stale`
+and `recovered` are not capped: each is sent once per change, never again.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from zfsmgr.server.ledger import Ledger
 log = logging.getLogger("zfsmgr.server.notify")
 RETRY_DELAYS = (1.0, 5.0)
 QUEUED = 100  # events waiting, in all
-PER_CLIENT = 10  # of them, one client's at most
+PER_CLIENT = 10  # of them, the events one client's requests caused, at most
+CAUSED_BY_CLIENTS = ("verify_failed", "upload_verification_failed")  # the server's own stale
+# and recovered events are never held back: one is sent per change of state, never again
 
 
 def _escaped(text: str) -> str:
@@ -79,7 +82,9 @@ class Notifier:
                 self._thread.start()
             if alike in self._waiting:
                 return  # the one waiting says it already
-            if sum(1 for waiting in self._waiting if waiting[1] == client) >= PER_CLIENT:
+            if event in CAUSED_BY_CLIENTS and sum(
+                    1 for waiting in self._waiting
+                    if waiting[1] == client and waiting[0] in CAUSED_BY_CLIENTS) >= PER_CLIENT:
                 log.warning("notifications: %d of %s's wait already; dropped its %s event for"
                             " %s", PER_CLIENT, client, event, dataset)
                 return
