@@ -152,6 +152,9 @@ class TLSChannel(HTTPChannel):
         pending = self._outgoing.read()
         if pending:
             self._raw += pending
+        if self.socket is None:  # closed already: nothing can be sent any more
+            self._raw.clear()
+            return
         while self._raw:
             try:
                 sent = self.socket.send(self._raw)
@@ -182,7 +185,11 @@ class TLSChannel(HTTPChannel):
 
     # closing
     def handle_close(self):
-        """Close once the ciphertext the socket has not taken yet is sent (within a grace)."""
+        """Close once the ciphertext the socket has not taken yet is sent (within a grace).
+        Once closed, nothing: under poll() a reset connection reports its hang-up after the
+        read that closed it, and that second close raised, out of waitress's loop."""
+        if self.socket is None:
+            return
         with self._tls_lock:
             try:
                 if self._ready and not self._closing_since:
