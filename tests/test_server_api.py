@@ -708,3 +708,40 @@ def test_the_dir_stores_leftovers_of_a_stopped_server_are_mended(server, tmp_pat
     names = sorted(p.name for p in folder.iterdir())
     assert names == [session["key"].split("/")[1],
                      session["key"].split("/")[1] + ".manifest.json"], names
+
+
+def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tmp_path,
+                                                                      monkeypatch):
+    """The sweep finished any commit left between its two renames, also one whose upload the
+    client had aborted since: published, and never recorded. And it walked every folder of
+    STORAGE_DIR: the local store's upload states (`.uploads-local`), `lost+found`."""
+    from zfsmgr.storage import directory
+
+    ctx, app = server
+    data = b"the whole stream"
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+    renames, real = [], os.replace
+
+    def killed_at_the_manifest(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise SystemExit("the server stopped here")
+        return real(src, dst)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(directory.os, "replace", killed_at_the_manifest)
+        call(app, "POST", f"{path}/commit", json.dumps({
+            "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+            "stored_size": len(data), "raw_size": len(data)}).encode(), auth("alice"))
+    assert call(app, "POST", f"{path}/abort", b"", auth("alice"))[0] == 200
+    others = [tmp_path / "b" / ".uploads-local" / ("a" * 32 + ".json"),
+              tmp_path / "b" / "lost+found" / "#1234"]
+    for other in others:
+        other.parent.mkdir(parents=True, exist_ok=True)
+        other.write_text("{}")
+    ctx.uploads.expire(ctx.stores(), now=time.time() + 10 ** 6)
+    assert ctx.catalog.list("alice") == []
+    assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == []
+    assert all(other.exists() for other in others)

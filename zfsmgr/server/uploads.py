@@ -443,7 +443,7 @@ class Uploads:
         expired = []
         for store in stores.values():  # first: a commit it finishes is recorded below
             try:
-                for line in store.sweep(self.expiry, now):
+                for line in store.sweep(self.expiry, now, self.table.exists):
                     log.warning("%s store: %s", store.kind, line)
             except Exception as exc:  # noqa: BLE001 (the next pass tries it again)
                 log.warning("%s store: cleanup stopped: %s", store.kind, exc)

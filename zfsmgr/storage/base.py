@@ -176,10 +176,12 @@ class Store(ABC):
     def staged_uploads(self) -> List[Tuple[str, float]]:
         """(upload_id, last-modified epoch) of every upload with staged data."""
 
-    def sweep(self, max_age: float, now: float) -> List[str]:
+    def sweep(self, max_age: float, now: float,
+              is_open: Callable[[str], bool] = lambda upload_id: False) -> List[str]:
         """Mend what a server that stopped mid-step left in the published objects, once older
-        than `max_age` seconds (a commit or a deletion under way is younger); what was done,
-        one line each. Stores whose steps leave nothing half-done have nothing to do."""
+        than `max_age` seconds (a commit or a deletion under way is younger; `is_open` says
+        whether an upload still has its session); what was done, one line each. Stores whose
+        steps leave nothing half-done have nothing to do."""
         return []
 
     @classmethod

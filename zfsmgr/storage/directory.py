@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
 from zfsmgr.files import CHUNK, fsync_dir, temp_sibling, write_atomic
-from zfsmgr.protocol import Manifest, manifest_key, validate_upload_id
+from zfsmgr.protocol import Manifest, manifest_key, validate_client_id, validate_upload_id
 from zfsmgr.storage.base import (CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, StorageFull, Store, is_full)
 
@@ -280,45 +281,62 @@ class DirectoryStore(Store):
     def staged_uploads(self):
         return self.staging.uploads()
 
-    def sweep(self, max_age, now):
+    def sweep(self, max_age, now, is_open=lambda upload_id: False):
         """A commit stopped between its two renames left the object and its manifest under a
-        temporary name: the manifest is put in place (the expiry then records the backup). A
-        deletion stopped between its two unlinks left an object with no manifest: it goes.
-        Judged by ctime, which each rename sets."""
+        temporary name (`.<manifest>.<upload id>.tmp`): while its upload is open, the manifest
+        is put in place (the expiry then records the backup); else (the client aborted) both
+        go. A deletion stopped between its two unlinks left an object with no manifest: it
+        goes. Only the clients' folders are looked at (not `.uploads-local`, `lost+found`, …),
+        each on its own; age by ctime, which each rename sets."""
         done: List[str] = []
         if not self.root.is_dir():
             return done
         for folder in sorted(self.root.iterdir()):
-            if folder.name == ".uploads" or not folder.is_dir():
+            try:
+                validate_client_id(folder.name)
+            except ValueError:
                 continue
-            entries = {e.name: e for e in os.scandir(folder) if e.is_file()}
-            for name, entry in sorted(entries.items()):
-                if name.startswith(".") and name.endswith(".tmp") and \
-                        now - entry.stat().st_ctime > max_age:
-                    done.append(self._mend_pending(folder / name))
-            names = {e.name for e in os.scandir(folder)}
-            for name in sorted(names):
-                path = folder / name
-                if name.startswith(".") or name.endswith(".manifest.json") or \
-                        name + ".manifest.json" in names:
-                    continue
-                try:
-                    if not path.is_file() or now - path.stat().st_ctime <= max_age:
-                        continue
-                    path.unlink()
-                except FileNotFoundError:
-                    continue
-                done.append(f"removed {folder.name}/{name}: a deletion stopped halfway left it"
-                            " without its manifest")
+            try:
+                if folder.is_dir() and not folder.is_symlink():
+                    done += self._sweep_folder(folder, max_age, now, is_open)
+            except OSError as exc:  # this folder only: the others are looked at
+                done.append(f"{folder.name}: not looked at ({exc.strerror or exc})")
         return done
 
-    def _mend_pending(self, path: Path) -> str:
-        """A temporary file of a commit: its manifest put in place if its object is there."""
-        try:
-            manifest = Manifest.from_dict(json.loads(path.read_bytes()))
-            target, meta = self._path(manifest.key), self._path(manifest_key(manifest.key))
-        except (ValueError, OSError, StorageError):
-            manifest = None
+    def _sweep_folder(self, folder: Path, max_age: float, now: float, is_open) -> List[str]:
+        done = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and \
+                    entry.is_file() and now - entry.stat().st_ctime > max_age:
+                done.append(self._mend_pending(folder / entry.name, is_open))
+        names = {e.name for e in os.scandir(folder)}
+        for name in sorted(names):
+            path = folder / name
+            if name.startswith(".") or name.endswith(".manifest.json") or \
+                    name + ".manifest.json" in names:
+                continue
+            try:
+                if not path.is_file() or now - path.stat().st_ctime <= max_age:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            done.append(f"removed {folder.name}/{name}: published, but no manifest was put"
+                        " beside it (a deletion or a commit stopped halfway)")
+        return done
+
+    def _mend_pending(self, path: Path, is_open) -> str:
+        """A temporary file of a commit: its manifest put in place if its upload is still open
+        and its object is there; else removed (its object then goes as one with no
+        manifest)."""
+        found = re.search(r"\.([0-9a-f]{32})\.tmp$", path.name)
+        manifest = None
+        if found and is_open(found.group(1)):
+            try:
+                manifest = Manifest.from_dict(json.loads(path.read_bytes()))
+                target, meta = self._path(manifest.key), self._path(manifest_key(manifest.key))
+            except (ValueError, OSError, StorageError):
+                manifest = None
         if manifest is not None and target.parent == path.parent and target.exists() and \
                 not meta.exists():
             os.replace(path, meta)
