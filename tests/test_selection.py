@@ -158,3 +158,24 @@ def test_dataset_locks_of_long_names_fit_a_file_name(tmp_path):
         with pytest.raises(LockedError):
             with DatasetLock(tmp_path, names[0]):
                 pass
+
+
+def test_a_tree_restore_warns_of_datasets_its_run_may_not_have_had():
+    from zfsmgr.protocol import Manifest
+    from zfsmgr.restore.tree import CLOCK_MARGIN, left_behind
+
+    def backup(dataset, when):
+        return ("", Manifest(key=f"c/{dataset.replace('/', '_')}_{when}.zfs", client_id="c",
+                             dataset=dataset, snapshot=f"s{when}", type="full", parent=None,
+                             compression="none", raw_size=1, stored_size=1, sha256="",
+                             created="2026-01-01T00:00:00+00:00", snapshot_time=when))
+
+    run = 100_000.0
+    items = [backup("tank", run), backup("tank/unchanged", run - 7200),
+             backup("tank/gone", run - 7200), backup("tank/failed", run - 7200),
+             backup("tank/skewed", run - 7200)]
+    heard = {"tank/unchanged": run + 1, "tank/failed": run + 30,
+             "tank/gone": run - 7000, "tank/skewed": run - CLOCK_MARGIN + 1}
+    assert [m.dataset for m in left_behind(items, run, heard)] == ["tank/gone"]
+    assert [m.dataset for m in left_behind(items, run, {})] == [
+        "tank/unchanged", "tank/gone", "tank/failed", "tank/skewed"]

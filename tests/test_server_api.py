@@ -745,3 +745,17 @@ def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tm
     assert ctx.catalog.list("alice") == []
     assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == []
     assert all(other.exists() for other in others)
+
+
+def test_status_says_when_the_server_last_heard_of_each_dataset(server):
+    """`restore --recursive` asks whether a run that sent nothing for a dataset had it: a
+    check-in of "unchanged", or a failed upload, says it did."""
+    ctx, app = server
+    assert upload(app, "alice", b"base")[0] == 200
+    code, body, _ = call(app, "POST", "/checkin", json.dumps({
+        "dataset": "tank/data", "snapshot": "zfsmgr_1700000000"}).encode(), auth("alice"))
+    assert code == 200, body
+    checked = json.loads(body)["checked_at"]
+    entry = json.loads(call(app, "GET", "/status", headers=auth("alice"))[1])["datasets"][
+        "tank/data"]
+    assert entry["last_checked"] == checked and entry["last_failure"] is None

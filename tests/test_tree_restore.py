@@ -9,8 +9,8 @@ import time
 import pytest
 
 import rig
-from test_many_datasets import (backup_json, env_for, make_tree, restore_run, statuses,
-                                tree_server, zfs)
+from test_many_datasets import (backup_json, env_for, hold_of, make_tree, restore_run,
+                                statuses, tree_server, zfs)
 
 pytestmark = [pytest.mark.zfs]
 
@@ -192,3 +192,30 @@ def test_a_stream_zfs_refuses_is_named_with_the_command_line(pool, server_factor
     last = done.stderr.strip().splitlines()[-1]
     assert "`zfs recv" in last and target in last and "failed (exit" in last, last
     assert not rig.sh("zfs", "list", "-H", "-o", "name", "-r", pool.name).count(target)
+
+
+def test_a_restored_tree_names_the_datasets_its_run_may_not_have_had(pool, server_factory,
+                                                                     run_zfsmgr):
+    """`restore latest --recursive` takes each descendant's newest backup: for a dataset
+    destroyed since, its last one. The manifests cannot tell that from a dataset the run found
+    unchanged; the server's check-ins can: the first is restored with a warning, the second
+    without."""
+    server = tree_server("dir", pool, server_factory)
+    root = make_tree(pool)
+    env = env_for(server, root)
+    first = backup_json(run_zfsmgr, env)
+    zfs("release", hold_of(server), f"{root}/b@{first['snapshot']}")  # zfs-fuse: a held base
+    rig.sh("zfs", "umount", f"{root}/b", check=False)  # zfs-fuse: a mounted one is busy
+    zfs("destroy", "-r", f"{root}/b")
+    time.sleep(1.1)
+    rig.write_files(pool.mountpoint(f"{root}/a"), seed=78, count=1, size=40_000)
+    second = backup_json(run_zfsmgr, env)
+    assert statuses(second)[f"{root}/a"] == "incremental"
+    assert statuses(second)[f"{root}/a/x"] == "unchanged"
+    target = f"{pool.name}/back"
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "may have been destroyed" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"zfsmgr: warning: {root}/b: "), warned
+    assert f"{target}/b" in datasets_under(target)  # restored all the same: nothing is lost

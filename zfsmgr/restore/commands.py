@@ -130,7 +130,7 @@ def run(args, env_file) -> int:
 
     opener = progress_opener(client, identity=_identity(env_file))
     if command in ("restore", "latest") and (args.recursive or getattr(args, "all", False)):
-        return _restore_tree(zfs, opener, manifests, rows, args)
+        return _restore_tree(zfs, opener, manifests, rows, args, lambda: _heard(client))
     if command in ("restore", "latest"):
         target = listing.pick(rows, args.number) if command == "restore" else _latest(rows, args)
         chain = chain_for(manifests, target)  # a broken chain fails here, before any receive
@@ -176,10 +176,22 @@ def _report_verify(client: ServerClient, report) -> None:
               file=sys.stderr)
 
 
-def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args) -> int:
+def _heard(client: ServerClient) -> dict[str, float]:
+    """When the server last heard of each dataset without a backup (a check-in of "unchanged",
+    a failed upload); empty from a server that does not say."""
+    heard = {}
+    for dataset, entry in (client.call("GET", protocol.STATUS).get("datasets") or {}).items():
+        if isinstance(entry, dict):
+            times = [entry.get(name) for name in ("last_checked", "last_failure")]
+            heard[dataset] = max([t for t in times if isinstance(t, (int, float))] or [0.0])
+    return heard
+
+
+def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args, heard) -> int:
     """`--recursive` (a dataset and its descendants) or `latest --all` (every dataset)."""
+    from zfsmgr.progress import utc_text
     from zfsmgr.restore.receive import Target
-    from zfsmgr.restore.tree import every_dataset, restore_tree, subtree
+    from zfsmgr.restore.tree import every_dataset, left_behind, restore_tree, subtree
 
     if getattr(args, "all", False):
         if args.recursive or args.source_dataset:
@@ -196,6 +208,13 @@ def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args) -> int:
             items = subtree(manifests, _latest(rows, args).dataset)
     into = Target(zfs, args.dataset, args.force)
     into.check()
+    run = max(listing.moment(m) for _, m in items) if items else 0.0
+    for manifest in left_behind(items, run, heard()):
+        print(f"zfsmgr: warning: {manifest.dataset}: its newest backup to restore"
+              f" ({utc_text(listing.moment(manifest))}) is older than the run restored"
+              f" ({utc_text(run)}), and the server has heard nothing of it since (no check-in"
+              " of \"unchanged\", no failed upload): it may have been destroyed or left out"
+              " since; it is restored as of that backup", file=sys.stderr)
     restored = restore_tree(zfs, opener, manifests, items, into)
     print(f"restored {len(restored)} datasets into {args.dataset}")
     for (_, manifest), name in zip(items, restored):

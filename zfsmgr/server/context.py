@@ -288,6 +288,11 @@ class ServerContext:
                 entry["used_bytes"] = 0
             for m in backups:
                 datasets[m.dataset]["used_bytes"] += sizes[m.key]
+        events = self.ledger.of_client(client.client_id)
+        for dataset, entry in datasets.items():  # what a restore of a tree asks: was it there
+            seen = events.get(dataset, {})  # at a run that sent it nothing?
+            entry["last_checked"] = seen.get("last_checked")
+            entry["last_failure"] = seen.get("last_failure")
         used = sum(d["used_bytes"] for d in datasets.values())
         quota = client.max_size_bytes
         return {"client_id": client.client_id, "storage_type": self.default_kind(client),

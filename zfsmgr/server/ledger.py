@@ -116,6 +116,12 @@ class Ledger:
                 k: v for k, v in zip(_EVENTS, row[2:]) if v is not None}
         return {"datasets": datasets, "clients": self.counters()}
 
+    def of_client(self, client_id: str) -> Dict[str, dict]:
+        """One client's events, by dataset (as `view()["datasets"][client_id]`)."""
+        return {row[0]: {k: v for k, v in zip(_EVENTS, row[1:]) if v is not None}
+                for row in self.db.query(f"SELECT dataset, {', '.join(_EVENTS)} FROM"
+                                         " dataset_events WHERE client_id = ?", (client_id,))}
+
     def counters(self) -> Dict[str, dict]:
         """Per client `{"uploads": {result: n}, "upload_bytes": n, "rotation_deleted": n}`
         (what /metrics exports: the events per dataset are not read)."""
