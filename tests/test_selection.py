@@ -29,6 +29,12 @@ def verdicts(choices):
     return {c.name: c.selected for c in choices}
 
 
+def test_a_trailing_slash_names_the_same_dataset_once():
+    """`tank/data tank/data/` listed the root twice: every bookmark was listed twice, the old
+    one destroyed twice, and every backup after the first failed."""
+    assert parse_list("tank/data tank/data/ tank/x//") == ["tank/data", "tank/x"]
+
+
 def test_lists_are_comma_or_space_separated_and_deduplicated():
     assert parse_list("tank/home, tank/vm  tank/home,,rpool/ROOT/") == [
         "tank/home", "tank/vm", "rpool/ROOT"]
@@ -79,11 +85,17 @@ def test_a_missing_root_and_odd_values_and_unusable_names():
     roots = ["tank/a", "tank/b c", "tank/gone", "tank/v"]
     choices = select(odd + [Candidate("tank/v", "volume")], roots, recursive=False)
     by = {c.name: c for c in choices}
-    assert by["tank/gone"] == Choice("tank/gone", False, "does not exist")
+    assert by["tank/gone"] == Choice("tank/gone", False, "does not exist", failed=True)
     assert by["tank/a"].selected and "neither on nor off" in by["tank/a"].reason
     assert not by["tank/b c"].selected and by["tank/b c"].reason.startswith("name not usable")
     assert by["tank/v"].selected  # volumes are backed up too
     assert "tank/s@snap" not in by
+    # a wanted dataset zfsmgr cannot name fails the run (it was left out in silence); one
+    # left out anyway is no failure
+    assert by["tank/b c"].failed and not by["tank/a"].failed
+    off = select(tree("tank", ("tank/my docs", "off", "local")), ["tank"], recursive=True)
+    assert [(c.name, c.selected, c.failed) for c in off] == [
+        ("tank", True, False), ("tank/my docs", False, False)]
 
 
 def test_overlapping_roots_give_each_dataset_once():

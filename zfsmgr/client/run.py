@@ -194,7 +194,7 @@ class Run:
         self.report.notes = changes.compare(changes.load_history(history), choices)
         for note in self.report.notes:
             log.info("%s", note)
-        chosen = [c for c in choices if c.selected or c.reason == "does not exist"]
+        chosen = [c for c in choices if c.selected or c.failed]
         if not chosen:
             raise ZfsmgrError("no dataset selected: see `zfsmgr client datasets`")
         status = self.api.call("GET", protocol.STATUS)
@@ -217,7 +217,9 @@ class Run:
         prepared: Dict[str, Backup] = {}
         for choice in chosen:
             if not choice.selected:
-                self._fail(choice.name, ZfsmgrError(f"dataset {choice.name} does not exist"))
+                self._fail(choice.name, ZfsmgrError(f"dataset {choice.name} {choice.reason}"
+                                                    if choice.reason == "does not exist" else
+                                                    f"{choice.name}: {choice.reason}"))
                 continue
             pool = pools[choice.name.split("/")[0]]
             info = pool.datasets[choice.name]

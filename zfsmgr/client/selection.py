@@ -41,6 +41,7 @@ class Choice:
     selected: bool
     reason: str
     guid: str = ""
+    failed: bool = False  # wanted, but cannot be backed up (missing, a name zfsmgr cannot use)
 
     def as_dict(self) -> dict:
         return {"dataset": self.name, "selected": self.selected, "reason": self.reason,
@@ -51,8 +52,9 @@ def parse_list(text: Optional[str]) -> List[str]:
     """Names separated by commas and/or whitespace, duplicates dropped, order kept."""
     names: List[str] = []
     for name in re.split(r"[\s,]+", text or ""):
+        name = name.rstrip("/")  # before the test: `tank/data tank/data/` is one dataset
         if name and name not in names:
-            names.append(name.rstrip("/"))
+            names.append(name)
     return names
 
 
@@ -78,7 +80,7 @@ def select(candidates: Iterable[Candidate], roots: Sequence[str], recursive: boo
     out: Dict[str, Choice] = {}
     for root in roots:
         if root not in by_name:
-            out[root] = Choice(root, False, "does not exist")
+            out[root] = Choice(root, False, "does not exist", failed=True)
     for c in by_name.values():
         root = next((r for r in roots if c.name == r or (recursive and under(c.name, r))), None)
         if root is None or c.type not in ("filesystem", "volume"):
@@ -92,13 +94,14 @@ def _verdict(c: Candidate, root: str, excludes: Sequence[str]) -> Choice:
     if excluded_by is not None:
         what = "in" if excluded_by == c.name else f"below {excluded_by}, in"
         return Choice(c.name, False, f"{what} EXCLUDE_DATASETS", c.guid)
-    try:
-        protocol.validate_dataset(c.name)
-    except protocol.ValidationError as exc:
-        return Choice(c.name, False, f"name not usable: {exc}", c.guid)
     value = c.backup.strip().lower()
     if value in OFF:
         return Choice(c.name, False, _property_reason(c), c.guid)
+    try:  # wanted: one zfsmgr cannot name fails the run (silently left out, it was never
+        protocol.validate_dataset(c.name)  # backed up, and the run said all was well)
+    except protocol.ValidationError as exc:
+        return Choice(c.name, False, f"name not usable: {exc} (leave it out with"
+                      " EXCLUDE_DATASETS or org.zfsmgr:backup=off)", c.guid, failed=True)
     if value in ON:
         return Choice(c.name, True, _property_reason(c), c.guid)
     if value not in ("", "-"):
