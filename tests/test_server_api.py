@@ -9,6 +9,7 @@ import threading
 import time
 import logging
 import os
+import sys
 import sqlite3
 import urllib.parse
 import zlib
@@ -759,3 +760,50 @@ def test_status_says_when_the_server_last_heard_of_each_dataset(server):
     entry = json.loads(call(app, "GET", "/status", headers=auth("alice"))[1])["datasets"][
         "tank/data"]
     assert entry["last_checked"] == checked and entry["last_failure"] is None
+
+
+def test_an_abort_goes_through_when_the_store_cannot_say_if_it_committed(server, monkeypatch):
+    """An abort looks for a backup its commit may have left in the store; a zfs error while
+    looking (the local store lists the client's home) made the abort a 503, and the upload
+    held one of the client's slots until it expired."""
+    from zfsmgr.errors import ZfsError
+
+    ctx, app = server
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    store = ctx.store_named("dir")
+
+    def hiccup(key):
+        raise ZfsError(["zfs", "get", "-r"], 1, "cannot open 'tank': pool I/O is suspended")
+
+    monkeypatch.setattr(store, "read_manifest", hiccup)
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/abort", b"", auth("alice"))[0] == 200
+    assert not ctx.sessions.exists(session["upload_id"])
+
+
+def test_a_stream_sent_again_after_a_commit_the_catalog_has_since_is_done_not_a_conflict(
+        server, tmp_path, monkeypatch):
+    """A server stopped after the store's commit, before its answer; with S3, the restarted
+    server's listing then put the backup in the catalog. The client, finding no parts, sent
+    the stream again and committed: 409 "already exists", and the run failed."""
+    ctx, app = server
+    data = b"the whole stream"
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+    commit = json.dumps({"sha256": hashlib.sha256(data).hexdigest(),
+                         "parts_crc32": rig.parts_crc32([data]), "stored_size": len(data),
+                         "raw_size": len(data)}).encode()
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(ctx.uploads, "_record", lambda *args: sys.exit("stopped here"))
+        call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    store = ctx.store_named("dir")
+    ctx.catalog.add(store.marked(store.read_manifest(session["key"])))  # as S3's listing
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200  # sent again
+    code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    assert code == 200, body
+    assert json.loads(body)["manifest"]["key"] == session["key"]
+    assert [m.key for m in ctx.catalog.list("alice")] == [session["key"]]
+    assert not ctx.sessions.exists(session["upload_id"])
+    code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    assert code == 404  # the upload is over

@@ -24,8 +24,8 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
-                           QuotaExceeded, StorageError, TooManyUploads, Unsupported,
-                           VerificationFailed)
+                           QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed,
+                           ZfsmgrError)
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
@@ -336,6 +336,10 @@ class Uploads:
                                                     retain_until.isoformat()})
             with store.client_lease(client.client_id):  # servers sharing the store: one at once
                 self.catalog.refresh(store, client.client_id)
+                same = self._same_as_recorded(client, session, manifest)
+                if same is not None:  # the stream sent again after a commit whose server
+                    self.abort(session, store)  # stopped before answering (S3's listing
+                    return same  # shows it): done already, not a conflict
                 self._recheck(client, store, session)
                 self.quota.check(client, 0, session.upload_id, total,
                                  others_count=not store.shared)
@@ -381,7 +385,10 @@ class Uploads:
             return None
         try:
             manifest = store.read_manifest(session.key)
-        except StorageError:  # NotFound: not committed; else it stays for reindex to find
+        except ZfsmgrError as exc:  # NotFound: not committed; else (a store or zfs error) it
+            if not isinstance(exc, NotFound):  # stays for the next look, or reindex, to find
+                log.warning("upload %s: could not look for its committed backup: %s",
+                            session.upload_id, exc)
             return None
         if (manifest.client_id, manifest.dataset, manifest.snapshot) != \
                 (session.client_id, session.dataset, session.snapshot):
@@ -405,6 +412,16 @@ class Uploads:
                 return "recorded"
         self.abort(session, store)
         return "discarded"
+
+    def _same_as_recorded(self, client: ClientConfig, session: Session,
+                          manifest: Manifest) -> Optional[Manifest]:
+        """The recorded backup of this upload's key, if it is this very stream (same sha256
+        and size)."""
+        if not self.catalog.has_key(client.client_id, session.key):
+            return None
+        recorded = self.catalog.find(client.client_id, session.key)
+        return recorded if (recorded.sha256, recorded.stored_size) == \
+            (manifest.sha256, manifest.stored_size) else None
 
     def _recheck(self, client: ClientConfig, store: Store, session: Session) -> None:
         """What `open` checked may have changed since (another server, a rotation)."""
