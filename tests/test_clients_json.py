@@ -261,8 +261,22 @@ def test_admin_commands_run_as_root_leave_the_servers_files_to_the_server(run_zf
                 (nobody.pw_uid, nobody.pw_gid, 0o600), command
             assert not (folder / "metadata.db").exists(), command  # no catalog needed
         run_zfsmgr(["server", "clients"], cwd=folder, check=True)  # this one opens it
+        run_zfsmgr(["server", "rotate", "--dry-run"], cwd=folder, check=True)  # STORAGE_DIR
         for made in folder.iterdir():
             assert made.stat().st_uid == nobody.pw_uid, made
+        assert (folder / "backups").is_dir()
+        # while root holds the catalog open (or is killed holding it), its -wal and -shm are
+        # the server's too: SQLite gives them the database file's owner
+        from zfsmgr.server.database import Database
+
+        (folder / "metadata.db").unlink()
+        held = Database(str(folder / "metadata.db"))
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                made = folder / f"metadata.db{suffix}"
+                assert made.stat().st_uid == nobody.pw_uid, made
+        finally:
+            held.close()
         # the server's user reads what root wrote
         as_nobody = subprocess.run(
             ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",

@@ -175,10 +175,11 @@ class Database:
         self._lock = threading.Lock()
         self.created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.created:  # made empty first and given to the folder's owner (an admin command
+            self.path.touch()  # run as root: the server's file), so SQLite gives its -wal and
+            hand_over(self.path)  # -shm files that owner too, as it does for root
         try:
             self._migrate()
-            if self.created:
-                hand_over(self.path)  # made by an admin command run as root: the server's
             if check and not self.created:
                 self.check()
         except sqlite3.DatabaseError as exc:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Set, Tuple
 
-from zfsmgr.files import CHUNK, fsync_dir, temp_sibling, write_atomic
+from zfsmgr.files import CHUNK, fsync_dir, hand_over, temp_sibling, write_atomic
 from zfsmgr.protocol import Manifest, manifest_key, validate_client_id, validate_upload_id
 from zfsmgr.storage.base import (CountingReader, Download, NotFound, OutOfOrder, PartInfo,
                                  StorageError, StorageFull, Store, is_full)
@@ -208,6 +208,9 @@ class DirectoryStore(Store):
 
     def check(self) -> None:
         try:
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                hand_over(self.root)  # made by an admin command run as root: the server's
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
