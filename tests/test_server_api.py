@@ -807,3 +807,19 @@ def test_a_stream_sent_again_after_a_commit_the_catalog_has_since_is_done_not_a_
     assert not ctx.sessions.exists(session["upload_id"])
     code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
     assert code == 404  # the upload is over
+
+
+def test_a_checkin_reads_one_row_not_the_datasets_history(server, monkeypatch):
+    """POST /checkin, sent for every unchanged dataset of every run, read and checked every
+    backup of the dataset to find its base."""
+    ctx, app = server
+    assert upload(app, "alice", b"base")[0] == 200
+
+    def whole_history(*args, **kwargs):
+        raise AssertionError("a check-in read the dataset's whole history")
+
+    monkeypatch.setattr(ctx.catalog, "list_json", whole_history)
+    body = {"dataset": "tank/data", "snapshot": "zfsmgr_1700000000"}
+    assert call(app, "POST", "/checkin", json.dumps(body).encode(), auth("alice"))[0] == 200
+    body["snapshot"] = "zfsmgr_1"
+    assert call(app, "POST", "/checkin", json.dumps(body).encode(), auth("alice"))[0] == 404

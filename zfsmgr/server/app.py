@@ -333,7 +333,8 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
         dataset = protocol.validate_dataset(body.get("dataset"))
         snapshot = body.get("snapshot")
         ctx.refresh(client, strict=False)  # a backup another server sharing the store took
-        if not any(m.snapshot == snapshot for m in ctx.catalog.list(client.client_id, dataset)):
+        if not isinstance(snapshot, str) or ctx.catalog.first_of_snapshot(
+                client.client_id, dataset, snapshot) is None:  # one indexed row
             raise NotFound(f"client {client.client_id} has no backup {dataset}@{snapshot}"
                            " to be unchanged from")
         at = ctx.ledger.record_checkin(client.client_id, dataset)

@@ -149,7 +149,11 @@ class Outcomes:
         self.known = known
 
     def _dataset(self, client_id: str, dataset: str) -> str:
-        return dataset if dataset and self.known(client_id, dataset) else ""
+        try:  # bookkeeping: a catalog error here must not replace the request's own answer
+            return dataset if dataset and self.known(client_id, dataset) else ""
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not look up %s:%s in the catalog: %s", client_id, dataset, exc)
+            return ""
 
     def _safely(self, what: str, action, *args) -> None:
         try:
