@@ -127,7 +127,7 @@ def test_restore_accepts_a_resumed_download_only_where_the_server_says_where_it_
             pass
 
     class Client:
-        def download(self, key, offset):
+        def download(self, key, offset, on_socket=None):
             return Body(offset)
 
     stream = StoredStream(Client(), _manifest("a"))

@@ -222,7 +222,9 @@ class StallingServer:
     """Serves /download of a zstd body: the first `sent` bytes, then nothing more, with the
     connection held open until the test ends (a server hung mid-stream)."""
 
-    def __init__(self, body: bytes, sent: int):
+    def __init__(self, body: bytes, sent: int, then_hang: bool = False):
+        """`then_hang`: the first answer stops after `sent` bytes and closes; the client's
+        reconnection then gets no answer at all."""
         self.gets, self.release = 0, threading.Event()
         owner = self
 
@@ -234,6 +236,10 @@ class StallingServer:
 
             def do_GET(self):
                 owner.gets += 1
+                if then_hang and owner.gets > 1:
+                    owner.release.wait(120)  # the reconnection's answer never comes
+                    self.close_connection = True
+                    return
                 self.send_response(200)
                 self.send_header("X-Compression", "zstd")
                 self.send_header("X-Content-SHA256", hashlib.sha256(body).hexdigest())
@@ -242,7 +248,8 @@ class StallingServer:
                 self.end_headers()
                 self.wfile.write(body[:sent])
                 self.wfile.flush()
-                owner.release.wait(120)
+                if not then_hang:
+                    owner.release.wait(120)
                 self.close_connection = True
 
         class Quiet(http.server.ThreadingHTTPServer):
@@ -309,6 +316,24 @@ def test_an_interrupt_stops_a_zstd_restore_hung_on_the_network_at_once(how, tmp_
         assert server.gets == 1  # no reconnection after the interrupt
         with pytest.raises(Exception, match="stopped at byte"):
             stream.read(1)
+    finally:
+        server.close()
+
+
+def test_an_interrupt_stops_a_zstd_restore_waiting_for_a_reconnection_at_once():
+    """The first connection broke mid-stream and the reconnection got no answer: no socket
+    was known to cut off, so the interrupt waited the whole read timeout for it."""
+    body = subprocess.run(["zstd", "-q", "-c"], input=os.urandom(4 << 20), check=True,
+                          capture_output=True).stdout
+    server = StallingServer(body, sent=len(body) // 2, then_hang=True)
+    try:
+        manifest = dataclasses.replace(plain_manifest(body), compression="zstd")
+        stream = StoredStream(server.client, manifest, retries=1, sleep=lambda s: None)
+        zfs = FakeZfs()
+        took = _interrupted_after(2.0, lambda: receive_stream(zfs, stream, "tank/r", False))
+        assert server.gets == 2  # it was reconnecting
+        assert took < 30, f"the interrupt took {took:.1f} s to unwind"
+        assert zfs.recv.killed and not zfs.recv.finished
     finally:
         server.close()
 

@@ -56,14 +56,20 @@ class Download:
         thread, waiting on a stalled server) returns at once, where close() would not wake it.
         The socket's own shutdown, under TLS too: the session is being dropped anyway."""
         if self._sock is not None:
-            try:
-                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(self._sock)
 
     def close(self) -> None:
         self.response.close()
         self.conn.close()
+
+
+def shut_down(sock: socket.socket) -> None:
+    """Shut a socket down from any thread (a read blocked on it returns): the socket's own
+    shutdown, under TLS too, since the session is dropped anyway."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _framed(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -145,12 +151,17 @@ class ServerClient:
         return headers
 
     def _send(self, method: str, path: str, body: Any = None,
-              headers: Optional[Dict[str, str]] = None, chunked: bool = False):
+              headers: Optional[Dict[str, str]] = None, chunked: bool = False,
+              on_socket: Optional[Callable[[socket.socket], None]] = None):
+        """(connection, response, socket); `on_socket` learns the socket once the request is
+        sent, before the answer is waited for (a thread that must be able to cut it off)."""
         conn = self._connect()
         try:
             conn.request(method, self.prefix + path, body=body, headers=self._headers(headers),
                          encode_chunked=chunked)
             sock = conn.sock
+            if on_socket is not None and sock is not None:
+                on_socket(sock)
             return conn, conn.getresponse(), sock
         except (ValueError, UnicodeError):  # a header value http.client refuses (it quotes
             conn.close()  # the value, the key, in its message)
@@ -273,11 +284,12 @@ class ServerClient:
             sys.stderr.write(f"zfsmgr: warning: {dataset} unchanged, but the server did not"
                              f" record the check: {exc}\n")
 
-    def download(self, key: str, offset: int = 0) -> Download:
-        """Open the stored stream of `key` from byte `offset`."""
+    def download(self, key: str, offset: int = 0,
+                 on_socket: Optional[Callable[[socket.socket], None]] = None) -> Download:
+        """Open the stored stream of `key` from byte `offset` (`on_socket`: see _send)."""
         path = protocol.DOWNLOAD + "?" + urllib.parse.urlencode({"key": key})
         conn, response, sock = self._send("GET", path, headers={"Range": f"bytes={offset}-"}
-                                          if offset else None)
+                                          if offset else None, on_socket=on_socket)
         if response.status >= 400:
             try:
                 self._decode(response)

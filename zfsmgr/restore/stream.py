@@ -15,7 +15,7 @@ from zfsmgr.errors import IntegrityError, ServerError, ServerUnreachable, Zfsmgr
 from zfsmgr.protocol import (HEADER_COMPRESSION, HEADER_OFFSET, HEADER_SHA256, HEADER_STORED_SIZE,
                              Manifest)
 from zfsmgr.files import CHUNK
-from zfsmgr.remote import ServerClient
+from zfsmgr.remote import ServerClient, shut_down
 from zfsmgr.progress import Progress
 
 RETRIES = 5  # reconnections in a row without a byte in between
@@ -43,6 +43,7 @@ class StoredStream:
         self.encryption = manifest.encryption  # "age": the stored bytes are an age file
         self.identity = identity  # the age key file that opens them
         self._cancelled = threading.Event()
+        self._connecting = None  # the socket of a reconnection awaiting its answer
         self.retries, self.backoff = retries, backoff
         self.sleep = sleep if sleep is not None else self._cancelled.wait  # cut short by cancel
         self.offset, self.hash, self.eof = 0, hashlib.sha256(), False
@@ -60,9 +61,18 @@ class StoredStream:
         if progress is not None and progress.total is None:
             progress.total = self.size
 
+    def _opening(self, sock) -> None:
+        """The socket of a (re)connection, while its answer is awaited: cancel() cuts it off."""
+        self._connecting = sock
+        if self._cancelled.is_set():
+            shut_down(sock)
+
     def _open(self):
         try:
-            body = self.client.download(self.key, self.offset)
+            try:
+                body = self.client.download(self.key, self.offset, on_socket=self._opening)
+            finally:
+                self._connecting = None
         except ServerError as exc:
             if exc.status in (404, 416):
                 raise IntegrityError(f"{self.key} is missing from the server's storage:"
@@ -102,6 +112,7 @@ class StoredStream:
             if self._body is None:  # closed by the caller: carry on from the byte reached
                 self._body = self._open_retrying(None)
                 self._check_length(self._body)
+                continue  # through the cancel check
             failure: BaseException | None = None
             try:
                 data = self._body.read(size)
@@ -118,6 +129,7 @@ class StoredStream:
             self.close()
             self._body = self._open_retrying(failure or "connection closed early")
             self._check_length(self._body)
+            self._stop_if_cancelled()  # a cancel while it reconnected
 
     def _count(self, data: bytes) -> bytes:
         self.offset += len(data)
@@ -194,9 +206,11 @@ class StoredStream:
         """Stop the download for good, from any thread: a read blocked on the network returns
         (its socket is shut down), and every read after raises ZfsmgrError."""
         self._cancelled.set()
-        body = self._body
+        body, connecting = self._body, self._connecting
         if body is not None:
             body.abort()
+        if connecting is not None:  # a reconnection waiting for the server's answer
+            shut_down(connecting)
 
     def _stop_if_cancelled(self) -> None:
         if self._cancelled.is_set():
