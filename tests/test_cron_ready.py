@@ -206,3 +206,16 @@ def test_every_run_of_root_shares_its_state_dir_and_so_its_locks(tmp_path, monke
     assert state_dir(config.load("client", environ={"STATE_DIR": "~/zs"})) == tmp_path / "zs"
     with pytest.raises(SettingsError, match="must be an absolute path"):
         state_dir(config.load("client", environ={"STATE_DIR": "zs"}))
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/p\u00efng-secret",
+                                 "http://127.0.0.1:9/x\x01y"])
+def test_a_url_http_client_would_refuse_is_a_settings_error(url):
+    """A HEALTHCHECK_URL with a non-ASCII or a control character was an internal error
+    (UnicodeEncodeError, InvalidURL), one of which quoted the URL's secret path."""
+    from zfsmgr import settings as config
+    from zfsmgr.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="printable ASCII") as refused:
+        config.load("client", environ={"HEALTHCHECK_URL": url})
+    assert "secret" not in str(refused.value) or "(hidden)" in str(refused.value)

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,46 @@ def test_a_host_with_many_stale_datasets_gets_every_one_announced(receiver):
         notifier.send("stale", "web1", f"tank/d{n}", "no backup for 2 days")
     assert notifier.wait(60)
     assert len(receiver.requests) == PER_CLIENT + 5
+
+
+def test_a_blocked_run_pings_nothing_and_a_garbled_switch_costs_a_warning(
+        pool, server_factory, run_zfsmgr, receiver):
+    """A run that found another at work pinged /start and /fail: the check went "down" while
+    the first run was fine. A switch URL answered by something that is no HTTP server (an
+    SSH banner) made the run an internal error before its backup."""
+    import socket
+
+    from zfsmgr.client.base import server_tag
+    from zfsmgr.client.locks import RunLock
+
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = {**server.client_env, "LOCAL_DATASET": dataset,
+           "HEALTHCHECK_URL": receiver.url + "/ping/3f9a-secret-uuid"}
+    tag = server_tag(env["SERVER_URL"], env["CLIENT_ID"])
+    Path(env["STATE_DIR"]).mkdir(parents=True, exist_ok=True)
+    with RunLock(Path(env["STATE_DIR"]), tag):
+        blocked = run_zfsmgr(["client", "backup"], env=env)
+    assert blocked.returncode == 3 and "in progress" in blocked.stderr, blocked.stderr
+    assert receiver.requests == []
+
+    banner = socket.socket()
+    banner.bind(("127.0.0.1", 0))
+    banner.listen(4)
+
+    def answer():
+        while True:
+            try:
+                conn, _ = banner.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    env["HEALTHCHECK_URL"] = f"http://127.0.0.1:{banner.getsockname()[1]}/ping/3f9a-secret-uuid"
+    done = run_zfsmgr(["client", "backup"], env=env)
+    banner.close()
+    assert done.returncode == 0, done.stderr
+    assert "healthcheck ping/start to 127.0.0.1 failed (BadStatusLine)" in done.stderr
+    assert "secret-uuid" not in done.stderr

@@ -133,9 +133,10 @@ def _address(value: str, pattern: str, prefix: str = "") -> bool:
 def as_url(text: str) -> str:
     """An http:// or https:// URL with a host, without credentials in it."""
     value = text.strip().rstrip("/")
-    if not _address(value, r"^https?://[^/@\s]+(/[^\s]*)?$"):
+    if not value.isascii() or not value.isprintable() or \
+            not _address(value, r"^https?://[^/@\s]+(/[^\s]*)?$"):  # http.client's refusals
         raise ValueError("a URL such as http://backup-server:8080 (a host; a port from 1 to"
-                         " 65535)")
+                         " 65535; printable ASCII: percent-encode the rest)")
     return value
 
 

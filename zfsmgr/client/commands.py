@@ -163,7 +163,9 @@ def backup(settings, zfs, options, command: str, as_json: bool) -> int:
                                                                          flush=True))
     sealing = Encryption(settings.encrypt, settings.age_recipients)
     what = f"zfsmgr client {command} {' '.join(options.roots)}"
-    with pinged(settings.healthcheck_url, what) as ping, RunLock(folder, options.tag):
+    # the lock first: a run that finds another at work pings nothing (its /start and /fail
+    # made the check "down" and reset the timing of the run that is working)
+    with RunLock(folder, options.tag), pinged(settings.healthcheck_url, what) as ping:
         report = runs.Run(api, zfs, options, folder, mode, show, encryption=sealing).execute()
         for outcome in report.outcomes:
             (ping.failed if outcome.status == "failed" else ping.note)(outcome.line())
