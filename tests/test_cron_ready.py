@@ -219,3 +219,18 @@ def test_a_url_http_client_would_refuse_is_a_settings_error(url):
     with pytest.raises(SettingsError, match="printable ASCII") as refused:
         config.load("client", environ={"HEALTHCHECK_URL": url})
     assert "secret" not in str(refused.value) or "(hidden)" in str(refused.value)
+
+
+def test_an_env_file_from_a_windows_editor_and_non_ascii_digits(tmp_path):
+    """A .env saved with a byte-order mark lost its first key ("CLIENT_ID is not set"), and
+    KEEP_HOURLY=² passed the digit check, then failed in int() with Python's message."""
+    from zfsmgr import settings as config
+    from zfsmgr.errors import SettingsError
+
+    (tmp_path / ".env").write_bytes("\ufeffCLIENT_ID=c1\nKEEP_HOURLY=24\n".encode())
+    loaded = config.load("client", env_file=str(tmp_path / ".env"), environ={})
+    assert loaded.client_id == "c1" and loaded.keep_hourly == 24
+    for odd in ("\u00b2", "\u0662\u0664", "\uff11"):
+        with pytest.raises(SettingsError, match="KEEP_HOURLY") as refused:
+            config.load("client", environ={"KEEP_HOURLY": odd})
+        assert "invalid literal" not in str(refused.value)

@@ -29,23 +29,28 @@ def as_bool(text: str) -> bool:
     raise ValueError("true or false")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: `isdigit()` takes '²' (which int() refuses) and '٢٤' (which it reads)."""
+    return re.fullmatch(r"[0-9]+", text.strip()) is not None
+
+
 def as_port(text: str) -> int:
     """Parse a TCP port number."""
-    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+    if not _digits(text) or not 0 < int(text) < 65536:
         raise ValueError("a port number between 1 and 65535")
     return int(text)
 
 
 def as_positive_int(text: str) -> int:
     """Parse a whole number greater than zero."""
-    if not text.strip().isdigit() or int(text) <= 0:
+    if not _digits(text) or int(text) <= 0:
         raise ValueError("a whole number greater than 0")
     return int(text)
 
 
 def as_count(text: str) -> int:
     """Parse a whole number, zero allowed."""
-    if not text.strip().isdigit():
+    if not _digits(text):
         raise ValueError("a whole number (0 or more)")
     return int(text)
 
@@ -98,7 +103,7 @@ def as_compression(text: str) -> str:
 def as_level(text: str) -> int:
     """A compression level 1-19 (gzip takes 1-9: checked with COMPRESS, in _check_together)."""
     high = max(h for _, h in LEVELS.values())
-    if not text.strip().isdigit() or not 1 <= int(text) <= high:
+    if not _digits(text) or not 1 <= int(text) <= high:
         raise ValueError(f"a compression level from 1 to {high}")
     return int(text)
 
@@ -387,7 +392,8 @@ def read_env_file(path: Path) -> dict:
     from dotenv import dotenv_values
 
     try:
-        with open(path, encoding="utf-8") as stream:
+        # utf-8-sig: the byte-order mark a Windows editor writes is not part of the first key
+        with open(path, encoding="utf-8-sig") as stream:
             values = dotenv_values(stream=stream)
     except OSError as exc:
         raise SettingsError(f"cannot read env file {path}: {exc.strerror}") from exc
