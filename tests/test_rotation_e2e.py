@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +227,37 @@ def test_long_history_with_rotations_keeps_every_listed_snapshot_restorable(pool
         assert rig.tree_digest(pool.dir / "view") == digests[m["snapshot"]], m["snapshot"]
         subprocess.run(["zfs", "umount", clone], capture_output=True)
         Zfs().destroy(clone)  # retries zfs-fuse's transient "busy"
+
+
+def test_typed_snapshots_started_at_once_are_all_made(pool, server_factory, run_zfsmgr):
+    """cron starts `snapshot hourly`, `daily`, `weekly` and `monthly` at the same minute
+    (midnight on the 1st): each took its datasets' locks without waiting, so three of the
+    four failed, and so did `snapshot hourly` whenever a backup was running."""
+    from pathlib import Path
+
+    from zfsmgr.client.locks import DatasetLock
+
+    server = server_factory("dir")
+    dataset = pool.create("data")
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    procs = [subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ),
+                               "client", "snapshot", kind], env=rig.clean_env(env),
+                              cwd=rig.WORK, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for kind in ("hourly", "daily", "weekly", "monthly")]
+    results = [(p.wait(120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    kinds = {s.split("_")[1] for s in snapshots(dataset) if s.startswith("zfsmgr_")}
+    assert kinds == {"hourly", "daily", "weekly", "monthly"}
+    # a backup at work on the dataset: the snapshot is made, its rotation waits its turn
+    time.sleep(1.1)  # typed snapshots are named by the second
+    Path(env["STATE_DIR"]).mkdir(parents=True, exist_ok=True)
+    with DatasetLock(Path(env["STATE_DIR"]), dataset):
+        waiting = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ),
+                                    "client", "snapshot", "hourly"], env=rig.clean_env(env),
+                                   cwd=rig.WORK, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None, waiting.stderr.read()  # waiting for the lock
+    assert waiting.wait(60) == 0, waiting.stderr.read()
+    assert sum(s.startswith("zfsmgr_hourly_") for s in snapshots(dataset)) >= 1

@@ -12,7 +12,8 @@ from zfsmgr import protocol
 from zfsmgr import settings as config
 from zfsmgr import systemd
 from zfsmgr.client.locks import DatasetLock
-from zfsmgr.errors import ServerError, ServerUnreachable, SettingsError, ZfsmgrError
+from zfsmgr.errors import (LockedError, ServerError, ServerUnreachable, SettingsError,
+                           ZfsmgrError)
 from zfsmgr.files import write_atomic
 from zfsmgr.progress import human
 from zfsmgr.retention import SNAPSHOT_TYPES, RetentionPolicy
@@ -74,6 +75,7 @@ def add_parser(sub) -> None:
     parser.set_defaults(run=run, group_parser=parser)
 
 
+LOCK_WAIT = 120.0  # seconds a typed snapshot's rotation waits for a dataset's lock
 ROOT_STATE_DIR = "/var/lib/zfsmgr-client"  # root's (systemd's StateDirectory= of the units)
 
 
@@ -285,16 +287,23 @@ def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
     pools, choices = runs.plan(zfs, options)
     missing = [c.name for c in choices if c.reason == "does not exist"]
     names = selected(choices)
-    kinds = SNAPSHOT_TYPES
+    kinds, created = SNAPSHOT_TYPES, None
+    if command == "snapshot":  # one zfs snapshot: no lock needed, whatever runs meanwhile
+        kinds = (args.type,)
+        modern = {pool: info.features.modern for pool, info in pools.items()}
+        made = snapshots.create_many(zfs, names, args.type, modern)
+        created = made[0] if len(made) == 1 else made  # one dataset: the name, as before
     with contextlib.ExitStack() as locks:
-        for name in names:
-            locks.enter_context(DatasetLock(state_dir(settings), name))
-        created = None
-        if command == "snapshot":
-            kinds = (args.type,)
-            modern = {pool: info.features.modern for pool, info in pools.items()}
-            made = snapshots.create_many(zfs, names, args.type, modern)
-            created = made[0] if len(made) == 1 else made  # one dataset: the name, as before
+        try:  # cron starts hourly, daily, weekly and monthly at the same minute: in turn
+            for name in names:
+                locks.enter_context(DatasetLock(state_dir(settings), name, wait=LOCK_WAIT))
+        except LockedError as exc:
+            if command != "snapshot":
+                raise
+            print(f"zfsmgr: warning: snapshots made, not rotated now: {exc}; the next"
+                  f" `snapshot {args.type}` rotates them", file=sys.stderr)
+            output.local_rotation([], False, args.json, created)
+            return 1 if missing else 0
         dry = getattr(args, "dry_run", False)
         try:
             policy = policy_for(settings)
