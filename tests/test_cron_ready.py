@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +235,30 @@ def test_an_env_file_from_a_windows_editor_and_non_ascii_digits(tmp_path):
         with pytest.raises(SettingsError, match="KEEP_HOURLY") as refused:
             config.load("client", environ={"KEEP_HOURLY": odd})
         assert "invalid literal" not in str(refused.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a command as nobody")
+def test_a_state_dir_or_unit_dir_it_cannot_write_is_one_line_not_an_internal_error(pyz):
+    """A STATE_DIR of another user's (the lock's os.open) and `systemd-units --install` as a
+    user were internal errors: PermissionError."""
+    import subprocess
+    import sys
+
+    import shutil
+    import tempfile
+
+    rig.WORK.mkdir(parents=True, exist_ok=True)
+    root_owned = Path(tempfile.mkdtemp(prefix="root-owned-", dir=rig.WORK))  # nobody may
+    os.chmod(root_owned, 0o755)  # look in, not write
+    env = {"PATH": "/usr/bin:/bin", "CLIENT_ID": "c1", "API_KEY": "k",
+           "SERVER_URL": "http://127.0.0.1:9", "LOCAL_DATASET": "tank/data",
+           "STATE_DIR": str(root_owned), "ZFSMGR_ZFS": "/bin/false"}
+    for args in (["client", "backup"],
+                 ["client", "systemd-units", "--install", "--unit-dir", str(root_owned)]):
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-I", "-S", str(pyz), *args], env=env,
+                              cwd="/", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("zfsmgr: error: cannot ") and "internal" not in \
+            done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    shutil.rmtree(root_owned)

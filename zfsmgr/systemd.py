@@ -168,8 +168,11 @@ def emit(units: Dict[str, str], install: bool, unit_dir: str, enable: List[str])
     if not folder.is_dir():
         raise UsageError(f"unit directory {unit_dir} does not exist")
     for name, text in units.items():
-        write_atomic(folder / name, text.encode())
-        os.chmod(folder / name, 0o644)
+        try:
+            write_atomic(folder / name, text.encode(), mode=0o644)
+        except OSError as exc:  # not root, a read-only folder: say so in one line
+            raise UsageError(f"cannot write {folder / name}: {exc.strerror or exc}"
+                             " (--install needs root, or --unit-dir)") from None
         print(f"wrote {folder / name}")
     print(f"now: systemctl daemon-reload && systemctl enable --now {' '.join(enable)}")
     return 0

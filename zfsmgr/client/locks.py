@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from zfsmgr.errors import LockedError
+from zfsmgr.errors import LockedError, SettingsError
 from zfsmgr.files import NAME_MAX
 
 
@@ -22,7 +22,11 @@ class Lock:
         self.path, self.busy, self.wait = path, busy, wait
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a STATE_DIR of another user's, a read-only one
+            raise SettingsError(f"cannot make the lock {self.path}: {exc.strerror or exc}"
+                                " (STATE_DIR must be writable by this user)") from None
         deadline = time.monotonic() + self.wait
         while True:
             try:
