@@ -109,11 +109,17 @@ def chosen(*names, guid=None):
 
 def test_changes_in_the_selection_are_reported():
     previous = {"tank/a": "g-tank/a", "tank/old": "g-old", "tank/gone": "g-gone",
-                "tank/was": "g-moved"}
+                "tank/was": "g-moved", "tank/other": "g-other", "rpool/x": "g-x"}
     now = chosen("tank/a", "tank/new", "tank/moved", guid={"tank/moved": "g-moved"}) + [
         Choice("tank/old", False, "org.zfsmgr:backup=off (set here)", "g-old")]
-    notes = compare(previous, now)
+    listed = {"tank": {"tank", "tank/a", "tank/new", "tank/moved", "tank/old", "tank/other"}}
+    notes = compare(previous, now, listed)
     assert any(n.startswith("tank/gone was destroyed") for n in notes)
+    # outside this run's LOCAL_DATASET (another cron line's, say): there, not destroyed
+    assert any(n.startswith("tank/other is no longer backed up (outside LOCAL_DATASET)")
+               for n in notes)
+    assert any(n.startswith("rpool/x is no longer backed up (outside LOCAL_DATASET, or"
+                            " destroyed)") for n in notes)  # its pool was not listed
     assert any(n.startswith("tank/old is no longer backed up (org.zfsmgr:backup=off")
                for n in notes)
     assert any(n.startswith("tank/was was renamed to tank/moved") for n in notes)
@@ -122,6 +128,19 @@ def test_changes_in_the_selection_are_reported():
     assert all("stay on the server" in n for n in notes if "new:" not in n)
     assert compare(None, now) == []  # the first run has nothing to compare
     assert compare({c.name: c.guid for c in now if c.selected}, now) == []
+
+
+def test_each_selection_keeps_its_own_history():
+    """Two cron lines backing up different datasets to one server shared one history: each
+    run called the other's datasets destroyed, and their backups new."""
+    from pathlib import Path
+
+    from zfsmgr.client.changes import history_path
+
+    one = history_path(Path("/s"), "t1", ["tank/vm"])
+    assert one == history_path(Path("/s"), "t1", ["tank/vm"])
+    assert one != history_path(Path("/s"), "t1", ["tank/data/a"])
+    assert one != history_path(Path("/s"), "t2", ["tank/vm"])
 
 
 def snap(name, guid, txg, **props):

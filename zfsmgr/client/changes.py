@@ -4,9 +4,10 @@ run's selection differ from the last one's (new, destroyed, excluded, renamed)?
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from zfsmgr.client.base import Base
 from zfsmgr.client.selection import Choice
@@ -50,9 +51,14 @@ def unchanged(new: Snapshot, base: Base, snaps: Sequence[Snapshot], marks: Seque
             and _number(own, "referenced") == _number(new, "referenced") is not None)
 
 
-def history_path(state_dir: Path, tag: str) -> Path:
-    """Where the last run's selection for server `tag` is remembered."""
-    return state_dir / f"selection-{tag}.json"
+def history_path(state_dir: Path, tag: str, roots: Sequence[str] = ()) -> Path:
+    """Where the last run's selection for server `tag` and LOCAL_DATASET `roots` is
+    remembered: two cron lines backing up different datasets to one server each keep their
+    own (one shared history called the other's datasets destroyed on every run)."""
+    if not roots:
+        return state_dir / f"selection-{tag}.json"
+    digest = hashlib.sha256("\n".join(sorted(roots)).encode()).hexdigest()[:8]
+    return state_dir / f"selection-{tag}-{digest}.json"
 
 
 def load_history(path: Path) -> Optional[Dict[str, str]]:
@@ -71,9 +77,12 @@ def save_history(path: Path, choices: Sequence[Choice]) -> None:
     tmp.replace(path)
 
 
-def compare(previous: Optional[Dict[str, str]], choices: Sequence[Choice]) -> List[str]:
+def compare(previous: Optional[Dict[str, str]], choices: Sequence[Choice],
+            listed: Optional[Dict[str, Set[str]]] = None) -> List[str]:
     """What changed in the selection since the last run, one sentence each (reported once:
-    the caller saves the new selection afterwards)."""
+    the caller saves the new selection afterwards). `listed`: each pool listed this run, with
+    its datasets: a dataset outside this run's selection is "destroyed" only if its pool was
+    listed without it."""
     if previous is None:
         return []
     now = {c.name: c for c in choices}
@@ -90,9 +99,16 @@ def compare(previous: Optional[Dict[str, str]], choices: Sequence[Choice]) -> Li
         elif name in now:
             notes.append(f"{name} is no longer backed up ({now[name].reason}); its backups"
                          " stay on the server")
-        else:
+        elif listed is not None and name.split("/")[0] in listed and \
+                name not in listed[name.split("/")[0]]:
             notes.append(f"{name} was destroyed since the last run; its backups stay on the"
                          " server")
+        elif listed is not None and name.split("/")[0] in listed:
+            notes.append(f"{name} is no longer backed up (outside LOCAL_DATASET); its backups"
+                         " stay on the server")
+        else:
+            notes.append(f"{name} is no longer backed up (outside LOCAL_DATASET, or"
+                         " destroyed); its backups stay on the server")
     renamed_to = {by_guid.get(g) for g in previous.values() if g}
     for name in sorted(chosen):
         if name not in previous and name not in renamed_to:

@@ -190,8 +190,9 @@ class Run:
     def execute(self) -> Report:
         """Run it; the report says what happened to each dataset."""
         pools, choices = plan(self.zfs, self.options)
-        history = changes.history_path(self.state_dir, self.options.tag)
-        self.report.notes = changes.compare(changes.load_history(history), choices)
+        history = changes.history_path(self.state_dir, self.options.tag, self.options.roots)
+        listed = {name: set(pool.datasets) for name, pool in pools.items()}
+        self.report.notes = changes.compare(changes.load_history(history), choices, listed)
         for note in self.report.notes:
             log.info("%s", note)
         chosen = [c for c in choices if c.selected or c.failed]
