@@ -261,3 +261,27 @@ def test_typed_snapshots_started_at_once_are_all_made(pool, server_factory, run_
         assert waiting.poll() is None, waiting.stderr.read()  # waiting for the lock
     assert waiting.wait(60) == 0, waiting.stderr.read()
     assert sum(s.startswith("zfsmgr_hourly_") for s in snapshots(dataset)) >= 1
+
+
+def test_a_typed_snapshot_zfs_will_not_destroy_is_reported_with_zfs_own_words(
+        pool, server_factory, run_zfsmgr):
+    """`rotate` turned a refused destroy (a clone, a missing `zfs allow destroy`) into a
+    silent "kept": one `destroyed` line, exit 0, zfs's message nowhere."""
+    policy = {"keep_hourly": 1, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+    server = server_factory("dir", rotation_policy=policy)
+    dataset = pool.create("data")
+    env = {**server.client_env, "LOCAL_DATASET": dataset}
+    old = "zfsmgr_hourly_2020-01-01_00:00:00"
+    rig.sh("zfs", "snapshot", "-o", "org.zfsmgr:kind=hourly", f"{dataset}@{old}")
+    rig.sh("zfs", "snapshot", "-o", "org.zfsmgr:kind=hourly",
+           f"{dataset}@zfsmgr_hourly_2020-01-02_00:00:00")  # the newest hourly stays
+    rig.sh("zfs", "clone", f"{dataset}@{old}", f"{pool.name}/clone")
+    done = run_zfsmgr(["client", "rotate", "--json"], env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    [refused] = report["not_destroyed"]
+    assert refused["snapshot"] == f"{dataset}@{old}"
+    assert f"zfsmgr: warning: {dataset}@{old} destroy failed" in done.stderr
+    assert "zfs destroy" in done.stderr  # the command line, and zfs's own message after it
+    assert old in snapshots(dataset)
+    rig.sh("zfs", "umount", f"{pool.name}/clone", check=False)  # zfs-fuse: busy while mounted

@@ -312,9 +312,15 @@ def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
                   file=sys.stderr)
             output.local_rotation([], False, args.json, created)
             return 0 if command == "snapshot" and not missing else 1
-        actions = [a for dataset in names
-                   for a in snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry)]
-        output.local_rotation(actions, dry, args.json, created)
+        actions, failures = [], []
+        for dataset in names:  # one dataset's zfs error stops only that dataset's rotation
+            try:
+                actions += snapshots.rotate(zfs, dataset, policy, kinds, dry_run=dry)
+            except ZfsmgrError as exc:
+                failures.append(f"{dataset}: not rotated: {exc}")
+        output.local_rotation(actions, dry, args.json, created)  # what was done, first
+    for failure in failures:
+        print(f"zfsmgr: error: {failure}", file=sys.stderr)
     for name in missing:
         print(f"zfsmgr: error: dataset {name} does not exist", file=sys.stderr)
-    return 1 if missing else 0
+    return 1 if missing or failures else 0

@@ -8,8 +8,10 @@ CLI (stdout goes nowhere on success); errors and warnings always go to stderr.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Iterable, List, Tuple, Union
 
+from zfsmgr.client.snapshots import DESTROY_FAILED
 from zfsmgr.progress import human
 
 
@@ -52,11 +54,17 @@ def local_rotation(actions: Iterable[Tuple[str, bool, str]], dry_run: bool, as_j
     """`snapshot TYPE` / `rotate`: the snapshot(s) made (one name, or a list for several
     datasets), and each typed snapshot destroyed."""
     actions = list(actions)
+    refused = [(name, reason) for name, keep, reason in actions
+               if keep and reason.startswith(DESTROY_FAILED)]
+    for name, reason in refused:  # on stderr: a missing `zfs allow destroy` must show
+        print(f"zfsmgr: warning: {name} {reason[len('kept: '):]}", file=sys.stderr)
     if as_json:
         emit_json({"created": created, "dry_run": dry_run,
                    "destroyed": [{"snapshot": name, "reason": reason}
                                  for name, keep, reason in actions if not keep],
-                   "kept": [name for name, keep, _ in actions if keep]})
+                   "kept": [name for name, keep, _ in actions if keep],
+                   "not_destroyed": [{"snapshot": name, "reason": reason}
+                                     for name, reason in refused]})
         return
     for name in [created] if isinstance(created, str) else created or []:
         print(f"created {name}")

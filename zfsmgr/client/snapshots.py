@@ -68,6 +68,9 @@ def rotation_plan(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHO
     return out
 
 
+DESTROY_FAILED = "kept: destroy failed"
+
+
 def rotate(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES,
            dry_run: bool = False) -> List[Tuple[str, bool, str]]:
     """Destroy what the plan drops (unless dry_run); a clone or new hold skips the snapshot."""
@@ -77,6 +80,6 @@ def rotate(zfs: Zfs, dataset: str, policy: RetentionPolicy, kinds=SNAPSHOT_TYPES
             try:
                 zfs.destroy(name)
             except ZfsError as exc:
-                keep, reason = True, f"kept: destroy failed ({exc})"  # stderr may be empty
+                keep, reason = True, f"{DESTROY_FAILED} ({exc})"  # with zfs's command line
         result.append((name, keep, reason))
     return result
