@@ -312,10 +312,7 @@ class Uploads:
                 if done is not None and done.sha256 == sha256.lower() and \
                         done.stored_size == stored_size:
                     with store.client_lease(client.client_id):
-                        self._record(store, session, done)
-                    self.quota.release(store, session)
-                    log.info("upload %s was committed before the server stopped; recorded now",
-                             session.upload_id)
+                        self._record_found(store, session, done)
                     return done
             if len(parts) <= session.segment or sent != stored_size:
                 raise VerificationFailed(
@@ -395,23 +392,26 @@ class Uploads:
             return None
         return store.marked(manifest)
 
-    def settle(self, session: Session, store: Store) -> str:
+    def _record_found(self, store: Store, session: Session, done: Manifest) -> None:
+        """Record the backup `_stored_already` found, and end its upload."""
+        self._record(store, session, done)
+        self.quota.release(store, session)
+        log.info("upload %s was committed before the server stopped; recorded now",
+                 session.upload_id)
+
+    def settle(self, session: Session, store: Store) -> None:
         """An abandoned upload (expired): recorded if its commit reached the store before the
         server stopped (it was checked whole then; a base deleted since removes it again),
-        else discarded. Which of the two, as a word."""
+        else discarded."""
         with self._session_lock(session.upload_id):
             done = self._stored_already(store, session)  # its parts may be listed still
             if done is not None:
                 try:
-                    self._record(store, session, done)
-                except NeedsFullBackup:
-                    return "discarded"
-                self.quota.release(store, session)
-                log.info("upload %s was committed before the server stopped; recorded now",
-                         session.upload_id)
-                return "recorded"
+                    self._record_found(store, session, done)
+                except NeedsFullBackup:  # _record removed it
+                    pass
+                return
         self.abort(session, store)
-        return "discarded"
 
     def _same_as_recorded(self, client: ClientConfig, session: Session,
                           manifest: Manifest) -> Optional[Manifest]:
