@@ -199,6 +199,46 @@ def test_typed_snapshots_cover_the_selection(pool, server_factory, run_zfsmgr):
     assert plan["destroyed"] == [] and sorted(plan["kept"]) == sorted(second["created"])
 
 
+def test_a_typed_snapshot_that_fails_on_one_dataset_leaves_none(
+        pool, server_factory, run_zfsmgr, tmp_path):
+    """zfs-fuse makes a typed snapshot one dataset at a time: when a later one failed, the
+    ones before it stayed, and the error did not say so. Now all or none: the others are
+    destroyed again, and the one-line error says it. (The failure is injected into one real
+    `zfs snapshot` call; every other call, the undoing destroys included, is the real zfs.)"""
+    server = server_factory("dir")
+    root = make_tree(pool)
+    real = rig.sh("sh", "-c", "command -v zfs").strip()
+    wrapper = tmp_path / "zfs"
+    wrapper.write_text(f"#!/bin/sh\ncase \"$1 $*\" in\n  \"snapshot \"*{root}/b@*)"
+                       " echo \"cannot create snapshot: out of space\" >&2; exit 1;;\nesac\n"
+                       f"exec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    done = run_zfsmgr(["client", "snapshot", "daily"], env=env_for(server, root,
+                                                                   ZFSMGR_ZFS=str(wrapper)))
+    assert done.returncode != 0
+    [line] = done.stderr.strip().splitlines()
+    assert f"{root}/b@zfsmgr_daily_" in line and "out of space" in line, line
+    assert "destroyed again" in line, line
+    left = zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", root).split()
+    assert [n for n in left if "zfsmgr_daily_" in n] == []
+
+
+def test_a_snapshot_set_split_across_command_lines_is_all_or_none(pool, monkeypatch):
+    """A set too long for one command line goes in several `zfs snapshot` calls; when a
+    later call failed, the snapshots of the earlier ones stayed. On zfs-fuse, one name per
+    call, the second naming a dataset that is not there."""
+    import zfsmgr.zfs as zfs_module
+    from zfsmgr.errors import ZfsError
+
+    root = pool.create("split")
+    zfs("create", f"{root}/a")
+    monkeypatch.setattr(zfs_module, "ARGV_LIMIT", 1)  # one name per call
+    with pytest.raises(ZfsError) as raised:
+        zfs_module.Zfs().snapshot_many([f"{root}/a@set", f"{root}/gone@set"], {"kind": "x"})
+    assert f"{root}/gone" in str(raised.value) and "destroyed again" in str(raised.value)
+    assert zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", root).strip() == ""
+
+
 def test_parallel_sends_and_an_interrupt_leaves_nothing(pool, server_factory, run_zfsmgr):
     import signal
     import subprocess

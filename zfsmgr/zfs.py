@@ -194,11 +194,37 @@ class Zfs:
     def snapshot_many(self, names: Sequence[str], props: Optional[Dict[str, str]] = None,
                       recursive: bool = False) -> None:
         """One atomic `zfs snapshot` of every name (OpenZFS takes several; zfs-fuse one),
-        split into several calls only where one command line would be too long."""
+        split into several calls only where one command line would be too long. All or
+        none: when a later call fails, the snapshots the earlier ones made are destroyed."""
         argv = [self.zfs, "snapshot"] + (["-r"] if recursive else [])
         for key, value in (props or {}).items():
             argv += ["-o", f"{PROPERTY_PREFIX}{key}={value}"]
-        self._each(argv, names)
+        made: List[str] = []
+        for batch in _batches(argv, names):
+            try:
+                run(argv + batch)
+            except ZfsError as exc:
+                raise self.undo_snapshots(made, exc, recursive) from None
+            made += batch
+
+    def undo_snapshots(self, made: Sequence[str], exc: ZfsError,
+                       recursive: bool = False) -> ZfsError:
+        """Destroy the snapshots `made` before `exc` stopped the rest of a set (`recursive`:
+        each name's whole subtree, as `zfs snapshot -r` made it); `exc`, saying what became
+        of them, to raise."""
+        kept = []
+        for name in reversed(made):
+            try:
+                self.destroy(name, recursive=recursive, missing_ok=True)
+            except ZfsError:
+                kept.append(name)
+        if not made:
+            return exc
+        note = (f"({len(made)} snapshot(s) of the same set, made before it, destroyed again)"
+                if not kept else f"(made before it and could not be destroyed again:"
+                f" {', '.join(reversed(kept))})")
+        cls = type(exc) if type(exc) in (ZfsError, ZfsNotFound) else ZfsError
+        return cls(exc.argv, exc.returncode, f"{exc.stderr}\n{note}")
 
     def destroy(self, name: str, recursive: bool = False, missing_ok: bool = False,
                 patience: float = DESTROY_PATIENCE) -> None:

@@ -30,7 +30,8 @@ def create(zfs: Zfs, dataset: str, kind: str) -> str:
 def create_many(zfs: Zfs, datasets: Sequence[str], kind: str,
                 modern: Optional[Dict[str, bool]] = None) -> List[str]:
     """The same typed snapshot of every dataset: one atomic `zfs snapshot` per pool where
-    `modern[pool]` (OpenZFS takes several names), else one per dataset (zfs-fuse)."""
+    `modern[pool]` (OpenZFS takes several names), else one per dataset (zfs-fuse). All or
+    none: when one fails, the ones made before it are destroyed again."""
     if kind not in SNAPSHOT_TYPES:
         raise protocol.ValidationError(f"snapshot type must be one of {', '.join(SNAPSHOT_TYPES)}")
     now = datetime.now(timezone.utc)
@@ -41,12 +42,14 @@ def create_many(zfs: Zfs, datasets: Sequence[str], kind: str,
     by_pool: Dict[str, List[str]] = {}
     for name in names:
         by_pool.setdefault(name.split("/")[0].split("@")[0], []).append(name)
-    for pool, members in by_pool.items():
-        if (modern or {}).get(pool):
-            zfs.snapshot_many(members, {PROP_KIND: kind})
-        else:
-            for name in members:
-                zfs.snapshot(name, {PROP_KIND: kind})
+    made: List[str] = []
+    try:
+        for pool, members in by_pool.items():
+            for batch in [members] if (modern or {}).get(pool) else [[m] for m in members]:
+                zfs.snapshot_many(batch, {PROP_KIND: kind})  # undoes its own, if it fails
+                made += batch
+    except ZfsError as exc:
+        raise zfs.undo_snapshots(made, exc) from None
     return names
 
 
