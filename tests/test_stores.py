@@ -459,3 +459,34 @@ def test_local_store_refuses_an_incremental_that_would_fork_its_chain(pool, tmp_
     with pytest.raises(Unsupported, match="newer than the base a"):
         store.begin(uuid.uuid4().hex, fork)
     assert [m.snapshot for m in sorted(store.manifests("c1"), key=lambda m: m.key)] == ["a", "b"]
+
+
+def test_local_store_reads_one_manifest_from_its_dataset_alone(pool, tmp_path, streams):
+    """read_manifest (an abort, an expiry, a commit asked again) listed the client's whole
+    home: every dataset's chains, and one damaged manifest anywhere failed them all. It reads
+    the key's dataset only."""
+    import dataclasses
+
+    from zfsmgr.storage.zfschains import MANIFEST_PROP
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    _, full, _, _ = streams
+    rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/srv")
+    store = ZfsLocalStore(f"{pool.name}/srv", str(tmp_path / "staging"))
+    store.check()
+    mine = manifest(FULL_KEY, full, "a", kind="local")
+    other = dataclasses.replace(mine, key="c1/tank_aaa_2024-02-13_14:30:00.zfs.gz",
+                                dataset="tank/aaa")
+    for m in (other, mine):
+        upload_id = uuid.uuid4().hex
+        store.begin(upload_id, m)
+        stage(store, upload_id, full, 0)
+        store.commit(upload_id, m)
+    [damaged] = [n for n in rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r",
+                                   f"{pool.name}/srv").split() if "/tank_aaa/" in n]
+    rig.sh("zfs", "set", f"{MANIFEST_PROP}={{", damaged)
+    with pytest.raises(StorageError, match="unreadable"):
+        list(store.manifests("c1"))  # the damage is there for whoever lists the home
+    assert store.read_manifest(FULL_KEY).snapshot == "a"
+    with pytest.raises(NotFound):
+        store.read_manifest("c1/tank_data_2024-02-13_15:30:00.zfs.gz")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 from zfsmgr.files import CHUNK
 from zfsmgr.protocol import Manifest, parse_key
@@ -173,16 +173,29 @@ class ReceivedChains(Store):
             roots = [self.base] + sorted({h for h in self._homes().values()
                                           if h and not h.startswith(self.base + "/")})
         for root in roots:
-            for name, props in sorted(self._snapshots(root).items()):
-                value = props.get(MANIFEST_PROP, "-")
-                if value in ("-", ""):
-                    continue
-                try:
-                    manifest = Manifest.from_dict(json.loads(value))
-                except ValueError as exc:
-                    raise StorageError(f"manifest on {name} is unreadable: {exc}") from exc
+            for manifest in self._manifests_under(root):
                 if not client_id or manifest.client_id == client_id:
                     yield manifest
+
+    def _manifests_under(self, root: str) -> Iterator[Manifest]:
+        for name, props in sorted(self._snapshots(root).items()):
+            value = props.get(MANIFEST_PROP, "-")
+            if value in ("-", ""):
+                continue
+            try:
+                yield Manifest.from_dict(json.loads(value))
+            except ValueError as exc:
+                raise StorageError(f"manifest on {name} is unreadable: {exc}") from exc
+
+    def read_manifest(self, key):
+        """The chains of the key's dataset only, where the listing of the client's home would
+        read every dataset's."""
+        parsed = parse_key(key)
+        for manifest in self._manifests_under(
+                f"{self.home(parsed.client_id)}/{parsed.dataset_token}"):
+            if manifest.key == key:
+                return manifest
+        raise NotFound(f"no manifest for {key}")
 
     def delete(self, manifest):
         try:
