@@ -737,6 +737,8 @@ def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tm
             "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
             "stored_size": len(data), "raw_size": len(data)}).encode(), auth("alice"))
     assert call(app, "POST", f"{path}/abort", b"", auth("alice"))[0] == 200
+    # the abort itself removes it: the sweep would come a day later (UPLOAD_EXPIRY)
+    assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == []
     others = [tmp_path / "b" / ".uploads-local" / ("a" * 32 + ".json"),
               tmp_path / "b" / "lost+found" / "#1234"]
     for other in others:
@@ -746,6 +748,41 @@ def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tm
     assert ctx.catalog.list("alice") == []
     assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == []
     assert all(other.exists() for other in others)
+
+
+def test_a_commit_asked_again_after_a_dir_half_commit_is_recorded(
+        server, tmp_path, monkeypatch):
+    """A server stopped between the dir store's two renames: the client, asking the commit
+    again, got 404 "no staged data" (the stream was published, its manifest still under a
+    temporary name) and sent the whole backup again; the half-commit stayed until the sweep.
+    The commit asked again now finishes it and records it."""
+    from zfsmgr.storage import directory
+
+    ctx, app = server
+    data = b"the whole stream"
+    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
+    path = f"/upload-stream/{session['upload_id']}"
+    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+    commit = json.dumps({
+        "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+        "stored_size": len(data), "raw_size": len(data)}).encode()
+    renames, real = [], os.replace
+
+    def killed_at_the_manifest(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise SystemExit("the server stopped here")
+        return real(src, dst)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(directory.os, "replace", killed_at_the_manifest)
+        call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    assert code == 200, body
+    assert [m.key for m in ctx.catalog.list("alice")] == [session["key"]]
+    name = session["key"].split("/")[1]
+    assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == \
+        [name, name + ".manifest.json"]
 
 
 def test_status_says_when_the_server_last_heard_of_each_dataset(server):

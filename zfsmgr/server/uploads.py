@@ -305,6 +305,7 @@ class Uploads:
         protocol.validate_count(stored_size, "stored_size")
         protocol.validate_count(raw_size, "raw_size")
         with self._session_lock(session.upload_id):
+            store.finish_commit(session.upload_id, session.key)  # one a stopped server began
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
             if not parts:  # a commit asked again: the first may have reached the store only
@@ -381,6 +382,7 @@ class Uploads:
         if self.catalog.has_key(session.client_id, session.key):
             return None
         try:
+            store.finish_commit(session.upload_id, session.key)
             manifest = store.read_manifest(session.key)
         except ZfsmgrError as exc:  # NotFound: not committed; else (a store or zfs error) it
             if not isinstance(exc, NotFound):  # stays for the next look, or reindex, to find

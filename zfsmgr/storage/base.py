@@ -184,6 +184,11 @@ class Store(ABC):
         steps leave nothing half-done have nothing to do."""
         return []
 
+    def finish_commit(self, upload_id: str, key: str) -> None:
+        """Complete a commit of this upload that a server stopped halfway, so that
+        read_manifest finds it (an abort then deletes it, a commit asked again or the expiry
+        records it). Stores whose commit is one step have nothing to do."""
+
     @classmethod
     def describe(cls, manifest: Manifest) -> StreamInfo:
         """What a download of `manifest` from this kind of store is (no I/O): by default the

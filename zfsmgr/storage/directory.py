@@ -281,6 +281,20 @@ class DirectoryStore(Store):
     def discard(self, upload_id):
         self.staging.discard(upload_id)
 
+    def finish_commit(self, upload_id, key):
+        """The object published and the manifest still under its temporary name (the server
+        stopped between commit's two renames): put the manifest in place."""
+        meta = self._path(manifest_key(key))
+        pending = temp_sibling(meta, upload_id)
+        try:
+            if pending.is_file() and self._path(key).is_file() and not meta.exists():
+                os.replace(pending, meta)
+                fsync_dir(meta.parent)
+                log.info("finished the commit of %s, which a stopped server left halfway", key)
+                self.staging.discard(upload_id)  # as the commit would have
+        except OSError as exc:
+            raise StorageError(f"cannot finish the commit of {key}: {exc.strerror}") from exc
+
     def staged_uploads(self):
         return self.staging.uploads()
 
