@@ -711,31 +711,39 @@ def test_the_dir_stores_leftovers_of_a_stopped_server_are_mended(server, tmp_pat
                      session["key"].split("/")[1] + ".manifest.json"], names
 
 
-def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tmp_path,
-                                                                      monkeypatch):
-    """The sweep finished any commit left between its two renames, also one whose upload the
-    client had aborted since: published, and never recorded. And it walked every folder of
-    STORAGE_DIR: the local store's upload states (`.uploads-local`), `lost+found`."""
+def half_committed(app, monkeypatch):
+    """An upload whose commit stopped between the dir store's two renames (the stream
+    published, its manifest under a temporary name): (session, its path, the commit body)."""
     from zfsmgr.storage import directory
 
-    ctx, app = server
     data = b"the whole stream"
     code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
     path = f"/upload-stream/{session['upload_id']}"
     assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
+    commit = json.dumps({
+        "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
+        "stored_size": len(data), "raw_size": len(data)}).encode()
     renames, real = [], os.replace
 
     def killed_at_the_manifest(src, dst):
         renames.append(dst)
-        if len(renames) == 3:
+        if len(renames) == 3:  # the manifest's own temp, the stream, then the manifest
             raise SystemExit("the server stopped here")
         return real(src, dst)
 
     with monkeypatch.context() as patched, pytest.raises(SystemExit):
         patched.setattr(directory.os, "replace", killed_at_the_manifest)
-        call(app, "POST", f"{path}/commit", json.dumps({
-            "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
-            "stored_size": len(data), "raw_size": len(data)}).encode(), auth("alice"))
+        call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    return session, path, commit
+
+
+def test_the_sweep_removes_an_aborted_half_commit_and_no_other_folder(server, tmp_path,
+                                                                      monkeypatch):
+    """The sweep finished any commit left between its two renames, also one whose upload the
+    client had aborted since: published, and never recorded. And it walked every folder of
+    STORAGE_DIR: the local store's upload states (`.uploads-local`), `lost+found`."""
+    ctx, app = server
+    session, path, _ = half_committed(app, monkeypatch)
     assert call(app, "POST", f"{path}/abort", b"", auth("alice"))[0] == 200
     # the abort itself removes it: the sweep would come a day later (UPLOAD_EXPIRY)
     assert sorted(p.name for p in (tmp_path / "b" / "alice").iterdir()) == []
@@ -756,27 +764,8 @@ def test_a_commit_asked_again_after_a_dir_half_commit_is_recorded(
     again, got 404 "no staged data" (the stream was published, its manifest still under a
     temporary name) and sent the whole backup again; the half-commit stayed until the sweep.
     The commit asked again now finishes it and records it."""
-    from zfsmgr.storage import directory
-
     ctx, app = server
-    data = b"the whole stream"
-    code, session = open_session(app, "tank/data", "zfsmgr_1700000000", 1700000000)
-    path = f"/upload-stream/{session['upload_id']}"
-    assert call(app, "POST", f"{path}/0", data, auth("alice"))[0] == 200
-    commit = json.dumps({
-        "sha256": hashlib.sha256(data).hexdigest(), "parts_crc32": rig.parts_crc32([data]),
-        "stored_size": len(data), "raw_size": len(data)}).encode()
-    renames, real = [], os.replace
-
-    def killed_at_the_manifest(src, dst):
-        renames.append(dst)
-        if len(renames) == 3:
-            raise SystemExit("the server stopped here")
-        return real(src, dst)
-
-    with monkeypatch.context() as patched, pytest.raises(SystemExit):
-        patched.setattr(directory.os, "replace", killed_at_the_manifest)
-        call(app, "POST", f"{path}/commit", commit, auth("alice"))
+    session, path, commit = half_committed(app, monkeypatch)
     code, body, _ = call(app, "POST", f"{path}/commit", commit, auth("alice"))
     assert code == 200, body
     assert [m.key for m in ctx.catalog.list("alice")] == [session["key"]]
