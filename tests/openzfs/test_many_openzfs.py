@@ -5,6 +5,7 @@ bookmark bases for onsite + offsite, `written` for unchanged datasets, propertie
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -241,3 +242,56 @@ def test_typed_snapshots_of_the_selection_are_one_atomic_snapshot(
                 for n in second["created"]}) == 1
     plan = run_json(run_zfsmgr, env, "rotate", "--dry-run")
     assert plan["destroyed"] == [] and sorted(plan["kept"]) == sorted(second["created"])
+
+
+def _volume_bytes(volume, size):
+    """The first `size` bytes of a volume's device (udev makes it a moment late)."""
+    device = Path("/dev/zvol") / volume
+    deadline = time.monotonic() + 30
+    while not device.exists() and time.monotonic() < deadline:
+        subprocess.run(["udevadm", "settle"], capture_output=True)
+        time.sleep(0.2)
+    with open(device, "rb") as dev:
+        return dev.read(size)
+
+
+def test_a_volume_of_the_tree_restores_from_a_dir_store_and_a_local_store_refuses_it_first(
+        openzfs_pool, server_factory, run_zfsmgr):
+    """RECURSIVE selects volumes too. A dir store takes the volume's stream and it restores
+    byte for byte; the local store keeps file systems only, so the client fails the volume
+    before taking its snapshot (it used to snapshot it, stream it and be refused with a 400
+    each run), while the file systems of the same run are backed up."""
+    root = f"{openzfs_pool}/vh"
+    sh("zfs", "create", root)
+    sh("zfs", "create", "-V", "4M", "-o", "volblocksize=16K", f"{root}/vol")
+    data = bytes(range(256)) * (4 << 12)  # 4 MiB
+    device = Path("/dev/zvol") / root / "vol"
+    _volume_bytes(f"{root}/vol", 0)
+    with open(device, "r+b") as dev:
+        dev.write(data)
+        dev.flush()
+        os.fsync(dev.fileno())
+    env = {"LOCAL_DATASET": root, "RECURSIVE": "true"}
+    onsite = server_factory("dir")
+    assert kinds(run_json(run_zfsmgr, {**onsite.client_env, **env})) == {
+        root: "full", f"{root}/vol": "full"}
+    target = f"{openzfs_pool}/vback"
+    done = run_zfsmgr(["restore", "latest", target, "--source-dataset", f"{root}/vol"],
+                      env=onsite.client_env)
+    assert done.returncode == 0, done.stderr
+    assert sh("zfs", "get", "-H", "-o", "value", "type", target).strip() == "volume"
+    assert _volume_bytes(target, len(data)) == data
+
+    snaps = sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{root}/vol")
+    base = f"{openzfs_pool}/srv"
+    sh("zfs", "create", "-o", "mountpoint=none", base)
+    local = server_factory("local", base_dataset=base)
+    done = run_zfsmgr(["client", "backup", "--json"], env={**local.client_env, **env})
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert kinds(report) == {root: "full", f"{root}/vol": "failed"}
+    [failed] = [d for d in report["datasets"] if d["status"] == "failed"]
+    assert "is a volume" in failed["message"] and "EXCLUDE_DATASETS" in failed["message"]
+    # no snapshot taken of it, no stream sent: the server holds the file system only
+    assert sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{root}/vol") == snaps
+    assert "vol" not in sh("zfs", "list", "-H", "-o", "name", "-r", base)

@@ -224,6 +224,13 @@ class Run:
                 continue
             pool = pools[choice.name.split("/")[0]]
             info = pool.datasets[choice.name]
+            store = self.options.storage_type or status.get("storage_type")
+            if info.values.get("type") == "volume" and store == "local":
+                self._fail(choice.name, ZfsmgrError(
+                    f"{choice.name} is a volume, and the server's local store keeps file"
+                    " systems only: back it up to a dir or s3 store (STORAGE_TYPE), or leave"
+                    " it out (EXCLUDE_DATASETS, or org.zfsmgr:backup=off)"))
+                continue
             try:
                 locks.enter_context(DatasetLock(self.state_dir, choice.name))
                 o = self.options
