@@ -111,6 +111,47 @@ def test_onsite_and_offsite_alternate_with_incrementals(pool, server_factory, ru
     assert len({b["server"] for b in bases if b["name"].startswith(root + "@")}) == 2
 
 
+def test_a_backup_committed_by_a_dying_run_waits_for_its_own_server(
+        pool, server_factory, run_zfsmgr, tmp_path):
+    """The onsite run committed a backup and died before making it a base (here: its `zfs
+    hold` fails). The offsite run that came next took it for an interrupted backup of its own
+    and destroyed it, so onsite's next run could not adopt it. Every backup snapshot now says
+    which server its run sent it to: the offsite run leaves it, onsite's adopts it."""
+    onsite, offsite = server_factory("dir"), server_factory("dir")
+    dataset = pool.create("host")
+    real = rig.sh("sh", "-c", "command -v zfs").strip()
+    no_hold = tmp_path / "zfs"
+    no_hold.write_text(f"#!/bin/sh\n[ \"$1\" = hold ] && {{ echo \"cannot hold: pool I/O\""
+                       f" >&2; exit 1; }}\nexec {real} \"$@\"\n")
+    no_hold.chmod(0o755)
+
+    def run(server, seed, expect=0, **extra):
+        rig.write_files(pool.mountpoint(dataset), seed=seed, count=1, size=20_000)
+        report = backup_json(run_zfsmgr, {**server.client_env, "LOCAL_DATASET": dataset,
+                                          "STATE_DIR": str(pool.dir / "state"), **extra},
+                             expect)
+        time.sleep(1.1)
+        return report["datasets"][0]
+
+    assert run(onsite, 1)["status"] == "full" and run(offsite, 2)["status"] == "full"
+    dying = run(onsite, 3, expect=1, ZFSMGR_ZFS=str(no_hold))
+    assert dying["status"] == "failed" and "cannot hold" in dying["message"], dying
+    committed = json.loads(run_zfsmgr(["restore", "list", "--json"], env=onsite.client_env,
+                                      check=True).stdout)[0]["snapshot"]
+
+    def snapshots():
+        return zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", dataset).split()
+
+    assert f"{dataset}@{committed}" in snapshots()
+    assert run(offsite, 4)["status"] == "incremental"
+    assert f"{dataset}@{committed}" in snapshots()  # left to onsite
+    after = run(onsite, 5)
+    assert after["status"] == "incremental", after
+    newest = json.loads(run_zfsmgr(["restore", "list", "--json"], env=onsite.client_env,
+                                   check=True).stdout)[0]
+    assert newest["parent"] == committed, newest  # from the adopted backup, not the older base
+
+
 def test_a_damaged_stream_leaves_the_old_tree_as_it_was(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     root = make_tree(pool)

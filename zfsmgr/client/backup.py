@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from typing import Callable, List, Optional
 
 from zfsmgr import protocol
-from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_KIND, PROPS, Base,
-                                Committed, backup_snapshots, find_bases, mark_base)
+from zfsmgr.client.base import (BACKUP_PREFIX, PROP_BASE, PROP_BASES, PROP_SERVER, PROPS, Base,
+                                Committed, backup_snapshots, find_bases, made_with, mark_base,
+                                pending_elsewhere)
 from zfsmgr.client import record
 from zfsmgr.client.upload import Result, Uploader
 from zfsmgr.errors import UsageError, ZfsmgrError
@@ -149,10 +150,19 @@ class Backup(Uploader):
             snaps = self.zfs.snapshots(self.dataset, PROPS)
         bases = find_bases(self.zfs, self.dataset, features, snaps, marks)
         newest = bases[0].snapshot if bases else ""
+        # a backup made for this server waits behind this server's bases only: another
+        # server's newer base does not make it any less this server's to adopt
+        mine = next((b.snapshot for b in bases if b.tag in (self.tag, "")), "")
         stored = {(m["snapshot"], m.get("guid") or "") for m in on_server}
         changed = False
+        now = time.time()
         for snap in backup_snapshots(self.zfs, self.dataset, snaps):
-            if snap.prop(PROP_BASE) == "yes" or snap.prop(PROP_BASES) or snap.short <= newest:
+            ours = bool(self.tag) and snap.prop(PROP_SERVER) == self.tag
+            if snap.prop(PROP_BASE) == "yes" or snap.prop(PROP_BASES) or \
+                    snap.short <= (mine if ours else newest):
+                continue
+            if pending_elsewhere(snap, self.tag, now):
+                log.info("leaving %s to the runs of the server it was made for", snap.name)
                 continue
             # a manifest without a guid (an older writer) stands for its snapshot's name, as
             # in_catalog takes it: a committed backup is never removed as an interrupted one
@@ -249,7 +259,7 @@ class Backup(Uploader):
         landed in a later second takes that second's name, or is made again."""
         for _ in range(5):
             name = new_snapshot_name(self.zfs, self.dataset)
-            self.zfs.snapshot(name, {PROP_KIND: "backup"})
+            self.zfs.snapshot(name, made_with(self.tag))
             snap = name_by_creation(self.zfs, self.zfs.snapshot_info(name, PROPS))
             if named_by_its_creation(snap):
                 return snap

@@ -11,11 +11,18 @@ a base for, and it is destroyed when that list becomes empty.
 
 Bases of older releases (bookmark `DS#zfsmgr_<stamp>`, property org.zfsmgr:base=yes, hold
 `zfsmgr`) are used by whichever server holds them and retired at the next commit.
+
+A backup snapshot carries the tag of the server its run sends it to from the start
+(org.zfsmgr:server, set by the `zfs snapshot` itself): until it becomes a base, only that
+server's runs adopt or remove it, so a run to the offsite server never destroys a backup the
+onsite server committed just before its run died (FOREIGN_PATIENCE: one nobody adopts for a
+week goes after all).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -25,7 +32,22 @@ BACKUP_PREFIX = "zfsmgr_"  # backup snapshots and bookmarks: DS@zfsmgr_2024-02-1
 PROP_KIND = "kind"  # org.zfsmgr:kind: "backup", or a snapshot type (hourly, daily, ...)
 PROP_BASE = "base"  # org.zfsmgr:base=yes: an older release's base (any server)
 PROP_BASES = "bases"  # org.zfsmgr:bases=<tag>,<tag>: the servers this snapshot is a base for
-PROPS = (PROP_KIND, PROP_BASE, PROP_BASES)  # what listings of snapshots ask for
+PROP_SERVER = "server"  # org.zfsmgr:server=<tag>: the server the run that made it sent it to
+PROPS = (PROP_KIND, PROP_BASE, PROP_BASES, PROP_SERVER)  # what listings of snapshots ask for
+FOREIGN_PATIENCE = 7 * 86400  # seconds another server's unadopted backup snapshot is left
+
+
+def made_with(tag: str) -> Dict[str, str]:
+    """The user properties a new backup snapshot is made with (`tag`: its server's)."""
+    return {PROP_KIND: "backup", **({PROP_SERVER: tag} if tag else {})}
+
+
+def pending_elsewhere(snap: Snapshot, tag: str, now: float) -> bool:
+    """Whether a backup snapshot that is no base belongs to another server's run (one that
+    may have committed it and died before marking it): not this run's to adopt or remove,
+    unless that server left it for FOREIGN_PATIENCE."""
+    made_for = snap.prop(PROP_SERVER)
+    return bool(made_for) and made_for != tag and now - snap.creation < FOREIGN_PATIENCE
 
 
 def server_tag(server_url: str, client_id: str) -> str:
@@ -204,11 +226,13 @@ class Retiring:
 def retiring(zfs: Zfs, dataset: str, keep: str, tag: str = "",
              snaps: Optional[List[Snapshot]] = None) -> List[Retiring]:
     """The backup snapshots of `dataset` but `keep`, with what retiring tag's base takes."""
-    found = []
+    found, now = [], time.time()
     for snap in backup_snapshots(zfs, dataset, snaps):
         if snap.short == keep:
             continue
         tags, legacy = _tags(snap), snap.prop(PROP_BASE) == "yes"
+        if not tags and not legacy and pending_elsewhere(snap, tag, now):
+            continue
         holds = []
         if tag in tags:
             holds.append(hold_tag(tag))

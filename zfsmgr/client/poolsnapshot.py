@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from zfsmgr import protocol
 from zfsmgr.client.backup import (free_snapshot_name, named_by_its_creation,
                                   wait_for_a_new_second)
-from zfsmgr.client.base import BACKUP_PREFIX, PROP_KIND
+from zfsmgr.client.base import BACKUP_PREFIX, made_with
 from zfsmgr.client.inventory import Pool
 from zfsmgr.client.selection import under
 from zfsmgr.errors import ZfsmgrError
@@ -59,13 +59,14 @@ def _covered(members: Sequence[str], names: Sequence[str], recursive: bool) -> L
 
 
 def snapshot_pool(zfs: Zfs, pool: Pool, members: List[str], short: str, taken: set,
-                  also_list: Sequence[str], discard: Callable[[str, Snapshot], None]
-                  ) -> PoolSnapshot:
-    """Snapshot the pool's `members` as `short` (a name not in `taken`), named by their
-    creation second in the end; `discard(member, snapshot)` removes a snapshot made again."""
+                  also_list: Sequence[str], discard: Callable[[str, Snapshot], None],
+                  tag: str = "") -> PoolSnapshot:
+    """Snapshot the pool's `members` as `short` (a name not in `taken`) for server `tag`,
+    named by their creation second in the end; `discard(member, snapshot)` removes a
+    snapshot made again."""
     result = PoolSnapshot()
     for _ in range(ATTEMPTS):
-        done = _snapshot(zfs, pool, members, short, result.failed)
+        done = _snapshot(zfs, pool, members, short, result.failed, tag)
         members = [m for m in members if m not in result.failed]
         if not done:
             return result
@@ -99,10 +100,10 @@ def snapshot_pool(zfs: Zfs, pool: Pool, members: List[str], short: str, taken: s
 
 
 def _snapshot(zfs: Zfs, pool: Pool, members: List[str], short: str,
-              failed: Dict[str, ZfsmgrError]) -> List[str]:
+              failed: Dict[str, ZfsmgrError], tag: str) -> List[str]:
     """Take the snapshots (zfs-fuse: one `zfs snapshot -r` per whole subtree, else one per
     dataset); the members taken, the others' errors into `failed`."""
-    props = {PROP_KIND: "backup"}
+    props = made_with(tag)
     if pool.features.modern:
         batches = [(list(members), False)]
     else:

@@ -263,7 +263,8 @@ class Run:
             bases = [prepared[n].base.name for n in members
                      if prepared[n].base and not prepared[n].base.is_bookmark]
             taken_here = snapshot_pool(self.zfs, pool, members, short, taken, bases,
-                                       lambda name, snap: prepared[name].discard(snap))
+                                       lambda name, snap: prepared[name].discard(snap),
+                                       self.options.tag)
             for name, exc in taken_here.failed.items():
                 self._fail(name, exc)
             if taken_here.made:  # the next pool tries the same name (its second, often)
