@@ -177,11 +177,14 @@ def test_a_damaged_stream_leaves_the_old_tree_as_it_was(pool, server_factory, ru
                 if "zfsmgr-restore" in d]  # the temporary tree is gone
 
 
+@pytest.mark.parametrize("how", ["single", "recursive", "all"])
 def test_a_streams_mountpoint_never_decides_where_a_restore_mounts(
-        pool, server_factory, run_zfsmgr, tmp_path):
+        how, pool, server_factory, run_zfsmgr, tmp_path):
     """A `send -p` stream carries the original dataset's mountpoint: the restored dataset
     mounted there (a server could choose ~/.ssh, and plant authorized_keys), and kept it for
-    the next `zfs mount -a`. It mounts below its target now, and shares nothing."""
+    the next `zfs mount -a`. It mounts below its target now, and shares nothing; so does each
+    dataset of a tree restore (`--recursive`, `--all`: they kept the stream's), whose missing
+    parents are empty canmount=off placeholders (`zfs create -p` mounted all but the last)."""
     import gzip
     import subprocess
 
@@ -189,7 +192,8 @@ def test_a_streams_mountpoint_never_decides_where_a_restore_mounts(
     from zfsmgr.remote import ServerClient
 
     server = server_factory("dir")
-    source = pool.create("withmount")
+    rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/deep")
+    source = pool.create("deep/withmount")
     victim = tmp_path / "victim" / ".ssh"
     rig.sh("zfs", "set", f"mountpoint={victim}", source)
     (victim / "authorized_keys").write_text("ssh-ed25519 AAAA planted\n")
@@ -202,16 +206,24 @@ def test_a_streams_mountpoint_never_decides_where_a_restore_mounts(
     upload_stream(api, source, "zfsmgr_2023-11-14_22:13:20", gzip.compress(stream, 1),
                   1700000000)
     target = f"{pool.name}/restored"
-    done = run_zfsmgr(["restore", "latest", "--source-dataset", source, target],
-                      env=server.client_env)
+    restored, args = target, ["--source-dataset", source, target]
+    if how == "recursive":
+        args.append("--recursive")
+    elif how == "all":
+        restored, args = f"{target}/{source}", ["--all", target]
+    done = run_zfsmgr(["restore", "latest", *args], env=server.client_env)
     assert done.returncode == 0, done.stderr
     assert "the stream's mountpoint" in done.stderr
     assert not (victim / "authorized_keys").exists()
     value, where = rig.sh("zfs", "get", "-H", "-o", "value,source", "mountpoint",
-                          target).split("\t")
-    assert value == f"{pool.mountpoint(pool.name)}/restored", (value, where)
+                          restored).split("\t")
+    assert value == f"{pool.mountpoint(pool.name)}/{restored.split('/', 1)[1]}", (value, where)
     assert "default" in where or "inherited" in where, where
-    assert (pool.mountpoint(target) / "authorized_keys").exists()  # the data is all there
+    assert (pool.mountpoint(restored) / "authorized_keys").exists()  # the data is all there
+    placeholders = datasets_under(target)[:-1] if how == "all" else []
+    assert len(placeholders) == (3 if how == "all" else 0)  # target, target/POOL, .../deep
+    for each in placeholders:
+        assert zfs("get", "-H", "-o", "value", "canmount", each).strip() == "off", each
 
 
 def test_a_stream_zfs_refuses_is_named_with_the_command_line(pool, server_factory, run_zfsmgr):

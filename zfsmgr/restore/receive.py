@@ -165,18 +165,19 @@ class Target:
             self.created.extend(reversed(missing))
         return self.receive_into
 
-    def contain(self, dest: str) -> None:
-        """Where the restored dataset mounts and what it shares are the restoring host's: a
-        value its stream brought (`send -p`: the original host's `/home`, or any path a
-        server chose) is dropped, so it mounts below its target and shares nothing. On
-        zfs-fuse what a stream sets shows as `local`; restore itself never sets these."""
+    def contain(self, dest: str, shown: str = "") -> None:
+        """Where the restored dataset `dest` (`shown`: its name once in place, default the
+        target's) mounts and what it shares are the restoring host's: a value its stream
+        brought (`send -p`: the original host's `/home`, or any path a server chose) is
+        dropped, so it mounts below its target and shares nothing. On zfs-fuse what a stream
+        sets shows as `local`; restore itself never sets these."""
         values = self.zfs.props_with_source([dest], CONTAINED)[dest]
         for prop, (value, source) in values.items():
             if source in ("local", "received"):
                 self.zfs.inherit(dest, prop)
                 why = " (it mounts below its target)" if prop == "mountpoint" else ""
-                sys.stderr.write(f"zfsmgr: warning: {self.name}: the stream's {prop}={value}"
-                                 f" is not used{why}\n")
+                sys.stderr.write(f"zfsmgr: warning: {shown or self.name}: the stream's"
+                                 f" {prop}={value} is not used{why}\n")
 
     def received(self) -> None:
         """Note that `receive_into` is about to exist, so undo() removes it."""

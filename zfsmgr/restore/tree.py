@@ -92,6 +92,7 @@ def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manife
             shown = f"{target.name}/{rel}" if rel else target.name
             receive_chain(zfs, open_stream, chain, into, records.on_receive(chain, shown))
             records.settle(into, chain, shown)
+            target.contain(into, shown)  # each dataset of the tree, as a single restore
             restored.append(shown)
         target.commit()
     except BaseException:
@@ -104,5 +105,11 @@ def restore_tree(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manife
 
 
 def _placeholder(zfs: Zfs, name: str) -> None:
-    """An empty dataset that only holds restored children (its own data was not backed up)."""
-    zfs.create(name, parents=True, props={"canmount": "off"})
+    """An empty dataset that only holds restored children (its own data was not backed up),
+    and so each missing one above it: `zfs create -p -o canmount=off` set canmount=off on the
+    last one only, and mounted the others."""
+    missing = [name]
+    while "/" in missing[-1] and not zfs.exists(missing[-1].rsplit("/", 1)[0]):
+        missing.append(missing[-1].rsplit("/", 1)[0])
+    for each in reversed(missing):
+        zfs.create(each, props={"canmount": "off"})
