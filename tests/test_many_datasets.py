@@ -239,14 +239,17 @@ def test_a_snapshot_set_split_across_command_lines_is_all_or_none(pool, monkeypa
     assert zfs("list", "-H", "-t", "snapshot", "-r", "-o", "name", root).strip() == ""
 
 
-def test_parallel_sends_and_an_interrupt_leaves_nothing(pool, server_factory, run_zfsmgr):
+@pytest.mark.parametrize("parallel", ["3", "1"])
+def test_parallel_sends_and_an_interrupt_leaves_nothing(parallel, pool, server_factory,
+                                                        run_zfsmgr):
+    """One at a time, the datasets waiting their turn kept their new snapshots."""
     import signal
     import subprocess
     import sys
 
     server = server_factory("dir", env={"CLIENT_MAX_REQUESTS": "12", "PART_SIZE": "128K"})
     root = make_tree(pool)
-    env = env_for(server, root, PARALLEL="3")
+    env = env_for(server, root, PARALLEL=parallel)
     first = backup_json(run_zfsmgr, env)
     assert set(statuses(first).values()) == {"full"} and first["sent"] == 5
     for child in ("a", "b", "c/on"):

@@ -255,7 +255,22 @@ class Run:
         latest = max(latest_second(on_server.get(n, []), b.snaps) for n, b in prepared.items())
         wait_for_a_new_second(latest, self.sleep)
         short = free_snapshot_name(taken)
-        new: Dict[str, Snapshot] = {}
+        new: Dict[str, Snapshot] = {}  # filled pool by pool
+        try:
+            self._snapshot_pools(pools, prepared, short, taken, new)
+            todo = self._changed(new, prepared, pools)
+            record.attach(self.zfs, todo)  # one `zfs get` per pool, where streams go without -p
+        except BaseException:  # an interrupt before any stream: none of them stays behind
+            for name, snap in new.items():
+                if self.zfs.exists(snap.name):
+                    prepared[name].discard(snap)
+            raise
+        self._send_all(todo)
+
+    def _snapshot_pools(self, pools: Dict[str, Pool], prepared: Dict[str, Backup], short: str,
+                        taken: set, new: Dict[str, Snapshot]) -> None:
+        """One atomic snapshot per pool of its prepared datasets; what was made goes into
+        `new` as it is made."""
         for pool in pools.values():
             members = [n for n in prepared if n.split("/")[0] == pool.name]
             if not members:
@@ -271,6 +286,11 @@ class Run:
                 self.report.pools[pool.name] = short = taken_here.short
             self._fresh.update(taken_here.listed)
             new.update(taken_here.made)
+
+    def _changed(self, new: Dict[str, Snapshot], prepared: Dict[str, Backup],
+                 pools: Dict[str, Pool]) -> List[tuple]:
+        """The (dataset, backup, snapshot) to send; the new snapshots of the unchanged ones
+        are reported and destroyed."""
         todo, unchanged = [], []
         for name, backup in prepared.items():
             snap = new.get(name)
@@ -281,8 +301,7 @@ class Run:
             else:
                 todo.append((name, backup, snap))
         self._discard_unchanged(unchanged, new, prepared, pools)
-        record.attach(self.zfs, todo)  # one `zfs get` per pool, where streams go without -p
-        self._send_all(todo)
+        return todo
 
     def _discard_unchanged(self, unchanged: List[str], new: Dict[str, Snapshot],
                            prepared: Dict[str, Backup], pools: Dict[str, Pool]) -> None:
@@ -364,7 +383,13 @@ class Run:
         try:
             if workers == 1:
                 for index in range(len(todo)):
-                    one(index)
+                    try:
+                        one(index)
+                    except BaseException:
+                        stop.set()  # as in parallel: each of the rest removes its snapshot
+                        for rest in range(index + 1, len(todo)):
+                            one(rest)
+                        raise
                 return
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 futures = [pool.submit(one, index) for index in range(len(todo))]
