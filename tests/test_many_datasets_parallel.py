@@ -319,3 +319,71 @@ def test_an_unexpected_error_in_one_upload_fails_that_dataset_only(pool, server_
     assert status[children[1]][0] == "failed" and "KeyError" in status[children[1]][1]
     assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r",
                   children[1]).strip() == ""  # its new snapshot went
+
+
+def _quiet_and_busy(pool, server_factory, run_zfsmgr, tmp_path):
+    """(env, quiet, busy, snapshots): two datasets backed up once, then new data in busy."""
+    server = server_factory("dir")
+    root = pool.create("host")
+    quiet, busy = f"{root}/quiet", f"{root}/busy"
+    for child in (quiet, busy):
+        rig.sh("zfs", "create", child)
+    env = {**server.client_env, "LOCAL_DATASET": f"{quiet} {busy}",
+           "STATE_DIR": str(tmp_path / "state")}
+    assert run_zfsmgr(["client", "backup"], env=env).returncode == 0
+    _write(pool, [busy], 2)
+
+    def snapshots():
+        return {d: rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1",
+                          d).split() for d in (quiet, busy)}
+    return env, quiet, busy, snapshots
+
+
+def _checkin_raises(monkeypatch, exc):
+    from zfsmgr import protocol
+    from zfsmgr.remote import ServerClient
+
+    call = ServerClient.call
+
+    def checkin_fails(self, method, path, payload=None, query=None):
+        if path == protocol.CHECKIN:
+            raise exc
+        return call(self, method, path, payload, query)
+
+    monkeypatch.setattr(ServerClient, "call", checkin_fails)
+
+
+@pytest.mark.zfs
+def test_a_checkin_the_server_never_gets_is_a_warning_and_the_run_goes_on(
+        pool, server_factory, run_zfsmgr, monkeypatch, capsys, tmp_path):
+    """The check-in of an unchanged dataset that could not reach the server (a timeout, a
+    dropped connection) ended the run: the changed datasets were not sent, every new snapshot
+    stayed behind and `--json` printed nothing."""
+    from zfsmgr.errors import ServerUnreachable
+
+    env, quiet, busy, snapshots = _quiet_and_busy(pool, server_factory, run_zfsmgr, tmp_path)
+    before = snapshots()
+    _checkin_raises(monkeypatch, ServerUnreachable("cannot reach the server: timed out"))
+    status = _backup_here(monkeypatch, tmp_path, env)
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    report = json.loads(out)
+    assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
+        quiet: "unchanged", busy: "incremental"}
+    assert f"{quiet} unchanged, but the server did not record the check" in err
+    after = snapshots()
+    assert after[quiet] == before[quiet]  # its new snapshot is gone again
+    assert len(after[busy]) == len(before[busy])  # the new base replaced the old one
+
+
+@pytest.mark.zfs
+def test_an_interrupt_before_the_first_stream_leaves_no_new_snapshot(
+        pool, server_factory, run_zfsmgr, monkeypatch, capsys, tmp_path):
+    """Ctrl-C or SIGTERM after the pool's snapshot and before any stream (here during the
+    check-in of an unchanged dataset) left every new snapshot of the run behind."""
+    env, quiet, busy, snapshots = _quiet_and_busy(pool, server_factory, run_zfsmgr, tmp_path)
+    before = snapshots()
+    _checkin_raises(monkeypatch, KeyboardInterrupt())
+    assert _backup_here(monkeypatch, tmp_path, env) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert snapshots() == before

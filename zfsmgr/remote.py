@@ -277,10 +277,11 @@ class ServerClient:
     def checkin(self, dataset: str, snapshot: str) -> None:
         """Tell the server `dataset` was checked and nothing was written since its backup
         `snapshot` (an unchanged dataset sends no backup, and would look stale). A refusal
-        (a server without POST /checkin) is a warning on stderr; the run goes on."""
+        (a server without POST /checkin) or a server out of reach is a warning on stderr;
+        the run goes on (the uploads find out for themselves)."""
         try:
             self.call("POST", protocol.CHECKIN, {"dataset": dataset, "snapshot": snapshot})
-        except ServerError as exc:
+        except (ServerError, ServerUnreachable) as exc:
             sys.stderr.write(f"zfsmgr: warning: {dataset} unchanged, but the server did not"
                              f" record the check: {exc}\n")
 
