@@ -849,3 +849,57 @@ def test_a_checkin_reads_one_row_not_the_datasets_history(server, monkeypatch):
     assert call(app, "POST", "/checkin", json.dumps(body).encode(), auth("alice"))[0] == 200
     body["snapshot"] = "zfsmgr_1"
     assert call(app, "POST", "/checkin", json.dumps(body).encode(), auth("alice"))[0] == 404
+
+
+def test_a_store_check_that_hangs_holds_up_no_client_of_another_store(
+        server, monkeypatch, tmp_path):
+    """A /health checking a store that takes minutes to answer (an unreachable S3 endpoint,
+    a hung pool), asked by anyone reaching the port, held the lock every request takes to find
+    its store, and the cache that every client's part and commit clears: each client of every
+    store waited as long."""
+    from zfsmgr.errors import StorageError
+    from zfsmgr.storage import registry
+    from zfsmgr.storage.directory import DirectoryStore
+
+    ctx, app = server
+    checking, answer = threading.Event(), threading.Event()
+
+    class Hanging(DirectoryStore):
+        @classmethod
+        def from_settings(cls, settings, homes=dict):
+            return cls(str(tmp_path / "hanging"))
+
+        def check(self):
+            checking.set()
+            answer.wait(60)
+            raise StorageError("the endpoint did not answer")
+
+    class Backend:
+        kind = "hanging"
+
+        def load(self):
+            return Hanging
+
+    monkeypatch.setitem(registry.BY_KIND, "hanging", Backend())
+    monkeypatch.setattr(ctx, "configured_kinds", lambda: ["dir", "hanging"])
+    assert upload(app, "alice", b"first")[0] == 200  # the dir store is made and checked
+    health = threading.Thread(target=call, args=(app, "GET", "/health"))
+    health.start()
+    try:
+        assert checking.wait(10)
+        answers = []
+
+        def bob():
+            answers.append(call(app, "GET", "/status", headers=auth("bob"))[0])
+            answers.append(upload(app, "bob", b"his data")[0])  # clears /health's cache
+
+        other = threading.Thread(target=bob)
+        other.start()
+        other.join(20)
+        assert not other.is_alive(), "bob waited for the check of a store he does not use"
+        assert answers == [200, 200]
+    finally:
+        answer.set()
+        health.join(60)
+    code, body, _ = call(app, "GET", "/health")
+    assert code == 200 and "hanging storage is unusable" in body.decode()

@@ -42,7 +42,8 @@ class ServerContext:
         self.notifier = Notifier(settings.notify_url)
         self._stores: Dict[str, Store] = {}
         self._default = ""  # the server's default store kind, once probed (default_kind)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _stores, held for moments only
+        self._making: Dict[str, threading.Lock] = {}  # per kind: one creation at a time
         self.working = Shares(self.client_max_requests, "requests")  # worker threads in use
         if open_catalog:  # `reindex` builds a new one instead
             self.open_catalog()
@@ -153,11 +154,23 @@ class ServerContext:
         return registry.BACKENDS[-1].kind
 
     def store_named(self, kind: str) -> Store:
-        """The store of one kind, created and checked on first use."""
+        """The store of one kind, created and checked on first use. Those asking for the same
+        kind meanwhile wait for that check; those asking for another do not (a check of an
+        unreachable S3 endpoint or a hung pool may take minutes: a /health that checked one
+        under the lock every request takes held every client of every store as long)."""
         with self._lock:
-            if kind not in self._stores:
-                self._stores[kind] = self._make(kind)
-            return self._stores[kind]
+            store = self._stores.get(kind)
+            if store is not None:
+                return store
+            making = self._making.setdefault(kind, threading.Lock())
+        with making:
+            with self._lock:
+                store = self._stores.get(kind)
+            if store is None:
+                store = self._make(kind)
+                with self._lock:
+                    self._stores[kind] = store
+            return store
 
     def _make(self, kind: str) -> Store:
         if kind not in registry.BY_KIND:
