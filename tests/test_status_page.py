@@ -150,7 +150,9 @@ def test_status_page_in_headless_chromium(server_factory, tmp_path):
     upload(server.url, "client1", key, fresh_ds, "s1", now - 2, b"full stream" * 1000)
     upload(server.url, "client1", key, fresh_ds, "s2", now - 1, b"increment" * 100, parent="s1")
 
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "Basic " + "\u00e9".encode().decode("latin-1")}):
+        # the last: UTF-8, not ASCII; it was a 500
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(server.url + "/", headers=headers))
         assert refused.value.code == 401
