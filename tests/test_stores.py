@@ -490,3 +490,33 @@ def test_local_store_reads_one_manifest_from_its_dataset_alone(pool, tmp_path, s
     assert store.read_manifest(FULL_KEY).snapshot == "a"
     with pytest.raises(NotFound):
         store.read_manifest("c1/tank_data_2024-02-13_15:30:00.zfs.gz")
+
+
+@pytest.mark.zfs
+def test_local_store_lists_the_backups_of_a_home_deep_below_its_base(pool, tmp_path, streams):
+    """A client whose `dataset` is two levels below ZFS_BASE_DATASET (backup/hosts/web1): the
+    listing of every client (`server reindex`, the catalog's refresh) reached four levels from
+    the base, one short of its snapshots, and its backups vanished from the catalog."""
+    import dataclasses
+
+    from zfsmgr.storage.zfslocal import ZfsLocalStore
+
+    _, full, _, _ = streams
+    base = f"{pool.name}/srv"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    rig.sh("zfs", "create", "-p", "-o", "mountpoint=none", f"{base}/hosts/web1")
+    rig.sh("zfs", "create", "-o", "mountpoint=none", f"{pool.name}/elsewhere")
+    homes = {"web1": f"{base}/hosts/web1", "far": f"{pool.name}/elsewhere"}
+    store = ZfsLocalStore(base, str(tmp_path / "staging"), homes=lambda: homes)
+    store.check()
+    mine = manifest(FULL_KEY, full, "a", kind="local")
+    committed = [dataclasses.replace(mine, client_id=client, key=client + FULL_KEY[2:])
+                 for client in ("web1", "far", "c1")]
+    for m in committed:
+        upload_id = uuid.uuid4().hex
+        store.begin(upload_id, m)
+        stage(store, upload_id, full, 0)
+        store.commit(upload_id, m)
+    listed = [m.key for m in store.manifests()]
+    assert sorted(listed) == sorted(m.key for m in committed)  # each once
+    assert [m.key for m in store.manifests("web1")] == [committed[0].key]

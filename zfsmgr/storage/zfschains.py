@@ -78,6 +78,15 @@ class SendBody:
             self.command.kill()
 
 
+# BASE/<client>/<dataset token>/<chain>@<snapshot>: a listing from BASE reaches the snapshots
+# of the homes one level below it
+LISTED_DEPTH = 4
+
+
+def _one_below(home: str, base: str) -> bool:
+    return home.startswith(base + "/") and "/" not in home[len(base) + 1:]
+
+
 @zfs_failures_are_storage_errors
 class ReceivedChains(Store):
     """The committed side of the local store: chains received under each client's home."""
@@ -102,7 +111,7 @@ class ReceivedChains(Store):
         """Every snapshot under `root` with its guid and manifest property."""
         if not self.zfs.exists(root):
             return {}
-        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=4)
+        found = self.zfs.props([root], ["guid", MANIFEST_PROP], recursive_depth=LISTED_DEPTH)
         return {name: props for name, props in found.items() if "@" in name}
 
     def _chain_for(self, manifest: Manifest) -> str:
@@ -169,12 +178,17 @@ class ReceivedChains(Store):
     def manifests(self, client_id=None):
         if client_id:
             roots = [self.home(client_id)]
-        else:  # BASE, and the homes of clients whose `dataset` lies outside it
+        else:  # BASE, and the homes its listing (LISTED_DEPTH) does not reach: outside it,
+            # or more than one level below it (a `dataset` of backup/hosts/web1)
             roots = [self.base] + sorted({h for h in self._homes().values()
-                                          if h and not h.startswith(self.base + "/")})
+                                          if h and h != self.base and not
+                                          _one_below(h, self.base)})
+        seen = set()
         for root in roots:
             for manifest in self._manifests_under(root):
-                if not client_id or manifest.client_id == client_id:
+                if (not client_id or manifest.client_id == client_id) and \
+                        manifest.key not in seen:
+                    seen.add(manifest.key)
                     yield manifest
 
     def _manifests_under(self, root: str) -> Iterator[Manifest]:
