@@ -196,3 +196,19 @@ def test_a_malformed_commit_extends_no_retention(server_factory):
     assert retained_until(s3, bucket, full["key"]) == locked
     assert hostile.commit(server.url, alice, answer, declaration)[0] == 200
     assert retained_until(s3, bucket, full["key"]) > locked
+
+
+def test_an_object_lock_service_out_of_reach_is_a_storage_error():
+    """The Object Lock calls that read S3's refusals themselves (the startup proof, the
+    retention a commit extends, the deletes of versions) let a service out of reach through
+    as urllib3's MaxRetryError: a 500 with a traceback from a commit or a rotation, where
+    every other S3 call says StorageError (503, retried). A closed port on loopback is out
+    of reach for real."""
+    from zfsmgr.storage.s3 import S3Store
+
+    store = S3Store(f"127.0.0.1:{rig.free_port()}", "access", "secret", "bucket",
+                    secure=False, object_lock="governance")
+    with pytest.raises(StorageError, match="retention of some/key failed: MaxRetryError"):
+        store.lock.extend("some/key", datetime.now(timezone.utc) + timedelta(days=1))
+    with pytest.raises(StorageError, match="Object Lock configuration of bucket failed"):
+        store.lock.prove()

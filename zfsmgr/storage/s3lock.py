@@ -18,6 +18,7 @@ before an incremental on it is committed, so a chain's base always outlives its 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import secrets
@@ -30,6 +31,22 @@ from zfsmgr.retention import RetentionPolicy
 log = logging.getLogger("zfsmgr.storage.s3")
 MODES = ("governance", "compliance")
 PROBES = ".zfsmgr-lock-probe/"
+
+
+@contextlib.contextmanager
+def _reaching(what: str):
+    """The calls that read S3's own refusals (S3Error) themselves: a service out of reach
+    (urllib3, OSError, minio's other errors) is a StorageError there too, as in S3Store._call,
+    not a traceback and a 500."""
+    from minio.error import MinioException, S3Error
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except S3Error:
+        raise
+    except (MinioException, HTTPError, OSError) as exc:
+        raise StorageError(f"S3 {what} failed: {type(exc).__name__}: {exc}") from None
 
 
 def horizon(policy: Optional[RetentionPolicy], min_retain_days: float) -> timedelta:
@@ -73,7 +90,8 @@ class ObjectLock:
         from minio.error import S3Error
 
         try:
-            config = self.client.get_object_lock_config(self.bucket)
+            with _reaching(f"Object Lock configuration of {self.bucket}"):
+                config = self.client.get_object_lock_config(self.bucket)
         except S3Error as exc:
             raise StorageError(f"S3_OBJECT_LOCK={self.mode}, but bucket {self.bucket} has no"
                                f" Object Lock ({exc.code}); it can only be enabled when a"
@@ -85,7 +103,8 @@ class ObjectLock:
         written = self._call("Object Lock probe", self.client.put_object, self.bucket, key,
                              io.BytesIO(b"probe"), 5, retention=self.retention(until))
         try:
-            self.client.remove_object(self.bucket, key, version_id=written.version_id)
+            with _reaching("Object Lock probe"):
+                self.client.remove_object(self.bucket, key, version_id=written.version_id)
         except S3Error:
             self.proven = True
             log.info("Object Lock (%s) on bucket %s is enforced: a locked probe could not"
@@ -102,8 +121,9 @@ class ObjectLock:
         for obj in self._call("list", self.client.list_objects, self.bucket, prefix=PROBES,
                               recursive=True, include_version=True):
             try:
-                self.client.remove_object(self.bucket, obj.object_name,
-                                          version_id=obj.version_id)
+                with _reaching(f"delete of {obj.object_name}"):
+                    self.client.remove_object(self.bucket, obj.object_name,
+                                              version_id=obj.version_id)
             except S3Error:
                 pass  # still retained: the next start tries again
 
@@ -112,7 +132,8 @@ class ObjectLock:
         from minio.error import S3Error
 
         try:
-            current = self.client.get_object_retention(self.bucket, key)
+            with _reaching(f"retention of {key}"):
+                current = self.client.get_object_retention(self.bucket, key)
         except S3Error as exc:
             if exc.code in ("NoSuchObjectLockConfiguration",
                             "ObjectLockConfigurationNotFoundError"):
@@ -144,7 +165,8 @@ class ObjectLock:
             if obj.object_name != key:
                 continue
             try:
-                self.client.remove_object(self.bucket, key, version_id=obj.version_id)
+                with _reaching(f"delete of {key}"):
+                    self.client.remove_object(self.bucket, key, version_id=obj.version_id)
             except S3Error as exc:
                 if exc.code in ("AccessDenied", "InvalidRequest", "ObjectLocked"):
                     raise Locked(f"{key} is under Object Lock ({self.mode}) and cannot be"
