@@ -108,9 +108,14 @@ class Coordination:
             try:
                 etag, data = self.store.get_small_etag(key)
                 held = json.loads(data)
-                if float(held.get("until", 0)) < time.time():  # its holder died: take it over
-                    log.warning("lease of %s held by %s expired: taking it over", client_id,
-                                held.get("holder"))
+                # one of this process's own (a release that failed, a write whose answer was
+                # lost and that was sent again): no thread of it holds the lease, since one at
+                # a time asks (the local lock), so it is taken back, not waited out for 15 min
+                mine = held.get("holder") == self.holder
+                if mine or float(held.get("until", 0)) < time.time():  # or its holder died
+                    log.warning("lease of %s %s: taking it over", client_id,
+                                "left by this server" if mine else
+                                f"held by {held.get('holder')} expired")
                     return self.store.put_small(key, body, {"If-Match": f'"{etag}"'})
             except NotFound:
                 continue  # released meanwhile: try again at once
