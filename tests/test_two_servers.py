@@ -12,6 +12,8 @@ import time
 import urllib.request
 import uuid
 
+import pytest
+
 import rig
 from test_backup_e2e import files_of
 from zfsmgr.storage.s3 import S3Store
@@ -304,3 +306,59 @@ def test_the_quota_counts_the_parts_staged_through_the_other_server(s3, tmp_path
     assert store.reservations("edge", 1.0) == {}
     assert [o.object_name for o in store.client.list_objects(
         s3["bucket"], prefix=f"{RESERVED}edge/", recursive=True)] == []
+
+
+def test_a_lease_this_server_left_behind_is_taken_back_at_once(s3, monkeypatch):
+    """A release that failed (the bucket out of reach a moment) or a lease write whose answer
+    was lost left this server's own lease in the bucket: every later commit or rotation of
+    the client waited for it (LEASE_WAIT) and failed with a 503, for its 15 minutes."""
+    from zfsmgr.errors import StorageError
+    from zfsmgr.storage import s3shared
+
+    monkeypatch.setattr(s3shared, "LEASE_WAIT", 2.0)
+    bucket = f"zfsmgr-{uuid.uuid4().hex[:12]}"
+    store = _store(s3, bucket)
+    left = {"holder": store.coordination.holder, "until": time.time() + 900}
+    store.put_small(f"{LEASES}c1", json.dumps(left).encode())
+    with store.client_lease("c1"):
+        pass
+    assert not list(store.client.list_objects(bucket, prefix=LEASES, recursive=True))
+    other = {"holder": "other-server:1", "until": time.time() + 900}  # still waited for
+    store.put_small(f"{LEASES}c2", json.dumps(other).encode())
+    with pytest.raises(StorageError, match="busy on another server"):
+        with store.client_lease("c2"):
+            pass
+
+
+def test_a_manifest_write_sent_again_after_its_answer_was_lost_commits(s3, monkeypatch):
+    """minio sends a write again when its answer is lost or a 5xx; the manifest's first write
+    (If-None-Match: *) had been applied, so the second got 412 and the commit said "committed
+    by another server" (409, not retried), and the client's abort then deleted the backup."""
+    from zfsmgr.errors import Conflict
+    from zfsmgr.protocol import Manifest
+
+    store = _store(s3, f"zfsmgr-{uuid.uuid4().hex[:12]}")
+    data = secrets.token_bytes(1000)
+    key = "c1/tank_data_2024-02-13_14:30:00.zfs"
+    manifest = Manifest(key=key, client_id="c1", dataset="tank/data", snapshot="a",
+                        type="full", parent=None, compression="none", raw_size=len(data),
+                        stored_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                        created="2024-02-13T14:30:05Z", snapshot_time=1707834600.0,
+                        storage_type="s3", extra={"note": "x"})
+    put = store.put_small
+
+    def applied_then_sent_again(name, body, headers=None, *args):
+        etag = put(name, body, headers, *args)
+        if name.endswith(".manifest.json"):
+            put(name, body, headers, *args)  # the service's own 412 for the second
+        return etag
+
+    monkeypatch.setattr(store, "put_small", applied_then_sent_again)
+    upload_id = uuid.uuid4().hex
+    store.stage_part(upload_id, 0, io.BytesIO(data), len(data))
+    assert store.commit(upload_id, manifest) == manifest
+    assert store.read_manifest(key) == manifest
+    other = uuid.uuid4().hex  # another backup under that key is still a conflict
+    store.stage_part(other, 0, io.BytesIO(data), len(data))
+    with pytest.raises(Conflict, match="committed by another server"):
+        store.commit(other, Manifest.from_dict({**manifest.to_dict(), "created": "later"}))

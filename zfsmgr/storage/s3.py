@@ -303,13 +303,23 @@ class S3Store(Store):
                            json.dumps(manifest.to_dict(), indent=1).encode(), exclusive,
                            retention)
         except PreconditionFailed:
-            raise Conflict(f"a backup stored as {manifest.key} already exists (committed by"
-                           " another server)") from None
+            if not self._holds(manifest):
+                raise Conflict(f"a backup stored as {manifest.key} already exists (committed"
+                               " by another server)") from None
+            # this very manifest: minio sent the write again after its first answer was lost
+            # (or a 5xx), and the first had been applied
         if retention is not None:
             self.lock.extend(manifest_key(manifest.key), retention.retain_until_date)
         self.mark_changed(manifest.client_id)
         self.discard(upload_id)
         return manifest
+
+    def _holds(self, manifest) -> bool:
+        """Whether the stored manifest of `manifest.key` is `manifest` itself."""
+        try:
+            return self.read_manifest(manifest.key).to_dict() == manifest.to_dict()
+        except (NotFound, StorageError):
+            return False
 
     def _retention(self, manifest):
         """The Object Lock retention a commit sets (None without S3_OBJECT_LOCK)."""
