@@ -114,7 +114,7 @@ def test_settings_env_file_then_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key,value,expect", [
     ("PORT", "abc", "PORT='abc'"), ("S3_USE_SSL", "maybe", "S3_USE_SSL"),
-    ("PART_SIZE", "lots", "PART_SIZE")])
+    ("PART_SIZE", "lots", "PART_SIZE"), ("S3_MAX_PARTS", "10001", "from 1 to 10000")])
 def test_bad_setting_is_one_line_naming_the_key(key, value, expect, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SettingsError) as err:

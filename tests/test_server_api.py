@@ -560,6 +560,33 @@ def test_a_part_past_the_most_an_upload_has_is_400(server):
     assert code == 400 and "at most 3 parts" in json.loads(body)["message"], body
 
 
+def test_a_stream_larger_than_the_store_keeps_is_413_at_its_open_or_its_part(
+        server, monkeypatch, tmp_path):
+    """S3 keeps at most 5 TiB in one object, but the part schedule carries up to 9.8 TiB:
+    minio's compose refused the rest at the commit, after the whole stream, with a 500."""
+    import minio.helpers
+
+    from zfsmgr.storage.directory import DirectoryStore
+    from zfsmgr.storage.s3 import S3Store
+
+    assert S3Store.max_object_size == minio.helpers.MAX_MULTIPART_OBJECT_SIZE
+    ctx, app = server
+    monkeypatch.setattr(DirectoryStore, "max_object_size", 2500)  # as small as a test needs
+    code, body = open_session(app, "tank/big", "zfsmgr_1", 1700000000, estimated_size=2501)
+    assert code == 413 and "more than the dir store keeps" in body["message"], body
+    code, session = open_session(app, "tank/big", "zfsmgr_2", 1700000100)  # no estimate
+    assert code == 200, session
+    upload_id = session["upload_id"]
+    for index in range(2):
+        assert call(app, "POST", f"/upload-stream/{upload_id}/{index}", b"m" * 1024,
+                    auth("alice"))[0] == 200
+    code, body, _ = call(app, "POST", f"/upload-stream/{upload_id}/2", b"m" * 1024,
+                         auth("alice"))
+    assert code == 413 and "with part 2, the upload is 3.0 KiB" in json.loads(body)["message"]
+    assert call(app, "GET", f"/upload-stream/{upload_id}", b"", auth("alice"))[0] == 404
+    assert not list((tmp_path / "b").rglob("data"))  # what it staged is gone
+
+
 def test_refused_requests_do_not_make_every_health_a_store_check(server, monkeypatch):
     """Every authenticated POST cleared /health's cache, whatever its answer: one client
     sending cheap 400s turned a flood of /health into one store check (a zfs command, an S3

@@ -129,6 +129,12 @@ class QuotaExceeded(StorageError):
     http_status = 413
 
 
+class TooLargeForStore(StorageError):
+    """A stream larger than the store keeps as one object (S3: 5 TiB)."""
+
+    http_status = 413
+
+
 class Locked(StorageError):
     """The store's Object Lock (or a hold) refuses to delete it before its retain-until (409)."""
 

@@ -48,6 +48,13 @@ def as_positive_int(text: str) -> int:
     return int(text)
 
 
+def as_part_count(text: str) -> int:
+    """Parse a multipart part limit: 1 to S3's 10000 (a compose of more fails)."""
+    if not _digits(text) or not 0 < int(text) <= 10000:
+        raise ValueError("a whole number from 1 to 10000 (S3's most parts of an object)")
+    return int(text)
+
+
 def as_count(text: str) -> int:
     """Parse a whole number, zero allowed."""
     if not _digits(text):
@@ -264,7 +271,7 @@ TABLE = (
     Setting("S3_REGION", as_text, "", (SERVER,), "S3 region (empty: ask the server)"),
     Setting("S3_OBJECT_LOCK", as_lock_mode, "", (SERVER,),
             "governance or compliance: a new bucket with Object Lock, each backup retained"),
-    Setting("S3_MAX_PARTS", as_positive_int, "10000", (SERVER,),
+    Setting("S3_MAX_PARTS", as_part_count, "10000", (SERVER,),
             "the provider's multipart part limit (AWS 10000, some 1000)"),
     Setting("ZFS_BASE_DATASET", as_text, "", (SERVER,), "dataset under which `local` receives"),
     Setting("STORAGE_DIR", as_text, "./backups", (SERVER,), "root of the directory store"),

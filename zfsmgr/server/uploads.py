@@ -24,8 +24,9 @@ from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
-                           QuotaExceeded, TooManyUploads, Unsupported, VerificationFailed,
-                           ZfsmgrError)
+                           QuotaExceeded, TooLargeForStore, TooManyUploads, Unsupported,
+                           VerificationFailed, ZfsmgrError)
+from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
 from zfsmgr.server.clients import ClientConfig
@@ -133,6 +134,7 @@ class Uploads:
                 log.info("upload %s of %s (%s) left by an earlier run: aborted", other.upload_id,
                          dataset, other.snapshot)
                 self.abort(other, store)
+        _fits_the_store(store, estimate, "the estimated size")
         self.quota.fit(client, estimate, parent_key, store=store)
         if len(self.table.of_client(client.client_id)) >= self.max_open:
             raise self._too_many(client)
@@ -254,6 +256,11 @@ class Uploads:
                         f"part {index - 1} was {short} bytes, less than its {due}: only the"
                         " last part of an upload may be shorter than its schedule")
             staged = sum(p.size for p in parts[:index])
+            try:
+                _fits_the_store(store, staged + size, f"with part {index}, the upload")
+            except TooLargeForStore:  # it can never commit: what it staged goes at once
+                self.abort(session, store)
+                raise
             # the upload's reservation never drops below what it holds: a part sent again
             # (refused by the store, or replacing one) must not free room for another upload
             held = max(size, sum(p.size for p in parts[index:]))
@@ -497,6 +504,16 @@ class Uploads:
             return False
         log.info("expired abandoned upload %s", upload_id)
         return True
+
+
+def _fits_the_store(store: Store, size: int, what: str) -> None:
+    """Refuse (413) a stream larger than the store keeps as one object, before it is sent (at
+    the open, from its estimate) or as it passes the limit (a part): S3's compose refused it
+    at the commit, after terabytes, with a 500."""
+    limit = store.max_object_size
+    if limit is not None and size > limit:
+        raise TooLargeForStore(f"{what} is {human(size)}, more than the {store.kind} store"
+                               f" keeps as one object ({human(limit)})")
 
 
 def _manifest(session: Session, store: Store, **sizes) -> Manifest:

@@ -112,6 +112,7 @@ class Store(ABC):
 
     kind = ""  # its name in the registry (zfsmgr/storage/registry.py)
     min_part_size = 1  # the smallest upload part it takes (but the last)
+    max_object_size: Optional[int] = None  # the largest stream it keeps (None: no limit)
     receives_streams = False  # True: it feeds uploads into `zfs recv`, so they must be plain
     # zfs streams (compressed or not), never opaque bytes such as an age file
 

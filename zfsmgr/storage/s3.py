@@ -32,6 +32,7 @@ from zfsmgr.storage.s3shared import Coordination, PreconditionFailed
 log = logging.getLogger("zfsmgr.storage.s3")
 STAGING = ".zfsmgr-uploads/"
 S3_PART = 16 << 20  # minio buffers one part of this size in memory while uploading
+MAX_S3_OBJECT_SIZE = 5 << 40  # S3's largest object, and minio's limit on a compose
 # What providers answer a write they have no room for: AWS's object size cap, Ceph RGW's and
 # OpenStack's quotas, MinIO's full drives and bucket quota; any 507; B2's "storage cap exceeded".
 PROVIDER_FULL = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull",
@@ -80,6 +81,7 @@ class S3Store(Store):
     kind = "s3"
     shared = True
     min_part_size = MIN_S3_PART_SIZE  # S3's multipart minimum (UploadPartCopy at commit)
+    max_object_size = MAX_S3_OBJECT_SIZE  # what a compose may make: minio refuses more
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = True, region: str = "", object_lock: str = ""):
