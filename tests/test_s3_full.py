@@ -11,6 +11,7 @@ relay in front of SeaweedFS, so that the minio client parses real S3 error respo
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import http.server
 import io
@@ -183,6 +184,56 @@ def test_a_commit_the_provider_has_no_room_for_is_a_507_and_can_be_retried(s3):
         assert _leftovers(seaweed, s3["bucket"]) == []
     finally:
         relay.shutdown()
+
+
+def test_a_commit_whose_manifest_finds_no_room_leaves_no_object_and_can_be_retried(s3):
+    """The compose made the object, then the provider refused its manifest (507): the object
+    stayed, uncounted and unlisted (the abort sees no manifest), for ever."""
+    seaweed = s3["seaweed"]
+    relay = FullRelay(seaweed.endpoint, "XMinioStorageFull",
+                      lambda method, path, headers: method == "PUT" and
+                      path.split("?")[0].endswith(".manifest.json"))
+    try:
+        store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
+                        secure=False)
+        store.check()
+        data = os.urandom(1000)
+        store.stage_part("d" * 32, 0, io.BytesIO(data), len(data))
+        manifest = dataclasses.replace(_manifest(len(data)),
+                                       key="client1/tank_data_2023-11-14_22:13:20.zfs")
+        with pytest.raises(StorageFull):
+            store.commit("d" * 32, manifest)
+        assert relay.refused  # the manifest's write, after the compose
+        client = seaweed.client()
+        assert [o.object_name for o in client.list_objects(s3["bucket"], prefix="client1/",
+                                                           recursive=True)] == []
+        relay.refuse = lambda *args: False
+        assert store.commit("d" * 32, manifest) == manifest  # still staged: a retry
+        assert store.read_manifest(manifest.key) == manifest
+        assert _leftovers(seaweed, s3["bucket"]) == []
+    finally:
+        relay.shutdown()
+
+
+def test_a_compose_a_stopped_server_left_unfinished_is_aborted_once_old(s3):
+    """A server killed during a commit's compose left minio's multipart upload at the
+    backup's key, holding the copied parts, listed nowhere: nothing ever aborted it."""
+    import time as clock
+
+    seaweed = s3["seaweed"]
+    store = S3Store(seaweed.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
+                    secure=False)
+    store.check()
+    client = seaweed.client()
+    left = client._create_multipart_upload(s3["bucket"], "client1/tank_a_s1.zfs", {})
+    staged = client._create_multipart_upload(s3["bucket"], f"{STAGING}{'e' * 32}/part-000000",
+                                             {})
+    assert store.sweep(3600, clock.time()) == []  # younger than the expiry: under way
+    done = store.sweep(0, clock.time() + 5)
+    assert done == ["aborted the unfinished compose of client1/tank_a_s1.zfs"], done
+    pending = {u.upload_id for u in client._list_multipart_uploads(s3["bucket"]).uploads}
+    assert left not in pending and staged in pending  # staging is its upload's own
+    store.discard("e" * 32)
 
 
 def test_a_backup_told_the_provider_is_full_stops_in_one_line_and_leaves_nothing(

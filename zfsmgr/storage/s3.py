@@ -305,22 +305,45 @@ class S3Store(Store):
                            json.dumps(manifest.to_dict(), indent=1).encode(), exclusive,
                            retention)
         except PreconditionFailed:
-            if not self._holds(manifest):
+            if self._stored(manifest) is not True:
                 raise Conflict(f"a backup stored as {manifest.key} already exists (committed"
                                " by another server)") from None
             # this very manifest: minio sent the write again after its first answer was lost
             # (or a 5xx), and the first had been applied
+        except StorageError:
+            # a 503, a 507: unless it was written after all (its answer lost), the object
+            # goes again (a retry composes it anew), where surely no manifest followed it
+            stored = self._stored(manifest)
+            if stored is not True:
+                if stored is None:
+                    self._unpublish(manifest.key)
+                raise
         if retention is not None:
             self.lock.extend(manifest_key(manifest.key), retention.retain_until_date)
         self.mark_changed(manifest.client_id)
         self.discard(upload_id)
         return manifest
 
-    def _holds(self, manifest) -> bool:
-        """Whether the stored manifest of `manifest.key` is `manifest` itself."""
+    def _unpublish(self, key: str) -> None:
+        """Remove an object its manifest never followed (a commit that failed after the
+        compose): it took room nothing counted, and no sweep would find it."""
+        try:
+            if self.lock:
+                self.lock.delete(key)
+            else:
+                self._call(f"delete of {key}", self.client.remove_object, self.bucket, key)
+        except StorageError as exc:
+            log.warning("%s stays without its manifest: %s", key, exc)
+
+    def _stored(self, manifest) -> Optional[bool]:
+        """Whether the stored manifest of `manifest.key` is `manifest` itself; None when
+        there is none; False for another, or when it cannot be read (then nothing is
+        removed)."""
         try:
             return self.read_manifest(manifest.key).to_dict() == manifest.to_dict()
-        except (NotFound, StorageError):
+        except NotFound:
+            return None
+        except StorageError:
             return False
 
     def _retention(self, manifest):
@@ -363,11 +386,36 @@ class S3Store(Store):
 
     def _abort_multipart(self, prefix: str) -> None:
         """Abort incomplete multipart uploads left by a part interrupted mid-way."""
-        result = self._call("multipart listing", self.client._list_multipart_uploads,
-                            self.bucket, prefix=prefix)
-        for upload in result.uploads:
+        for upload in self._multipart_uploads(prefix):
             self._call("multipart abort", self.client._abort_multipart_upload, self.bucket,
                        upload.object_name, upload.upload_id)
+
+    def _multipart_uploads(self, prefix: str = "") -> Iterator:
+        """The incomplete multipart uploads under `prefix`, page after page (1000 a page)."""
+        key_marker = upload_marker = None
+        while True:
+            page = self._call("multipart listing", self.client._list_multipart_uploads,
+                              self.bucket, prefix=prefix or None, key_marker=key_marker,
+                              upload_id_marker=upload_marker)
+            yield from page.uploads
+            if not page.is_truncated or not page.next_key_marker:
+                return
+            key_marker, upload_marker = page.next_key_marker, page.next_upload_id_marker
+
+    def sweep(self, max_age, now, is_open=lambda upload_id: False):
+        """A server stopped in a commit's compose left minio's multipart upload at the
+        backup's key, which holds its copied parts and is never listed as an object: once
+        older than `max_age` (no compose takes that long) it is aborted."""
+        done = []
+        for upload in self._multipart_uploads():
+            name = upload.object_name
+            started = upload.initiated_time.timestamp() if upload.initiated_time else now
+            if name.startswith(STAGING) or now - started <= max_age:
+                continue  # staging: its upload's own (discard, expiry)
+            self._call("multipart abort", self.client._abort_multipart_upload, self.bucket,
+                       name, upload.upload_id)
+            done.append(f"aborted the unfinished compose of {name}")
+        return done
 
     def staged_uploads(self):
         latest = {}
@@ -376,9 +424,7 @@ class S3Store(Store):
             upload_id = obj.object_name[len(STAGING):].split("/", 1)[0]
             stamp = obj.last_modified.timestamp() if obj.last_modified else 0.0
             latest[upload_id] = max(latest.get(upload_id, 0.0), stamp)
-        pending = self._call("multipart listing", self.client._list_multipart_uploads,
-                             self.bucket, prefix=STAGING)
-        for upload in pending.uploads:  # a part whose upload died before completing
+        for upload in self._multipart_uploads(STAGING):  # a part whose upload died
             upload_id = upload.object_name[len(STAGING):].split("/", 1)[0]
             stamp = upload.initiated_time.timestamp() if upload.initiated_time else 0.0
             latest[upload_id] = max(latest.get(upload_id, 0.0), stamp)
