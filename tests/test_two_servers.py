@@ -362,3 +362,28 @@ def test_a_manifest_write_sent_again_after_its_answer_was_lost_commits(s3, monke
     store.stage_part(other, 0, io.BytesIO(data), len(data))
     with pytest.raises(Conflict, match="committed by another server"):
         store.commit(other, Manifest.from_dict({**manifest.to_dict(), "created": "later"}))
+
+
+def test_a_lease_held_longer_than_its_life_is_renewed_not_taken_over(s3, monkeypatch):
+    """A lease was written once, for LEASE_SECONDS: a commit composing thousands of parts
+    outlasted it, and another server took the lease over in the middle of that commit."""
+    from zfsmgr.storage import s3shared
+
+    monkeypatch.setattr(s3shared, "LEASE_SECONDS", 1.5)
+    bucket = f"zfsmgr-{uuid.uuid4().hex[:12]}"
+    first, second = _store(s3, bucket), _store(s3, bucket)
+    order, inside = [], threading.Event()
+
+    def hold():
+        with first.client_lease("c1"):
+            inside.set()
+            time.sleep(5)  # three lives of the lease
+            order.append("first out")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(10)
+    with second.client_lease("c1"):  # waits (LEASE_WAIT) for the release
+        order.append("second in")
+    thread.join()
+    assert order == ["first out", "second in"]

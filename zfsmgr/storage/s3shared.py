@@ -2,8 +2,8 @@
 and quota reservations.
 
 Servers sharing a bucket settle races on one client with a lease object per client, created
-with `If-None-Match: *` and taken over (once it has expired) or released with `If-Match: <etag>`,
-so the bucket itself decides who holds it. Whether the service enforces these preconditions is
+with `If-None-Match: *`, renewed while held, and taken over (once it has expired) or released
+with `If-Match: <etag>`, so the bucket itself decides who holds it. Whether the service enforces these preconditions is
 probed once (`probe_conditional`); where it does not, leases are only local and the server must
 run alone. A change marker per client is rewritten after every change to its manifests, so
 another server learns with one HEAD request whether its cached rows of that client are stale.
@@ -33,7 +33,8 @@ log = logging.getLogger("zfsmgr.storage.s3")
 LEASES = ".zfsmgr-leases/"
 CHANGES = ".zfsmgr-changes/"
 RESERVED = ".zfsmgr-reserved/"
-LEASE_SECONDS = 900.0  # longer than any commit (a compose) or rotation takes
+LEASE_SECONDS = 900.0  # a lease's life: renewed while held, so this is how soon a dead
+# holder's lease is taken over
 LEASE_WAIT = 120.0  # how long a request waits for another server's lease before a 503
 
 
@@ -86,14 +87,21 @@ class Coordination:
             if not self.probe_conditional():
                 yield
                 return
-            etag = self._acquire(client_id)
+            held = _Renewal(self, client_id, self._acquire(client_id))
             try:
                 yield
             finally:
+                etag = held.stop()
                 try:
                     self.store.delete_key(f"{LEASES}{client_id}", {"If-Match": f'"{etag}"'})
                 except StorageError as exc:  # expired and taken over: the taker cleans up
                     log.warning("lease of %s was not released: %s", client_id, exc)
+
+    def renew(self, client_id: str, etag: str) -> str:
+        """Push the held lease's expiry LEASE_SECONDS ahead again; its new ETag."""
+        body = json.dumps({"holder": self.holder, "until": time.time() + LEASE_SECONDS})
+        return self.store.put_small(f"{LEASES}{client_id}", body.encode(),
+                                    {"If-Match": f'"{etag}"'})
 
     def _acquire(self, client_id: str) -> str:
         key = f"{LEASES}{client_id}"
@@ -164,3 +172,33 @@ class Coordination:
     def unreserve(self, client_id: str, upload_id: str) -> None:
         """Drop an upload's reservation (absent is fine)."""
         self.store.delete_key(f"{RESERVED}{client_id}/{upload_id}")
+
+
+class _Renewal:
+    """Keeps a held lease from expiring while its holder works (a compose of thousands of
+    parts can outlast LEASE_SECONDS: then another server took the lease over, and rotated
+    or committed for the client in the middle of it): renewed every third of its time."""
+
+    def __init__(self, coordination: Coordination, client_id: str, etag: str):
+        self.coordination, self.client_id, self.etag = coordination, client_id, etag
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{client_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 3):
+            try:
+                self.etag = self.coordination.renew(self.client_id, self.etag)
+            except (PreconditionFailed, NotFound):
+                log.error("lease of %s was taken over by another server while held",
+                          self.client_id)
+                return
+            except StorageError as exc:  # tried again at the next third
+                log.warning("lease of %s was not renewed: %s", self.client_id, exc)
+
+    def stop(self) -> str:
+        """Stop renewing; the lease's ETag as it is now."""
+        self._stop.set()
+        self._thread.join()
+        return self.etag
