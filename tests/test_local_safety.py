@@ -164,12 +164,41 @@ def test_a_stream_with_data_after_its_end_is_400_and_leaves_nothing(pool, local_
     stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
                             check=True).stdout
     session = _open(server, guid)
-    statuses, _ = hostile.send_parts(server.url, auth_of(server.client_env), session,
-                                     stream + os.urandom(3 << 20))  # parts after the end
+    statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
+                                               stream + os.urandom(3 << 20))  # after the end
+    if statuses[-1] == 200:  # a loaded machine: the receive met the end after the last part
+        statuses.append(hostile.commit(server.url, auth_of(server.client_env), session,
+                                       declaration)[0])  # was taken: the commit says so
     assert statuses[-1] == 400 and set(statuses[:-1]) == {200}, statuses
     assert _received(base) == []
     assert request(server.url, "POST", f"/upload-stream/{session['upload_id']}/abort", None,
                    auth_of(server.client_env))[0] == 200
+    assert _received(base) == []
+    assert "Traceback" not in server.log()
+
+
+def test_data_after_the_end_that_the_receive_meets_at_the_commit_leaves_nothing(
+        pool, server_factory, tmp_path):
+    """The receive met the end of the stream only after its last part was taken (here a
+    `zfs recv` slow to start; a loaded machine does the same): the commit said 400, and the
+    snapshot received stayed, without a manifest and outside the quota, until the expiry."""
+    base = f"{pool.name}/srv"
+    rig.sh("zfs", "create", "-o", "mountpoint=none", base)
+    zfs = rig.sh("sh", "-c", "command -v zfs").strip()
+    slow = tmp_path / "zfs"
+    slow.write_text(f'#!/bin/sh\ncase "$1" in recv|receive) sleep 2;; esac\nexec {zfs} "$@"\n')
+    slow.chmod(0o755)
+    server = server_factory("local", base_dataset=base, env={"ZFSMGR_ZFS": str(slow)})
+    dataset, guid = _source(pool, "late")
+    stream = subprocess.run(["zfs", "send", f"{dataset}@a"], capture_output=True,
+                            check=True).stdout
+    session = _open(server, guid)
+    statuses, declaration = hostile.send_parts(server.url, auth_of(server.client_env), session,
+                                               stream + os.urandom(3 << 20))
+    assert set(statuses) == {200}, statuses  # all taken before the receive began
+    status, answer = hostile.commit(server.url, auth_of(server.client_env), session,
+                                    declaration)
+    assert status == 400 and "goes on after its end" in answer["message"], answer
     assert _received(base) == []
     assert "Traceback" not in server.log()
 

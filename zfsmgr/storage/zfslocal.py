@@ -240,6 +240,7 @@ class ZfsLocalStore(ReceivedChains):
             raise OutOfOrder(f"part {index} out of order: {len(parts)} parts"
                              " were received", len(parts))
         live = self._live.get(upload_id)
+        self._refused(upload_id, state, live)  # since this request found the parts
         started = live is None or not live.alive
         if started:
             live = self._start(upload_id, state, index)
@@ -304,14 +305,7 @@ class ZfsLocalStore(ReceivedChains):
         except NotFound:
             return []
         live = self._live.get(upload_id)
-        if live is not None and isinstance(live.error, ValidationError):
-            # the receive refused the stream after its part was taken (data after the end of
-            # a whole stream): the client's, said once; the upload starts over, empty
-            self._stop(upload_id)
-            self._drop_unpublished(state)
-            state.update(parts=[], segment=0, token="")
-            self._save(upload_id, state)
-            raise live.error
+        self._refused(upload_id, state, live)
         if state["parts"] and not state["resuming"] and (live is None or not live.alive) \
                 and not self._token(state["target"]):
             self._stop(upload_id)  # the receive died and left nothing to resume: start over
@@ -321,6 +315,16 @@ class ZfsLocalStore(ReceivedChains):
             log.info("upload %s: the interrupted receive cannot be resumed; it starts over",
                      upload_id)
         return [PartInfo(**p) for p in state["parts"]]
+
+    def _refused(self, upload_id: str, state: dict, live: Optional[LiveReceive]) -> None:
+        """The receive refused the stream after its part was taken (data after the end of a
+        whole stream): the client's, said once (400); the upload starts over, empty."""
+        if live is not None and isinstance(live.error, ValidationError):
+            self._stop(upload_id)
+            self._drop_unpublished(state)
+            state.update(parts=[], segment=0, token="")
+            self._save(upload_id, state)
+            raise live.error
 
     def resume_token(self, upload_id: str) -> Optional[str]:
         live = self._live.get(upload_id)
@@ -379,6 +383,9 @@ class ZfsLocalStore(ReceivedChains):
             live.finish()
         except StorageFull as exc:
             raise self._full(target, exc, live.raw_bytes) from None
+        except ValidationError:  # found only now (more after a whole stream, say, where the
+            self._drop_unpublished(state)  # receive met its end after the last part was
+            raise  # taken): the 400 leaves nothing received behind, as at a part
         finally:
             self._live.pop(upload_id, None)
         if state["new_dataset"]:  # whatever it holds never mounts on the server
