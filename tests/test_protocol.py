@@ -154,7 +154,11 @@ def test_server_urls_with_ipv6_and_a_path_are_taken(url, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("url", ["http://user:s3cr3t-pw@host", "https://user:s3cr3t-pw@h:8443/x",
-                                 "http://:s3cr3t-pw@host"])
+                                 "http://:s3cr3t-pw@host",
+                                 # a password with / (base64), no scheme, a space, a token
+                                 "http://backup:wJal/s3cr3t-pw/K7@backup-server:8080",
+                                 "backup:s3cr3t-pw@backup-server:8080",
+                                 "http://u:s3 cr3t-pw@host", "http://s3cr3t-pw@host"])
 def test_a_server_url_with_a_password_is_refused_without_echoing_it(url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SettingsError) as err:

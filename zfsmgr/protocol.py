@@ -301,12 +301,18 @@ def key_stem(key: str) -> str:
     return key
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*)(:[^/@\s]*)?@")
-
-
-def redact_url(text: str) -> str:
-    """`text` with the credentials of any URL in it hidden: http://user:***@host/."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
+def redact_url(url: str) -> str:
+    """`url` with its credentials hidden: http://user:***@host/. All that comes before its
+    last `@` (after the scheme, if it has one) counts as them, however it is written: a
+    password with `/` or spaces in it, no scheme, a token given as the user."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        scheme, sep, rest = "", "", url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def codecs_text() -> str:
