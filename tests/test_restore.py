@@ -537,6 +537,11 @@ def test_verify_all_and_receive_into_scratch(backups):
     done = backups.restore("verify", "1", "--receive", f"{pool}/scratch/check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert datasets(backups.pool) == before  # the scratch dataset and its parent are gone
+    reports = backups.server.log().count("verify report")
+    # a scratch on no pool: the host's mistake, not a failed backup for the server to record
+    done = backups.restore("verify", "1", "--receive", "nopool/scratch")
+    assert done.returncode == 1 and "there is no pool nopool" in done.stderr, done.stderr
+    assert backups.server.log().count("verify report") == reports
 
 
 @pytest.mark.zfs

@@ -75,6 +75,8 @@ def verify(zfs: Zfs, open_stream: StreamOpener, manifests: Sequence[Manifest],
     if scratch and zfs.exists(scratch):
         raise UsageError(f"scratch dataset {scratch} exists: name one that does not"
                          " (verify destroys it afterwards)")
+    if scratch:  # a scratch this host cannot use (no such pool, a pool's root) fails here,
+        Target(zfs, scratch).check()  # not as a verdict on the backups sent to the server
     report = report if report is not None else Report(out)
     needed: dict[str, Manifest] = {}
     whole: list[Manifest] = []
@@ -112,8 +114,12 @@ def _receive(zfs: Zfs, open_stream: StreamOpener, chain: Sequence[Manifest], scr
     (all of them on success, the one blamed by name on failure)."""
     target = Target(zfs, scratch)
     leaf = chain[-1]
+    try:  # the scratch's own trouble (its parents cannot be made) is this host's, not a
+        dest = target.prepare()  # backup's
+    except BaseException:
+        target.undo()
+        raise
     try:
-        dest = target.prepare()
         target.received()
         receive_chain(zfs, open_stream, chain, dest)
     except ZfsmgrError as exc:
