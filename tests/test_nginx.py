@@ -132,5 +132,15 @@ def test_backup_and_restore_through_nginx(pool, server_factory, run_zfsmgr, tmp_
         assert (tmp_path / "nginx" / "access.log").read_text() == ""  # the site's own log
         assert "/upload-stream/" in server.log()  # it went through to zfsmgr
         assert "buffered to a temporary file" not in nginx.log()  # streamed, not spooled
+
+        # zfsmgr down behind nginx (a 502): the server is unreachable (exit 4), and
+        # snapshot rotation goes on with the server's last policy, as without the proxy
+        run_zfsmgr(["client", "rotate", "--dry-run"], env=env, check=True)  # caches the policy
+        server.stop()
+        status = run_zfsmgr(["client", "status"], env=env)
+        assert status.returncode == 4 and "cannot reach it" in status.stderr, status.stderr
+        rotated = run_zfsmgr(["client", "rotate", "--dry-run"], env=env)
+        assert rotated.returncode == 0, rotated.stderr
+        assert "server unreachable; using its last policy" in rotated.stderr
     finally:
         nginx.stop()

@@ -24,6 +24,9 @@ HANDSHAKE_TIMEOUT = 8.0  # seconds for connect + TLS handshake
 MESSAGE_SHOWN = 300  # characters of a server's error message shown (the rest is the server's)
 CALL_ATTEMPTS = 4  # of a request that changes nothing, while the server says it is busy
 MAX_RETRY_WAIT = 10.0  # seconds between them at most, whatever Retry-After says
+# what a proxy (nginx) answers when the zfsmgr server behind it is down or does not answer;
+# zfsmgr itself never does
+GATEWAY_DOWN = frozenset({502, 504})
 
 
 _warned = set()
@@ -223,6 +226,10 @@ class ServerClient:
             try:
                 return self._call_once(method, path, payload, query)
             except ServerError as exc:
+                if exc.status in GATEWAY_DOWN and attempt == attempts - 1:
+                    raise ServerUnreachable(
+                        f"{exc} (a proxy in front of the server at {self.url} cannot reach"
+                        " it)") from None  # unreachable it is: exit 4, the cached policy
                 if not exc.transient or attempt == attempts - 1:
                     raise
                 wait = getattr(exc, "retry_after", None) or 2 ** attempt
