@@ -8,7 +8,9 @@ own decisions: missing programs, timeouts, "does not exist" against "failed", on
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -75,6 +77,22 @@ def test_a_command_that_does_not_answer_is_killed_at_its_timeout(tmp_path):
         runner.run([slow, "list"], timeout=0.5)
     assert time.monotonic() - started < 10
     assert "no answer within 0.5 seconds" in str(err.value) and "zfs list" in str(err.value)
+
+
+def test_an_interrupt_lets_a_short_command_end_first_and_leaves_none_running(tmp_path):
+    """A short command runs in a session of its own (Ctrl-C does not reach it): an interrupt
+    left it running behind zfsmgr's cleanup, and what it made (a snapshot) appeared after."""
+    import signal
+    import threading
+
+    made = tmp_path / "made"
+    slow = fake(tmp_path, "zfs", f"sleep 1\ntouch {made}\n")
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run([slow, "snapshot", "p/a@s"])
+    assert made.exists()  # it ended before the interrupt went on
+    children = subprocess.run(["pgrep", "-f", str(slow)], capture_output=True, text=True)
+    assert children.stdout.strip() == ""
 
 
 def test_does_not_exist_is_told_apart_from_failed(tmp_path):

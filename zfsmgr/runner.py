@@ -30,6 +30,7 @@ from zfsmgr.errors import MissingProgram, ZfsError, ZfsNotFound
 # programs in /usr/local/bin
 PROGRAM_DIRS = ("/sbin", "/usr/sbin", "/usr/local/sbin", "/usr/local/bin")
 TIMEOUT = 600.0  # seconds a short command may take
+INTERRUPT_GRACE = 10.0  # seconds a short command under way at an interrupt may take to end
 _MISSING = re.compile(r"does not exist|no such pool|could not find any snapshots")
 
 
@@ -94,6 +95,13 @@ def execute(argv: Sequence[str], stdin_data: Optional[bytes] = None,
         os.killpg(proc.pid, signal.SIGKILL)  # the group: a wrapper's children hold the pipes
         proc.communicate()
         raise ZfsError(argv, -9, f"no answer within {timeout:g} seconds: killed") from None
+    except BaseException:  # Ctrl-C, SIGTERM: its own session kept the signal from it, and it
+        try:  # went on behind the cleanup (a snapshot that appeared after it); it ends first
+            proc.communicate(timeout=INTERRUPT_GRACE)
+        except BaseException:  # too slow, or interrupted again: killed
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        raise
     return Completed(argv, proc.returncode, out.decode("utf-8", "replace"),
                      err.decode("utf-8", "replace"))
 
