@@ -280,6 +280,35 @@ def test_parallel_sends_and_an_interrupt_leaves_nothing(parallel, pool, server_f
         assert statuses(again)[d] == ("incremental" if d in stopped else "unchanged")
 
 
+def test_an_interrupt_during_the_pools_snapshot_leaves_no_new_snapshot(
+        pool, server_factory, tmp_path):
+    """SIGTERM while the pool's `zfs snapshot` ran: zfs (in a session of its own) went on,
+    and its snapshots appeared after the run's cleanup, for the next run to find."""
+    import signal
+    import subprocess
+    import sys
+
+    server = server_factory("dir")
+    root = make_tree(pool)
+    env = env_for(server, root)
+    real = rig.sh("sh", "-c", "command -v zfs").strip()
+    began = tmp_path / "snapshotting"
+    slow = tmp_path / "zfs"
+    slow.write_text(f'#!/bin/sh\ncase "$1" in snapshot) touch {began}; sleep 1;; esac\n'
+                    f'exec {real} "$@"\n')
+    slow.chmod(0o755)
+    before = zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", root).split()
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env({**env, "ZFSMGR_ZFS": str(slow)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rig.wait_until(began.exists, 60, "the pool's snapshot")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err + out
+    time.sleep(2)  # a zfs left running would make its snapshot by now (the wrapper sleeps 1 s)
+    assert zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", root).split() == before
+
+
 def test_a_renamed_dataset_is_recognised_by_its_guid(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     root = pool.create("host")

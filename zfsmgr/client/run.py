@@ -178,6 +178,7 @@ class Run:
         self.report = Report()
         self.workers = 1  # uploads at once: uploads_at_once, from the server's /status
         self._fresh: Dict[str, Snapshot] = {}  # the new snapshots and bases, listed again
+        self._snapshotting: tuple = ([], "")  # (datasets, name) of a pool's snapshot under way
 
     def _done(self, outcome: Outcome) -> None:
         self.report.outcomes.append(outcome)
@@ -264,6 +265,10 @@ class Run:
             for name, snap in new.items():
                 if self.zfs.exists(snap.name):
                     prepared[name].discard(snap)
+            members, name_taken = self._snapshotting  # a pool's `zfs snapshot` under way:
+            for name in members:  # it ended first (runner.execute); its name is this run's
+                if name not in new and self.zfs.exists(f"{name}@{name_taken}"):
+                    self.zfs.destroy(f"{name}@{name_taken}")
             raise
         self._send_all(todo)
 
@@ -277,9 +282,11 @@ class Run:
                 continue
             bases = [prepared[n].base.name for n in members
                      if prepared[n].base and not prepared[n].base.is_bookmark]
+            self._snapshotting = (members, short)
             taken_here = snapshot_pool(self.zfs, pool, members, short, taken, bases,
                                        lambda name, snap: prepared[name].discard(snap),
                                        self.options.tag)
+            self._snapshotting = ([], "")
             for name, exc in taken_here.failed.items():
                 self._fail(name, exc)
             if taken_here.made:  # the next pool tries the same name (its second, often)
