@@ -309,6 +309,46 @@ def test_an_interrupt_during_the_pools_snapshot_leaves_no_new_snapshot(
     assert zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", root).split() == before
 
 
+def test_an_interrupt_ends_parallel_uploads_waiting_to_retry(pool, server_factory):
+    """The server went away during two parallel uploads: each waited between its retries,
+    deaf to Ctrl-C and SIGTERM (a signal reaches the main thread only), and the run could
+    not end before their 7.5 minutes of retries were over."""
+    import signal
+    import subprocess
+    import sys
+
+    server = server_factory("dir", env={"CLIENT_MAX_REQUESTS": "4", "PART_SIZE": "128K"})
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(2)]
+    for child in children:
+        zfs("create", child)
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children)}
+    assert rig.run_zfsmgr(["client", "backup"], env=env).returncode == 0
+    for child in children:
+        rig.write_files(pool.mountpoint(child), seed=41, count=8, size=1_000_000)
+    before = {c: zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", c).split()
+              for c in children}
+    opened = server.log().count("opened: client=")
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env({**env, "COMPRESS": "gzip", "COMPRESS_LEVEL": "9"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rig.wait_until(lambda: server.log().count("opened: client=") >= opened + 2, 60,
+                   "two uploads under way")
+    server.kill()
+    time.sleep(2)  # both are waiting to retry now
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err + out
+    assert time.monotonic() - started < 30, err  # it was 7.5 minutes
+    after = {c: zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", c).split()
+             for c in children}
+    assert after == before  # each removed its snapshot
+
+
 def test_a_renamed_dataset_is_recognised_by_its_guid(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     root = pool.create("host")

@@ -14,7 +14,6 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -169,12 +168,13 @@ class Run:
 
     def __init__(self, api, zfs: Zfs, options: Options, state_dir: Path, mode: str = "auto",
                  report: Callable[[Outcome], None] = lambda outcome: None,
-                 sleep: Callable[[float], None] = time.sleep,
+                 sleep: Optional[Callable[[float], None]] = None,
                  encryption: Encryption = Encryption()):
         self.api, self.zfs, self.options, self.mode = api, zfs, options, mode
         self.encryption = encryption
         self.cancelled = threading.Event()
-        self.state_dir, self.report_one, self.sleep = state_dir, report, sleep
+        self.state_dir, self.report_one = state_dir, report
+        self.sleep = sleep or self._pause
         self.report = Report()
         self.workers = 1  # uploads at once: uploads_at_once, from the server's /status
         self._fresh: Dict[str, Snapshot] = {}  # the new snapshots and bases, listed again
@@ -409,6 +409,14 @@ class Run:
                     raise
         finally:
             marker.close()
+
+    def _pause(self, seconds: float) -> None:
+        """The run's sleep (an upload's wait before its retry): ends at once, with
+        KeyboardInterrupt, once the run is cancelled. A parallel upload waiting out a server
+        that went away heard no Ctrl-C or SIGTERM for its 7.5 minutes of retries (a signal
+        reaches the main thread only), and the run could not end before it."""
+        if self.cancelled.wait(seconds):
+            raise KeyboardInterrupt
 
     def _progress(self, label: str, total: Optional[int]) -> Progress:
         return Cancellable(label, total, self.cancelled)
