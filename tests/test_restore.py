@@ -506,6 +506,11 @@ def test_save_then_gunzip_into_zfs_recv(backups, tmp_path):
     number = "1" if local else "3"  # a self-contained stream: local serves any backup whole
     done = backups.restore("save", number, str(saved))
     assert done.returncode == 0, done.stderr
+    folder = tmp_path / "a-folder"  # --force over a directory: it downloaded it all, then
+    folder.mkdir()  # failed as an internal error
+    done = backups.restore("save", number, str(folder), "--force")
+    assert done.returncode == 2 and "is a directory" in done.stderr, done.stderr
+    assert "saved" not in done.stderr and list(tmp_path.glob(".a-folder*")) == []
     _gunzip_into(saved, f"{pool}/fromfile")
     assert backups.tree(f"{pool}/fromfile") == backups.tree_of_number(int(number))
     # the whole chain of the newest backup, received in the order of the names

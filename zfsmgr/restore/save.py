@@ -119,6 +119,8 @@ def save(open_stream: StreamOpener, chain: Sequence[Manifest], filename: str,
             raise UsageError(f"cannot save to {name}: {folder} is not a directory")
         if os.path.lexists(name) and not force:
             raise UsageError(f"{name} exists: pass --force to overwrite it")
+        if os.path.isdir(name):  # --force replaces a file, never a directory
+            raise UsageError(f"cannot save to {name}: it is a directory (name a file in it)")
     temps: list[Path] = []
     results = []
     try:
