@@ -349,6 +349,19 @@ def test_an_interrupt_ends_parallel_uploads_waiting_to_retry(pool, server_factor
     assert after == before  # each removed its snapshot
 
 
+def test_a_missing_dataset_is_named_when_rotation_cannot_ask_the_server(
+        pool, run_zfsmgr, tmp_path):
+    """With the server out of reach (no policy to rotate by), `snapshot TYPE` and `rotate`
+    returned 1 before saying which dataset of LOCAL_DATASET does not exist: no reason."""
+    here = pool.create("here")
+    env = {"CLIENT_ID": "c1", "API_KEY": "k", "SERVER_URL": f"http://127.0.0.1:{rig.free_port()}",
+           "LOCAL_DATASET": f"{here} {pool.name}/gone", "STATE_DIR": str(tmp_path / "state")}
+    for command in (["client", "snapshot", "hourly"], ["client", "rotate"]):
+        done = run_zfsmgr(command, env=env)
+        assert done.returncode == 1, done.stderr
+        assert f"dataset {pool.name}/gone does not exist" in done.stderr, (command, done.stderr)
+
+
 def test_a_renamed_dataset_is_recognised_by_its_guid(pool, server_factory, run_zfsmgr):
     server = server_factory("dir")
     root = pool.create("host")

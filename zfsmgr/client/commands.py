@@ -303,7 +303,7 @@ def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
             print(f"zfsmgr: warning: snapshots made, not rotated now: {exc}; the next"
                   f" `snapshot {args.type}` rotates them", file=sys.stderr)
             output.local_rotation([], False, args.json, created)
-            return 1 if missing else 0
+            return _missing(missing)
         dry = getattr(args, "dry_run", False)
         try:
             policy = policy_for(settings)
@@ -311,7 +311,7 @@ def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
             print(f"zfsmgr: warning: no retention policy ({exc}); nothing rotated",
                   file=sys.stderr)
             output.local_rotation([], False, args.json, created)
-            return 0 if command == "snapshot" and not missing else 1
+            return _missing(missing) if command == "snapshot" else (_missing(missing) or 1)
         actions, failures = [], []
         for dataset in names:  # one dataset's zfs error stops only that dataset's rotation
             try:
@@ -321,6 +321,11 @@ def snapshot_and_rotate(settings, zfs, options, command, args) -> int:
         output.local_rotation(actions, dry, args.json, created)  # what was done, first
     for failure in failures:
         print(f"zfsmgr: error: {failure}", file=sys.stderr)
-    for name in missing:
+    return _missing(missing) or (1 if failures else 0)
+
+
+def _missing(names) -> int:
+    """Say which selected datasets do not exist (on every way out); 1 if any."""
+    for name in names:
         print(f"zfsmgr: error: dataset {name} does not exist", file=sys.stderr)
-    return 1 if missing or failures else 0
+    return 1 if names else 0
