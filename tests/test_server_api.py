@@ -930,3 +930,39 @@ def test_a_store_check_that_hangs_holds_up_no_client_of_another_store(
         health.join(60)
     code, body, _ = call(app, "GET", "/health")
     assert code == 200 and "hanging storage is unusable" in body.decode()
+
+
+def test_two_rotations_at_once_count_each_deletion_once(server, monkeypatch):
+    """Two rotations of one client planned at the same moment (a client's POST /rotate and
+    the cron's `server rotate`; a dir or local store has no lease to hold one back): both
+    reported, and the ledger counted, every deletion twice."""
+    ctx, app = server
+    day = 86400
+    for n in range(4):  # alice keeps 2 dailies (and 1 hourly): two of these four go
+        assert upload(app, "alice", b"d" * 100, when=1700000000 + n * day)[0] == 200
+    planned = threading.Barrier(2, timeout=30)
+    plan = ctx.plan
+
+    def both_plan_first(*args, **kwargs):
+        result = plan(*args, **kwargs)
+        planned.wait()  # neither deletes before the other has planned
+        return result
+
+    monkeypatch.setattr(ctx, "plan", both_plan_first)
+    answers = []
+
+    def rotate():
+        code, body, _ = call(app, "POST", "/rotate", json.dumps({"dry_run": False}).encode(),
+                             auth("alice"))
+        answers.append((code, json.loads(body)))
+
+    threads = [threading.Thread(target=rotate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [code for code, _ in answers] == [200, 200], answers
+    deleted = [key for _, body in answers for key in body["deleted"]]
+    assert len(deleted) == 2 and len(set(deleted)) == 2, answers  # each once, in all
+    assert sum(body["freed_bytes"] for _, body in answers) == 200
+    assert ctx.ledger.counters()["alice"]["rotation_deleted"] == 2

@@ -92,10 +92,11 @@ class Catalog:
         with self.db.transaction() as conn:
             conn.execute(_INSERT, _row(manifest))
 
-    def remove(self, client_id: str, key: str) -> None:
-        """Forget a backup."""
+    def remove(self, client_id: str, key: str) -> bool:
+        """Forget a backup; False when it was not listed (forgotten already)."""
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ?", (client_id, key))
+            return conn.execute("DELETE FROM backups WHERE client_id = ? AND key = ?",
+                                (client_id, key)).rowcount > 0
 
     def children(self, client_id: str, dataset: str, snapshot: str) -> List[str]:
         """Keys of the backups whose download needs dataset@snapshot before it (incrementals on

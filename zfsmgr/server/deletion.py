@@ -9,6 +9,7 @@ incremental is ever left, or committed, without its base. `ctx` is the ServerCon
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Dict
 
 from zfsmgr.errors import Locked
@@ -17,6 +18,7 @@ from zfsmgr.server.rotation import RotationPlan
 from zfsmgr.storage.base import Store
 
 log = logging.getLogger("zfsmgr.server")
+GONE = "deleted already (by another rotation or deletion)"
 
 
 def delete(ctx, manifest: Manifest, store: Store) -> str:
@@ -33,7 +35,8 @@ def delete(ctx, manifest: Manifest, store: Store) -> str:
                                         manifest.snapshot)
         if uploads:
             return f"the base of the open upload {', '.join(uploads)}"
-        ctx.catalog.remove(manifest.client_id, manifest.key)
+        if not ctx.catalog.remove(manifest.client_id, manifest.key):
+            return GONE  # a rotation that planned at the same moment deleted it
     try:
         store.delete(manifest)
     except Exception:
@@ -47,6 +50,7 @@ def apply(ctx, client, plan: RotationPlan) -> RotationPlan:
     base of a kept or newly committed backup, or of an open upload) or that its store locks
     stays, and the plan returned says so, with the reason."""
     kept: Dict[str, str] = {}
+    gone = set()  # deleted by a rotation that ran at the same time: not counted twice
     for manifest in plan.delete:
         store = ctx.store_named(manifest.storage_type or ctx.default_kind(client))
         child = next((c.key for c in plan.delete if c.parent == manifest.snapshot
@@ -57,12 +61,20 @@ def apply(ctx, client, plan: RotationPlan) -> RotationPlan:
                 why = delete(ctx, manifest, store)
             except Locked as exc:  # the store's lock outlasts the policy: keep it
                 why = f"locked by the store (S3 Object Lock) for now: {exc}"
+        if why == GONE:
+            gone.add(manifest.key)
+            continue
         if why:
             kept[manifest.key] = why
             log.info("rotation keeps %s (client=%s): %s", manifest.key, client.client_id, why)
             continue
         log.info("rotation deleted %s (client=%s): %s", manifest.key, client.client_id,
                  plan.reasons[manifest.key])
+    if gone:
+        plan = replace(plan, delete=[m for m in plan.delete if m.key not in gone],
+                       freed_bytes=plan.freed_bytes - sum(plan.sizes.get(m.key, m.stored_size)
+                                                          for m in plan.delete
+                                                          if m.key in gone))
     if not kept:
         return plan
     plan = plan.settle([m for m in plan.delete if m.key in kept])
