@@ -256,3 +256,30 @@ def test_a_full_disk_at_start_is_a_full_disk_not_a_damaged_catalog(tmp_path, run
         Database(str(disk / "metadata.db")).close()  # room again: it opens as it was
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_children_of_a_backup_are_found_without_reading_the_datasets_history(
+        tmp_path, monkeypatch):
+    """Each deletion asks, in its write transaction, which backups need the one it deletes:
+    that parsed every manifest of the dataset (0.16 s at 20,000 backups, each deletion of a
+    rotation holding every commit of the server as long)."""
+    import dataclasses
+
+    _clients(tmp_path)
+    ctx = _context(tmp_path)
+    chain = [_manifest("alice", n) for n in range(60)]  # s0 <- s1 <- ... <- s59
+    for manifest in chain:
+        ctx.catalog.add(manifest)
+    ctx.catalog.add(dataclasses.replace(_manifest("alice", 61), parent="s10",
+                                        self_contained=True))  # restores alone: no child
+    ctx.catalog.add(_manifest("alice", 62, dataset="tank/other"))  # on an s61 of its own
+    parsed = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, *a, **k: parsed.append(1) or
+                        loads(text, *a, **k))
+    assert ctx.catalog.children("alice", "tank/data", "s10") == [chain[11].key]
+    assert len(parsed) <= 4, len(parsed)  # s10's own row, its children, no other
+    assert ctx.catalog.children("alice", "tank/data", "s59") == []
+    assert ctx.catalog.children("alice", "tank/data", "s61") == []  # tank/other's s62 is not
+    assert ctx.catalog.children("alice", "tank/other", "s61") == [
+        "alice/tank_data_2024-01-01_00:00:62.zfs"]
