@@ -393,3 +393,26 @@ def test_an_interrupt_before_the_first_stream_leaves_no_new_snapshot(
     assert _backup_here(monkeypatch, tmp_path, env) == 130
     assert "interrupted" in capsys.readouterr().err
     assert snapshots() == before
+
+
+@pytest.mark.zfs
+def test_a_compressor_that_fails_is_that_datasets_one_line_failure(pool, server_factory,
+                                                                   run_zfsmgr, tmp_path):
+    """zstd that failed (killed, out of memory, a broken package) was reported as "internal
+    error: RuntimeError", a bug of zfsmgr's, with a hint to debug it."""
+    server = server_factory("dir")
+    dataset = pool.create("squeezed")
+    rig.write_files(pool.mountpoint(dataset), seed=3, count=2, size=100_000)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "zstd"
+    broken.write_text("#!/bin/sh\necho 'zstd: error 11 : Allocation error : not enough memory'"
+                      " >&2\nexit 11\n")
+    broken.chmod(0o755)
+    env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "zstd",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = run_zfsmgr(["client", "backup", "--json"], env=env)
+    assert done.returncode == 1, done.stderr
+    [outcome] = json.loads(done.stdout)["datasets"]
+    assert outcome["status"] == "failed" and "internal error" not in outcome["message"]
+    assert "exited with 11" in outcome["message"] and "not enough memory" in outcome["message"]

@@ -227,8 +227,13 @@ class AnswerTooLarge(ZfsmgrError):
     """The server's JSON answer is larger than a client reads (protocol.MAX_ANSWER)."""
 
 
-class CryptError(ZfsmgrError, RuntimeError):
-    """`age` failed (a RuntimeError as well, as the codecs' failures are)."""
+class CodecError(ZfsmgrError, RuntimeError):
+    """A filter program (zstd) failed or could not start: a one-line error naming its command
+    line, not an "internal error" (a RuntimeError as well, which its readers catch)."""
+
+
+class CryptError(CodecError):
+    """`age` failed."""
 
 
 class StreamChanged(ZfsmgrError):

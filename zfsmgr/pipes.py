@@ -4,7 +4,7 @@ A Reader refuses whole-stream reads (`read()` needs a size) and is a context man
 close releases what it holds, never its source. ProcessFilter runs a program (through the one
 runner, runner.spawn) with the source fed to its stdin from a thread and its stderr drained,
 so read() returns the program's output as it comes: compress.py's zstd and crypt.py's age.
-A failed child is a RuntimeError naming its command line, exit code and stderr tail.
+A failed child is a CodecError (a RuntimeError) naming its command line, exit code and stderr tail.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import threading
 
-from zfsmgr.errors import ZfsError
+from zfsmgr.errors import CodecError, ZfsError
 from zfsmgr.runner import spawn
 
 FEED_SIZE = 1 << 16  # input read size for a filter's feeder and the decompressor
@@ -86,7 +86,7 @@ class ProcessFilter(Reader):
             self._proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, bufsize=0)
         except ZfsError as exc:
-            raise RuntimeError(f"cannot start {shlex.join(argv)}: {exc.stderr}") from exc
+            raise CodecError(f"cannot start {shlex.join(argv)}: {exc.stderr}") from exc
         self._feeder = threading.Thread(target=self._feed, name=f"{argv[0]}-feed", daemon=True)
         self._drainer = threading.Thread(target=self._drain, name=f"{argv[0]}-stderr", daemon=True)
         self._feeder.start()
@@ -128,7 +128,7 @@ class ProcessFilter(Reader):
                 self._error = self._feed_error
             elif returncode != 0:
                 tail = self._stderr_tail.decode("utf-8", "replace").strip()
-                self._error = RuntimeError(
+                self._error = CodecError(
                     f"{shlex.join(self._argv)} exited with {returncode}: {tail}")
             if self._error is not None:
                 raise self._error
