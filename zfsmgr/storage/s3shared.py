@@ -3,10 +3,11 @@ and quota reservations.
 
 Servers sharing a bucket settle races on one client with a lease object per client, created
 with `If-None-Match: *`, renewed while held, and taken over (once it has expired) or released
-with `If-Match: <etag>`, so the bucket itself decides who holds it. Whether the service enforces these preconditions is
-probed once (`probe_conditional`); where it does not, leases are only local and the server must
-run alone. A change marker per client is rewritten after every change to its manifests, so
-another server learns with one HEAD request whether its cached rows of that client are stale.
+with `If-Match: <etag>`, so the bucket itself decides who holds it. Whether the service
+enforces these preconditions is probed once (`probe_conditional`); where it does not, leases
+are only local and the server must run alone. A change marker per client is rewritten after
+every change to its manifests, so another server learns with one HEAD request whether its
+cached rows of that client are stale.
 Each open upload of a client with a quota keeps what it holds (staged, or being staged) in
 `.zfsmgr-reserved/<client>/<upload id>`, so each server's quota check counts the parts staged
 through the others, listing that one client's prefix; a reservation its server left behind (it
