@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from zfsmgr.errors import Conflict
+from zfsmgr.errors import Conflict, ZfsNotFound
 from zfsmgr.files import CHUNK, write_atomic
 from zfsmgr.protocol import ZFS_MAX_NAME, Manifest, ValidationError, validate_upload_id
 from zfsmgr.progress import human
@@ -223,7 +223,10 @@ class ZfsLocalStore(ReceivedChains):
         if left:
             self.zfs.rollback(left[-1].name)  # zfs recv -F would do it, but also destroy more
         elif state.get("new_dataset"):
-            self.zfs.destroy(chain, recursive=True)  # a full receive killed without recv -s
+            try:  # a full receive killed without recv -s
+                self.zfs.destroy(chain, recursive=True)
+            except ZfsNotFound:  # the receive that failed took it away itself meanwhile
+                pass
 
     def stage_part(self, upload_id, index, source, size):
         state = self._state(upload_id)
@@ -384,8 +387,11 @@ class ZfsLocalStore(ReceivedChains):
         except StorageFull as exc:
             raise self._full(target, exc, live.raw_bytes) from None
         except ValidationError:  # found only now (more after a whole stream, say, where the
-            self._drop_unpublished(state)  # receive met its end after the last part was
-            raise  # taken): the 400 leaves nothing received behind, as at a part
+            try:  # receive met its end after the last part was taken): the 400 leaves
+                self._drop_unpublished(state)  # nothing received behind, as at a part
+            except ZfsError as also:
+                log.warning("upload %s: %s", upload_id, also)
+            raise
         finally:
             self._live.pop(upload_id, None)
         if state["new_dataset"]:  # whatever it holds never mounts on the server
