@@ -12,92 +12,23 @@ relay in front of SeaweedFS, so that the minio client parses real S3 error respo
 from __future__ import annotations
 
 import dataclasses
-import http.client
-import http.server
 import io
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import rig
 from hostile import request
+from s3relay import ANSWERS, S3Relay, compose
 from zfsmgr.errors import StorageError, StorageFull
 from zfsmgr.protocol import MIN_S3_PART_SIZE, Manifest
 from zfsmgr.storage.s3 import STAGING, S3Store
 
 PART = MIN_S3_PART_SIZE
-ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-             '<Message>{message}</Message><Resource>{path}</Resource>'
-             '<RequestId>relay</RequestId></Error>')
-ANSWERS = {  # what providers answer a write they have no room for
-    "QuotaExceeded": (403, "The quota has been exceeded."),
-    "XMinioStorageFull": (507, "Storage backend has reached its minimum free drive threshold."
-                               " Please delete a few objects to proceed."),
-    "EntityTooLarge": (400, "Your proposed upload exceeds the maximum allowed object size."),
-}
-
-
-class FullRelay(http.server.ThreadingHTTPServer):
-    """Passes S3 requests on to SeaweedFS, except the writes `refuse(method, path, headers)`
-    picks, which get the S3 error `code`: the provider is full for them."""
-
-    daemon_threads = True
-
-    def __init__(self, upstream: str, code: str = "QuotaExceeded", refuse=None):
-        host, port = upstream.split(":")
-        self.upstream, self.code, self.refused = (host, int(port)), code, []
-        self.refuse = refuse or (lambda method, path, headers: False)
-        super().__init__(("127.0.0.1", 0), _Relay)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-
-class _Relay(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _any(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        if self.server.refuse(self.command, self.path, self.headers):
-            self.server.refused.append(f"{self.command} {self.path}")
-            status, message = ANSWERS[self.server.code]
-            self._answer(status, [("Content-Type", "application/xml")], ERROR_XML.format(
-                code=self.server.code, message=message, path=self.path.split("?")[0]).encode())
-            return
-        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-        try:  # the Host header goes on as it came: the request is signed with it
-            upstream.request(self.command, self.path, body=body or None,
-                             headers=dict(self.headers.items()))
-            answer = upstream.getresponse()
-            data = answer.read()
-            headers = [(k, v) for k, v in answer.getheaders()
-                       if k.lower() not in ("content-length", "connection", "transfer-encoding")]
-            length = answer.getheader("Content-Length") if self.command == "HEAD" else None
-        finally:
-            upstream.close()
-        self._answer(answer.status, headers, data, length)
-
-    def _answer(self, status, headers, data, length=None):
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", length or str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
 
 def _parts_from(first: int):
@@ -106,11 +37,6 @@ def _parts_from(first: int):
         found = re.search(r"/part-(\d{6})(\?|$)", path)
         return method == "PUT" and found is not None and int(found.group(1)) >= first
     return refuse
-
-
-def _compose(method, path, headers):
-    """Refuse UploadPartCopy: the server-side copy of a commit."""
-    return method == "PUT" and "x-amz-copy-source" in {k.lower() for k in headers}
 
 
 def _leftovers(seaweed, bucket):
@@ -133,7 +59,7 @@ def _manifest(size):
 @pytest.mark.parametrize("code", sorted(ANSWERS))
 def test_a_provider_full_answer_is_a_507_naming_the_bucket_and_the_bytes(s3, code):
     seaweed = s3["seaweed"]
-    relay = FullRelay(seaweed.endpoint, code, _parts_from(1))
+    relay = S3Relay(seaweed.endpoint, code, _parts_from(1))
     try:
         store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
                         secure=False)
@@ -160,7 +86,7 @@ def test_a_provider_full_answer_is_a_507_naming_the_bucket_and_the_bytes(s3, cod
 
 def test_a_commit_the_provider_has_no_room_for_is_a_507_and_can_be_retried(s3):
     seaweed = s3["seaweed"]
-    relay = FullRelay(seaweed.endpoint, "QuotaExceeded", _compose)
+    relay = S3Relay(seaweed.endpoint, "QuotaExceeded", compose)
     try:
         store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
                         secure=False)
@@ -190,9 +116,9 @@ def test_a_commit_whose_manifest_finds_no_room_leaves_no_object_and_can_be_retri
     """The compose made the object, then the provider refused its manifest (507): the object
     stayed, uncounted and unlisted (the abort sees no manifest), for ever."""
     seaweed = s3["seaweed"]
-    relay = FullRelay(seaweed.endpoint, "XMinioStorageFull",
-                      lambda method, path, headers: method == "PUT" and
-                      path.split("?")[0].endswith(".manifest.json"))
+    relay = S3Relay(seaweed.endpoint, "XMinioStorageFull",
+                    lambda method, path, headers: method == "PUT" and
+                    path.split("?")[0].endswith(".manifest.json"))
     try:
         store = S3Store(relay.endpoint, seaweed.access_key, seaweed.secret_key, s3["bucket"],
                         secure=False)
@@ -239,7 +165,7 @@ def test_a_compose_a_stopped_server_left_unfinished_is_aborted_once_old(s3):
 def test_a_backup_told_the_provider_is_full_stops_in_one_line_and_leaves_nothing(
         pool, s3, server_factory):
     seaweed = s3["seaweed"]
-    relay = FullRelay(seaweed.endpoint, "QuotaExceeded", _parts_from(1))
+    relay = S3Relay(seaweed.endpoint, "QuotaExceeded", _parts_from(1))
     try:
         server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
         dataset = pool.create("data")
