@@ -622,3 +622,38 @@ def test_an_answer_dripped_a_byte_at_a_time_ends_within_the_timeout(scripted):
     with pytest.raises(ServerUnreachable, match="took more than 1 s"):
         ServerClient(url, "c1", "k", timeout=1.0).call("GET", "/status")
     assert time.monotonic() - started < 5
+
+
+COMMITTING = (200, b'{"success": true, "message": "upload open", "parts": [], "committing": true,'
+                   b' "committing_for": 12.5}', {})
+HELD = (200, b'{"success": true, "message": "upload open", "parts": [{"index": 0, "size": 5,'
+             b' "crc32": "0badf00d"}]}', {})
+
+
+def test_a_commit_under_way_is_waited_for_with_growing_pauses_then_given_up(scripted, caplog,
+                                                                            monkeypatch):
+    """While the server says the upload is committing, the client asks again after 2, 5, 10,
+    30 s, then every 60 s, saying so once; after COMMIT_PATIENCE it stops waiting, in one
+    line (the real, slow S3 compose: test_slow_commit.py)."""
+    from zfsmgr.client import upload
+    url, script, seen = scripted
+    waits = []
+    uploader = upload.Uploader(ServerClient(url, "c1", "k"), None, "tank/a", "none", 1,
+                               sleep=waits.append)
+    session = {"upload_id": "0" * 32}
+    script[:] = [COMMITTING] * 7 + [HELD]
+    with caplog.at_level(logging.INFO, logger="zfsmgr.client"):
+        state = uploader._state(session)
+    assert state["parts"][0]["crc32"] == "0badf00d" and "committing" not in state
+    assert waits == [2, 5, 10, 30, 60, 60, 60]
+    assert seen == [("GET", f"/upload-stream/{'0' * 32}")] * 8
+    said = [r.getMessage() for r in caplog.records if "still committing" in r.getMessage()]
+    assert said == [f"the server is still committing upload {'0' * 32} of tank/a (for 12.5 s):"
+                    " waiting for it"]
+
+    monkeypatch.setattr(upload, "COMMIT_PATIENCE", 0)
+    script[:] = [COMMITTING] * 3
+    with pytest.raises(ZfsmgrError, match=rf"^the server is still committing upload {'0' * 32}"
+                                          r" of tank/a after 0 h: no longer waiting for it$"):
+        uploader._state(session)
+    assert len(seen) == 9

@@ -323,6 +323,9 @@ TABLE = (
     Setting("SERVER_URL", as_url, None, (CLIENT, RESTORE), "e.g. http://backup-server:8080"),
     Setting("CA_FILE", as_existing_file, "", (CLIENT, RESTORE),
             "CA bundle for an https server"),
+    Setting("REQUEST_TIMEOUT", as_duration, "2m", (CLIENT, RESTORE),
+            "how long to wait for each answer of the server (a commit it says is under way"
+            " is waited for beyond that)"),
     Setting("LOCAL_DATASET", as_text, None, (CLIENT,),
             "the datasets to back up, comma or space separated, e.g. tank/data"),
     Setting("RECURSIVE", as_bool, "false", (CLIENT,),

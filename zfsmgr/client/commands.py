@@ -108,7 +108,7 @@ def _api(settings):
     settings.require("CLIENT_ID", "API_KEY", "SERVER_URL")
     protocol.validate_client_id(settings.client_id)
     return ServerClient(settings.server_url, settings.client_id, settings.api_key,
-                        settings.ca_file)
+                        settings.ca_file, settings.request_timeout)
 
 
 def run(args, env_file) -> int:

@@ -34,6 +34,8 @@ from zfsmgr.zfs import Features, Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
 RETRY_DELAYS = (1, 2, 4, 8, 15, 30, 30, 60, 60, 120, 120)  # ~7.5 minutes in all
+COMMIT_PATIENCE = 6 * 3600  # seconds a commit the server says is under way is waited for
+COMMIT_POLLS = (2, 5, 10, 30, 60)  # seconds between the looks at it, then 60 each
 
 
 @dataclass
@@ -189,8 +191,7 @@ class Uploader:
         try:  # whatever ends this (an error, Ctrl-C or SIGTERM, even mid-wait): abort
             while True:
                 try:
-                    state = {"parts": []} if attempt == 0 else self.api.call(
-                        "GET", protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"]))
+                    state = {"parts": []} if attempt == 0 else self._state(session)
                     if state["parts"] and self._sealing(features).label:
                         # age seals with a fresh key each run: held parts never match again
                         log.info("an encrypted upload cannot skip what the server holds:"
@@ -232,6 +233,29 @@ class Uploader:
         except BaseException:
             self._abort(session)
             raise
+
+    def _state(self, session: dict) -> dict:
+        """What the server holds of the upload, once no commit of it is under way there. A
+        commit that outlasts REQUEST_TIMEOUT (an S3 compose of terabytes takes many minutes) is
+        waited for, up to COMMIT_PATIENCE, while the server says it is committing: retried as a
+        lost answer, it used up the retries and the run destroyed a snapshot the server went
+        on to store."""
+        path = protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
+        deadline, polls = time.monotonic() + COMMIT_PATIENCE, 0
+        while True:
+            state = self.api.call("GET", path)
+            if not state.get("committing"):
+                return state
+            if time.monotonic() > deadline:
+                raise ZfsmgrError(f"the server is still committing upload {session['upload_id']}"
+                                  f" of {self.dataset} after {COMMIT_PATIENCE / 3600:g} h: no"
+                                  " longer waiting for it")
+            if polls == 0:
+                log.info("the server is still committing upload %s of %s (for %s s): waiting"
+                         " for it", session["upload_id"], self.dataset,
+                         state.get("committing_for", "?"))
+            self.sleep(COMMIT_POLLS[min(polls, len(COMMIT_POLLS) - 1)])
+            polls += 1
 
     def _committed(self, snap: Snapshot) -> Optional[dict]:
         """The server's manifest of this very snapshot, if a commit made it already."""

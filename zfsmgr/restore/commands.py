@@ -226,7 +226,7 @@ def _client(env_file) -> ServerClient:
     settings = config.load(config.RESTORE, env_file)
     settings.require("CLIENT_ID", "API_KEY", "SERVER_URL")
     return ServerClient(settings.server_url, settings.client_id, settings.api_key,
-                        settings.ca_file)
+                        settings.ca_file, settings.request_timeout)
 
 
 def _identity(env_file) -> str:

@@ -18,9 +18,10 @@ import re
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from zfsmgr import properties, protocol
 from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
@@ -53,11 +54,23 @@ class Uploads:
         self.part_base, self.max_parts, self.expiry = part_base, max_parts, expiry_seconds
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
+        self._committing: Dict[str, float] = {}  # upload id: when its commit took the lock
         self.quota = Quota(table, catalog.used_bytes, expiry_seconds)
 
     def _session_lock(self, upload_id: str) -> threading.Condition:
         with self._lock:
             return self._session_locks.setdefault(upload_id, threading.Condition())
+
+    @contextmanager
+    def _commit_lock(self, upload_id: str) -> Iterator[None]:
+        """The session's lock, for a commit: `state` answers at once meanwhile that the upload
+        is committing (an S3 compose of terabytes outlasts any request timeout)."""
+        with self._session_lock(upload_id):
+            self._committing[upload_id] = time.monotonic()
+            try:
+                yield
+            finally:
+                self._committing.pop(upload_id, None)
 
     def schedule(self, store: Store, estimate: int) -> Tuple[int, int]:
         """(base part size, growth interval) that carries `estimate` bytes comfortably."""
@@ -184,7 +197,14 @@ class Uploads:
         return session
 
     def state(self, store: Store, session: Session) -> dict:
-        """What the server holds of an upload, read under its lock (a store may tidy up)."""
+        """What the server holds of an upload, read under its lock (a store may tidy up);
+        while its commit runs, that it is committing, at once: waiting for the lock held each
+        of the client's polls, and a server thread, for as long as the commit took."""
+        since = self._committing.get(session.upload_id)
+        if since is not None:  # no parts to send again: the client waits for the commit
+            return {"parts": [], "received": 0, "resume_token": "", "segment": 0,
+                    "resumed_with": "", "committing": True,
+                    "committing_for": round(time.monotonic() - since, 1)}
         with self._session_lock(session.upload_id):
             session = self.get(session.client_id, session.upload_id)
             parts = store.staged_parts(session.upload_id)
@@ -311,7 +331,7 @@ class Uploads:
                                            " number of parts")
         protocol.validate_count(stored_size, "stored_size")
         protocol.validate_count(raw_size, "raw_size")
-        with self._session_lock(session.upload_id):
+        with self._commit_lock(session.upload_id):
             store.finish_commit(session.upload_id, session.key)  # one a stopped server began
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
