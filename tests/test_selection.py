@@ -191,7 +191,7 @@ def test_dataset_locks_of_long_names_fit_a_file_name(tmp_path):
                 pass
 
 
-def test_a_tree_restore_warns_of_datasets_its_run_may_not_have_had():
+def test_a_tree_restore_warns_of_datasets_its_run_may_not_have_had_or_failed():
     from zfsmgr.protocol import Manifest
     from zfsmgr.restore.tree import CLOCK_MARGIN, left_behind
 
@@ -205,8 +205,13 @@ def test_a_tree_restore_warns_of_datasets_its_run_may_not_have_had():
     items = [backup("tank", run), backup("tank/unchanged", run - 7200),
              backup("tank/gone", run - 7200), backup("tank/failed", run - 7200),
              backup("tank/skewed", run - 7200)]
-    heard = {"tank/unchanged": run + 1, "tank/failed": run + 30,
-             "tank/gone": run - 7000, "tank/skewed": run - CLOCK_MARGIN + 1}
-    assert [m.dataset for m in left_behind(items, run, heard)] == ["tank/gone"]
-    assert [m.dataset for m in left_behind(items, run, {})] == [
-        "tank/unchanged", "tank/gone", "tank/failed", "tank/skewed"]
+    items.append(backup("tank/mended", run - 7200))
+    heard = {"tank/unchanged": (run + 1, 0.0), "tank/failed": (run - 9000, run + 30),
+             "tank/gone": (run - 7000, run - 8000),
+             "tank/skewed": (run - CLOCK_MARGIN + 1, 0.0),
+             "tank/mended": (run + 60, run + 30)}  # failed, then checked in unchanged
+    assert [(m.dataset, why) for m, why in left_behind(items, run, heard)] == [
+        ("tank/gone", "unheard"), ("tank/failed", "failed")]
+    assert [(m.dataset, why) for m, why in left_behind(items, run, {})] == [
+        (name, "unheard") for name in ("tank/unchanged", "tank/gone", "tank/failed",
+                                       "tank/skewed", "tank/mended")]

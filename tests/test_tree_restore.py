@@ -272,3 +272,31 @@ def test_a_restored_tree_names_the_datasets_its_run_may_not_have_had(pool, serve
     warned = [line for line in done.stderr.splitlines() if "may have been destroyed" in line]
     assert len(warned) == 1 and warned[0].startswith(f"zfsmgr: warning: {root}/b: "), warned
     assert f"{target}/b" in datasets_under(target)  # restored all the same: nothing is lost
+
+
+def test_a_restored_tree_names_a_dataset_whose_upload_failed_in_its_run(pool, server_factory,
+                                                                        run_zfsmgr):
+    """A descendant whose upload failed in the run restored (here: over the client's quota)
+    has only an older backup: it was restored from that without a word (the server had heard
+    of it, so it was not "gone"). Now its warning says its upload failed; the datasets that
+    were unchanged at that run (checked in) get none."""
+    server = server_factory("dir", quota=3 << 20)
+    root = make_tree(pool)
+    env = env_for(server, root, PARALLEL="1", COMPRESS="none")
+    backup_json(run_zfsmgr, env)
+    time.sleep(1.1)
+    rig.write_files(pool.mountpoint(f"{root}/a"), seed=91, count=1, size=40_000)
+    rig.write_files(pool.mountpoint(f"{root}/a/x"), seed=92, count=1, size=4 << 20)
+    second = backup_json(run_zfsmgr, env, expect=1)
+    got = statuses(second)
+    assert got[f"{root}/a"] == "incremental" and got[f"{root}/a/x"] == "failed", got
+    assert got[f"{root}/b"] == "unchanged", got
+    target = f"{pool.name}/back"
+    done = run_zfsmgr(["restore", "latest", target, "--recursive", "--source-dataset", root],
+                      env=server.client_env)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("zfsmgr: warning:")]
+    assert len(warned) == 1, done.stderr
+    assert warned[0].startswith(f"zfsmgr: warning: {root}/a/x: its newest backup to restore")
+    assert "its upload failed in that run or after it" in warned[0], warned
+    assert f"{target}/a/x" in datasets_under(target)  # restored all the same, as it was

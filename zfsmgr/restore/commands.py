@@ -176,14 +176,16 @@ def _report_verify(client: ServerClient, report) -> None:
               file=sys.stderr)
 
 
-def _heard(client: ServerClient) -> dict[str, float]:
-    """When the server last heard of each dataset without a backup (a check-in of "unchanged",
-    a failed upload); empty from a server that does not say."""
+def _heard(client: ServerClient) -> dict[str, tuple[float, float]]:
+    """When the server last heard of each dataset without a backup: (its newest check-in of
+    "unchanged", its newest failed upload), 0 for none; empty from a server that does not
+    say."""
     heard = {}
     for dataset, entry in (client.call("GET", protocol.STATUS).get("datasets") or {}).items():
         if isinstance(entry, dict):
             times = [entry.get(name) for name in ("last_checked", "last_failure")]
-            heard[dataset] = max([t for t in times if isinstance(t, (int, float))] or [0.0])
+            checked, failed = [t if isinstance(t, (int, float)) else 0.0 for t in times]
+            heard[dataset] = (float(checked), float(failed))
     return heard
 
 
@@ -209,12 +211,15 @@ def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args, heard) -
     into = Target(zfs, args.dataset, args.force)
     into.check()
     run = max(listing.moment(m) for _, m in items) if items else 0.0
-    for manifest in left_behind(items, run, heard()):
-        print(f"zfsmgr: warning: {manifest.dataset}: its newest backup to restore"
-              f" ({utc_text(listing.moment(manifest))}) is older than the run restored"
-              f" ({utc_text(run)}), and the server has heard nothing of it since (no check-in"
-              " of \"unchanged\", no failed upload): it may have been destroyed or left out"
-              " since; it is restored as of that backup", file=sys.stderr)
+    for manifest, why in left_behind(items, run, heard()):
+        older = (f"its newest backup to restore ({utc_text(listing.moment(manifest))}) is older"
+                 f" than the run restored ({utc_text(run)})")
+        print(f"zfsmgr: warning: {manifest.dataset}: {older}, and its upload failed in that"
+              " run or after it: what changed since that backup is not in it; it is restored"
+              " as of that backup" if why == "failed" else
+              f"zfsmgr: warning: {manifest.dataset}: {older}, and the server has heard nothing"
+              " of it since (no check-in of \"unchanged\", no failed upload): it may have been"
+              " destroyed or left out since; it is restored as of that backup", file=sys.stderr)
     restored = restore_tree(zfs, opener, manifests, items, into)
     print(f"restored {len(restored)} datasets into {args.dataset}")
     for (_, manifest), name in zip(items, restored):

@@ -5,10 +5,11 @@ Which backup of each dataset: for `restore N --recursive`, the newest backup of 
 dataset and of each descendant taken no later than backup N; for `latest --recursive`, the
 newest of each (a run does not send a dataset with nothing written, so a dataset's newest
 backup may come from an earlier run than its parent's); for `--all`, each dataset's newest.
-A descendant whose chosen backup is older than the run restored was either unchanged at that run
-(the run sent nothing for it, and checked it in) or gone (destroyed or left out before it): the
-manifests cannot tell, so the server's record of check-ins and failed uploads does
-(`left_behind`); one the server heard nothing of since is restored all the same, with a warning.
+A descendant whose chosen backup is older than the run restored was unchanged at that run (the
+run sent nothing for it, and checked it in), failed in it (its upload did not commit), or gone
+(destroyed or left out before it): the manifests cannot tell, so the server's record of
+check-ins and failed uploads does (`left_behind`); one that failed, or that the server heard
+nothing of since, is restored all the same, with a warning.
 The whole tree is received under the target the way a single restore is (restore/receive.py):
 into the target when it does not exist, else — with --force — under a temporary sibling that
 replaces the target only once every chain is in and verified.
@@ -51,13 +52,24 @@ def subtree(manifests: Sequence[Manifest], dataset: str, until: float | None = N
 CLOCK_MARGIN = 300.0  # seconds a host's clock (snapshot times) and its server's may differ
 
 
-def left_behind(items: Items, run: float, heard: Mapping[str, float]) -> list[Manifest]:
-    """The chosen backups older than the run at `run` (snapshot times: the host's clock) of
-    datasets the server heard nothing of since (`heard`: the newest check-in of "unchanged" or
-    failed upload of each dataset, by the server's clock, hence the margin): those the run may
-    not have had any more."""
-    return [m for _, m in items if moment(m) < run and
-            heard.get(m.dataset, 0.0) < run - CLOCK_MARGIN]
+def left_behind(items: Items, run: float,
+                heard: Mapping[str, tuple[float, float]]) -> list[tuple[Manifest, str]]:
+    """(manifest, why) of the chosen backups older than the run at `run` (snapshot times: the
+    host's clock) that the server's record does not vouch for (`heard`: each dataset's newest
+    check-in of "unchanged" and newest failed upload, by the server's clock, hence the margin):
+    "failed" when its upload failed at or after the run, and no check-in came since (the run
+    had changes of it that no backup holds); "unheard" when neither came since (the run may
+    not have had the dataset any more)."""
+    since, found = run - CLOCK_MARGIN, []
+    for _, m in items:
+        checked, failed = heard.get(m.dataset, (0.0, 0.0))
+        if moment(m) >= run:
+            continue
+        if failed >= since and failed >= checked:
+            found.append((m, "failed"))
+        elif max(checked, failed) < since:
+            found.append((m, "unheard"))
+    return found
 
 
 def every_dataset(manifests: Sequence[Manifest]) -> Items:
