@@ -23,8 +23,8 @@ ANSWERS = {  # what providers answer a write they have no room for
 class S3Relay(http.server.ThreadingHTTPServer):
     """Passes S3 requests on to SeaweedFS, except the writes `refuse(method, path, headers)`
     picks, which get the S3 error `code`: the provider is full for them. The requests
-    `slow(method, path, headers)` picks are held back `delay` seconds first: a provider's
-    server-side copy of a large object."""
+    `slow(method, path, headers)` picks are held back `delay` seconds first (then passed on, or
+    refused): a provider's server-side copy of a large object."""
 
     daemon_threads = True
 
@@ -51,15 +51,15 @@ class _Relay(http.server.BaseHTTPRequestHandler):
     def _any(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.server.slow(self.command, self.path, self.headers):
+            self.server.held.append(f"{self.command} {self.path}")
+            time.sleep(self.server.delay)
         if self.server.refuse(self.command, self.path, self.headers):
             self.server.refused.append(f"{self.command} {self.path}")
             status, message = ANSWERS[self.server.code]
             self._answer(status, [("Content-Type", "application/xml")], ERROR_XML.format(
                 code=self.server.code, message=message, path=self.path.split("?")[0]).encode())
             return
-        if self.server.slow(self.command, self.path, self.headers):
-            self.server.held.append(f"{self.command} {self.path}")
-            time.sleep(self.server.delay)
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         try:  # the Host header goes on as it came: the request is signed with it
             upstream.request(self.command, self.path, body=body or None,

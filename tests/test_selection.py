@@ -212,6 +212,9 @@ def test_a_tree_restore_warns_of_datasets_its_run_may_not_have_had_or_failed():
              "tank/mended": (run + 60, run + 30)}  # failed, then checked in unchanged
     assert [(m.dataset, why) for m, why in left_behind(items, run, heard)] == [
         ("tank/gone", "unheard"), ("tank/failed", "failed")]
+    later = [m for _, m in items] + [backup("tank/failed", run + 3600)[1]]
+    assert [(m.dataset, why) for m, why in left_behind(items, run, heard, later)] == [
+        ("tank/gone", "unheard")]  # a restore of an older run: its failure may be a later one
     assert [(m.dataset, why) for m, why in left_behind(items, run, {})] == [
         (name, "unheard") for name in ("tank/unchanged", "tank/gone", "tank/failed",
                                        "tank/skewed", "tank/mended")]

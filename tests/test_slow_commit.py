@@ -1,20 +1,25 @@
 """A commit that outlasts the client's REQUEST_TIMEOUT: an S3 compose of terabytes copies every
 part server-side, for many minutes. The upload's state answers at once that the commit is under
 way, and the client waits for it: the stream is sent once, the snapshot becomes the base, and
-the next run is incremental. Played on SeaweedFS behind a relay that holds each UploadPartCopy
-back (a provider's slow server-side copy); the client waits 2 s for an answer.
+the next run is incremental. A commit that fails meanwhile is the client's one-line error, as
+if it had been answered; an abort while it runs is refused, and an interrupted client leaves
+its snapshot for the next run to adopt. Played on SeaweedFS behind a relay that holds each
+UploadPartCopy back (a provider's slow server-side copy); the client waits 2 s for an answer.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
 import rig
 from hostile import auth_of, request
-from s3relay import S3Relay, compose
+from s3relay import ANSWERS, S3Relay, compose
 
 pytestmark = [pytest.mark.zfs, pytest.mark.s3]
 
@@ -66,6 +71,80 @@ def test_a_commit_longer_than_the_request_timeout_is_waited_for_and_sent_once(
         rig.write_files(pool.mountpoint(dataset), seed=8, count=1, size=1 << 20)
         again = rig.run_zfsmgr(["client", "backup", "--json"], env=env)
         assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["datasets"][0]["type"] == "incremental"
+        assert "Traceback" not in server.log()
+    finally:
+        relay.shutdown()
+
+
+def _client(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-I", "-S", str(rig.PYZ), "client", "backup"],
+                            env=rig.clean_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_slow_commit_that_fails_is_the_clients_error_and_the_stream_goes_once(
+        pool, s3, server_factory):
+    """The compose is slow, then the provider has no room: the client, no longer waiting for
+    the commit's answer, learns the 507 from the upload's state (it sent the whole stream
+    again, and again timed out, for the ~7.5 minutes of its retries)."""
+    relay = S3Relay(s3["seaweed"].endpoint, "XMinioStorageFull", refuse=compose, slow=compose,
+                    delay=3.5)
+    try:
+        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
+        dataset = pool.create("full")
+        rig.write_files(pool.mountpoint(dataset), seed=9, count=3, size=4 << 20)
+        env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
+               "REQUEST_TIMEOUT": TIMEOUT}
+        done = rig.run_zfsmgr(["client", "backup"], env=env, timeout=120)
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("zfsmgr: error: server refused (507): S3 bucket"), done.stderr
+        assert ANSWERS["XMinioStorageFull"][1] in last, last
+        assert "retry 2" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        log = server.log()
+        upload = re.search(r"upload ([0-9a-f]{32}) opened", log).group(1)
+        assert len(_requests(log, rf"POST /upload-stream/{upload}/\d+")) == 3  # sent once
+        assert rig.sh("zfs", "list", "-H", "-t", "snapshot", "-r", dataset).strip() == ""
+        assert f"upload {upload} aborted" in log  # nothing stays staged
+    finally:
+        relay.shutdown()
+
+
+def test_an_interrupted_client_leaves_a_committing_upload_and_the_next_run_adopts_it(
+        pool, s3, server_factory):
+    """Ctrl-C while the server composes: the client's abort is refused at once (409), not
+    queued behind the commit, and the snapshot stays; once the commit is in, the next run
+    keeps it as the base and sends its incremental from it."""
+    relay = S3Relay(s3["seaweed"].endpoint, slow=compose, delay=COPY_DELAY)
+    try:
+        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
+        dataset = pool.create("stop")
+        rig.write_files(pool.mountpoint(dataset), seed=10, count=3, size=4 << 20)
+        env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
+               "REQUEST_TIMEOUT": TIMEOUT}
+        proc = _client(env)
+        rig.wait_until(lambda: relay.held, 60, "the compose began")
+        upload = re.search(r"upload ([0-9a-f]{32}) opened", server.log()).group(1)
+        status, answer, seconds = request(server.url, "POST", f"/upload-stream/{upload}/abort",
+                                          headers=auth_of(server.client_env))
+        assert status == 409 and answer["committing"] is True and seconds < 1.0, answer
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, err
+        assert f"upload {upload} of {dataset} is committing on the server: its snapshot" \
+               " stays" in err, err
+        assert "Traceback" not in err, err
+        rig.wait_until(lambda: f"upload {upload} committed" in server.log(), 60,
+                       "the commit ended")
+        snaps = rig.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset)
+        assert len(snaps.split()) == 1, snaps  # the interrupted run's snapshot stayed
+
+        relay.delay = 0.0
+        rig.write_files(pool.mountpoint(dataset), seed=11, count=1, size=1 << 20)
+        again = rig.run_zfsmgr(["client", "backup", "--json"], env=env)
+        assert again.returncode == 0, again.stderr
+        assert "the server committed it" in again.stderr, again.stderr  # adopted
         assert json.loads(again.stdout)["datasets"][0]["type"] == "incremental"
         assert "Traceback" not in server.log()
     finally:

@@ -95,6 +95,13 @@ class Conflict(ZfsmgrError):
     http_status = 409
 
 
+class CommitUnderWay(Conflict):
+    """The upload is committing: it cannot be aborted now (409, `committing`); its state says
+    how the commit ended."""
+
+    payload = {"committing": True}
+
+
 class TooManyUploads(Conflict):
     """The client has as many open uploads as it may (409): abort one, or let it expire."""
 

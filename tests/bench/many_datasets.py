@@ -3,6 +3,7 @@ directory-store server on loopback). Prints figures; asserts nothing.
 
     python3 tests/bench/many_datasets.py [--datasets 100] [--changed 20] [--size 64M]
                                          [--parallel 4] [--pool-size 4G] [--rounds 3]
+                                         [--part-size 32M]
 
 1. `--datasets` empty datasets, second run with nothing changed: wall time and `zfs`
    invocations (counted by a wrapper given as ZFSMGR_ZFS), per dataset and in all, against the
@@ -51,14 +52,16 @@ def counting_zfs(folder: Path) -> tuple:
     return str(wrapper), log
 
 
-def server(folder: Path, parallel: int):
+def server(folder: Path, parallel: int, part_size: str = ""):
     key = secrets.token_hex(16)
     (folder / "clients.json").write_text(json.dumps([{
         "client_id": "bench", "api_key": hashlib.sha256(key.encode()).hexdigest(),
         "max_size_bytes": 0, "dataset": "", "enabled": True, "storage_type": "dir"}]))
     env = {"PORT": str(rig.free_port()), "HOST": "127.0.0.1",
-           "STORAGE_DIR": str(folder / "backups"), "PART_SIZE": "8M",
+           "STORAGE_DIR": str(folder / "backups"),
            "CLIENT_MAX_REQUESTS": str(max(4, 2 * parallel))}  # room for PARALLEL uploads
+    if part_size:  # else the server's default
+        env["PART_SIZE"] = part_size
     proc = rig.ServerProcess(folder, env).start()
     return proc, {"CLIENT_ID": "bench", "API_KEY": key, "SERVER_URL": proc.url,
                   "STATE_DIR": str(folder / "state"), "COMPRESS": "none"}
@@ -136,6 +139,8 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=20)
     parser.add_argument("--size", default="64M")
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--part-size", default="",
+                        help="the server's PART_SIZE (default: the server's own default)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of the changed runs (medians are printed)")
     parser.add_argument("--pool-size", default="",
@@ -154,7 +159,7 @@ def main() -> None:
     srv = None
     try:
         wrapper, log = counting_zfs(folder)
-        srv, client = server(folder, args.parallel)
+        srv, client = server(folder, args.parallel, args.part_size)
         plain, client = client, {**client, "ZFSMGR_ZFS": wrapper}  # timed runs: plain
 
         one = pool.create("one")

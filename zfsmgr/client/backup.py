@@ -206,12 +206,14 @@ class Backup(Uploader):
 
     def upload(self, snap: Snapshot, at_end: Optional[Callable[[], None]] = None) -> Result:
         """Send the new snapshot from the prepared base (`at_end`: called once its stream is
-        read); a failed send destroys the snapshot (the next run starts clean)."""
+        read); a failed send destroys the snapshot (the next run starts clean), except while
+        the server is committing it (interrupted, or no longer waited for)."""
         try:
             return self._upload(snap, self.base, self.features, fallback=self.mode == "auto",
                                 at_end=at_end)
         except BaseException:
-            self.discard(snap)
+            if not self.commit_pending:  # else the next run adopts it (cleanup_stale)
+                self.discard(snap)
             raise
 
     def send_early(self, snap: Snapshot) -> None:

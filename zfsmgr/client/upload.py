@@ -74,6 +74,7 @@ class Uploader:
     `properties`: the property record of a stream sent without them, zfsmgr/properties.py)."""
 
     records_properties = False  # this dataset's streams go without -p, with a record
+    commit_pending = ""  # an upload the server was committing when this run stopped waiting
     properties: Optional[dict] = None
     _early: Optional[Tuple[tuple, StreamingCommand]] = None  # a send started ahead: start_early
 
@@ -239,11 +240,16 @@ class Uploader:
         commit that outlasts REQUEST_TIMEOUT (an S3 compose of terabytes takes many minutes) is
         waited for, up to COMMIT_PATIENCE, while the server says it is committing: retried as a
         lost answer, it used up the retries and the run destroyed a snapshot the server went
-        on to store."""
+        on to store. A commit that failed meanwhile is that commit's error (ServerError), as
+        if it had been answered."""
         path = protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
         deadline, polls = time.monotonic() + COMMIT_PATIENCE, 0
         while True:
             state = self.api.call("GET", path)
+            failed = state.get("commit_failed")
+            if isinstance(failed, dict):  # what the commit would have answered: its error
+                raise ServerError(int(failed.get("status") or 500),
+                                  str(failed.get("message") or "the commit failed"))
             if not state.get("committing"):
                 return state
             if time.monotonic() > deadline:
@@ -278,8 +284,18 @@ class Uploader:
         return session
 
     def _abort(self, session: dict) -> None:
+        """Discard the upload on the server; one it is committing stays (commit_pending: its
+        snapshot too, for the next run to adopt once committed, or remove)."""
         try:
             self.api.call("POST", protocol.UPLOAD_ABORT.format(upload_id=session["upload_id"]))
+        except ServerError as exc:
+            if exc.status == 409 and exc.payload.get("committing"):
+                self.commit_pending = session["upload_id"]
+                log.warning("upload %s of %s is committing on the server: its snapshot stays"
+                            " for the next run, which keeps it as the base once the server"
+                            " lists its backup", session["upload_id"], self.dataset)
+                return
+            log.info("could not abort upload %s: %s", session["upload_id"], exc)
         except ZfsmgrError as exc:
             log.info("could not abort upload %s: %s", session["upload_id"], exc)
 

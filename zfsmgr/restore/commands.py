@@ -211,7 +211,7 @@ def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args, heard) -
     into = Target(zfs, args.dataset, args.force)
     into.check()
     run = max(listing.moment(m) for _, m in items) if items else 0.0
-    for manifest, why in left_behind(items, run, heard()):
+    for manifest, why in left_behind(items, run, heard(), manifests):
         older = (f"its newest backup to restore ({utc_text(listing.moment(manifest))}) is older"
                  f" than the run restored ({utc_text(run)})")
         print(f"zfsmgr: warning: {manifest.dataset}: {older}, and its upload failed in that"

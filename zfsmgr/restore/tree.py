@@ -52,20 +52,24 @@ def subtree(manifests: Sequence[Manifest], dataset: str, until: float | None = N
 CLOCK_MARGIN = 300.0  # seconds a host's clock (snapshot times) and its server's may differ
 
 
-def left_behind(items: Items, run: float,
-                heard: Mapping[str, tuple[float, float]]) -> list[tuple[Manifest, str]]:
+def left_behind(items: Items, run: float, heard: Mapping[str, tuple[float, float]],
+                manifests: Sequence[Manifest] = ()) -> list[tuple[Manifest, str]]:
     """(manifest, why) of the chosen backups older than the run at `run` (snapshot times: the
     host's clock) that the server's record does not vouch for (`heard`: each dataset's newest
     check-in of "unchanged" and newest failed upload, by the server's clock, hence the margin):
-    "failed" when its upload failed at or after the run, and no check-in came since (the run
-    had changes of it that no backup holds); "unheard" when neither came since (the run may
-    not have had the dataset any more)."""
+    "failed" when its upload failed at or after the run, with no check-in since and no backup
+    of it after the one chosen among `manifests` (the failure may be a later run's: only the
+    newest of each is known), so that the run had changes of it that no backup holds;
+    "unheard" when neither came since (the run may not have had the dataset any more)."""
     since, found = run - CLOCK_MARGIN, []
+    newest: dict[str, float] = {}
+    for m in manifests:
+        newest[m.dataset] = max(newest.get(m.dataset, 0.0), moment(m))
     for _, m in items:
         checked, failed = heard.get(m.dataset, (0.0, 0.0))
         if moment(m) >= run:
             continue
-        if failed >= since and failed >= checked:
+        if failed >= since and failed >= checked and newest.get(m.dataset, 0.0) <= moment(m):
             found.append((m, "failed"))
         elif max(checked, failed) < since:
             found.append((m, "unheard"))

@@ -180,7 +180,13 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @app.get(protocol.UPLOAD_SESSION.replace("{upload_id}", "<upload_id>"))
     @handler()
     def upload_state(client, upload_id):
-        session = ctx.uploads.get(client.client_id, upload_id)
+        try:
+            session = ctx.uploads.get(client.client_id, upload_id)
+        except NotFound:  # a commit that failed may have discarded it: say why, not 404
+            failed = ctx.uploads.commit_failure(client.client_id, upload_id)
+            if failed is None:
+                raise
+            raise failed from None
         state = ctx.uploads.state(ctx.store_named(session.storage_type), session)
         return protocol.ok("upload open", upload_id=upload_id, key=session.key,
                            part_size=session.part_base, part_growth_every=session.part_every,
@@ -221,7 +227,7 @@ def make_app(ctx: ServerContext) -> bottle.Bottle:
     @handler()
     def abort(client, upload_id):
         session = ctx.uploads.get(client.client_id, upload_id)
-        ctx.uploads.abort(session, ctx.store_named(session.storage_type))
+        ctx.uploads.abort_for_client(session, ctx.store_named(session.storage_type))
         ctx.outcomes.aborted(client.client_id, session.dataset)
         log.info("upload %s aborted by client=%s", upload_id, client.client_id)
         return protocol.ok("upload discarded")

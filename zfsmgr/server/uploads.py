@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 from zfsmgr import properties, protocol
-from zfsmgr.errors import (Conflict, Forbidden, NeedsFullBackup, NotFound, OutOfOrder,
-                           QuotaExceeded, TooLargeForStore, TooManyUploads, Unsupported,
-                           VerificationFailed, ZfsmgrError)
+from zfsmgr.errors import (CommitUnderWay, Conflict, Forbidden, NeedsFullBackup, NotFound,
+                           OutOfOrder, QuotaExceeded, TooLargeForStore, TooManyUploads,
+                           Unsupported, VerificationFailed, ZfsmgrError)
 from zfsmgr.progress import human
 from zfsmgr.protocol import Manifest
 from zfsmgr.server.catalog import Catalog
@@ -39,6 +39,7 @@ log = logging.getLogger("zfsmgr.server.uploads")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PARTS_CHECKSUM = re.compile(r"[0-9a-fA-F]{8}-[0-9]{1,6}")
 PART_WAIT = 2.0  # seconds a part waits for the one before it to start (two are in flight)
+KEPT_FAILURES = 1000  # failed commits remembered for their clients' look at the upload's state
 
 
 class Uploads:
@@ -55,6 +56,7 @@ class Uploads:
         self._lock = threading.Lock()
         self._session_locks: Dict[str, threading.Condition] = {}
         self._committing: Dict[str, float] = {}  # upload id: when its commit took the lock
+        self._commit_failed: Dict[str, Tuple[str, ZfsmgrError]] = {}  # id: (client, why)
         self.quota = Quota(table, catalog.used_bytes, expiry_seconds)
 
     def _session_lock(self, upload_id: str) -> threading.Condition:
@@ -62,15 +64,30 @@ class Uploads:
             return self._session_locks.setdefault(upload_id, threading.Condition())
 
     @contextmanager
-    def _commit_lock(self, upload_id: str) -> Iterator[None]:
+    def _commit_lock(self, session: Session) -> Iterator[None]:
         """The session's lock, for a commit: `state` answers at once meanwhile that the upload
-        is committing (an S3 compose of terabytes outlasts any request timeout)."""
+        is committing (an S3 compose of terabytes outlasts any request timeout), and afterwards
+        why the commit failed, where the upload stays open (a client that stopped waiting for
+        the answer learns it there)."""
+        upload_id = session.upload_id
         with self._session_lock(upload_id):
             self._committing[upload_id] = time.monotonic()
+            self._commit_failed.pop(upload_id, None)
             try:
                 yield
+            except ZfsmgrError as exc:
+                self._commit_failed[upload_id] = (session.client_id, exc)
+                while len(self._commit_failed) > KEPT_FAILURES:
+                    self._commit_failed.pop(next(iter(self._commit_failed)))
+                raise
             finally:
                 self._committing.pop(upload_id, None)
+
+    def commit_failure(self, client_id: str, upload_id: str) -> Optional[ZfsmgrError]:
+        """Why this client's last commit of the upload failed, if it did (the upload may be
+        gone: a checksum mismatch discards it)."""
+        client, exc = self._commit_failed.get(upload_id, ("", None))
+        return exc if client == client_id else None
 
     def schedule(self, store: Store, estimate: int) -> Tuple[int, int]:
         """(base part size, growth interval) that carries `estimate` bytes comfortably."""
@@ -140,7 +157,8 @@ class Uploads:
         for other in opened:
             if other.key == key and other.dataset == dataset:  # a retry replaces a stale one
                 self.abort(other, store)
-            elif supersede and other.dataset == dataset and other.storage_type == store.kind:
+            elif supersede and other.dataset == dataset and other.storage_type == store.kind \
+                    and other.upload_id not in self._committing:  # a commit ends on its own
                 # the client holds the dataset's lock (zfsmgr's does, one run at a time): an
                 # open upload of it is one a run left when it died (killed, or its abort
                 # failed), which held one of the client's uploads until it expired
@@ -208,10 +226,14 @@ class Uploads:
         with self._session_lock(session.upload_id):
             session = self.get(session.client_id, session.upload_id)
             parts = store.staged_parts(session.upload_id)
-            return {"parts": [p.__dict__ for p in parts],
-                    "received": sum(p.size for p in parts),
-                    "resume_token": store.resume_token(session.upload_id),
-                    "segment": session.segment, "resumed_with": session.resumed_with}
+            state = {"parts": [p.__dict__ for p in parts],
+                     "received": sum(p.size for p in parts),
+                     "resume_token": store.resume_token(session.upload_id),
+                     "segment": session.segment, "resumed_with": session.resumed_with}
+            failed = self.commit_failure(session.client_id, session.upload_id)
+            if failed is not None:
+                state["commit_failed"] = {"status": failed.http_status, "message": str(failed)}
+            return state
 
     def _parent_key(self, session: Session) -> Optional[str]:
         return self._base_key(session.client_id, session.dataset, session.parent) \
@@ -331,7 +353,7 @@ class Uploads:
                                            " number of parts")
         protocol.validate_count(stored_size, "stored_size")
         protocol.validate_count(raw_size, "raw_size")
-        with self._commit_lock(session.upload_id):
+        with self._commit_lock(session):
             store.finish_commit(session.upload_id, session.key)  # one a stopped server began
             parts = store.staged_parts(session.upload_id)
             sent = sum(p.size for p in parts[session.segment:])  # since the last send -t
@@ -468,6 +490,15 @@ class Uploads:
         self.table.remove(session.upload_id)
         with self._lock:  # a request still holding the old lock finds the session gone
             self._session_locks.pop(session.upload_id, None)
+
+    def abort_for_client(self, session: Session, store: Store) -> None:
+        """The client's abort: refused (CommitUnderWay) while the upload commits, which waited
+        for the commit, the whole of an S3 compose, and then did nothing (or the client, told
+        nothing within its timeout, destroyed the snapshot the commit stored)."""
+        if session.upload_id in self._committing:
+            raise CommitUnderWay(f"upload {session.upload_id} is committing: it cannot be"
+                                 " aborted now (its state says how the commit ends)")
+        self.abort(session, store)
 
     def abort(self, session: Session, store: Store) -> None:
         """Discard an upload and everything staged for it, once a part being staged for it
