@@ -27,6 +27,16 @@ COPY_DELAY = 2.5  # seconds each part's server-side copy is held back: 3 parts, 
 TIMEOUT = "2s"
 
 
+def _backed_by(relay, pool, server_factory, name: str, seed: int):
+    """(server, dataset, client env): an S3 server through `relay`, a dataset of 12 MiB (three
+    parts), a client that waits TIMEOUT for each answer."""
+    server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
+    dataset = pool.create(name)
+    rig.write_files(pool.mountpoint(dataset), seed=seed, count=3, size=4 << 20)
+    return server, dataset, {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
+                             "REQUEST_TIMEOUT": TIMEOUT}
+
+
 def _requests(log: str, pattern: str) -> list:
     """(path, seconds) of the server's access lines for requests whose path matches."""
     return [(m.group(1), float(m.group(2))) for m in re.finditer(
@@ -37,11 +47,7 @@ def test_a_commit_longer_than_the_request_timeout_is_waited_for_and_sent_once(
         pool, s3, server_factory):
     relay = S3Relay(s3["seaweed"].endpoint, slow=compose, delay=COPY_DELAY)
     try:
-        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
-        dataset = pool.create("slow")
-        rig.write_files(pool.mountpoint(dataset), seed=7, count=3, size=4 << 20)
-        env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
-               "REQUEST_TIMEOUT": TIMEOUT}
+        server, dataset, env = _backed_by(relay, pool, server_factory, "slow", 7)
         done = rig.run_zfsmgr(["client", "backup", "--json"], env=env)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
@@ -91,11 +97,7 @@ def test_a_slow_commit_that_fails_is_the_clients_error_and_the_stream_goes_once(
     relay = S3Relay(s3["seaweed"].endpoint, "XMinioStorageFull", refuse=compose, slow=compose,
                     delay=3.5)
     try:
-        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
-        dataset = pool.create("full")
-        rig.write_files(pool.mountpoint(dataset), seed=9, count=3, size=4 << 20)
-        env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
-               "REQUEST_TIMEOUT": TIMEOUT}
+        server, dataset, env = _backed_by(relay, pool, server_factory, "full", 9)
         done = rig.run_zfsmgr(["client", "backup"], env=env, timeout=120)
         assert done.returncode == 1, done.stderr
         last = done.stderr.strip().splitlines()[-1]
@@ -118,11 +120,7 @@ def test_an_interrupted_client_leaves_a_committing_upload_and_the_next_run_adopt
     keeps it as the base and sends its incremental from it."""
     relay = S3Relay(s3["seaweed"].endpoint, slow=compose, delay=COPY_DELAY)
     try:
-        server = server_factory("s3", env={"S3_ENDPOINT": relay.endpoint})
-        dataset = pool.create("stop")
-        rig.write_files(pool.mountpoint(dataset), seed=10, count=3, size=4 << 20)
-        env = {**server.client_env, "LOCAL_DATASET": dataset, "COMPRESS": "none",
-               "REQUEST_TIMEOUT": TIMEOUT}
+        server, dataset, env = _backed_by(relay, pool, server_factory, "stop", 10)
         proc = _client(env)
         rig.wait_until(lambda: relay.held, 60, "the compose began")
         upload = re.search(r"upload ([0-9a-f]{32}) opened", server.log()).group(1)
