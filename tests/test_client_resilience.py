@@ -651,9 +651,15 @@ def test_a_commit_under_way_is_waited_for_with_growing_pauses_then_given_up(scri
     assert said == [f"the server is still committing upload {'0' * 32} of tank/a (for 12.5 s):"
                     " waiting for it"]
 
-    monkeypatch.setattr(upload, "COMMIT_PATIENCE", 0)
+    monkeypatch.setattr(upload, "COMMIT_PATIENCE", 0.3)
+    uploader.sleep = lambda seconds: time.sleep(0.2)
+    session = {"upload_id": "1" * 32}
+    script[:] = [COMMITTING, COMMITTING, (500, b'{"success": false, "message": "blip"}', {})]
+    with pytest.raises(ServerError, match="blip"):  # the run's retry asks again after it:
+        uploader._state(session)  # the patience goes on, it does not start again
     script[:] = [COMMITTING] * 3
-    with pytest.raises(ZfsmgrError, match=rf"^the server is still committing upload {'0' * 32}"
-                                          r" of tank/a after 0 h: no longer waiting for it$"):
+    with pytest.raises(ZfsmgrError, match=rf"^the server is still committing upload {'1' * 32}"
+                                          r" of tank/a after [0-9.e-]+ h: no longer waiting"
+                                          r" for it$"):
         uploader._state(session)
-    assert len(seen) == 9
+    assert len(seen) == 12

@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from zfsmgr import protocol
 from zfsmgr.client.base import Base
@@ -87,6 +87,7 @@ class Uploader:
         self.encryption = encryption
         self.make_progress = progress or (lambda label, total: Progress(label, total))
         self.sleep, self.send_properties = sleep, send_properties
+        self._commit_deadlines: Dict[str, float] = {}  # upload id: when waiting for it ends
 
     def server_backups(self) -> List[dict]:
         """The server's manifests for this dataset."""
@@ -243,7 +244,9 @@ class Uploader:
         on to store. A commit that failed meanwhile is that commit's error (ServerError), as
         if it had been answered."""
         path = protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
-        deadline, polls = time.monotonic() + COMMIT_PATIENCE, 0
+        if session["upload_id"] not in self._commit_deadlines:  # a look that failed and was
+            self._commit_deadlines[session["upload_id"]] = time.monotonic() + COMMIT_PATIENCE
+        deadline, polls = self._commit_deadlines[session["upload_id"]], 0  # retried: the same
         while True:
             state = self.api.call("GET", path)
             failed = state.get("commit_failed")
