@@ -244,9 +244,9 @@ class Uploader:
         on to store. A commit that failed meanwhile is that commit's error (ServerError), as
         if it had been answered."""
         path = protocol.UPLOAD_SESSION.format(upload_id=session["upload_id"])
-        if session["upload_id"] not in self._commit_deadlines:  # a look that failed and was
-            self._commit_deadlines[session["upload_id"]] = time.monotonic() + COMMIT_PATIENCE
-        deadline, polls = self._commit_deadlines[session["upload_id"]], 0  # retried: the same
+        deadline = self._commit_deadlines.setdefault(  # the same after a look that failed
+            session["upload_id"], time.monotonic() + COMMIT_PATIENCE)  # and was retried
+        polls = 0
         while True:
             state = self.api.call("GET", path)
             failed = state.get("commit_failed")
@@ -291,15 +291,13 @@ class Uploader:
         snapshot too, for the next run to adopt once committed, or remove)."""
         try:
             self.api.call("POST", protocol.UPLOAD_ABORT.format(upload_id=session["upload_id"]))
-        except ServerError as exc:
-            if exc.status == 409 and exc.payload.get("committing"):
+        except ZfsmgrError as exc:
+            if isinstance(exc, ServerError) and exc.payload.get("committing"):
                 self.commit_pending = session["upload_id"]
                 log.warning("upload %s of %s is committing on the server: its snapshot stays"
                             " for the next run, which keeps it as the base once the server"
                             " lists its backup", session["upload_id"], self.dataset)
                 return
-            log.info("could not abort upload %s: %s", session["upload_id"], exc)
-        except ZfsmgrError as exc:
             log.info("could not abort upload %s: %s", session["upload_id"], exc)
 
     def _resume(self, state: dict, features: Features, codec: str, session: dict,

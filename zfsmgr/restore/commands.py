@@ -212,14 +212,14 @@ def _restore_tree(zfs, opener, manifests, rows: listing.Numbered, args, heard) -
     into.check()
     run = max(listing.moment(m) for _, m in items) if items else 0.0
     for manifest, why in left_behind(items, run, heard(), manifests):
-        older = (f"its newest backup to restore ({utc_text(listing.moment(manifest))}) is older"
-                 f" than the run restored ({utc_text(run)})")
-        print(f"zfsmgr: warning: {manifest.dataset}: {older}, and its upload failed in that"
-              " run or after it: what changed since that backup is not in it; it is restored"
-              " as of that backup" if why == "failed" else
-              f"zfsmgr: warning: {manifest.dataset}: {older}, and the server has heard nothing"
-              " of it since (no check-in of \"unchanged\", no failed upload): it may have been"
-              " destroyed or left out since; it is restored as of that backup", file=sys.stderr)
+        reason = ("its upload failed in that run or after it: what changed since that backup"
+                  " is not in it" if why == "failed" else
+                  "the server has heard nothing of it since (no check-in of \"unchanged\", no"
+                  " failed upload): it may have been destroyed or left out since")
+        print(f"zfsmgr: warning: {manifest.dataset}: its newest backup to restore"
+              f" ({utc_text(listing.moment(manifest))}) is older than the run restored"
+              f" ({utc_text(run)}), and {reason}; it is restored as of that backup",
+              file=sys.stderr)
     restored = restore_tree(zfs, opener, manifests, items, into)
     print(f"restored {len(restored)} datasets into {args.dataset}")
     for (_, manifest), name in zip(items, restored):
