@@ -16,7 +16,7 @@ import rig
 import test_server_api
 from zfsmgr import settings
 from zfsmgr.client.base import PROPS, Committed, hold_tag, mark_bases, server_tag
-from zfsmgr.client.run import uploads_at_once
+from zfsmgr.client.run import endings_at_once, uploads_at_once
 from zfsmgr.zfs import Zfs
 
 in_process_server = test_server_api.server  # the fixture: the server's app in-process
@@ -32,6 +32,18 @@ def test_uploads_at_once_follow_parallel_and_the_servers_share():
     assert uploads_at_once(1, {"client_max_requests": 40}) == 1
 
 
+def test_endings_overlap_only_where_both_shares_leave_room():
+    share = {"client_max_requests": 4, "client_max_uploads": 4}
+    assert endings_at_once(2, share) == 0  # the defaults: two streams take the requests
+    assert endings_at_once(2, {**share, "client_max_requests": 5}) == 1
+    assert endings_at_once(2, {**share, "client_max_requests": 8}) == 2  # one per stream
+    assert endings_at_once(2, {**share, "client_max_requests": 40}) == 2
+    assert endings_at_once(2, {"client_max_requests": 8, "client_max_uploads": 3}) == 1
+    assert endings_at_once(4, {"client_max_requests": 8, "client_max_uploads": 4}) == 0
+    assert endings_at_once(2, {"client_max_requests": 8}) == 0  # an older server: none
+    assert endings_at_once(1, {"client_max_requests": 40, "client_max_uploads": 9}) == 0
+
+
 def test_status_says_the_clients_share_and_the_default_leaves_room_for_two(
         in_process_server):
     from test_server_api import auth, call
@@ -40,7 +52,8 @@ def test_status_says_the_clients_share_and_the_default_leaves_room_for_two(
     status = json.loads(call(app, "GET", "/status", headers=auth("alice"))[1])
     assert settings.load("server", environ={}).threads == ctx.settings.threads == 12
     assert status["client_max_requests"] == ctx.client_max_requests == 4
-    assert uploads_at_once(0, status) == 2
+    assert status["client_max_uploads"] == ctx.settings.client_max_uploads == 4
+    assert uploads_at_once(0, status) == 2 and endings_at_once(2, status) == 0
 
 
 def _opened_and_committed(log_text):
@@ -168,7 +181,6 @@ exec {real} "$@"
         f"{base}/c1/tank_data"
 
 
-@pytest.mark.zfs
 def _backup_here(monkeypatch, tmp_path, env) -> int:
     """`client backup --json` in this process (to spy on it), with `env`; its exit status."""
     import signal
@@ -187,6 +199,22 @@ def _backup_here(monkeypatch, tmp_path, env) -> int:
         root.handlers[:], root.level = handlers, level
 
 
+def _backed_up_once(pool, server_factory, run_zfsmgr, max_requests: str, count: int):
+    """(server, datasets, client env): `count` datasets backed up once to a server with
+    CLIENT_MAX_REQUESTS=`max_requests`, then written to."""
+    server = server_factory("dir", env={"PART_SIZE": "128K",
+                                        "CLIENT_MAX_REQUESTS": max_requests})
+    root = pool.create("host")
+    children = [f"{root}/d{i}" for i in range(count)]
+    for child in children:
+        rig.sh("zfs", "create", child)
+    env = {**server.client_env, "LOCAL_DATASET": " ".join(children)}
+    assert run_zfsmgr(["client", "backup"], env=env).returncode == 0
+    _write(pool, children, 1)
+    return server, children, env
+
+
+@pytest.mark.zfs
 def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory, run_zfsmgr,
                                                            monkeypatch, capsys, tmp_path):
     """One upload at a time: once a stream is read to its end, the next dataset's `zfs send`
@@ -195,15 +223,7 @@ def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory,
     from zfsmgr import protocol
     from zfsmgr.remote import ServerClient
 
-    server = server_factory("dir", env={"PART_SIZE": "128K", "CLIENT_MAX_REQUESTS": "2"})
-    root = pool.create("host")
-    children = [f"{root}/d{i}" for i in range(3)]
-    for child in children:
-        rig.sh("zfs", "create", child)
-    env = {**server.client_env, "LOCAL_DATASET": " ".join(children)}
-    assert run_zfsmgr(["client", "backup"], env=env).returncode == 0
-    _write(pool, children, 1)
-
+    server, children, env = _backed_up_once(pool, server_factory, run_zfsmgr, "2", 3)
     events, datasets = [], {}
     send, call = Zfs.send, ServerClient.call
 
@@ -228,6 +248,60 @@ def test_the_next_send_starts_while_the_one_before_commits(pool, server_factory,
     assert [e for e in events if e[0] == "send"] == [("send", c) for c in children], events
     for before, after in zip(children, children[1:]):
         assert events.index(("send", after)) < events.index(("commit", before)), events
+    assert "zfs send" not in rig.sh("ps", "-eo", "args")  # no send left behind
+
+
+@pytest.mark.zfs
+def test_the_next_upload_streams_while_the_one_before_commits(pool, server_factory, run_zfsmgr,
+                                                              monkeypatch, capsys, tmp_path):
+    """With room in the server's shares, an upload whose stream is read opens the next
+    dataset's upload before its own commit; never more than two streams flow and never more
+    than four uploads are open (two each per share of /status: CLIENT_MAX_REQUESTS=6 is
+    two streams of two requests and two endings of one). Each commit is slowed down here, so
+    that without the overlap every next upload opens only after a commit."""
+    import threading
+
+    from zfsmgr import protocol
+    from zfsmgr.remote import ServerClient
+
+    server, children, env = _backed_up_once(pool, server_factory, run_zfsmgr, "6", 5)
+
+    events, datasets, open_now, most = [], {}, set(), [0]
+    guard, call = threading.Lock(), ServerClient.call
+
+    def spy_call(self, method, path, payload=None, query=None):
+        if path.endswith("/commit"):
+            time.sleep(0.4)  # a slow commit
+        answer = call(self, method, path, payload, query)
+        with guard:
+            if path == protocol.UPLOAD:
+                datasets[answer["upload_id"]] = payload["dataset"]
+                open_now.add(answer["upload_id"])
+                most[0] = max(most[0], len(open_now))
+                events.append(("open", payload["dataset"]))
+            elif path.endswith("/commit") or path.endswith("/abort"):
+                open_now.discard(path.split("/")[2])
+                events.append(("commit", datasets[path.split("/")[2]]))
+        return answer
+
+    monkeypatch.setattr(ServerClient, "call", spy_call)
+    assert _backup_here(monkeypatch, tmp_path, env) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {d["dataset"]: d["status"] for d in report["datasets"]} == {
+        c: "incremental" for c in children}
+    assert sorted(e for e in events if e[0] == "open") == [("open", c) for c in children]
+    assert events.index(("open", children[2])) < min(  # before either commit
+        events.index(("commit", children[0])), events.index(("commit", children[1]))), events
+    assert 3 <= most[0] <= 4, (most, events)
+    log_text = server.log()
+    assert " 429 " not in log_text and " 409 " not in log_text
+    tag = server_tag(env["SERVER_URL"], env["CLIENT_ID"])
+    for child in children:  # each marked as the base, the older one gone
+        snaps = rig.sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", "-d", "1",
+                       child).split()
+        assert snaps == [f"{child}@{report['snapshot']}"], snaps
+        assert rig.sh("zfs", "get", "-H", "-o", "value", "org.zfsmgr:bases",
+                      snaps[0]).strip() == tag
     assert "zfs send" not in rig.sh("ps", "-eo", "args")  # no send left behind
 
 

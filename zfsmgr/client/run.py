@@ -36,7 +36,8 @@ from zfsmgr.zfs import Snapshot, Zfs
 
 log = logging.getLogger("zfsmgr.client")
 AUTO_PARALLEL = 2  # uploads at once by default: a second hides the first's fixed costs
-REQUESTS_PER_UPLOAD = 2
+REQUESTS_PER_UPLOAD = 2  # a streaming upload: part n+1 arrives while the server stores part n
+REQUESTS_PER_ENDING = 1  # an upload past its stream: its last part stored, then its commit
 
 
 @dataclass
@@ -155,6 +156,24 @@ def uploads_at_once(parallel: int, status: dict) -> int:
     return min(wanted, allowed)
 
 
+def endings_at_once(workers: int, status: dict) -> int:
+    """How many uploads past the end of their stream (the server storing the last part, then
+    the commit) may go on while `workers` others stream, at most one per stream: what the
+    client's shares in the server leave room for, of requests (`client_max_requests` of
+    /status: two per streaming upload, one per ending) and of open uploads
+    (`client_max_uploads`). None where the server does not say its share of uploads (each
+    upload ends before the next starts) and with one upload at a time (PARALLEL=1).
+
+    Each dataset's upload waits for the server to store its last part (the server takes a
+    part once its whole body is in) and to commit: some 50-100 ms in which its stream stands
+    still, paid by every dataset of a run."""
+    share, uploads = status.get("client_max_requests"), status.get("client_max_uploads")
+    if workers < 2 or not isinstance(share, int) or not isinstance(uploads, int):
+        return 0
+    return max(0, min(workers, (share - REQUESTS_PER_UPLOAD * workers) // REQUESTS_PER_ENDING,
+                      uploads - workers))
+
+
 def plan(zfs: Zfs, options: Options):
     """(pools, choices): the listing and the verdict on every dataset, as `client datasets`
     shows them."""
@@ -177,6 +196,7 @@ class Run:
         self.sleep = sleep or self._pause
         self.report = Report()
         self.workers = 1  # uploads at once: uploads_at_once, from the server's /status
+        self.endings = 0  # uploads ending meanwhile (endings_at_once, from /status)
         self._fresh: Dict[str, Snapshot] = {}  # the new snapshots and bases, listed again
         self._snapshotting: tuple = ([], "")  # (datasets, name) of a pool's snapshot under way
 
@@ -201,6 +221,7 @@ class Run:
             raise ZfsmgrError("no dataset selected: see `zfsmgr client datasets`")
         status = self.api.call("GET", protocol.STATUS)
         self.workers = uploads_at_once(self.options.parallel, status)
+        self.endings = endings_at_once(self.workers, status)
         on_server, unreadable = catalog.manifests(self.api, [c.name for c in chosen
                                                              if c.selected])
         for name, exc in unreadable.items():
@@ -341,9 +362,14 @@ class Run:
 
         When an upload has read its stream to the end, the `zfs send` of the next dataset
         to start begins (Backup.send_early): its first data is there when that upload opens,
-        instead of each dataset waiting for its send to start after the commit before."""
+        instead of each dataset waiting for its send to start after the commit before. Where
+        the server's shares leave room (`self.endings`), that upload opens then too: the
+        upload before waits for its last part's answer and its commit meanwhile, on a thread
+        of its own, and at most `self.workers` streams flow at once, in the order of `todo`."""
         stop, why = threading.Event(), []
         lock, started, early = threading.Lock(), set(), set()
+        turn = threading.Condition()
+        streams = {"next": 0, "flowing": 0}  # the next index to stream; streams flowing
 
         def start_next() -> None:
             with lock:  # `one` takes its item under the lock: never started twice
@@ -364,7 +390,36 @@ class Run:
 
         marker = Marker(self.zfs, self.options.tag, marked)
 
+        def streaming(index: int) -> Callable[[], None]:
+            """Wait for `index`'s turn to stream (or the run's stop); the function that
+            ends it, once (with one thread per stream it never waits)."""
+            with turn:
+                while not stop.is_set() and (streams["next"] != index or
+                                             streams["flowing"] >= self.workers):
+                    turn.wait(0.1)  # 0.1: a stop set elsewhere is seen
+                streams["next"], streams["flowing"] = index + 1, streams["flowing"] + 1
+            ended = []
+
+            def end() -> None:
+                with turn:
+                    if not ended:
+                        ended.append(True)
+                        streams["flowing"] -= 1
+                        turn.notify_all()
+            return end
+
         def one(index: int) -> None:
+            end = streaming(index)
+
+            def at_end() -> None:  # the stream is read: the next send starts, then its upload
+                start_next()
+                end()
+            try:
+                upload(index, at_end)
+            finally:
+                end()
+
+        def upload(index: int, at_end: Callable[[], None]) -> None:
             name, backup, snap = todo[index]
             with lock:
                 started.add(index)
@@ -373,7 +428,7 @@ class Run:
                 self._fail(name, why[0] if why else ZfsmgrError("skipped: interrupted"))
                 return
             try:
-                result = backup.upload(snap, at_end=start_next)
+                result = backup.upload(snap, at_end=at_end)
                 marker.add(backup.committed(snap), result)
             except ServerUnreachable as exc:
                 why.append(ServerUnreachable(f"skipped: {exc}"))
@@ -398,7 +453,7 @@ class Run:
                             one(rest)
                         raise
                 return
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            with concurrent.futures.ThreadPoolExecutor(workers + self.endings) as pool:
                 futures = [pool.submit(one, index) for index in range(len(todo))]
                 try:
                     for future in futures:

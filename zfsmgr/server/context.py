@@ -318,7 +318,8 @@ class ServerContext:
                 if client.rotation_policy else None,
                 "max_incrementals": client.max_incrementals,
                 "max_chain_age_days": client.max_chain_age_days,
-                "client_max_requests": self.client_max_requests}
+                "client_max_requests": self.client_max_requests,
+                "client_max_uploads": self.settings.client_max_uploads}
 
     def append_only(self, client: ClientConfig) -> bool:
         """Whether the client may not delete backups (clients.json, else APPEND_ONLY)."""
